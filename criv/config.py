@@ -1,0 +1,215 @@
+"""criv's configuration: typed dataclasses loaded from YAML, strictly.
+
+Every key has a default, so a missing default file means all defaults. An unknown key,
+a value of the wrong type or a bad value makes criv refuse to start with a
+:class:`~criv.errors.ConfigError` naming the dotted key. Each key is documented in
+docs/configuration.md; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import yaml
+
+from criv.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/criv/config.yaml")
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["text", "json"]
+CgroupDriver = Literal["cgroupfs", "systemd"]
+IsolationMode = Literal["vm", "host"]
+HostPodPolicy = Literal["allow", "reject"]
+Accel = Literal["auto", "kvm", "tcg"]
+VsockTransport = Literal["auto", "kernel", "backend"]
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: LogLevel = "info"
+    format: LogFormat = "text"
+
+
+@dataclass(frozen=True)
+class RegistriesConfig:
+    # registry host -> endpoints ("http://127.0.0.1:5000"), tried in order, then the host
+    mirrors: dict[str, list[str]] = field(default_factory=dict)
+    # hosts (host[:port]) where plain HTTP and unverified TLS are allowed
+    insecure: list[str] = field(default_factory=list)
+    # docker-style config.json with "auths"; empty means none
+    auth_file: str = ""
+
+    def validate(self, key: str) -> None:
+        for host, endpoints in self.mirrors.items():
+            for i, ep in enumerate(endpoints):
+                if not (ep.startswith("http://") or ep.startswith("https://")):
+                    raise ConfigError(
+                        f"{key}.mirrors.{host}[{i}]",
+                        f"{ep!r} must start with http:// or https://",
+                    )
+
+
+@dataclass(frozen=True)
+class CniConfig:
+    conf_dir: str = "/etc/cni/net.d"
+    bin_dirs: list[str] = field(default_factory=lambda: ["/usr/lib/cni", "/opt/cni/bin"])
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    # CRI runtime handler name -> isolation mode; "" is the default handler
+    handlers: dict[str, IsolationMode] = field(default_factory=lambda: {"": "host", "host": "host"})
+    # whether pods may run in `host` isolation at all
+    host_pods: HostPodPolicy = "allow"
+    crun: str = "crun"
+
+    def validate(self, key: str) -> None:
+        if "" not in self.handlers:
+            raise ConfigError(f"{key}.handlers", 'must map the default handler ""')
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    vcpus: int = 1
+    memory_mib: int = 256
+    accel: Accel = "auto"
+    vsock: VsockTransport = "auto"
+
+    def validate(self, key: str) -> None:
+        if self.vcpus < 1:
+            raise ConfigError(f"{key}.vcpus", "must be >= 1")
+        if self.memory_mib < 64:
+            raise ConfigError(f"{key}.memory_mib", "must be >= 64")
+
+
+@dataclass(frozen=True)
+class StreamingConfig:
+    address: str = "127.0.0.1"
+    port: int = 0
+    tls_cert: str = ""
+    tls_key: str = ""
+
+    def validate(self, key: str) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"{key}.port", "must be 0..65535")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError(f"{key}.tls_cert", "tls_cert and tls_key go together")
+
+
+@dataclass(frozen=True)
+class Config:
+    socket: str = "/run/criv/criv.sock"
+    state_dir: str = "/var/lib/criv"
+    run_dir: str = "/run/criv"
+    cgroup_driver: CgroupDriver = "cgroupfs"
+    log: LogConfig = field(default_factory=LogConfig)
+    registries: RegistriesConfig = field(default_factory=RegistriesConfig)
+    cni: CniConfig = field(default_factory=CniConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    vm: VmConfig = field(default_factory=VmConfig)
+    streaming: StreamingConfig = field(default_factory=StreamingConfig)
+
+    def validate(self, key: str) -> None:
+        for name in ("socket", "state_dir", "run_dir"):
+            if not Path(getattr(self, name)).is_absolute():
+                raise ConfigError(name, "must be an absolute path")
+
+    def public_dict(self) -> dict[str, Any]:
+        """The effective configuration, for Status verbose info and `criv config`."""
+        return dataclasses.asdict(self)
+
+    @property
+    def socket_path(self) -> Path:
+        return Path(self.socket.removeprefix("unix://"))
+
+
+T = TypeVar("T")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; recurse into dataclasses."""
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(key or "<root>", f"must be a mapping, got {type(value).__name__}")
+        return _build(tp, value, key)
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise ConfigError(key, f"{value!r} is not one of {', '.join(map(repr, allowed))}")
+        return value
+    if origin is list:
+        (item_tp,) = get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(key, f"must be a list, got {type(value).__name__}")
+        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        key_tp, val_tp = get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"must be a mapping, got {type(value).__name__}")
+        return {
+            _convert(k, key_tp, f"{key}.{k}"): _convert(v, val_tp, f"{key}.{k}")
+            for k, v in value.items()
+        }
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"unsupported union annotation at {key}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"must be an integer, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"must be a string, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"must be true or false, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} at {key}")
+
+
+def _build(cls: type[T], data: dict[str, Any], prefix: str) -> T:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for k in data:
+        if k not in names:
+            where = f"{prefix}.{k}" if prefix else str(k)
+            raise ConfigError(where, "unknown key")
+    kwargs = {k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        validate(prefix)
+    return obj
+
+
+def parse_config(text: str) -> Config:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError("<file>", f"not valid YAML: {e}") from e
+    if data is None:
+        data = {}
+    result: Config = _convert(data, Config, "")
+    return result
+
+
+def load_config(path: Path | None) -> Config:
+    """Load ``path``; ``None`` means the default file, which may be missing."""
+    if path is None:
+        if not DEFAULT_CONFIG_PATH.exists():
+            return Config()
+        path = DEFAULT_CONFIG_PATH
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError("<file>", f"cannot read {path}: {e.strerror}") from e
+    return parse_config(text)

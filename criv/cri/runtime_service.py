@@ -1,0 +1,125 @@
+"""CRI RuntimeService: proto <-> domain for pod sandboxes and containers, nothing else.
+
+RPCs criv does not implement yet answer UNIMPLEMENTED with the missing part named (see
+``_MISSING``; docs/architecture.md lists them).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import grpc
+
+from criv import __version__
+from criv.config import Config
+from criv.cri.wire import fill_unimplemented
+from criv.network.readiness import network_readiness
+from criv.sandbox.readiness import runtime_readiness
+from criv.state.runtime_state import RuntimeState
+from criv_agent.api.runtime.v1 import api_pb2, api_pb2_grpc
+
+RUNTIME_NAME = "criv"
+RUNTIME_API_VERSION = "v1"
+
+_MISSING = {
+    "RunPodSandbox": "pod sandboxes arrive with the containers issue",
+    "StopPodSandbox": "pod sandboxes arrive with the containers issue",
+    "RemovePodSandbox": "pod sandboxes arrive with the containers issue",
+    "PodSandboxStatus": "pod sandboxes arrive with the containers issue",
+    "ListPodSandbox": "pod sandboxes arrive with the containers issue",
+    "StreamPodSandboxes": "streaming list RPCs are not supported",
+    "CreateContainer": "containers arrive with the containers issue",
+    "StartContainer": "containers arrive with the containers issue",
+    "StopContainer": "containers arrive with the containers issue",
+    "RemoveContainer": "containers arrive with the containers issue",
+    "ListContainers": "containers arrive with the containers issue",
+    "StreamContainers": "streaming list RPCs are not supported",
+    "ContainerStatus": "containers arrive with the containers issue",
+    "UpdateContainerResources": "containers arrive with the containers issue",
+    "ReopenContainerLog": "containers arrive with the containers issue",
+    "ExecSync": "containers arrive with the containers issue",
+    "Exec": "the streaming server (exec/attach/port-forward) is not built yet",
+    "Attach": "the streaming server (exec/attach/port-forward) is not built yet",
+    "PortForward": "the streaming server (exec/attach/port-forward) is not built yet",
+    "ContainerStats": "container stats arrive with the containers issue",
+    "ListContainerStats": "container stats arrive with the containers issue",
+    "StreamContainerStats": "streaming list RPCs are not supported",
+    "PodSandboxStats": "sandbox stats arrive with the containers issue",
+    "ListPodSandboxStats": "sandbox stats arrive with the containers issue",
+    "StreamPodSandboxStats": "streaming list RPCs are not supported",
+    "CheckpointContainer": "container checkpoint/restore is not supported",
+    "GetContainerEvents": "container events arrive with the containers issue",
+    "ListMetricDescriptors": "pod sandbox metrics are not supported",
+    "ListPodSandboxMetrics": "pod sandbox metrics are not supported",
+    "StreamPodSandboxMetrics": "pod sandbox metrics are not supported",
+    "UpdatePodSandboxResources": "resizing a running pod sandbox is not supported",
+}
+
+
+class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
+    def __init__(self, config: Config, state: RuntimeState) -> None:
+        self._config = config
+        self._state = state
+
+    async def Version(
+        self, request: api_pb2.VersionRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.VersionResponse:
+        return api_pb2.VersionResponse(
+            version="0.1.0",
+            runtime_name=RUNTIME_NAME,
+            runtime_version=__version__,
+            runtime_api_version=RUNTIME_API_VERSION,
+        )
+
+    async def Status(
+        self, request: api_pb2.StatusRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.StatusResponse:
+        rt = runtime_readiness(self._config)
+        net = network_readiness(self._config.cni)
+        conditions = [
+            api_pb2.RuntimeCondition(
+                type="RuntimeReady", status=rt.ready, reason=rt.reason, message=rt.message
+            ),
+            api_pb2.RuntimeCondition(
+                type="NetworkReady", status=net.ready, reason=net.reason, message=net.message
+            ),
+        ]
+        resp = api_pb2.StatusResponse(status=api_pb2.RuntimeStatus(conditions=conditions))
+        if request.verbose:
+            info: dict[str, Any] = {
+                "version": __version__,
+                "config": self._config.public_dict(),
+                "pod_cidr": self._state.pod_cidr,
+                **self._state.verbose_info(),
+            }
+            resp.info["info"] = json.dumps(info, sort_keys=True)
+        for handler in sorted(self._config.runtime.handlers):
+            resp.runtime_handlers.append(
+                api_pb2.RuntimeHandler(
+                    name=handler,
+                    features=api_pb2.RuntimeHandlerFeatures(
+                        recursive_read_only_mounts=False, user_namespaces=False
+                    ),
+                )
+            )
+        return resp
+
+    async def RuntimeConfig(
+        self, request: api_pb2.RuntimeConfigRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.RuntimeConfigResponse:
+        driver = api_pb2.SYSTEMD if self._config.cgroup_driver == "systemd" else api_pb2.CGROUPFS
+        return api_pb2.RuntimeConfigResponse(
+            linux=api_pb2.LinuxRuntimeConfiguration(cgroup_driver=driver)
+        )
+
+    async def UpdateRuntimeConfig(
+        self, request: api_pb2.UpdateRuntimeConfigRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.UpdateRuntimeConfigResponse:
+        cidr = request.runtime_config.network_config.pod_cidr
+        if cidr:
+            await self._state.set_pod_cidr(cidr)
+        return api_pb2.UpdateRuntimeConfigResponse()
+
+
+fill_unimplemented(RuntimeService, "RuntimeService", _MISSING)

@@ -1,0 +1,113 @@
+"""The one place where criv errors meet the gRPC wire.
+
+:class:`ErrorInterceptor` wraps every RPC handler: a :class:`~criv.errors.CrivError`
+becomes its own status code and message; anything else becomes INTERNAL and is logged
+with the method and the request, so a bug never takes the daemon down.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf import text_format
+from google.protobuf.message import Message
+
+from criv.errors import CrivError
+
+log = logging.getLogger("criv.cri")
+
+_MAX_LOGGED_REQUEST = 2000
+
+
+def _describe(request: Any) -> str:
+    if isinstance(request, Message):
+        text = text_format.MessageToString(request, as_one_line=True)
+    else:
+        text = repr(request)
+    return text[:_MAX_LOGGED_REQUEST]
+
+
+async def _abort(
+    context: grpc.aio.ServicerContext, method: str, request: Any, e: Exception
+) -> None:
+    if isinstance(e, CrivError):
+        log.info("%s failed: %s: %s", method, e.code.name, e.message)
+        await context.abort(e.code, e.message)
+    log.exception("%s: internal error; request: %s", method, _describe(request))
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
+
+
+def _wrap_unary(method: str, fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await fn(request, context)
+        except (grpc.aio.AbortError, grpc.RpcError):  # already a status: pass it on
+            raise
+        except Exception as e:
+            await _abort(context, method, request, e)
+            raise  # unreachable: abort raises
+
+    return handler
+
+
+def _wrap_stream(method: str, fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
+    async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            async for item in fn(request, context):
+                yield item
+        except (grpc.aio.AbortError, grpc.RpcError):
+            raise
+        except Exception as e:
+            await _abort(context, method, request, e)
+
+    return handler
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(method, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(method, handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
+def fill_unimplemented(servicer_cls: type, service_name: str, missing: dict[str, str]) -> None:
+    """Give every RPC the servicer does not define an UNIMPLEMENTED answer naming why.
+
+    The generated base class would answer "Method not implemented!"; criv says which
+    part is missing instead (``missing`` maps RPC name to that explanation).
+    """
+    for name, why in missing.items():
+        if name in servicer_cls.__dict__:
+            continue
+
+        def make(rpc: str, reason: str) -> Callable[..., Any]:
+            async def unimplemented(self: Any, request: Any, context: Any) -> Any:
+                await context.abort(
+                    grpc.StatusCode.UNIMPLEMENTED,
+                    f"{service_name}.{rpc} is not implemented by criv: {reason}",
+                )
+
+            return unimplemented
+
+        setattr(servicer_cls, name, make(name, why))

@@ -1,0 +1,114 @@
+"""The criv daemon: one grpc.aio server on a unix socket serving CRI v1.
+
+Start-up takes two exclusive locks (state dir and socket), so a second criv on the same
+socket or state dir refuses to start instead of stealing either. SIGTERM/SIGINT stop
+accepting calls, let in-flight calls finish (bounded grace), then remove the socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import signal
+from contextlib import ExitStack, suppress
+from pathlib import Path
+
+import grpc
+
+from criv import __version__
+from criv.config import Config
+from criv.cri.image_service import ImageService
+from criv.cri.runtime_service import RuntimeService
+from criv.cri.wire import ErrorInterceptor
+from criv.errors import FailedPrecondition
+from criv.image.manager import ImageManager
+from criv.state.runtime_state import RuntimeState
+from criv_agent.api.runtime.v1 import api_pb2_grpc
+
+log = logging.getLogger("criv.daemon")
+
+SHUTDOWN_GRACE_SECONDS = 30.0
+
+
+def _lock(path: Path, what: str, stack: ExitStack) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        holder = ""
+        with suppress(OSError):
+            holder = f" (pid {path.read_text().strip()})"
+        raise FailedPrecondition(
+            f"another criv is already running on this {what}{holder}: {path} is locked"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    stack.callback(os.close, fd)
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.socket_path = config.socket_path
+        self._stop = asyncio.Event()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        cfg = self.config
+        with ExitStack() as stack:
+            state_dir = Path(cfg.state_dir)
+            state_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
+            Path(cfg.run_dir).mkdir(parents=True, exist_ok=True, mode=0o711)
+            _lock(state_dir / "criv.lock", f"state dir {state_dir}", stack)
+            sock = self.socket_path
+            _lock(sock.with_name(sock.name + ".lock"), f"socket {sock}", stack)
+
+            runtime_state = RuntimeState(state_dir)
+            images = ImageManager(cfg)
+            await images.start()
+            try:
+                await self._serve(runtime_state, images)
+            finally:
+                await images.close()
+
+    async def _serve(self, runtime_state: RuntimeState, images: ImageManager) -> None:
+        sock = self.socket_path
+        sock.parent.mkdir(parents=True, exist_ok=True)
+        if sock.exists() or sock.is_symlink():
+            sock.unlink()  # stale: we hold the socket lock, so nobody serves it
+        server = grpc.aio.server(
+            interceptors=[ErrorInterceptor()],
+            options=[
+                ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+                ("grpc.max_send_message_length", 16 * 1024 * 1024),
+            ],
+        )
+        # mypy sees the generated servicer's methods as abstract; fill_unimplemented
+        # gives every RPC criv lacks a body at import time.
+        runtime = RuntimeService(self.config, runtime_state)  # type: ignore[abstract]
+        api_pb2_grpc.add_RuntimeServiceServicer_to_server(runtime, server)
+        api_pb2_grpc.add_ImageServiceServicer_to_server(ImageService(images), server)
+        server.add_insecure_port(f"unix:{sock}")
+        await server.start()
+        os.chmod(sock, 0o660)
+        log.info("criv %s serving CRI v1 on unix://%s", __version__, sock)
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self._stop.wait()
+            log.info("shutting down: letting in-flight calls finish")
+            await server.stop(SHUTDOWN_GRACE_SECONDS)
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            with suppress(FileNotFoundError):
+                sock.unlink()
+            log.info("criv stopped")

@@ -1,0 +1,113 @@
+"""The one error hierarchy of criv.
+
+Every error criv raises on purpose is a :class:`CrivError` subclass carrying the gRPC
+status code it maps to. The CRI servicers never build gRPC errors themselves: the
+interceptor in :mod:`criv.cri.wire` turns a ``CrivError`` into its status and any other
+exception into INTERNAL (logged with the request).
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class CrivError(Exception):
+    """Base class; ``code`` is the gRPC status the error maps to."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(CrivError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(CrivError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(CrivError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class FailedPrecondition(CrivError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Unimplemented(CrivError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class Unavailable(CrivError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(CrivError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class PermissionDenied(CrivError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class Unauthenticated(CrivError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class ResourceExhausted(CrivError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Internal(CrivError):
+    code = grpc.StatusCode.INTERNAL
+
+
+class ConfigError(CrivError):
+    """The configuration is invalid; criv refuses to start. ``key`` names the culprit."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"config key {key!r}: {message}")
+        self.key = key
+
+
+# Image errors: the registry said no, or what it sent is unusable.
+class ImageError(CrivError):
+    code = grpc.StatusCode.UNKNOWN
+
+
+class RegistryAuthError(ImageError):
+    """The registry refused our credentials (names the registry and its status)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class RegistryError(ImageError):
+    """The registry or the network failed; carries the registry's message."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class ImageNotFound(ImageError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class DigestMismatch(ImageError):
+    code = grpc.StatusCode.DATA_LOSS
+
+
+class UnsafeLayer(ImageError):
+    """A layer entry would land outside the layer root; the pull is refused."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+# Agent / sandbox errors.
+class AgentError(CrivError):
+    """The agent channel failed or the agent answered with an error."""
+
+    code = grpc.StatusCode.UNAVAILABLE
