@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-APT_PACKAGES := python3-venv python3-dev gcc pkg-config iproute2 iptables \
+APT_PACKAGES := python3-venv python3-dev gcc libc6-dev pkg-config iproute2 iptables \
 	crun containernetworking-plugins busybox-static \
 	docker-registry apache2-utils skopeo containerd runc \
 	qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev cpio lz4

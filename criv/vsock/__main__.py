@@ -1,0 +1,3 @@
+from criv.vsock.backend import main
+
+raise SystemExit(main())

@@ -1,0 +1,140 @@
+"""Split virtqueues (virtio 1.x, section 2.7) walked from the device side.
+
+The driver (guest) posts descriptor chains in the avail ring; the device pops them, reads the
+device-readable part, fills the device-writable part and returns the head in the used ring.
+Every guest-controlled value is checked: an index or address out of range, a chain longer than
+the queue (a loop), an indirect descriptor (not negotiated) or a readable descriptor after a
+writable one raises ``VirtQueueError``; the caller then marks the device broken.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from dataclasses import dataclass, field
+
+from criv.vsock.memory import AddressError, MemoryMap
+
+DESC = struct.Struct("<QIHH")
+U16 = struct.Struct("<H")
+USED_ELEM = struct.Struct("<II")
+
+DESC_F_NEXT = 1
+DESC_F_WRITE = 2
+DESC_F_INDIRECT = 4
+AVAIL_F_NO_INTERRUPT = 1
+USED_F_NO_NOTIFY = 1
+MAX_QUEUE_SIZE = 32768
+
+
+_fence_lock = threading.Lock()
+
+
+def fence() -> None:
+    """Full memory barrier.  The device's "write used idx, then read avail flags" (and "clear
+    NO_NOTIFY, then read avail idx") is a store followed by a load, which x86 may reorder; a
+    locked instruction (taking a lock) orders them, as the driver's virtio_mb() does."""
+    _fence_lock.acquire()
+    _fence_lock.release()
+
+
+class VirtQueueError(Exception):
+    """The guest put something invalid in a virtqueue; the device must stop using it."""
+
+
+@dataclass
+class Chain:
+    head: int
+    readable: list[memoryview] = field(default_factory=list)
+    writable: list[memoryview] = field(default_factory=list)
+
+    def read_len(self) -> int:
+        return sum(len(v) for v in self.readable)
+
+    def write_len(self) -> int:
+        return sum(len(v) for v in self.writable)
+
+
+class VirtQueue:
+    def __init__(
+        self, mem: MemoryMap, num: int, desc: int, avail: int, used: int, *, user: bool = True
+    ) -> None:
+        """Addresses are QEMU user addresses (vhost-user) unless ``user`` is False (guest
+        physical, used by tests)."""
+        if num <= 0 or num > MAX_QUEUE_SIZE or num & (num - 1):
+            raise VirtQueueError(f"bad queue size {num}")
+        tr = mem.uva if user else mem.gpa
+        try:
+            self.desc = tr(desc, 16 * num)
+            self.avail = tr(avail, 4 + 2 * num + 2)
+            self.used = tr(used, 4 + 8 * num + 2)
+        except AddressError as e:
+            raise VirtQueueError(f"ring not in guest memory: {e}") from e
+        self.mem = mem
+        self.num = num
+        self.last_avail = 0
+        self.used_idx = int(U16.unpack_from(self.used, 2)[0])
+
+    def avail_idx(self) -> int:
+        return int(U16.unpack_from(self.avail, 2)[0])
+
+    def pending(self) -> int:
+        """Number of chains the driver has made available and we have not popped."""
+        n = (self.avail_idx() - self.last_avail) & 0xFFFF
+        if n > self.num:
+            raise VirtQueueError(f"avail idx moved {n} entries, queue has {self.num}")
+        return n
+
+    def pop(self) -> Chain | None:
+        if not self.pending():
+            return None
+        head = int(U16.unpack_from(self.avail, 4 + 2 * (self.last_avail % self.num))[0])
+        chain = self._walk(head)
+        self.last_avail = (self.last_avail + 1) & 0xFFFF
+        return chain
+
+    def unpop(self, n: int = 1) -> None:
+        """Give back the last ``n`` popped chains (not yet pushed) to be popped again."""
+        self.last_avail = (self.last_avail - n) & 0xFFFF
+
+    def _walk(self, head: int) -> Chain:
+        num = self.num
+        if head >= num:
+            raise VirtQueueError(f"head index {head} >= queue size {num}")
+        chain = Chain(head)
+        idx = head
+        for _ in range(num):
+            addr, length, flags, nxt = DESC.unpack_from(self.desc, 16 * idx)
+            if flags & DESC_F_INDIRECT:
+                raise VirtQueueError("indirect descriptor (not negotiated)")
+            try:
+                view = self.mem.gpa(addr, length)
+            except AddressError as e:
+                raise VirtQueueError(f"descriptor {idx}: {e}") from e
+            if flags & DESC_F_WRITE:
+                chain.writable.append(view)
+            elif chain.writable:
+                raise VirtQueueError(f"descriptor {idx}: readable after writable")
+            else:
+                chain.readable.append(view)
+            if not flags & DESC_F_NEXT:
+                return chain
+            if nxt >= num:
+                raise VirtQueueError(f"descriptor {idx}: next {nxt} >= queue size {num}")
+            idx = nxt
+        raise VirtQueueError(f"descriptor chain from {head} longer than the queue (loop?)")
+
+    def push(self, head: int, written: int) -> None:
+        USED_ELEM.pack_into(self.used, 4 + 8 * (self.used_idx % self.num), head, written)
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        U16.pack_into(self.used, 2, self.used_idx)
+
+    def needs_interrupt(self) -> bool:
+        fence()
+        return not U16.unpack_from(self.avail, 0)[0] & AVAIL_F_NO_INTERRUPT
+
+    def set_notify(self, enabled: bool) -> None:
+        """Ask the driver to kick (or not) when it adds buffers (VRING_USED_F_NO_NOTIFY)."""
+        U16.pack_into(self.used, 0, 0 if enabled else USED_F_NO_NOTIFY)
+        if enabled:
+            fence()
