@@ -8,11 +8,13 @@ import pytest
 
 from tests.support.leaks import Snapshot, check_no_leaks
 
-pytest_plugins = ["tests.support.daemon"]
+pytest_plugins = ["tests.support.daemon", "tests.support.fixtures"]
 
 
 @pytest.fixture(autouse=True)
-def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
+def no_leaks(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
     """Fail a test that leaves a process, netns, mount or link behind.
 
     Unit tests are exempt: they start nothing.
@@ -20,7 +22,8 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     if "tests/unit" in str(request.node.path):
         yield
         return
-    before = Snapshot.take()
+    scope = str(tmp_path_factory.getbasetemp())
+    before = Snapshot.take(scope)
     yield
-    leaks = check_no_leaks(before)
+    leaks = check_no_leaks(before, scope)
     assert not leaks, "leaked after test:\n  " + "\n  ".join(leaks)

@@ -20,11 +20,34 @@ from criv.errors import CrivError
 log = logging.getLogger("criv.cri")
 
 _MAX_LOGGED_REQUEST = 2000
+# Credentials that may ride in a request (PullImage's AuthConfig): never logged.
+_SECRET_FIELDS = frozenset({"password", "auth", "identity_token", "registry_token"})
+
+
+def _redacted(msg: Message) -> Message:
+    copy = type(msg)()
+    copy.CopyFrom(msg)
+    _redact(copy)
+    return copy
+
+
+def _redact(msg: Message) -> None:
+    for field, value in msg.ListFields():
+        if field.name in _SECRET_FIELDS and isinstance(value, str):
+            setattr(msg, field.name, "<redacted>")
+        elif field.message_type is not None:
+            if field.is_repeated:
+                items = value.values() if hasattr(value, "values") else value
+                for item in items:
+                    if isinstance(item, Message):
+                        _redact(item)
+            else:
+                _redact(value)
 
 
 def _describe(request: Any) -> str:
     if isinstance(request, Message):
-        text = text_format.MessageToString(request, as_one_line=True)
+        text = text_format.MessageToString(_redacted(request), as_one_line=True)
     else:
         text = repr(request)
     return text[:_MAX_LOGGED_REQUEST]

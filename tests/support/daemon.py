@@ -56,13 +56,13 @@ class CrivProcess:
 
     def start(self, timeout: float = 30.0) -> None:
         self.config_path.write_text(yaml.safe_dump(self.config))
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [str(CRIV), "serve", "--config", str(self.config_path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [str(CRIV), "serve", "--config", str(self.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + timeout
         while not self.socket.exists():
             if self.proc.poll() is not None:

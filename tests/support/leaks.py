@@ -12,7 +12,7 @@ from pathlib import Path
 WATCHED_PROCESSES = ("criv-agent", "crun", "qemu-system", "criv.vsock", "cni")
 
 
-def _processes() -> dict[int, str]:
+def _processes(scope: str) -> dict[int, str]:
     out: dict[int, str] = {}
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
@@ -21,7 +21,7 @@ def _processes() -> dict[int, str]:
             cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if any(w in cmd for w in WATCHED_PROCESSES):
+        if scope in cmd and any(w in cmd for w in WATCHED_PROCESSES):
             out[int(d.name)] = cmd.strip()
     out.pop(os.getpid(), None)
     return out
@@ -32,9 +32,9 @@ def _netns() -> set[str]:
     return {p.name for p in d.iterdir()} if d.is_dir() else set()
 
 
-def _mounts() -> set[str]:
+def _mounts(scope: str) -> set[str]:
     lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    return {line.split()[4] for line in lines}
+    return {m for m in (line.split()[4] for line in lines) if m.startswith(scope)}
 
 
 def _links() -> set[str]:
@@ -55,8 +55,11 @@ class Snapshot:
     links: set[str]
 
     @classmethod
-    def take(cls) -> Snapshot:
-        return cls(_processes(), _netns(), _mounts(), _links())
+    def take(cls, scope: str) -> Snapshot:
+        """``scope``: the test session's temp root. Processes and mounts count only when
+        they name it, so test runs of other checkouts on the same machine don't trip
+        this one; netns and links are machine-wide."""
+        return cls(_processes(scope), _netns(), _mounts(scope), _links())
 
     def leaks_since(self, before: Snapshot) -> list[str]:
         out = []
@@ -69,11 +72,11 @@ class Snapshot:
         return out
 
 
-def check_no_leaks(before: Snapshot, settle: float = 5.0) -> list[str]:
+def check_no_leaks(before: Snapshot, scope: str, settle: float = 5.0) -> list[str]:
     """Leaks after the test; waits briefly for processes that are already exiting."""
     deadline = time.monotonic() + settle
     while True:
-        leaks = Snapshot.take().leaks_since(before)
+        leaks = Snapshot.take(scope).leaks_since(before)
         if not leaks or time.monotonic() > deadline:
             return leaks
         time.sleep(0.1)

@@ -34,9 +34,7 @@ def test_generated_code_is_fresh(tmp_path: Path) -> None:
 
 def _descriptor_set(proto: Path, tmp: Path) -> descriptor_pb2.FileDescriptorSet:
     out = tmp / f"{proto.parent.name}-{proto.stem}.pb"
-    rc = protoc.main(
-        ["protoc", f"-I{proto.parent}", f"--descriptor_set_out={out}", str(proto)]
-    )
+    rc = protoc.main(["protoc", f"-I{proto.parent}", f"--descriptor_set_out={out}", str(proto)])
     assert rc == 0, f"protoc failed on {proto}"
     fds = descriptor_pb2.FileDescriptorSet()
     fds.ParseFromString(out.read_bytes())

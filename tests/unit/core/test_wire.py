@@ -58,3 +58,19 @@ async def test_unimplemented_rpc_names_what_is_missing(channel: grpc.aio.Channel
     assert exc.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert "CheckpointContainer" in (exc.value.details() or "")
     assert "criv" in (exc.value.details() or "")
+
+
+def test_logged_requests_hide_credentials() -> None:
+    from criv.cri.wire import _describe
+
+    req = api_pb2.PullImageRequest(
+        image=api_pb2.ImageSpec(image="busybox"),
+        auth=api_pb2.AuthConfig(
+            username="u", password="hunter2", auth="dTpodW50ZXIy", registry_token="rt-6f1c9e"
+        ),
+    )
+    text = _describe(req)
+    assert "busybox" in text and "u" in text
+    for secret in ("hunter2", "dTpodW50ZXIy", "rt-6f1c9e"):
+        assert secret not in text
+    assert req.auth.password == "hunter2"  # the request itself is untouched

@@ -1,0 +1,111 @@
+"""Unpacked layers: one directory per diff id, shared by every image that has the layer.
+
+``<state_dir>/images/layers/<diff-hex>/fs`` holds the layer's own changes in overlayfs
+form (whiteouts as 0/0 char devices, opaque dirs by xattr) - an image's root filesystem
+is its layers' ``fs`` dirs stacked as overlay lowerdirs, as containerd's overlay
+snapshotter does. Because a layer dir holds only its own diff, it depends on the diff id
+alone, so keying by diff id shares it across images whatever their lower layers.
+``meta.json`` beside ``fs`` records the diff id and its disk usage. A layer is unpacked
+into ``layers/.tmp-*`` and renamed into place when complete, so a half-unpacked layer is
+never seen; removal renames to ``trash/`` first, then deletes.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from criv.image.content import atomic_write, fsync_dir
+from criv.image.media import digest_hex
+from criv.image.unpack import disk_usage, unpack_layer
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    diff_id: str
+    fs: Path
+    usage_bytes: int
+    inodes: int
+
+
+class LayerStore:
+    def __init__(self, root: Path) -> None:
+        self.dir = root / "layers"
+        self.trash = root / "trash"
+
+    def setup(self) -> None:
+        """Create the dirs; drop half-unpacked and trashed layers (blocking)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for p in self.dir.iterdir():
+            if p.name.startswith(".tmp-") or not (p / "meta.json").is_file():
+                shutil.rmtree(p, ignore_errors=True)
+        if self.trash.exists():
+            shutil.rmtree(self.trash, ignore_errors=True)
+        self.trash.mkdir()
+
+    def path(self, diff_id: str) -> Path:
+        return self.dir / digest_hex(diff_id)
+
+    def fs(self, diff_id: str) -> Path:
+        return self.path(diff_id) / "fs"
+
+    def get(self, diff_id: str) -> LayerInfo | None:
+        """The layer if it is completely unpacked (blocking: reads meta.json)."""
+        try:
+            meta = json.loads((self.path(diff_id) / "meta.json").read_bytes())
+        except (OSError, ValueError):
+            return None
+        return LayerInfo(diff_id, self.fs(diff_id), int(meta["usage_bytes"]), int(meta["inodes"]))
+
+    def list(self) -> list[LayerInfo]:
+        out = []
+        for p in self.dir.iterdir():
+            if len(p.name) == 64:
+                info = self.get("sha256:" + p.name)
+                if info is not None:
+                    out.append(info)
+        return out
+
+    def unpack(self, diff_id: str, blob: Path, what: str) -> LayerInfo:
+        """Unpack ``blob`` as layer ``diff_id`` unless present (blocking)."""
+        existing = self.get(diff_id)
+        if existing is not None:
+            return existing
+        tmp = self.dir / f".tmp-{digest_hex(diff_id)[:16]}-{secrets.token_hex(6)}"
+        tmp.mkdir()
+        try:
+            fs = tmp / "fs"
+            fs.mkdir(mode=0o755)
+            unpack_layer(blob, fs, diff_id, what)
+            usage, inodes = disk_usage(fs)
+            usage, inodes = usage + 8192, inodes + 2  # the layer dir and meta.json
+            meta = {"version": 1, "diff_id": diff_id, "usage_bytes": usage, "inodes": inodes}
+            atomic_write(tmp / "meta.json", json.dumps(meta).encode())
+            try:
+                os.rename(tmp, self.path(diff_id))
+            except OSError as e:  # someone else completed it first: theirs is as good
+                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY) or self.get(diff_id) is None:
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        fsync_dir(self.dir)
+        info = self.get(diff_id)
+        assert info is not None
+        return info
+
+    def remove(self, diff_id: str) -> None:
+        """Rename out of sight, then delete (blocking)."""
+        src = self.path(diff_id)
+        dst = self.trash / f"{src.name}-{secrets.token_hex(4)}"
+        try:
+            os.rename(src, dst)
+        except FileNotFoundError:
+            return
+        shutil.rmtree(dst, ignore_errors=True)

@@ -1,0 +1,320 @@
+"""ImageManager: the image store's facade for the CRI servicer and the sandbox code.
+
+Layout under ``<state_dir>/images/``: ``blobs/sha256/`` (content), ``layers/<diff>/``
+(unpacked layers), ``records/`` (one JSON per image), ``tmp/`` and ``trash/``.
+See docs/image-store.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextvars
+import errno
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from criv.config import Config
+from criv.errors import CrivError, ImageNotFound, ResourceExhausted
+from criv.image.auth import Credentials
+from criv.image.content import ContentStore
+from criv.image.layers import LayerStore
+from criv.image.platform import Platform, host_platform
+from criv.image.pull import Puller, PullResult, SingleFlight
+from criv.image.records import ImageIndex, ImageRecord, RecordStore
+from criv.image.reference import parse_reference
+from criv.image.registry import RegistryClient
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Credentials", "FsUsage", "ImageManager", "StoredImage"]
+
+_RECORD_BYTES = 4096  # a record file's footprint, for usage accounting
+
+# The digests the current pull holds (set per pull task, shared by its child tasks).
+_LEASE_HOLDER: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
+    "criv_image_lease", default=None
+)
+
+
+@dataclass(frozen=True)
+class FsUsage:
+    mountpoint: str
+    used_bytes: int
+    inodes_used: int
+    timestamp_ns: int
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    id: str
+    repo_tags: list[str]
+    repo_digests: list[str]
+    size: int
+    config: dict[str, Any]
+    config_json: bytes
+    layer_dirs: list[Path]  # lowest first: overlay lowerdir wants them reversed
+    user: str
+    pinned: bool = False
+    layers: list[str] = field(default_factory=list)  # diff ids, lowest first
+
+
+class ImageManager:
+    def __init__(self, config: Config, platform: Platform | None = None) -> None:
+        self.config = config
+        self.root = Path(config.state_dir) / "images"
+        self.content = ContentStore(self.root)
+        self.layers = LayerStore(self.root)
+        self.records = RecordStore(self.root)
+        self.index = ImageIndex()
+        self.client = RegistryClient(config.registries)
+        self.platform = platform or host_platform()
+        self._lock = asyncio.Lock()  # records, index and GC decisions
+        self._leases: collections.Counter[str] = collections.Counter()
+        self._pulls: SingleFlight[str] = SingleFlight()
+        self._blob_usage: dict[str, int] = {}
+        self._layer_usage: dict[str, tuple[int, int]] = {}
+        self._configs: dict[str, bytes] = {}
+        self.puller = Puller(self.content, self.layers, self.client, self.platform, self._lease)
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    async def start(self) -> None:
+        def setup() -> list[tuple[ImageRecord, bytes | None]]:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for part in (self.content, self.layers, self.records):
+                part.setup()
+            out: list[tuple[ImageRecord, bytes | None]] = []
+            for rec in self.records.load_all():
+                try:
+                    out.append((rec, self.content.read(rec.config_digest)))
+                except OSError:
+                    out.append((rec, None))
+            return out
+
+        for rec, raw in await asyncio.to_thread(setup):
+            if raw is None:
+                log.error("image %s: config blob missing, record dropped", rec.id)
+                await asyncio.to_thread(self.records.delete, rec.id)
+                continue
+            self._configs[rec.config_digest] = raw
+            self.index.put(rec)
+        await self.client.start()
+        await self.gc()
+        await self._refresh_usage()
+        log.info("image store %s: %d images", self.root, len(self.index.by_id))
+
+    async def close(self) -> None:
+        await self._pulls.cancel_all()
+        await self.puller.blob_flights.cancel_all()
+        await self.puller.unpack_flights.cancel_all()
+        await self.client.close()
+
+    # -- leases: what an in-flight pull uses, kept from GC ------------------------
+
+    async def _lease(self, keys: Iterable[str]) -> None:
+        keys = list(keys)
+        async with self._lock:
+            held = _LEASE_HOLDER.get()
+            if held is None:
+                raise RuntimeError("lease outside a pull")
+            for k in keys:
+                self._leases[k] += 1
+                held.append(k)
+
+    @asynccontextmanager
+    async def _pull_lease(self) -> AsyncIterator[list[str]]:
+        held: list[str] = []
+        token = _LEASE_HOLDER.set(held)
+        try:
+            yield held
+        finally:
+            _LEASE_HOLDER.reset(token)
+            for k in held:
+                self._leases[k] -= 1
+                if self._leases[k] <= 0:
+                    del self._leases[k]
+
+    # -- pull ---------------------------------------------------------------------
+
+    async def pull(self, ref: str, auth: Credentials | None = None) -> str:
+        """Pull ``ref``; returns the image id (``sha256:`` config digest)."""
+        named = parse_reference(ref)
+        key = str(named)
+        if auth is not None and not auth.is_empty():
+            # different credentials may see different things: do not share
+            key += f"#{id(auth)}"
+
+        async def run() -> str:
+            async with self._pull_lease():
+                try:
+                    result = await self.puller.pull(named, auth)
+                    return await self._commit(result)
+                except OSError as e:
+                    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                        raise ResourceExhausted(
+                            f"pull of {named}: image store {self.root}: {e.strerror}"
+                        ) from e
+                    raise
+
+        return await self._pulls.do(key, run)
+
+    async def _commit(self, r: PullResult) -> str:
+        image_id = r.config_digest
+        tag = r.ref.tagged()
+        repo_digest = r.ref.with_digest(r.top_digest)
+        size = r.config_size + r.manifest_size + sum(layer.size for layer in r.layers)
+        raw_config = await asyncio.to_thread(self.content.read, r.config_digest)
+        async with self._lock:
+            changed: list[ImageRecord] = []
+            if tag:
+                other = self.index.by_tag(tag)
+                if other is not None and other.id != image_id:
+                    other.repo_tags.remove(tag)
+                    changed.append(other)
+            rec = self.index.by_id.get(image_id)
+            if rec is None:
+                rec = ImageRecord(
+                    id=image_id,
+                    repo_tags=[],
+                    repo_digests=[],
+                    manifest_digest=r.manifest_digest,
+                    config_digest=r.config_digest,
+                    layers=r.layers,
+                    size=size,
+                    extra_blobs=list(r.extra_blobs),
+                )
+            if tag and tag not in rec.repo_tags:
+                rec.repo_tags.append(tag)
+            if repo_digest not in rec.repo_digests:
+                rec.repo_digests.append(repo_digest)
+            for d in r.extra_blobs:
+                if d not in rec.extra_blobs:
+                    rec.extra_blobs.append(d)
+            changed.append(rec)
+
+            def save() -> None:
+                for c in changed:
+                    self.records.save(c)
+
+            await asyncio.to_thread(save)
+            for c in changed:
+                self.index.put(c)
+            self._configs[r.config_digest] = raw_config
+        await self._refresh_usage()
+        log.info("pulled %s as %s", r.ref, image_id)
+        return image_id
+
+    # -- queries ------------------------------------------------------------------
+
+    def _stored(self, rec: ImageRecord) -> StoredImage:
+        raw = self._configs[rec.config_digest]  # loaded at start / pull, never on the loop
+        cfg = json.loads(raw)
+        inner = cfg.get("config") if isinstance(cfg.get("config"), dict) else {}
+        user = inner.get("User", "") if isinstance(inner, dict) else ""
+        return StoredImage(
+            id=rec.id,
+            repo_tags=list(rec.repo_tags),
+            repo_digests=list(rec.repo_digests),
+            size=rec.size,
+            config=cfg,
+            config_json=raw,
+            layer_dirs=[self.layers.fs(layer.diff_id) for layer in rec.layers],
+            user=user if isinstance(user, str) else "",
+            pinned=rec.pinned,
+            layers=[layer.diff_id for layer in rec.layers],
+        )
+
+    def list(self, filter_ref: str | None = None) -> list[StoredImage]:
+        if not filter_ref:
+            return [self._stored(r) for r in self.index.all()]
+        rec, _ = self.index.resolve(filter_ref)
+        if rec is not None:
+            return [self._stored(rec)]
+        # a bare repository name matches every tag of it
+        try:
+            named = parse_reference(filter_ref, default_tag=False)
+        except CrivError:
+            return []
+        if named.tag or named.digest:
+            return []
+        prefix = named.repository + ":"
+        return [
+            self._stored(r)
+            for r in self.index.all()
+            if any(t.startswith(prefix) for t in r.repo_tags)
+        ]
+
+    def status(self, ref: str) -> StoredImage | None:
+        rec, _ = self.index.resolve(ref)
+        return self._stored(rec) if rec is not None else None
+
+    def get(self, ref: str) -> StoredImage:
+        img = self.status(ref)
+        if img is None:
+            raise ImageNotFound(f"image {ref!r} not found")
+        return img
+
+    # -- removal and GC -----------------------------------------------------------
+
+    async def remove(self, ref: str) -> None:
+        """Remove by id, tag or digest; one tag of a multi-tag image only untags."""
+        async with self._lock:
+            rec, how = self.index.resolve(ref)
+            if rec is None:
+                return
+            if how == "tag" and len(rec.repo_tags) > 1:
+                rec.repo_tags.remove(str(parse_reference(ref)))
+                await asyncio.to_thread(self.records.save, rec)
+                return
+            await asyncio.to_thread(self.records.delete, rec.id)
+            self.index.drop(rec.id)
+            if not any(r.config_digest == rec.config_digest for r in self.index.by_id.values()):
+                self._configs.pop(rec.config_digest, None)
+        await self.gc()
+
+    async def gc(self) -> None:
+        """Delete blobs and layer dirs that no image record and no pull references."""
+        async with self._lock:
+            keep: set[str] = set(self._leases)
+            for rec in self.index.by_id.values():
+                keep |= rec.blobs()
+                keep |= {layer.diff_id for layer in rec.layers}
+
+            def sweep() -> tuple[int, int]:
+                blobs = self.content.list() - keep
+                for d in blobs:
+                    self.content.delete(d)
+                layers = [x for x in self.layers.list() if x.diff_id not in keep]
+                for x in layers:
+                    self.layers.remove(x.diff_id)
+                return len(blobs), len(layers)
+
+            nblobs, nlayers = await asyncio.to_thread(sweep)
+        if nblobs or nlayers:
+            log.info("image gc: removed %d blobs, %d layers", nblobs, nlayers)
+        await self._refresh_usage()
+
+    # -- usage --------------------------------------------------------------------
+
+    async def _refresh_usage(self) -> None:
+        def scan() -> tuple[dict[str, int], dict[str, tuple[int, int]]]:
+            blobs = {d: self.content.usage(d) for d in self.content.list()}
+            layers = {x.diff_id: (x.usage_bytes, x.inodes) for x in self.layers.list()}
+            return blobs, layers
+
+        self._blob_usage, self._layer_usage = await asyncio.to_thread(scan)
+
+    def fs_info(self) -> FsUsage:
+        """Bytes and inodes the store uses (du-style accounting kept up to date)."""
+        used = sum(self._blob_usage.values()) + sum(b for b, _ in self._layer_usage.values())
+        inodes = len(self._blob_usage) + sum(i for _, i in self._layer_usage.values())
+        used += _RECORD_BYTES * (len(self.index.by_id) + 8)  # records and the store's dirs
+        inodes += len(self.index.by_id) + 8
+        return FsUsage(str(self.root), used, inodes, time.time_ns())
