@@ -797,6 +797,67 @@ class StreamOpen(_message.Message):
 Global___StreamOpen: _TypeAlias = StreamOpen  # noqa: Y015
 
 @_typing.final
+class StartExecRequest(_message.Message):
+    """STDIO data streams (exec_id from StartExec): after the StreamAccept both directions
+    carry frames `type:uint8 length:uint32-BE payload` (payload at most 1 MiB):
+      0 STDIN   host->agent  bytes for the process's stdin
+      1 STDOUT  agent->host  (everything, under a tty)
+      2 STDERR  agent->host
+      3 CLOSE   both         1-byte payload naming the stream that ended: host->agent 0
+                             closes the process's stdin; agent->host 1/2 end of output
+      4 RESIZE  host->agent  width:uint16-BE height:uint16-BE (tty only)
+      5 EXIT    agent->host  int32-BE exit code (128+N for signal N), after all output;
+                             the agent then closes the connection
+    The host closing the connection early kills the exec'd process.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONTAINER_ID_FIELD_NUMBER: _builtins.int
+    CMD_FIELD_NUMBER: _builtins.int
+    TTY_FIELD_NUMBER: _builtins.int
+    STDIN_FIELD_NUMBER: _builtins.int
+    container_id: _builtins.str
+    tty: _builtins.bool
+    stdin: _builtins.bool
+    @_builtins.property
+    def cmd(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        container_id: _builtins.str = ...,
+        cmd: _abc.Iterable[_builtins.str] | None = ...,
+        tty: _builtins.bool = ...,
+        stdin: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cmd", b"cmd", "container_id", b"container_id", "stdin", b"stdin", "tty", b"tty"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartExecRequest: _TypeAlias = StartExecRequest  # noqa: Y015
+
+@_typing.final
+class StartExecResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXEC_ID_FIELD_NUMBER: _builtins.int
+    exec_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        exec_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exec_id", b"exec_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartExecResponse: _TypeAlias = StartExecResponse  # noqa: Y015
+
+@_typing.final
 class StreamAccept(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -99,6 +99,11 @@ class AgentStub:
                 request_serializer=agent_dot_v1_dot_agent__pb2.ExecSyncRequest.SerializeToString,
                 response_deserializer=agent_dot_v1_dot_agent__pb2.ExecSyncResponse.FromString,
                 _registered_method=True)
+        self.StartExec = channel.unary_unary(
+                '/agent.v1.Agent/StartExec',
+                request_serializer=agent_dot_v1_dot_agent__pb2.StartExecRequest.SerializeToString,
+                response_deserializer=agent_dot_v1_dot_agent__pb2.StartExecResponse.FromString,
+                _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/agent.v1.Agent/Stats',
                 request_serializer=agent_dot_v1_dot_agent__pb2.StatsRequest.SerializeToString,
@@ -200,6 +205,15 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartExec(self, request, context):
+        """Register an interactive command (CRI Exec) for a running container. Its stdio,
+        resizes and exit code travel on a STDIO data stream naming the returned exec_id,
+        which must be opened within 30 s (else the exec is forgotten).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Stats(self, request, context):
         """Cgroup statistics of the given containers (all when empty).
         """
@@ -281,6 +295,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.ExecSync,
                     request_deserializer=agent_dot_v1_dot_agent__pb2.ExecSyncRequest.FromString,
                     response_serializer=agent_dot_v1_dot_agent__pb2.ExecSyncResponse.SerializeToString,
+            ),
+            'StartExec': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartExec,
+                    request_deserializer=agent_dot_v1_dot_agent__pb2.StartExecRequest.FromString,
+                    response_serializer=agent_dot_v1_dot_agent__pb2.StartExecResponse.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
@@ -644,6 +663,33 @@ class Agent:
             '/agent.v1.Agent/ExecSync',
             agent_dot_v1_dot_agent__pb2.ExecSyncRequest.SerializeToString,
             agent_dot_v1_dot_agent__pb2.ExecSyncResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartExec(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agent.v1.Agent/StartExec',
+            agent_dot_v1_dot_agent__pb2.StartExecRequest.SerializeToString,
+            agent_dot_v1_dot_agent__pb2.StartExecResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -56,6 +56,11 @@ class AgentStub:
     UpdateContainerResources: _grpc.UnaryUnaryMultiCallable[_agent_pb2.UpdateContainerResourcesRequest, _agent_pb2.UpdateContainerResourcesResponse]
     ExecSync: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ExecSyncRequest, _agent_pb2.ExecSyncResponse]
     """Run a command in a container, bounded by deadline and output cap."""
+    StartExec: _grpc.UnaryUnaryMultiCallable[_agent_pb2.StartExecRequest, _agent_pb2.StartExecResponse]
+    """Register an interactive command (CRI Exec) for a running container. Its stdio,
+    resizes and exit code travel on a STDIO data stream naming the returned exec_id,
+    which must be opened within 30 s (else the exec is forgotten).
+    """
     Stats: _grpc.UnaryUnaryMultiCallable[_agent_pb2.StatsRequest, _agent_pb2.StatsResponse]
     """Cgroup statistics of the given containers (all when empty)."""
     Events: _grpc.UnaryStreamMultiCallable[_agent_pb2.EventsRequest, _agent_pb2.Event]
@@ -85,6 +90,11 @@ class AgentAsyncStub(AgentStub):
     UpdateContainerResources: _aio.UnaryUnaryMultiCallable[_agent_pb2.UpdateContainerResourcesRequest, _agent_pb2.UpdateContainerResourcesResponse]  # type: ignore[assignment]
     ExecSync: _aio.UnaryUnaryMultiCallable[_agent_pb2.ExecSyncRequest, _agent_pb2.ExecSyncResponse]  # type: ignore[assignment]
     """Run a command in a container, bounded by deadline and output cap."""
+    StartExec: _aio.UnaryUnaryMultiCallable[_agent_pb2.StartExecRequest, _agent_pb2.StartExecResponse]  # type: ignore[assignment]
+    """Register an interactive command (CRI Exec) for a running container. Its stdio,
+    resizes and exit code travel on a STDIO data stream naming the returned exec_id,
+    which must be opened within 30 s (else the exec is forgotten).
+    """
     Stats: _aio.UnaryUnaryMultiCallable[_agent_pb2.StatsRequest, _agent_pb2.StatsResponse]  # type: ignore[assignment]
     """Cgroup statistics of the given containers (all when empty)."""
     Events: _aio.UnaryStreamMultiCallable[_agent_pb2.EventsRequest, _agent_pb2.Event]  # type: ignore[assignment]
@@ -189,6 +199,17 @@ class AgentServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.ExecSyncResponse, _abc.Awaitable[_agent_pb2.ExecSyncResponse]]:
         """Run a command in a container, bounded by deadline and output cap."""
+
+    @_abc_1.abstractmethod
+    def StartExec(
+        self,
+        request: _agent_pb2.StartExecRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.StartExecResponse, _abc.Awaitable[_agent_pb2.StartExecResponse]]:
+        """Register an interactive command (CRI Exec) for a running container. Its stdio,
+        resizes and exit code travel on a STDIO data stream naming the returned exec_id,
+        which must be opened within 30 s (else the exec is forgotten).
+        """
 
     @_abc_1.abstractmethod
     def Stats(

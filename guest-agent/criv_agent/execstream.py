@@ -1,0 +1,204 @@
+"""Interactive exec (CRI Exec): ``StartExec`` registers the command, the STDIO data
+stream naming its exec_id runs it and carries its stdio.
+
+The process starts when the stream arrives (nothing can be lost before the host reads),
+so a StartExec whose stream never comes within 30 s is simply forgotten. Frames on the
+stream (both ways): ``type:uint8 length:uint32-BE payload`` (payload <= 1 MiB):
+0 STDIN, 1 STDOUT, 2 STDERR, 3 CLOSE (payload: the stream that ended), 4 RESIZE
+(width, height: uint16-BE), 5 EXIT (int32-BE code, 128+N for signal N). The host
+closing the connection early kills the exec'd process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import struct
+import tempfile
+import termios
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from criv_agent.crun import Crun
+from criv_agent.errors import InvalidArgument
+from criv_agent.execsync import kill_exec
+from criv_agent.stdio import Stdio
+
+log = logging.getLogger(__name__)
+
+STDIN, STDOUT, STDERR, CLOSE, RESIZE, EXIT = range(6)
+MAX_FRAME = 1 << 20
+PENDING_TTL = 30.0
+_CHUNK = 32 * 1024
+
+
+@dataclass
+class PendingExec:
+    container_id: str
+    cmd: list[str]
+    tty: bool
+    stdin: bool
+    workdir: str
+    created: float = field(default_factory=time.monotonic)
+
+
+def frame(kind: int, payload: bytes = b"") -> bytes:
+    return struct.pack(">BI", kind, len(payload)) + payload
+
+
+class ExecRegistry:
+    def __init__(self, crun: Crun) -> None:
+        self.crun = crun
+        self._pending: dict[str, PendingExec] = {}
+
+    def add(self, container_id: str, cmd: list[str], tty: bool, stdin: bool, workdir: str) -> str:
+        if not cmd:
+            raise InvalidArgument("empty command")
+        self._expire()
+        exec_id = uuid.uuid4().hex
+        self._pending[exec_id] = PendingExec(container_id, cmd, tty, stdin, workdir)
+        return exec_id
+
+    def take(self, exec_id: str) -> PendingExec | None:
+        self._expire()
+        return self._pending.pop(exec_id, None)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for k in [k for k, p in self._pending.items() if now - p.created > PENDING_TTL]:
+            del self._pending[k]
+
+    async def run(
+        self, ex: PendingExec, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Run the process and shuttle frames until it exited and its output was sent."""
+        stdio = Stdio(ex.tty)
+        fd, pidfile = tempfile.mkstemp(prefix="exec-", suffix=".pid", dir=ex.workdir)
+        os.close(fd)
+        args = ["exec", "--pid-file", pidfile]
+        stdin_w: int | None = None
+        stdin_r: int | None = None
+        if ex.tty:
+            args += ["--tty", "--console-socket", stdio.console_path]
+        elif ex.stdin:
+            stdin_r, stdin_w = os.pipe()
+        proc = await self.crun.spawn(
+            [*args, ex.container_id, *ex.cmd],
+            stdin=stdin_r if stdin_r is not None else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL if ex.tty else stdio.child_fds[0],
+            stderr=asyncio.subprocess.DEVNULL if ex.tty else stdio.child_fds[1],
+        )
+        if stdin_r is not None:
+            os.close(stdin_r)
+        try:
+            if ex.tty:
+                # crun failing before it sends the pty must not leave us waiting 30 s
+                console = asyncio.ensure_future(stdio.receive_console(30))
+                early = asyncio.ensure_future(proc.wait())
+                await asyncio.wait([console, early], return_when=asyncio.FIRST_COMPLETED)
+                if not console.done():
+                    console.cancel()
+                    code = proc.returncode if proc.returncode is not None else 1
+                    writer.write(frame(EXIT, struct.pack(">i", code)))
+                    await writer.drain()
+                    return
+                early.cancel()
+                console.result()
+            stdio.close_child_side()
+            master = stdio.read_fds[0][0] if ex.tty else None
+            if ex.tty and ex.stdin:
+                stdin_w = os.dup(master)  # type: ignore[arg-type]
+            outputs = [
+                asyncio.ensure_future(_pump_out(fd, STDOUT if s == "stdout" else STDERR, writer))
+                for fd, s in stdio.read_fds
+            ]
+            inputs = asyncio.ensure_future(_pump_in(reader, stdin_w, master, ex.tty))
+            waiter = asyncio.ensure_future(proc.wait())
+            done, _ = await asyncio.wait([waiter, inputs], return_when=asyncio.FIRST_COMPLETED)
+            if waiter not in done and inputs.result() == "gone":
+                log.debug("exec in %s: the host hung up, killing it", ex.container_id)
+                await kill_exec(pidfile)
+                await waiter
+            code = proc.returncode if proc.returncode is not None else -1
+            if code < 0:
+                code = 128 - code
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*outputs), 2)
+            writer.write(frame(EXIT, struct.pack(">i", code)))
+            await writer.drain()
+            inputs.cancel()
+        finally:
+            if proc.returncode is None:
+                await kill_exec(pidfile)
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+            stdio.close_all()
+            if stdin_w is not None:
+                with contextlib.suppress(OSError):
+                    os.close(stdin_w)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(pidfile)
+
+
+async def _pump_out(fd: int, kind: int, writer: asyncio.StreamWriter) -> None:
+    loop = asyncio.get_running_loop()
+    os.set_blocking(fd, False)
+    readable = asyncio.Event()
+    loop.add_reader(fd, readable.set)
+    try:
+        while True:
+            try:
+                data = os.read(fd, _CHUNK)
+            except BlockingIOError:
+                readable.clear()
+                await readable.wait()
+                continue
+            except OSError:  # EIO from a pty master once the slave side is gone
+                data = b""
+            if not data:
+                writer.write(frame(CLOSE, bytes([kind])))
+                await writer.drain()
+                return
+            writer.write(frame(kind, data))
+            await writer.drain()
+    finally:
+        loop.remove_reader(fd)
+
+
+async def _pump_in(
+    reader: asyncio.StreamReader, stdin: int | None, master: int | None, tty: bool
+) -> str:
+    """Host frames to the process; returns "gone" if the host hung up."""
+    while True:
+        try:
+            kind, n = struct.unpack(">BI", await reader.readexactly(5))
+            if n > MAX_FRAME:
+                return "gone"
+            payload = await reader.readexactly(n)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return "gone"
+        if kind == STDIN and stdin is not None:
+            await asyncio.to_thread(_write_all, stdin, payload)
+        elif kind == CLOSE and payload[:1] == b"\0" and stdin is not None:
+            if tty:
+                await asyncio.to_thread(_write_all, stdin, b"\x04")  # EOF on a terminal
+            else:
+                os.close(stdin)
+                stdin = None
+        elif kind == RESIZE and master is not None and n >= 4:
+            width, height = struct.unpack(">HH", payload[:4])
+            winsize = struct.pack("HHHH", height, width, 0, 0)
+            with contextlib.suppress(OSError):
+                fcntl.ioctl(master, termios.TIOCSWINSZ, winsize)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    with contextlib.suppress(OSError):
+        while view:
+            view = view[os.write(fd, view) :]

@@ -1,0 +1,124 @@
+"""``criv-agent``: serve the agent API for one pod.
+
+    criv-agent --control unix:PATH --data unix:PATH --state-dir DIR [--crun crun]
+
+The control socket carries the gRPC service, the data socket the byte streams
+(datastream.py). The agent makes itself a child subreaper so that container inits, once
+crun has exited, become its children and their exit statuses reach it. SIGTERM/SIGINT
+stop the agent but leave containers running (a later agent adopts them);
+ShutdownSandbox stops everything and then the agent exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from criv_agent.runtime import Runtime
+
+PR_SET_CHILD_SUBREAPER = 36
+log = logging.getLogger("criv_agent")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="criv-agent", description=__doc__.split("\n")[1])
+    p.add_argument("--control", required=True, help="unix:PATH (or vsock:PORT, later)")
+    p.add_argument("--data", required=True, help="unix:PATH (or vsock:PORT, later)")
+    p.add_argument("--state-dir", required=True)
+    p.add_argument("--crun", default="crun", help="crun binary (default: from PATH)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p.parse_args(argv)
+
+
+def set_subreaper() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+async def serve(args: argparse.Namespace) -> None:
+    import grpc
+
+    from criv_agent import address
+    from criv_agent.api.agent.v1 import agent_pb2_grpc
+    from criv_agent.datastream import DataServer
+    from criv_agent.runtime import Runtime
+    from criv_agent.service import AgentService
+
+    control = address.parse(args.control)
+    data = address.parse(args.data)
+    if control.scheme != "unix":
+        raise SystemExit("only unix: control addresses for now")
+    os.makedirs(args.state_dir, mode=0o700, exist_ok=True)
+    runtime = Runtime(args.state_dir, args.crun)
+    await runtime.load()
+
+    server = grpc.aio.server()
+    agent_pb2_grpc.add_AgentServicer_to_server(AgentService(runtime), server)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(control.path)
+    os.makedirs(os.path.dirname(control.path) or ".", exist_ok=True)
+    server.add_insecure_port(str(control))
+    data_server = DataServer(runtime)
+    data_listener = await asyncio.start_unix_server(data_server.handle, sock=address.listen(data))
+    await server.start()
+    os.chmod(control.path, 0o600)
+    log.info("criv-agent serving control=%s data=%s", control, data)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGCHLD, runtime.reap_orphans)
+    reaping = asyncio.ensure_future(_reap_periodically(runtime))
+    waiters = [asyncio.ensure_future(stop.wait()),
+               asyncio.ensure_future(runtime.shutdown_requested.wait())]  # fmt: skip
+    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    for w in [*waiters, reaping]:
+        w.cancel()
+    # let the ShutdownSandbox answer (or other in-flight calls) go out first
+    await server.stop(grace=2)
+    data_listener.close()
+    await data_server.close()
+    runtime.close()
+    for path in (control.path, data.path):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    log.info("criv-agent stopped")
+
+
+async def _reap_periodically(runtime: Runtime) -> None:
+    # SIGCHLD can coalesce: a slow sweep catches what a signal missed; and OOM kills of
+    # a container's children are noticed here (cgroup counters, no eventfd plumbing)
+    tick = 0
+    while True:
+        await asyncio.sleep(1)
+        runtime.check_ooms()
+        tick += 1
+        if tick % 5 == 0:
+            runtime.reap_orphans()
+
+
+def main(argv: list[str] | None = None) -> None:
+    # gRPC's fork handlers are not wanted: the agent forks only to exec (crun, holder)
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    set_subreaper()
+    asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    main()
