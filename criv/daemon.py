@@ -24,6 +24,7 @@ from criv.cri.runtime_service import RuntimeService
 from criv.cri.wire import ErrorInterceptor
 from criv.errors import FailedPrecondition
 from criv.image.manager import ImageManager
+from criv.sandbox.manager import SandboxManager
 from criv.state.runtime_state import RuntimeState
 from criv_agent.api.runtime.v1 import api_pb2_grpc
 
@@ -72,12 +73,17 @@ class Daemon:
             runtime_state = RuntimeState(state_dir)
             images = ImageManager(cfg)
             await images.start()
+            sandboxes = SandboxManager(cfg, images, runtime_state)
             try:
-                await self._serve(runtime_state, images)
+                await sandboxes.start()
+                await self._serve(runtime_state, images, sandboxes)
             finally:
+                await sandboxes.close()
                 await images.close()
 
-    async def _serve(self, runtime_state: RuntimeState, images: ImageManager) -> None:
+    async def _serve(
+        self, runtime_state: RuntimeState, images: ImageManager, sandboxes: SandboxManager
+    ) -> None:
         sock = self.socket_path
         sock.parent.mkdir(parents=True, exist_ok=True)
         if sock.exists() or sock.is_symlink():
@@ -91,7 +97,7 @@ class Daemon:
         )
         # mypy sees the generated servicer's methods as abstract; fill_unimplemented
         # gives every RPC criv lacks a body at import time.
-        runtime = RuntimeService(self.config, runtime_state)  # type: ignore[abstract]
+        runtime = RuntimeService(self.config, runtime_state, sandboxes)  # type: ignore[abstract]
         api_pb2_grpc.add_RuntimeServiceServicer_to_server(runtime, server)
         api_pb2_grpc.add_ImageServiceServicer_to_server(ImageService(images), server)
         server.add_insecure_port(f"unix:{sock}")
@@ -105,6 +111,7 @@ class Daemon:
         try:
             await self._stop.wait()
             log.info("shutting down: letting in-flight calls finish")
+            sandboxes.end_event_streams()  # kubelet's GetContainerEvents never ends itself
             await server.stop(SHUTDOWN_GRACE_SECONDS)
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):

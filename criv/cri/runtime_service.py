@@ -1,6 +1,8 @@
 """CRI RuntimeService: proto <-> domain for pod sandboxes and containers, nothing else.
 
-RPCs criv does not implement yet answer UNIMPLEMENTED with the missing part named (see
+The sandbox and container RPCs live in :mod:`criv.cri.runtime_pods` and
+:mod:`criv.cri.runtime_containers` (mixins of :class:`RuntimeService`). RPCs criv does
+not implement yet answer UNIMPLEMENTED with the missing part named (see
 ``_MISSING``; docs/architecture.md lists them).
 """
 
@@ -13,8 +15,11 @@ import grpc
 
 from criv import __version__
 from criv.config import Config
+from criv.cri.runtime_containers import ContainerRpcs
+from criv.cri.runtime_pods import PodSandboxRpcs
 from criv.cri.wire import fill_unimplemented
 from criv.network.readiness import network_readiness
+from criv.sandbox.manager import SandboxManager
 from criv.sandbox.readiness import runtime_readiness
 from criv.state.runtime_state import RuntimeState
 from criv_agent.api.runtime.v1 import api_pb2, api_pb2_grpc
@@ -23,33 +28,14 @@ RUNTIME_NAME = "criv"
 RUNTIME_API_VERSION = "v1"
 
 _MISSING = {
-    "RunPodSandbox": "pod sandboxes arrive with the containers issue",
-    "StopPodSandbox": "pod sandboxes arrive with the containers issue",
-    "RemovePodSandbox": "pod sandboxes arrive with the containers issue",
-    "PodSandboxStatus": "pod sandboxes arrive with the containers issue",
-    "ListPodSandbox": "pod sandboxes arrive with the containers issue",
     "StreamPodSandboxes": "streaming list RPCs are not supported",
-    "CreateContainer": "containers arrive with the containers issue",
-    "StartContainer": "containers arrive with the containers issue",
-    "StopContainer": "containers arrive with the containers issue",
-    "RemoveContainer": "containers arrive with the containers issue",
-    "ListContainers": "containers arrive with the containers issue",
     "StreamContainers": "streaming list RPCs are not supported",
-    "ContainerStatus": "containers arrive with the containers issue",
-    "UpdateContainerResources": "containers arrive with the containers issue",
-    "ReopenContainerLog": "containers arrive with the containers issue",
-    "ExecSync": "containers arrive with the containers issue",
     "Exec": "the streaming server (exec/attach/port-forward) is not built yet",
     "Attach": "the streaming server (exec/attach/port-forward) is not built yet",
     "PortForward": "the streaming server (exec/attach/port-forward) is not built yet",
-    "ContainerStats": "container stats arrive with the containers issue",
-    "ListContainerStats": "container stats arrive with the containers issue",
     "StreamContainerStats": "streaming list RPCs are not supported",
-    "PodSandboxStats": "sandbox stats arrive with the containers issue",
-    "ListPodSandboxStats": "sandbox stats arrive with the containers issue",
     "StreamPodSandboxStats": "streaming list RPCs are not supported",
     "CheckpointContainer": "container checkpoint/restore is not supported",
-    "GetContainerEvents": "container events arrive with the containers issue",
     "ListMetricDescriptors": "pod sandbox metrics are not supported",
     "ListPodSandboxMetrics": "pod sandbox metrics are not supported",
     "StreamPodSandboxMetrics": "pod sandbox metrics are not supported",
@@ -57,10 +43,12 @@ _MISSING = {
 }
 
 
-class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
-    def __init__(self, config: Config, state: RuntimeState) -> None:
+class RuntimeService(PodSandboxRpcs, ContainerRpcs, api_pb2_grpc.RuntimeServiceServicer):
+    def __init__(self, config: Config, state: RuntimeState, sandboxes: SandboxManager) -> None:
         self._config = config
         self._state = state
+        self._sandboxes = sandboxes
+        self._cpu_samples: dict[str, tuple[int, int]] = {}
 
     async def Version(
         self, request: api_pb2.VersionRequest, context: grpc.aio.ServicerContext

@@ -1,0 +1,100 @@
+"""What the agent tells criv, as plain dataclasses.
+
+sandbox/ works with these and never with generated protobuf classes (DESIGN.md,
+import direction); CRI messages that pass through criv untouched (ContainerConfig,
+PodSandboxConfig, LinuxContainerResources) travel as serialized bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class AgentContainerState(StrEnum):
+    CREATED = "created"
+    RUNNING = "running"
+    EXITED = "exited"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class AgentHealth:
+    agent_version: str
+    api_version: int
+    kernel_release: str
+    cgroup_version: str
+
+
+@dataclass(frozen=True)
+class AgentContainerInfo:
+    container_id: str
+    state: AgentContainerState
+    created_at_ns: int = 0
+    started_at_ns: int = 0
+    finished_at_ns: int = 0
+    exit_code: int = 0
+    reason: str = ""
+    message: str = ""
+    pid: int = 0
+    # serialized runtime.v1.LinuxContainerResources, b"" when the agent sent none
+    resources: bytes = b""
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    stdout: bytes
+    stderr: bytes
+    exit_code: int
+    timed_out: bool
+    output_truncated: bool
+
+
+@dataclass(frozen=True)
+class AgentStats:
+    container_id: str
+    timestamp_ns: int
+    cpu_usage_core_nanoseconds: int = 0
+    memory_working_set_bytes: int = 0
+    memory_usage_bytes: int = 0
+    memory_rss_bytes: int = 0
+    memory_page_faults: int = 0
+    memory_major_page_faults: int = 0
+    memory_available_bytes: int = 0
+    writable_layer_bytes: int = 0
+    writable_layer_inodes: int = 0
+    process_count: int = 0
+
+
+class AgentEventKind(StrEnum):
+    CREATED = "created"
+    STARTED = "started"
+    EXITED = "exited"
+    OOM = "oom"
+    REMOVED = "removed"
+
+
+@dataclass(frozen=True)
+class AgentEvent:
+    kind: AgentEventKind
+    container_id: str
+    timestamp_ns: int
+    info: AgentContainerInfo | None = None
+
+
+@dataclass(frozen=True)
+class MountSpec:
+    container_path: str
+    agent_path: str
+
+
+@dataclass(frozen=True)
+class CreateContainerArgs:
+    container_id: str
+    sandbox_id: str
+    config: bytes  # serialized runtime.v1.ContainerConfig
+    sandbox_config: bytes  # serialized runtime.v1.PodSandboxConfig
+    image_config_json: bytes
+    rootfs: str
+    mounts: list[MountSpec] = field(default_factory=list)
+    pid_namespace_target: str = ""

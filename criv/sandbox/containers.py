@@ -1,0 +1,295 @@
+"""Container operations: create, start, stop, remove, status, list, exec, stats.
+
+The agent owns the container (OCI spec, crun, exit status); criv owns the record,
+the root filesystem mount, the host log file and the name. Records are refreshed
+from the agent on status calls and from its event stream; ListContainers answers
+from records so kubelet's frequent relists cost no agent round trips.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import secrets
+import time
+from pathlib import Path
+
+from criv.agent.client import AgentClient
+from criv.agent.types import AgentStats, CreateContainerArgs, ExecResult, MountSpec
+from criv.errors import (
+    AgentError,
+    CrivError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    NotFound,
+)
+from criv.sandbox.events import EventKind
+from criv.sandbox.pods import PodOps
+from criv.sandbox.records import ContainerRecord, PodRecord
+from criv.sandbox.rootfs import mount_rootfs, unmount_rootfs
+from criv.sandbox.specs import (
+    ContainerFilter,
+    ContainerSpec,
+    container_reserved_name,
+    match_container,
+)
+from criv.sandbox.states import ContainerState, PodState
+
+log = logging.getLogger("criv.sandbox.containers")
+
+
+def host_log_path(log_directory: str, log_path: str) -> str:
+    """Where the container's CRI log goes on the host ("" when kubelet asked none)."""
+    if not log_path:
+        return ""
+    if os.path.isabs(log_path):
+        return os.path.normpath(log_path)
+    if not log_directory:
+        return ""
+    joined = os.path.normpath(os.path.join(log_directory, log_path))
+    base = os.path.normpath(log_directory)
+    if not (joined == base or joined.startswith(base.rstrip("/") + "/")):
+        raise FailedPrecondition(f"log path {log_path!r} escapes the log directory")
+    return joined
+
+
+class ContainerOps(PodOps):
+    # -- create / start ------------------------------------------------------------
+
+    async def create_container(self, pod_id: str, spec: ContainerSpec) -> str:
+        pod = self.pod(pod_id)
+        if pod.state is not PodState.READY:
+            raise FailedPrecondition(f"pod sandbox {pod.id[:12]} is not ready")
+        client = self.client_of(pod.id)
+        if client is None:
+            raise AgentError(f"pod sandbox {pod.id[:12]}: agent not connected")
+        name = container_reserved_name(spec.name, spec.attempt, pod)
+        cid = secrets.token_hex(32)
+        self.container_names.reserve(name, cid)
+        try:
+            return await self._create(pod, client, spec, cid)
+        except BaseException:
+            self.container_names.release(name, cid)
+            raise
+
+    async def _create(self, pod: PodRecord, client: object, spec: ContainerSpec, cid: str) -> str:
+        from criv.agent.client import AgentClient
+
+        assert isinstance(client, AgentClient)
+        image = self.images.get(spec.image)
+        iso = self.isolation(pod)
+        paths = self.paths(pod.id)
+        cdir = self.container_dir(pod.id, cid)
+        rec = ContainerRecord(
+            id=cid,
+            sandbox_id=pod.id,
+            name=spec.name,
+            attempt=spec.attempt,
+            state=ContainerState.CREATED,
+            created_at_ns=time.time_ns(),
+            config=spec.config,
+            image=spec.image,
+            image_id=image.id,
+            image_ref=image.repo_digests[0] if image.repo_digests else image.id,
+            labels=dict(spec.labels),
+            annotations=dict(spec.annotations),
+            log_path=host_log_path(pod.log_directory, spec.log_path),
+            mounts=spec.mounts,
+            rootfs=str(cdir / "rootfs"),
+            resources=spec.resources,
+        )
+        async with self.lock(pod.id):
+            if self.pods.get(pod.id) is None:
+                raise NotFound(f"pod sandbox {pod.id[:12]} was removed")
+            await self.containers.add(rec)
+            try:
+                rootfs = await mount_rootfs(list(image.layer_dirs), cdir)
+                if rec.log_path:
+                    await asyncio.to_thread(
+                        Path(rec.log_path).parent.mkdir, parents=True, exist_ok=True
+                    )
+                args = CreateContainerArgs(
+                    container_id=cid,
+                    sandbox_id=pod.id,
+                    config=spec.config,
+                    sandbox_config=pod.config,
+                    image_config_json=image.config_json,
+                    rootfs=iso.agent_path(paths, rootfs),
+                    mounts=[
+                        MountSpec(m.container_path, iso.agent_path(paths, Path(m.host_path)))
+                        for m in spec.mounts
+                    ],
+                )
+                info = await client.create_container(args)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._undo_create(rec))
+                raise
+        await self.apply_info(cid, info)
+        self.bus.publish(EventKind.CREATED, cid, pod.id)
+        return cid
+
+    async def _undo_create(self, rec: ContainerRecord) -> None:
+        client = self.client_of(rec.sandbox_id)
+        if client is not None:
+            with contextlib.suppress(CrivError):
+                await client.remove_container(rec.id)
+        cdir = self.container_dir(rec.sandbox_id, rec.id)
+        await unmount_rootfs(cdir)
+        await self.containers.delete(rec.id, remove_dir=cdir)
+
+    async def start_container(self, cid: str) -> None:
+        c = self.container(cid)
+        async with self.lock(c.id):
+            c = self.containers.must(c.id, "container")
+            if c.state is not ContainerState.CREATED:
+                raise FailedPrecondition(f"container {c.id[:12]} is {c.state.value}, not created")
+            pod = self.pods.must(c.sandbox_id, "pod sandbox")
+            client = self.client_of(pod.id)
+            if client is None or pod.state is not PodState.READY:
+                raise FailedPrecondition(f"pod sandbox {pod.id[:12]} is not ready")
+            info = await client.start_container(c.id)
+            c = await self.apply_info(c.id, info) or c
+            self.start_follower(pod, c)
+
+    # -- stop / remove ---------------------------------------------------------------
+
+    async def stop_container(self, cid: str, timeout: int) -> None:
+        full = self.containers.resolve(cid)
+        if full is None:
+            return  # idempotent
+        async with self.lock(full):
+            c = self.containers.get(full)
+            if c is None or c.state is ContainerState.EXITED:
+                return
+            client = self.client_of(c.sandbox_id)
+            if client is None:
+                await self.set_state(
+                    c.id, ContainerState.EXITED, exit_code=255, reason="AgentGone",
+                    message="no agent to stop it", finished_at_ns=time.time_ns(),
+                )  # fmt: skip
+                return
+            try:
+                info = await client.stop_container(c.id, max(timeout, 0))
+            except NotFound:
+                await self.set_state(
+                    c.id, ContainerState.EXITED, exit_code=255, reason="Unknown",
+                    message="the agent no longer knows this container",
+                    finished_at_ns=time.time_ns(),
+                )  # fmt: skip
+                return
+            c = await self.apply_info(c.id, info) or c
+        await self.drain_log(c)
+
+    async def remove_container(self, cid: str) -> None:
+        full = self.containers.resolve(cid)
+        if full is None:
+            return
+        c = self.containers.must(full, "container")
+        if c.state is not ContainerState.EXITED:
+            await self.stop_container(full, 0)
+        async with self.lock(full):
+            c2 = self.containers.get(full)
+            if c2 is None:
+                return
+            client = self.client_of(c2.sandbox_id)
+            if client is not None:
+                try:
+                    await client.remove_container(full)
+                except NotFound:
+                    pass
+                except AgentError as e:
+                    log.warning("container %s: agent remove failed: %s", full[:12], e)
+            await self._remove_container_files(c2)
+        self.forget_lock(full)
+        self.bus.publish(EventKind.DELETED, full, c.sandbox_id)
+
+    # -- status / list ---------------------------------------------------------------
+
+    async def container_status(self, cid: str) -> ContainerRecord:
+        c = self.container(cid)
+        client = self.client_of(c.sandbox_id)
+        if client is not None and c.state is not ContainerState.EXITED:
+            try:
+                info = await client.container_status(c.id)
+                c = await self.apply_info(c.id, info) or c
+            except NotFound:
+                pass
+            except AgentError as e:
+                log.warning("container %s: status from agent failed: %s", c.id[:12], e)
+        if c.state is ContainerState.EXITED and not c.log_done:
+            await self.drain_log(c)
+            c = self.containers.get(c.id) or c
+        return c
+
+    def list_containers(self, f: ContainerFilter) -> list[ContainerRecord]:
+        return sorted(
+            (c for c in self.containers.all() if match_container(f, c)),
+            key=lambda c: c.created_at_ns,
+        )
+
+    # -- exec / resources / logs -------------------------------------------------------
+
+    def _running_container(self, cid: str) -> tuple[ContainerRecord, AgentClient]:
+        c = self.container(cid)
+        if c.state is not ContainerState.RUNNING:
+            raise FailedPrecondition(f"container {c.id[:12]} is {c.state.value}, not running")
+        client = self.client_of(c.sandbox_id)
+        if client is None:
+            raise AgentError(f"container {c.id[:12]}: agent not connected")
+        return c, client
+
+    async def exec_sync(self, cid: str, cmd: list[str], timeout: int) -> ExecResult:
+        if not cmd:
+            raise FailedPrecondition("ExecSync needs a command")
+        c, client = self._running_container(cid)
+        result = await client.exec_sync(c.id, cmd, timeout)
+        if result.timed_out:
+            raise DeadlineExceeded(f"command {cmd[0]!r} timed out after {timeout}s")
+        return result
+
+    async def update_resources(self, cid: str, linux: bytes) -> None:
+        c = self.container(cid)
+        client = self.client_of(c.sandbox_id)
+        if c.state not in (ContainerState.CREATED, ContainerState.RUNNING):
+            raise FailedPrecondition(f"container {c.id[:12]} is {c.state.value}")
+        if client is None:
+            raise AgentError(f"container {c.id[:12]}: agent not connected")
+        await client.update_resources(c.id, linux)
+        await self.containers.update(c.id, lambda r: dataclasses.replace(r, resources=linux))
+
+    async def reopen_log(self, cid: str) -> None:
+        c = self.container(cid)
+        if c.state is not ContainerState.RUNNING:
+            raise FailedPrecondition(f"container {c.id[:12]} is not running")
+        rt = self.rt.get(c.sandbox_id)
+        f = rt.followers.get(c.id) if rt is not None else None
+        if f is None:
+            raise FailedPrecondition(f"container {c.id[:12]} has no log to reopen")
+        await asyncio.to_thread(f.reopen)
+
+    async def container_stats(self, cids: list[str]) -> dict[str, AgentStats]:
+        """Stats of running containers among ``cids``, grouped by pod per agent call."""
+        by_pod: dict[str, list[str]] = {}
+        for cid in cids:
+            c = self.containers.get(cid)
+            if c is not None and c.state is ContainerState.RUNNING:
+                by_pod.setdefault(c.sandbox_id, []).append(cid)
+        out: dict[str, AgentStats] = {}
+
+        async def one(pod_id: str, ids: list[str]) -> None:
+            client = self.client_of(pod_id)
+            if client is None:
+                return
+            try:
+                for s in await client.stats(ids):
+                    if s.container_id in ids:
+                        out[s.container_id] = s
+            except CrivError as e:
+                log.warning("pod %s: stats failed: %s", pod_id[:12], e)
+
+        await asyncio.gather(*(one(p, ids) for p, ids in by_pod.items()))
+        return out

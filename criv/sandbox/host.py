@@ -1,0 +1,258 @@
+"""``host`` isolation: one criv-agent per pod, a host process in the pod's netns.
+
+The agent is started in a session of its own (``start_new_session``) with its output
+in the pod's ``agent.log``, so it outlives criv: a restarted criv finds it again by
+pid plus process start time (pids get reused) and reconnects to its socket. For
+non-hostNetwork pods it runs under ``nsenter --net=<pod netns>``; the containers join
+the agent's network namespace, so the pod's containers share localhost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from criv.agent.client import AgentClient
+from criv.config import Config
+from criv.errors import AgentError, CrivError, Internal
+from criv.sandbox.isolation import PodPaths
+from criv.sandbox.records import PodRecord
+
+log = logging.getLogger("criv.sandbox.host")
+
+AGENT_READY_TIMEOUT = 20.0
+AGENT_EXIT_TIMEOUT = 10.0
+MAX_SOCKET_PATH = 107
+
+
+def agent_binary() -> str:
+    found = shutil.which("criv-agent")
+    if found:
+        return found
+    return str(Path(sys.executable).parent / "criv-agent")
+
+
+def process_start_time(pid: int) -> int | None:
+    """Start time (clock ticks since boot) of ``pid``, None if it is gone or a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # comm may hold spaces and parens: the fields after the last ')' are fixed.
+    fields = stat[stat.rfind(")") + 2 :].split()
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+class HostIsolation:
+    mode = "host"
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        # Agents this criv started: kept so their exit status is reaped (no zombies).
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def argv(self, pod: PodRecord, paths: PodPaths) -> list[str]:
+        argv = [
+            agent_binary(),
+            "--control",
+            f"unix:{paths.control_socket}",
+            "--data",
+            f"unix:{paths.data_socket}",
+            "--state-dir",
+            str(paths.agent_state),
+            "--crun",
+            self._config.runtime.crun,
+        ]
+        if not pod.host_network:
+            argv = ["nsenter", f"--net={pod.netns}", "--", *argv]
+        return argv
+
+    async def boot(self, pod: PodRecord, paths: PodPaths) -> dict[str, Any]:
+        for p in (paths.control_socket, paths.data_socket):
+            if len(str(p)) > MAX_SOCKET_PATH:
+                raise Internal(f"agent socket path {p} is too long; use a shorter run_dir")
+        argv = self.argv(pod, paths)
+
+        def spawn() -> subprocess.Popen[bytes]:
+            for d in (paths.run, paths.agent_state, paths.shared):
+                d.mkdir(parents=True, exist_ok=True, mode=0o700)
+            for s in (paths.control_socket, paths.data_socket):
+                with contextlib.suppress(FileNotFoundError):
+                    s.unlink()
+            with open(paths.agent_log, "ab") as out:
+                return subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    close_fds=True,
+                    cwd="/",
+                )
+
+        proc = await asyncio.to_thread(spawn)
+        self._procs[pod.id] = proc
+        start = process_start_time(proc.pid)
+        return {"pid": proc.pid, "start_time": start or 0}
+
+    def alive(self, pod: PodRecord) -> bool:
+        pid = int(pod.isolation_state.get("pid", 0))
+        if pid <= 0:
+            return False
+        proc = self._procs.get(pod.id)
+        if proc is not None and proc.poll() is not None:
+            return False
+        start = process_start_time(pid)
+        return start is not None and start == pod.isolation_state.get("start_time")
+
+    async def connect(self, pod: PodRecord, paths: PodPaths, timeout: float) -> AgentClient:
+        client = AgentClient(f"unix:{paths.control_socket}")
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if not self.alive(pod):
+                await client.close()
+                raise AgentError(f"agent of pod {pod.id[:12]} exited; see {paths.agent_log}")
+            if paths.control_socket.exists():
+                try:
+                    await client.health(timeout=max(0.5, min(5.0, deadline - time.monotonic())))
+                    return client
+                except CrivError as e:
+                    last = e
+            await asyncio.sleep(0.02)
+        await client.close()
+        raise AgentError(f"agent of pod {pod.id[:12]} not ready in {timeout:.0f}s: {last}")
+
+    async def stop(
+        self, pod: PodRecord, paths: PodPaths, client: AgentClient | None, timeout: int
+    ) -> None:
+        if client is not None and self.alive(pod):
+            try:
+                await client.shutdown(timeout)
+            except CrivError as e:
+                log.warning("pod %s: agent shutdown failed: %s", pod.id[:12], e)
+        deadline = time.monotonic() + AGENT_EXIT_TIMEOUT
+        while self.alive(pod) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await self.destroy(pod, paths)
+
+    async def destroy(self, pod: PodRecord, paths: PodPaths) -> None:
+        pid = int(pod.isolation_state.get("pid", 0))
+        if self.alive(pod):
+            log.warning("pod %s: killing agent pid %d", pod.id[:12], pid)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                # The agent leads its own session; its group holds its helpers.
+                os.killpg(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc = self._procs.pop(pod.id, None)
+        if proc is not None:
+            await asyncio.to_thread(proc.wait)
+        else:
+            deadline = time.monotonic() + AGENT_EXIT_TIMEOUT
+            while self.alive(pod) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        await self._reap_containers(pod, paths)
+        for s in (paths.control_socket, paths.data_socket):
+            with contextlib.suppress(FileNotFoundError):
+                s.unlink()
+        with contextlib.suppress(OSError):
+            paths.run.rmdir()
+
+    async def _reap_containers(self, pod: PodRecord, paths: PodPaths) -> None:
+        """What a dead agent left: its containers (crun state under the agent's state
+        dir), its namespace holder, any process still in the pod's netns, and the pod's
+        cgroup parent. A clean ShutdownSandbox leaves nothing here."""
+        root = paths.agent_state / "crun"
+        if root.is_dir():
+            crun = self._config.runtime.crun
+            rc, out = await _run(crun, "--root", str(root), "list", "-q")
+            for cid in out.split() if rc == 0 else []:
+                log.warning("pod %s: removing leftover container %s", pod.id[:12], cid[:12])
+                await _run(crun, "--root", str(root), "kill", "--all", cid, "KILL")
+                await _run(crun, "--root", str(root), "delete", "--force", cid)
+        await asyncio.to_thread(_kill_pod_leftovers, pod, paths)
+        await asyncio.to_thread(_remove_pod_cgroups, pod.id)
+
+    def agent_path(self, paths: PodPaths, host_path: Path) -> str:
+        return str(host_path)  # same machine, same mount namespace
+
+    def data_endpoint(self, paths: PodPaths) -> str:
+        return str(paths.data_socket)
+
+
+async def _run(*argv: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    out, _ = await proc.communicate()
+    return proc.returncode or 0, out.decode(errors="replace")
+
+
+def _remove_pod_cgroups(pod_id: str) -> None:
+    """rmdir the agent's default cgroup parent (``/criv/<pod id>``) in every hierarchy,
+    deepest first; non-empty or busy cgroups stay (and are logged)."""
+    root = Path("/sys/fs/cgroup")
+    candidates = [root / "criv" / pod_id]
+    with contextlib.suppress(OSError):
+        candidates += [d / "criv" / pod_id for d in root.iterdir() if d.is_dir()]
+    for base in candidates:
+        if not base.is_dir():
+            continue
+        dirs = sorted((p for p in base.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
+        for d in [*dirs, base]:
+            try:
+                d.rmdir()
+            except OSError as e:
+                log.warning("cannot remove cgroup %s: %s", d, e)
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _kill_pod_leftovers(pod: PodRecord, paths: PodPaths) -> None:
+    """SIGKILL the agent's namespace holder (found in the agent's sandbox.json, checked
+    by its command line) and every process left in the pod's network namespace.
+
+    Only called once the agent is dead; criv itself is never in a pod netns."""
+    with contextlib.suppress(OSError, ValueError):
+        doc = json.loads((paths.agent_state / "sandbox.json").read_text())
+        holder = int(doc.get("holder_pid", 0))
+        if holder > 0:
+            cmd = Path(f"/proc/{holder}/cmdline").read_bytes()
+            if b"holder.py" in cmd:
+                if os.getpgid(holder) == holder:  # a group of its own: take it whole
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(holder, signal.SIGKILL)
+                _kill(holder)
+    if pod.host_network or not pod.netns:
+        return
+    try:
+        ns_ino = os.stat(pod.netns).st_ino
+    except OSError:
+        return
+    me = os.getpid()
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == me:
+            continue
+        with contextlib.suppress(OSError):
+            if os.stat(d / "ns" / "net").st_ino == ns_ino:
+                log.warning("pod %s: killing leftover pid %s", pod.id[:12], d.name)
+                _kill(int(d.name))

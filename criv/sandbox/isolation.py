@@ -1,0 +1,86 @@
+"""Isolation modes: what runs a pod's agent, behind one protocol.
+
+``host`` (here) runs criv-agent as a host process inside the pod's network namespace;
+``vm`` (the VM issue) boots a libvirt domain whose guest runs the same agent. The
+sandbox layer only ever calls the :class:`Isolation` methods, so a mode is one class:
+
+- ``boot``: start the agent for a new pod; returns the facts needed to find it again
+  (persisted in the pod record as ``isolation_state``);
+- ``connect``: an :class:`AgentClient` for a booted pod (fresh or re-adopted after a
+  criv restart), once the agent answers Health;
+- ``alive``: is the pod's agent (process / domain) still there?
+- ``stop``: ask the agent to shut down, wait for it to go;
+- ``destroy``: force: kill whatever is left and release the mode's resources;
+- ``agent_path`` / ``data_endpoint``: how the agent sees a host path, and where criv
+  opens data connections (log streams).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from criv.agent.client import AgentClient
+from criv.sandbox.records import PodRecord
+
+
+@dataclass(frozen=True)
+class PodPaths:
+    """Where a pod's files live on the host.
+
+    ``state`` (under the state dir) holds the record, containers and agent state;
+    ``run`` (under the run dir, short: unix socket paths are limited to 107 bytes)
+    holds the agent's sockets.
+    """
+
+    state: Path
+    run: Path
+
+    @property
+    def record(self) -> Path:
+        return self.state / "sandbox.json"
+
+    @property
+    def agent_state(self) -> Path:
+        return self.state / "agent"
+
+    @property
+    def shared(self) -> Path:
+        return self.state / "shared"
+
+    @property
+    def agent_log(self) -> Path:
+        return self.state / "agent.log"
+
+    @property
+    def containers(self) -> Path:
+        return self.state / "containers"
+
+    @property
+    def control_socket(self) -> Path:
+        return self.run / "c.sock"
+
+    @property
+    def data_socket(self) -> Path:
+        return self.run / "d.sock"
+
+
+class Isolation(Protocol):
+    mode: str
+
+    async def boot(self, pod: PodRecord, paths: PodPaths) -> dict[str, Any]: ...
+
+    async def connect(self, pod: PodRecord, paths: PodPaths, timeout: float) -> AgentClient: ...
+
+    def alive(self, pod: PodRecord) -> bool: ...
+
+    async def stop(
+        self, pod: PodRecord, paths: PodPaths, client: AgentClient | None, timeout: int
+    ) -> None: ...
+
+    async def destroy(self, pod: PodRecord, paths: PodPaths) -> None: ...
+
+    def agent_path(self, paths: PodPaths, host_path: Path) -> str: ...
+
+    def data_endpoint(self, paths: PodPaths) -> str: ...

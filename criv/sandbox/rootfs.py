@@ -1,0 +1,114 @@
+"""Container root filesystems: an overlay of the image's unpacked layers.
+
+The image store unpacks each layer once (lowest first in ``layer_dirs``); a container
+gets ``upper``/``work`` dirs of its own beside its ``rootfs`` mount point, so
+containers of one image share the layers and write only to their own upper dir.
+overlayfs wants ``lowerdir`` topmost first, hence the reversal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+from pathlib import Path
+
+from criv.errors import Internal, InvalidArgument
+
+log = logging.getLogger("criv.sandbox.rootfs")
+
+# The kernel takes mount options in one page.
+_MAX_OPTIONS = 4000
+
+
+def overlay_options(layer_dirs: list[Path], upper: Path, work: Path) -> str:
+    if not layer_dirs:
+        raise InvalidArgument("image has no layers to mount")
+    for d in layer_dirs:
+        if any(c in str(d) for c in ",:"):
+            raise Internal(f"layer dir {d} has a character overlayfs cannot take")
+    lower = ":".join(str(d) for d in reversed(layer_dirs))
+    opts = f"lowerdir={lower},upperdir={upper},workdir={work}"
+    if len(opts) > _MAX_OPTIONS:
+        raise Internal(f"{len(layer_dirs)} layers: overlay options exceed a page")
+    return opts
+
+
+def is_mounted(path: Path) -> bool:
+    target = str(path)
+    try:
+        with open("/proc/self/mountinfo") as f:
+            return any(line.split()[4] == target for line in f)
+    except OSError:
+        return False
+
+
+async def _run(*argv: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await proc.communicate()
+    return proc.returncode or 0, out.decode(errors="replace").strip()
+
+
+async def mount_rootfs(layer_dirs: list[Path], container_dir: Path) -> Path:
+    rootfs = container_dir / "rootfs"
+    upper, work = container_dir / "upper", container_dir / "work"
+    opts = overlay_options(layer_dirs, upper, work)
+
+    def prepare() -> None:
+        for d in (rootfs, upper, work):
+            d.mkdir(parents=True, exist_ok=True)
+
+    await asyncio.to_thread(prepare)
+    if await asyncio.to_thread(is_mounted, rootfs):
+        return rootfs
+    rc, out = await _run("mount", "-t", "overlay", "overlay", "-o", opts, str(rootfs))
+    if rc != 0:
+        raise Internal(f"cannot mount container rootfs at {rootfs}: {out}")
+    return rootfs
+
+
+async def unmount_rootfs(container_dir: Path) -> None:
+    """Unmount (lazily, if busy) and delete the container's rootfs, upper and work."""
+    rootfs = container_dir / "rootfs"
+    for _ in range(8):  # stacked mounts, if any, come off one by one
+        if not await asyncio.to_thread(is_mounted, rootfs):
+            break
+        rc, out = await _run("umount", str(rootfs))
+        if rc != 0:
+            rc, out = await _run("umount", "--lazy", str(rootfs))
+            if rc != 0:
+                raise Internal(f"cannot unmount {rootfs}: {out}")
+    for name in ("rootfs", "upper", "work"):
+        await asyncio.to_thread(shutil.rmtree, container_dir / name, True)
+
+
+def mounts_under(prefix: Path) -> list[Path]:
+    """Mount points below ``prefix`` (deepest first), for the orphan sweep."""
+    p = str(prefix).rstrip("/") + "/"
+    out: list[Path] = []
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                target = line.split()[4]
+                if target.startswith(p):
+                    out.append(Path(target))
+    except OSError:
+        return []
+    return sorted(out, key=lambda x: len(x.parts), reverse=True)
+
+
+async def umount_lazy(path: Path) -> None:
+    rc, out = await _run("umount", "--lazy", str(path))
+    if rc != 0 and await asyncio.to_thread(is_mounted, path):
+        raise Internal(f"cannot unmount {path}: {out}")
+
+
+async def unmount_all_under(prefix: Path) -> None:
+    """Before deleting a directory tree: never let rmtree walk into a mount."""
+    for m in await asyncio.to_thread(mounts_under, prefix):
+        await umount_lazy(m)

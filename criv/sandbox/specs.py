@@ -1,0 +1,92 @@
+"""What the CRI layer hands the sandbox layer (proto-free), and list filters.
+
+CRI configs travel twice: the fields criv itself acts on are lifted into these
+dataclasses, and the whole message rides along serialized (``config``) for the agent,
+which builds the OCI spec from it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from criv.sandbox.records import ContainerRecord, MountRecord, PodRecord, PortMap
+from criv.sandbox.states import ContainerState, PodState
+
+
+@dataclass(frozen=True)
+class PodSpec:
+    name: str
+    namespace: str
+    uid: str
+    attempt: int
+    config: bytes
+    handler: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+    log_directory: str = ""
+    host_network: bool = False
+    port_mappings: tuple[PortMap, ...] = ()
+
+    @property
+    def reserved_name(self) -> str:
+        # containerd's sandbox name: the key under which the name is reserved.
+        return f"{self.name}_{self.namespace}_{self.uid}_{self.attempt}"
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    name: str
+    attempt: int
+    config: bytes
+    image: str
+    labels: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+    log_path: str = ""
+    mounts: tuple[MountRecord, ...] = ()
+    resources: bytes = b""
+
+
+def container_reserved_name(spec_name: str, attempt: int, pod: PodRecord) -> str:
+    return f"{spec_name}_{pod.name}_{pod.namespace}_{pod.uid}_{attempt}"
+
+
+@dataclass(frozen=True)
+class PodFilter:
+    id: str = ""
+    state: PodState | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ContainerFilter:
+    id: str = ""
+    state: ContainerState | None = None
+    pod_sandbox_id: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+def labels_match(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    """CRI label selectors are equality-only: every pair must be present."""
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def match_pod(f: PodFilter, pod: PodRecord) -> bool:
+    if f.id and not pod.id.startswith(f.id):
+        return False
+    if f.state is not None:
+        # PENDING pods are NOTREADY as far as CRI knows.
+        shown = PodState.READY if pod.state is PodState.READY else PodState.NOTREADY
+        if shown is not f.state:
+            return False
+    return labels_match(f.labels, pod.labels)
+
+
+def match_container(f: ContainerFilter, c: ContainerRecord) -> bool:
+    if f.id and not c.id.startswith(f.id):
+        return False
+    if f.pod_sandbox_id and not c.sandbox_id.startswith(f.pod_sandbox_id):
+        return False
+    if f.state is not None and c.state is not f.state:
+        return False
+    return labels_match(f.labels, c.labels)
