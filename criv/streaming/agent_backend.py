@@ -1,0 +1,274 @@
+"""The backend pods use: streams through the agent's data endpoint.
+
+Proto-free on purpose (only ``criv/agent`` and ``criv/cri`` touch generated modules):
+the daemon hands in an :class:`AgentLink` that makes the agent calls (``StartExec``)
+and performs the StreamOpen/StreamAccept handshake of data connections
+(``criv.agent.logstream.open_stream`` does exactly that), returning raw connections.
+
+* exec: ``StartExec`` registers the command; a STDIO data stream naming the exec_id
+  runs it and carries framed stdin/stdout/stderr, resizes and the exit code (the frame
+  format is in proto/agent/v1/agent.proto and docs/agent-api.md).
+* port-forward: a PORT_FORWARD data stream; the agent dials 127.0.0.1:port in the pod's
+  network namespace (in the guest for `vm` pods).
+* attach: not in the agent API yet (containers keep no stdin pipe and there is no
+  output fan-out); it fails with a clear error on the session's error stream.
+
+The agent is untrusted: frame sizes and exit codes coming back are bounded here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import struct
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from criv.errors import CrivError
+from criv.streaming.backend import (
+    ByteReader,
+    ByteWriter,
+    DuplexStream,
+    PortForwardRefused,
+    ProcessStreams,
+    StreamingError,
+)
+
+log = logging.getLogger("criv.streaming.agent")
+
+# STDIO frame types (agent API): type:u8 length:u32-BE payload.
+T_STDIN, T_STDOUT, T_STDERR, T_CLOSE, T_RESIZE, T_EXIT = range(6)
+MAX_FRAME = 1 << 20
+MAX_WRITE = 256 * 1024  # stdin chunks per frame, well under the agent's 1 MiB limit
+
+
+@dataclass(frozen=True)
+class DataStreamParams:
+    """What a data connection is for (mirrors the agent API's StreamOpen)."""
+
+    kind: Literal["stdio", "port_forward"]
+    container_id: str = ""
+    port: int = 0
+    exec_id: str = ""
+
+
+class AgentLink(Protocol):
+    async def start_exec(
+        self, container_id: str, cmd: list[str], tty: bool, stdin: bool
+    ) -> tuple[str, str]:
+        """``StartExec`` on the container's agent; returns (sandbox_id, exec_id)."""
+        ...
+
+    async def open_data_stream(
+        self, sandbox_id: str, params: DataStreamParams
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Connect to the sandbox's agent data endpoint and open one stream.
+
+        Raise a CrivError (or OSError) if the agent refuses; its text reaches the user.
+        """
+        ...
+
+
+class _AgentConnection:
+    """A DuplexStream over one agent data connection."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._r = reader
+        self._w = writer
+
+    async def read(self, n: int) -> bytes:
+        try:
+            return await self._r.read(n)
+        except (ConnectionError, OSError):
+            return b""
+
+    async def write(self, data: bytes) -> None:
+        if self._w.is_closing():
+            return
+        self._w.write(data)
+        with contextlib.suppress(ConnectionError, OSError):
+            await self._w.drain()
+
+    async def close_write(self) -> None:
+        # The agent sees EOF and half-closes toward the pod's socket in turn.
+        with contextlib.suppress(ConnectionError, OSError):
+            if self._w.can_write_eof() and not self._w.is_closing():
+                self._w.write_eof()
+
+    async def close(self) -> None:
+        self._w.close()
+        with contextlib.suppress(ConnectionError, OSError):
+            await self._w.wait_closed()
+
+
+def _frame(kind: int, payload: bytes = b"") -> bytes:
+    return struct.pack(">BI", kind, len(payload)) + payload
+
+
+class _Channel:
+    """One output stream of an exec, fed by the demultiplexer; b"" once it ended."""
+
+    # A slow client stops the demultiplexer at this much buffered output, which stops
+    # reading the agent connection, which stops the process: backpressure end to end.
+    LIMIT = 1 << 20
+
+    def __init__(self) -> None:
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._size = 0
+        self._ended = False
+        self._readable = asyncio.Event()
+        self._space = asyncio.Event()
+        self._space.set()
+
+    async def read(self, n: int) -> bytes:
+        while not self._chunks:
+            if self._ended:
+                return b""
+            self._readable.clear()
+            await self._readable.wait()
+        data = self._chunks.popleft()
+        self._size -= len(data)
+        if self._size <= self.LIMIT:
+            self._space.set()
+        return data
+
+    async def put(self, data: bytes) -> None:
+        if data and not self._ended:
+            self._chunks.append(data)
+            self._size += len(data)
+            self._readable.set()
+            if self._size > self.LIMIT:
+                self._space.clear()
+                await self._space.wait()
+
+    def end(self) -> None:
+        self._ended = True
+        self._readable.set()
+        self._space.set()
+
+
+class _Stdin:
+    def __init__(self, exec_: _AgentExec) -> None:
+        self._exec = exec_
+
+    async def write(self, data: bytes) -> None:
+        for i in range(0, len(data), MAX_WRITE):
+            await self._exec.send(_frame(T_STDIN, data[i : i + MAX_WRITE]))
+
+    async def close(self) -> None:
+        await self._exec.send(_frame(T_CLOSE, bytes([T_STDIN])))
+
+
+class _AgentExec:
+    """ProcessStreams over one STDIO data connection."""
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tty: bool, stdin: bool
+    ) -> None:
+        self._r = reader
+        self._w = writer
+        self._out = _Channel()
+        self._err = None if tty else _Channel()
+        self._exit: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.stdin: ByteWriter | None = _Stdin(self) if stdin else None
+        self.stdout: ByteReader | None = self._out
+        self.stderr: ByteReader | None = self._err
+        self._demux = asyncio.create_task(self._read())
+
+    async def send(self, data: bytes) -> None:
+        if self._w.is_closing():
+            return
+        self._w.write(data)
+        with contextlib.suppress(ConnectionError, OSError):
+            await self._w.drain()
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                kind, n = struct.unpack(">BI", await self._r.readexactly(5))
+                if n > MAX_FRAME:
+                    raise StreamingError(f"agent sent a {n}-byte frame")
+                payload = await self._r.readexactly(n) if n else b""
+                if kind == T_STDOUT:
+                    await self._out.put(payload)
+                elif kind == T_STDERR:
+                    if self._err is not None:
+                        await self._err.put(payload)
+                elif kind == T_CLOSE and payload == bytes([T_STDOUT]):
+                    self._out.end()
+                elif kind == T_CLOSE and payload == bytes([T_STDERR]) and self._err:
+                    self._err.end()
+                elif kind == T_EXIT and n == 4:
+                    (code,) = struct.unpack(">i", payload)
+                    # Clients parse the code as uint8; an agent saying otherwise is wrong.
+                    self._set_exit(code if 0 <= code <= 255 else 255)
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            pass
+        except StreamingError as e:
+            log.warning("exec stream: %s", e)
+        finally:
+            self._out.end()
+            if self._err is not None:
+                self._err.end()
+            if not self._exit.done():
+                self._exit.set_exception(
+                    StreamingError("the agent closed the exec stream without an exit code")
+                )
+
+    def _set_exit(self, code: int) -> None:
+        if not self._exit.done():
+            self._exit.set_result(code)
+
+    async def resize(self, width: int, height: int) -> None:
+        await self.send(_frame(T_RESIZE, struct.pack(">HH", width, height)))
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._exit)
+
+    async def close(self) -> None:
+        # Closing the connection is the signal: the agent kills a process still running.
+        self._demux.cancel()
+        await asyncio.gather(self._demux, return_exceptions=True)
+        if not self._exit.done():
+            self._exit.cancel()
+        elif not self._exit.cancelled():
+            self._exit.exception()  # seen: a session that ended early never awaited it
+        self._w.close()
+        with contextlib.suppress(ConnectionError, OSError):
+            await self._w.wait_closed()
+
+
+class AgentStreamingBackend:
+    def __init__(self, link: AgentLink) -> None:
+        self._link = link
+
+    async def exec(
+        self, container_id: str, cmd: list[str], tty: bool, stdin: bool
+    ) -> ProcessStreams:
+        try:
+            sandbox_id, exec_id = await self._link.start_exec(container_id, cmd, tty, stdin)
+            reader, writer = await self._link.open_data_stream(
+                sandbox_id, DataStreamParams("stdio", container_id=container_id, exec_id=exec_id)
+            )
+        except CrivError:
+            raise
+        except Exception as e:  # OSError, the link's refusal type (e.g. StreamRefused)
+            raise StreamingError(str(e) or type(e).__name__) from e
+        return _AgentExec(reader, writer, tty, stdin)
+
+    async def attach(self, container_id: str, tty: bool, stdin: bool) -> ProcessStreams:
+        raise StreamingError("attach through the agent is not supported yet")
+
+    async def port_forward(self, sandbox_id: str, port: int) -> DuplexStream:
+        try:
+            reader, writer = await self._link.open_data_stream(
+                sandbox_id, DataStreamParams("port_forward", port=port)
+            )
+        except (CrivError, OSError, EOFError) as e:
+            raise PortForwardRefused(getattr(e, "message", None) or str(e)) from e
+        except Exception as e:  # the link's own refusal type (e.g. StreamRefused)
+            raise PortForwardRefused(str(e) or type(e).__name__) from e
+        return _AgentConnection(reader, writer)
