@@ -6,12 +6,12 @@ PIP := $(VENV)/bin/pip
 APT_PACKAGES := python3-venv python3-dev gcc libc6-dev pkg-config iproute2 iptables \
 	crun containernetworking-plugins busybox-static \
 	docker-registry apache2-utils skopeo containerd runc \
-	qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev cpio lz4
+	qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev cpio lz4 \
+	linux-source-6.1 debootstrap flex bison bc libelf-dev libssl-dev xz-utils binutils make
 CRI_PROTO := proto/runtime/v1/api.proto
 AGENT_PROTO := proto/agent/v1/agent.proto
 
-.PHONY: install apt venv run test lint unit-test integration-test vm-test proto proto-check \
-	cni-config services bench clean
+.PHONY: install apt venv run test lint proto cni-config services guest-image bench clean
 
 install: apt venv cni-config
 
@@ -36,7 +36,7 @@ cni-config:
 	@mkdir -p /etc/cni/net.d
 	@test -e /etc/cni/net.d/10-criv.conflist || install -m 0644 etc/cni/10-criv.conflist /etc/cni/net.d/
 
-run: install
+run: install services guest-image
 	$(VENV)/bin/criv serve
 
 test: install lint
@@ -50,13 +50,20 @@ lint:
 proto:
 	$(PY) tools/genproto.py
 
-bench: install
+bench: install services
 	$(PY) bench/pull.py
+	$(PY) bench/lifecycle.py
+	$(PY) bench/stream.py
+	$(PY) bench/vsock.py
 
 clean:
 	rm -rf $(VENV)
 
 # Services the tests and `criv serve` use for VM pods; no systemd needed.
-services:
-	@pgrep -x virtlogd >/dev/null || virtlogd -d
-	@pgrep -x libvirtd >/dev/null || libvirtd -d
+# qemu.conf as criv needs it (QEMU as root for 9p passthrough), virtlogd + libvirtd up.
+services: venv
+	$(PY) -m criv.hypervisor.hostsetup
+
+# Build (or find in the cache) the guest kernel + initramfs; see docs/guest-image.md.
+guest-image: install
+	$(VENV)/bin/criv image build

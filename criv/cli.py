@@ -1,9 +1,10 @@
-"""The `criv` command line: serve, config, version."""
+"""The `criv` command line: serve, config, doctor, image build, version."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -36,6 +37,30 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from criv.doctor import run_doctor
+
+    return run_doctor(_load(args.config), fix=args.fix)
+
+
+def _image_build(args: argparse.Namespace) -> int:
+    from criv.doctor import guest_image_cache
+    from criv.guestimage import Inputs, build_guest_image
+
+    cfg = _load(args.config)
+    cache = Path(args.cache) if args.cache else guest_image_cache(cfg)
+    kernel = args.kernel or cfg.vm.guest_kernel
+    inputs = dataclasses.replace(Inputs.default(), compress=args.lz4, kernel=kernel)
+    img = build_guest_image(cache, lambda line: print(line, flush=True), inputs)
+    if args.prune:
+        from criv.guestimage.build import prune_cache
+
+        for name in prune_cache(cache, img):
+            print(f"pruned {cache / name}")
+    print(f"kernel: {img.kernel}\ninitrd: {img.initrd}\nhash:   {img.hash}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="criv", description="criv: a CRI runtime of VM pods")
     ap.add_argument("--version", action="version", version=f"criv {__version__}")
@@ -49,6 +74,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("action", choices=["check", "show"])
     p.add_argument("--config", help="config file (default /etc/criv/config.yaml)")
     p.set_defaults(func=_config)
+
+    p = sub.add_parser("doctor", help="check whether this machine can run criv's pods")
+    p.add_argument("--config", help="config file (default /etc/criv/config.yaml)")
+    p.add_argument("--fix", action="store_true", help="set qemu.conf and start libvirtd")
+    p.set_defaults(func=_doctor)
+
+    p = sub.add_parser("image", help="the guest image (kernel + initramfs)")
+    isub = p.add_subparsers(dest="image_command", required=True)
+    p = isub.add_parser("build", help="build the guest image, or find it cached")
+    p.add_argument("--config", help="config file (default /etc/criv/config.yaml)")
+    p.add_argument("--cache", help="cache directory (default <state_dir>/cache/guest-image)")
+    p.add_argument("--lz4", action="store_true", help="lz4-compress the initramfs")
+    p.add_argument(
+        "--kernel",
+        choices=["criv", "debian"],
+        help="criv: build our kernel; debian: the packaged kernel (fallback); "
+        "default: vm.guest_kernel from the config",
+    )
+    p.add_argument(
+        "--prune", action="store_true", help="remove cached stages this image does not use"
+    )
+    p.set_defaults(func=_image_build)
 
     args = ap.parse_args(argv)
     try:

@@ -28,6 +28,8 @@ IsolationMode = Literal["vm", "host"]
 HostPodPolicy = Literal["allow", "reject"]
 Accel = Literal["auto", "kvm", "tcg"]
 VsockTransport = Literal["auto", "kernel", "backend"]
+MachineType = Literal["q35", "microvm"]
+GuestKernel = Literal["criv", "debian"]
 
 
 @dataclass(frozen=True)
@@ -80,8 +82,19 @@ class VmConfig:
     memory_mib: int = 256
     accel: Accel = "auto"
     vsock: VsockTransport = "auto"
+    machine: MachineType = "q35"
+    libvirt_uri: str = "qemu:///system"
+    # which kernel `criv image build` puts in the guest image
+    guest_kernel: GuestKernel = "criv"
+    # "" means <state_dir>/cache/guest-image
+    guest_image_cache: str = ""
+    # explicit kernel/initramfs instead of the built guest image (both or neither)
+    kernel: str = ""
+    initrd: str = ""
 
     def validate(self, key: str) -> None:
+        if bool(self.kernel) != bool(self.initrd):
+            raise ConfigError(f"{key}.kernel", "kernel and initrd go together")
         if self.vcpus < 1:
             raise ConfigError(f"{key}.vcpus", "must be >= 1")
         if self.memory_mib < 64:
@@ -94,10 +107,15 @@ class StreamingConfig:
     port: int = 0
     tls_cert: str = ""
     tls_key: str = ""
+    # How long an exec/attach/port-forward URL stays valid. Lowering it is allowed (tests
+    # use 1 s to see expiry); raising it beyond kubelet's one minute is not.
+    token_ttl_seconds: int = 60
 
     def validate(self, key: str) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"{key}.port", "must be 0..65535")
+        if not 1 <= self.token_ttl_seconds <= 60:
+            raise ConfigError(f"{key}.token_ttl_seconds", "must be 1..60")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError(f"{key}.tls_cert", "tls_cert and tls_key go together")
 

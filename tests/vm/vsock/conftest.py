@@ -12,17 +12,10 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from tests.vm.vsock.vsockvm import GUEST_PORT, VM
 
 ROOT = Path(__file__).resolve().parents[3]
 BUILD = ROOT / "images" / "test-vsock" / "build.py"
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    if not any(str(m).startswith("vm:") for m in config.getini("markers")):
-        config.addinivalue_line("markers", "vm: needs real QEMU VMs (TCG here)")
 
 
 @pytest.fixture(scope="session")

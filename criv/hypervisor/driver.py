@@ -1,0 +1,358 @@
+"""The libvirt driver: create, stop, find and watch criv's domains. The only libvirt user.
+
+Every libvirt call blocks (it is an RPC to libvirtd), so each runs on a small dedicated thread
+pool, never on the event loop. Lifecycle events come from libvirt's default event loop on a
+daemon thread and are handed to asyncio with ``call_soon_threadsafe``; a slow poll backs them
+up, so a missed event (libvirtd restart) only delays noticing a dead VM.
+
+Domains are transient (``createXML``): a VM that stops is gone from libvirt; criv keeps its
+own records and re-adopts running domains by name prefix and metadata after a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import libvirt
+
+from criv.errors import CrivError, FailedPrecondition, Internal, NotFound, Unavailable
+from criv.hypervisor.domain import CRIV_NS, DOMAIN_PREFIX, Domain
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+DEFAULT_URI = "qemu:///system"
+
+_STATES = {
+    libvirt.VIR_DOMAIN_NOSTATE: "nostate",
+    libvirt.VIR_DOMAIN_RUNNING: "running",
+    libvirt.VIR_DOMAIN_BLOCKED: "blocked",
+    libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_SHUTDOWN: "shutting-down",
+    libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
+    libvirt.VIR_DOMAIN_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended",
+}
+_STOP_DETAILS = {
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN: "shutdown",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_DESTROYED: "destroyed",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_MIGRATED: "migrated",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_SAVED: "saved",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_FAILED: "failed",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_FROM_SNAPSHOT: "snapshot",
+}
+ALIVE = frozenset({"running", "blocked", "paused", "shutting-down", "suspended", "nostate"})
+
+_event_loop_lock = threading.Lock()
+_event_loop_started = False
+
+
+def _start_libvirt_event_loop() -> None:
+    """libvirt's default event implementation, once per process, on a daemon thread."""
+    global _event_loop_started
+    with _event_loop_lock:
+        if _event_loop_started:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+        # libvirt prints every error to stderr by default; criv raises or logs them itself
+        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+        def run() -> None:
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        threading.Thread(target=run, name="criv-libvirt-events", daemon=True).start()
+        _event_loop_started = True
+
+
+def translate(e: libvirt.libvirtError, what: str) -> CrivError:
+    """A libvirt error as criv's: the caller sees NotFound/FailedPrecondition/Unavailable."""
+    code = e.get_error_code()
+    msg = f"{what}: {e.get_error_message() or e}"
+    if code == libvirt.VIR_ERR_NO_DOMAIN:
+        return NotFound(msg)
+    if code == libvirt.VIR_ERR_OPERATION_INVALID:
+        return FailedPrecondition(msg)
+    if code in (libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_RPC):
+        return Unavailable(msg)
+    return Internal(msg)
+
+
+@dataclass(frozen=True)
+class DomainInfo:
+    name: str
+    uuid: str
+    state: str
+    sandbox_id: str = ""
+
+    @property
+    def alive(self) -> bool:
+        return self.state in ALIVE
+
+
+StopCallback = Callable[[str, str], None]
+
+
+class Hypervisor:
+    """One libvirt connection, used from asyncio. ``await connect()`` before anything else."""
+
+    def __init__(self, uri: str = DEFAULT_URI, threads: int = 4) -> None:
+        self.uri = uri
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="criv-libvirt")
+        self._conn: libvirt.virConnect | None = None
+        self._conn_lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._callback_id: int | None = None
+        self._stopped: dict[str, asyncio.Event] = {}
+        self._listeners: list[StopCallback] = []
+
+    # --- plumbing
+    async def _call(self, fn: Callable[[libvirt.virConnect], T]) -> T:
+        def run() -> T:
+            return fn(self._connection())
+
+        return await asyncio.get_running_loop().run_in_executor(self._pool, run)
+
+    def _connection(self) -> libvirt.virConnect:
+        with self._conn_lock:
+            if self._conn is not None and self._conn.isAlive():
+                return self._conn
+            try:
+                conn = libvirt.open(self.uri)
+            except libvirt.libvirtError as e:
+                raise Unavailable(
+                    f"cannot connect to libvirtd at {self.uri} (is it running? "
+                    f"`virtlogd -d; libvirtd -d`): {e.get_error_message()}"
+                ) from e
+            # keepalive: a dead libvirtd is noticed in ~15 s instead of at the next call
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.setKeepAlive(5, 3)
+            conn.registerCloseCallback(self._on_close, None)
+            self._callback_id = conn.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None
+            )
+            self._conn = conn
+            return conn
+
+    def _on_close(self, conn: libvirt.virConnect, reason: int, opaque: Any) -> None:
+        log.warning("libvirt connection closed (reason %s); reconnecting on next use", reason)
+        with self._conn_lock:
+            self._conn = None
+
+    def _on_lifecycle(
+        self, conn: libvirt.virConnect, dom: libvirt.virDomain, event: int, detail: int, _: Any
+    ) -> None:
+        if event != libvirt.VIR_DOMAIN_EVENT_STOPPED:
+            return
+        name = dom.name()
+        if not name.startswith(DOMAIN_PREFIX) or self._loop is None:
+            return
+        reason = _STOP_DETAILS.get(detail, f"stopped({detail})")
+        with contextlib.suppress(RuntimeError):  # loop closed during shutdown
+            self._loop.call_soon_threadsafe(self._stopped_on_loop, name, reason)
+
+    def _stopped_on_loop(self, name: str, reason: str) -> None:
+        if ev := self._stopped.get(name):
+            ev.set()
+        for cb in list(self._listeners):
+            try:
+                cb(name, reason)
+            except Exception:
+                log.exception("domain stop listener failed for %s", name)
+
+    async def connect(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        _start_libvirt_event_loop()
+        await self._call(lambda c: None)
+
+    async def close(self) -> None:
+        def close() -> None:
+            with self._conn_lock:
+                conn, self._conn = self._conn, None
+            if conn is None:
+                return
+            with contextlib.suppress(libvirt.libvirtError):
+                if self._callback_id is not None:
+                    conn.domainEventDeregisterAny(self._callback_id)
+                conn.unregisterCloseCallback()
+                conn.close()
+
+        await asyncio.get_running_loop().run_in_executor(self._pool, close)
+        self._pool.shutdown(wait=True)
+
+    def add_stop_listener(self, cb: StopCallback) -> None:
+        """``cb(name, reason)`` on the event loop whenever a criv domain stops (any cause)."""
+        self._listeners.append(cb)
+
+    # --- operations
+    async def create(self, domain: Domain) -> DomainInfo:
+        """Boot a transient domain from ``domain``; returns once QEMU runs (not the guest)."""
+        xml = domain.to_xml()
+        self._stopped[domain.name] = asyncio.Event()
+
+        def create(c: libvirt.virConnect) -> DomainInfo:
+            try:
+                # VALIDATE: libvirt checks the XML against its schema instead of ignoring typos
+                dom = c.createXML(xml, libvirt.VIR_DOMAIN_START_VALIDATE)
+            except libvirt.libvirtError as e:
+                raise translate(e, f"creating domain {domain.name}") from e
+            return _info(dom)
+
+        try:
+            info = await self._call(create)
+        except BaseException:
+            self._stopped.pop(domain.name, None)
+            raise
+        log.info("domain %s started (uuid %s)", info.name, info.uuid)
+        return info
+
+    async def lookup(self, name: str = "", uuid: str = "") -> DomainInfo | None:
+        """The domain by name or UUID, or None when libvirt does not know it."""
+
+        def find(c: libvirt.virConnect) -> DomainInfo | None:
+            try:
+                dom = c.lookupByName(name) if name else c.lookupByUUIDString(uuid)
+                return _info(dom)
+            except libvirt.libvirtError as e:
+                if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return None
+                raise translate(e, f"looking up domain {name or uuid}") from e
+
+        return await self._call(find)
+
+    async def list_domains(self) -> list[DomainInfo]:
+        """criv's domains (name prefix ``criv-``), sorted by name."""
+
+        def ls(c: libvirt.virConnect) -> list[DomainInfo]:
+            out = []
+            try:
+                doms = c.listAllDomains(0)
+            except libvirt.libvirtError as e:
+                raise translate(e, "listing domains") from e
+            for dom in doms:
+                try:
+                    if dom.name().startswith(DOMAIN_PREFIX):
+                        out.append(_info(dom))
+                except libvirt.libvirtError:
+                    continue  # vanished while we looked
+            return sorted(out, key=lambda d: d.name)
+
+        return await self._call(ls)
+
+    async def state(self, name: str) -> str:
+        """The domain's state word; ``"gone"`` once a transient domain has stopped."""
+        info = await self.lookup(name)
+        return info.state if info else "gone"
+
+    async def destroy(self, name: str) -> bool:
+        """Kill the VM now. Idempotent: False when there was nothing to destroy."""
+
+        def destroy(c: libvirt.virConnect) -> bool:
+            try:
+                c.lookupByName(name).destroyFlags(libvirt.VIR_DOMAIN_DESTROY_GRACEFUL)
+                return True
+            except libvirt.libvirtError as e:
+                code = e.get_error_code()
+                if code in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID):
+                    return False
+                # GRACEFUL gives QEMU a few seconds after SIGTERM; insist with SIGKILL
+                try:
+                    c.lookupByName(name).destroy()
+                    return True
+                except libvirt.libvirtError as e2:
+                    if e2.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                        return False
+                    raise translate(e2, f"destroying domain {name}") from e2
+
+        done = await self._call(destroy)
+        if done:
+            log.info("domain %s destroyed", name)
+        self._stopped.pop(name, None)
+        return done
+
+    async def shutdown(self, name: str, timeout: float) -> str:
+        """Ask the guest to power off (ACPI), wait up to ``timeout`` s, then destroy.
+
+        Returns "gone" (was not running), "shutdown" or "destroyed". The guest init powers off
+        when the agent exits, so the sandbox layer usually asks the agent first and calls this
+        with a short deadline.
+        """
+
+        def ask(c: libvirt.virConnect) -> bool:
+            try:
+                c.lookupByName(name).shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+                return True
+            except libvirt.libvirtError as e:
+                if e.get_error_code() in (
+                    libvirt.VIR_ERR_NO_DOMAIN,
+                    libvirt.VIR_ERR_OPERATION_INVALID,
+                ):
+                    return False
+                raise translate(e, f"shutting down domain {name}") from e
+
+        if not await self._call(ask):
+            return "gone"
+        if await self.wait_stopped(name, timeout):
+            return "shutdown"
+        await self.destroy(name)
+        return "destroyed"
+
+    async def wait_stopped(
+        self, name: str, timeout: float | None = None, poll: float = 0.5
+    ) -> bool:
+        """Wait until the domain is gone; True if it stopped within ``timeout``."""
+        ev = self._stopped.setdefault(name, asyncio.Event())
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            info = await self.lookup(name)
+            if info is None or not info.alive:
+                self._stopped.pop(name, None)
+                return True
+            wait = poll if deadline is None else min(poll, deadline - time.monotonic())
+            if wait <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ev.wait(), wait)
+
+
+def _info(dom: libvirt.virDomain) -> DomainInfo:
+    state, _reason = dom.state()
+    sandbox = ""
+    try:
+        md = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, CRIV_NS)
+        el = ET.fromstring(md).find("{*}sandbox")
+        sandbox = (el.text or "") if el is not None else ""
+    except (libvirt.libvirtError, ET.ParseError):
+        pass
+    return DomainInfo(dom.name(), dom.UUIDString(), _STATES.get(state, str(state)), sandbox)
+
+
+def check_libvirt(uri: str = DEFAULT_URI) -> tuple[bool, str]:
+    """Synchronous reachability check for `criv doctor`: (ok, explanation)."""
+    try:
+        conn = libvirt.open(uri)
+    except libvirt.libvirtError as e:
+        return False, f"cannot connect to {uri}: {e.get_error_message()}"
+    try:
+        lv = conn.getLibVersion()
+        hv = conn.getVersion()
+        n = len([d for d in conn.listAllDomains(0) if d.name().startswith(DOMAIN_PREFIX)])
+    except libvirt.libvirtError as e:
+        return False, f"{uri} answered with an error: {e.get_error_message()}"
+    finally:
+        conn.close()
+
+    def ver(v: int) -> str:
+        return f"{v // 1_000_000}.{v // 1000 % 1000}.{v % 1000}"
+
+    return True, f"{uri}: libvirt {ver(lv)}, QEMU {ver(hv)}, {n} criv domain(s)"

@@ -1,0 +1,127 @@
+"""Policy: which domain a pod gets. Assembles :class:`~criv.hypervisor.domain.Domain` objects.
+
+Kept apart from domain.py (pure XML) so device choices are decided and tested in one place.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid as uuidlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from criv.errors import InvalidArgument
+from criv.hypervisor.domain import (
+    DOMAIN_PREFIX,
+    DirectBoot,
+    Domain,
+    KernelVsock,
+    Machine,
+    Rng,
+    SerialLog,
+    SharedDir,
+    TapInterface,
+    VhostUserVsock,
+)
+from criv.hypervisor.sizing import VmSize, tb_cache_mib
+
+Accel = Literal["kvm", "tcg"]
+
+# quiet: every console byte is an emulated UART write under TCG; panic=-1 + on_crash=destroy
+# ends a wedged guest at once; reboot=t makes a guest reboot end the domain (on_reboot=destroy).
+BASE_CMDLINE = ("console=ttyS0", "quiet", "panic=-1", "reboot=t")
+_SAFE_ARG = re.compile(r"^[A-Za-z0-9_./:=@+-]*$")
+
+
+def domain_name(sandbox_id: str) -> str:
+    """criv's domain name for a sandbox (libvirt names are unique per host)."""
+    return DOMAIN_PREFIX + sandbox_id[:32]
+
+
+def agent_cmdline(args: list[str]) -> str:
+    """``criv.agent_args=`` for the guest init: comma-joined, no spaces or commas inside."""
+    for a in args:
+        if not _SAFE_ARG.match(a):
+            raise InvalidArgument(f"agent argument {a!r} cannot go on the kernel command line")
+    return "criv.agent_args=" + ",".join(args) if args else ""
+
+
+def host_tsc_khz() -> int:
+    """The host TSC frequency in kHz (microvm under TCG needs it: ``tsc_early_khz``)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                return int(float(line.split(":")[1]) * 1000)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+@dataclass(frozen=True)
+class PodVm:
+    """What the sandbox layer knows about the VM it wants."""
+
+    sandbox_id: str
+    kernel: Path
+    initrd: Path
+    size: VmSize
+    accel: Accel
+    console_log: Path
+    shared_dir: Path | None = None
+    tap: str = ""
+    mac: str = ""
+    mtu: int = 0
+    vsock_socket: Path | None = None  # userspace backend (vhost-user)
+    vsock_cid: int = 0  # kernel vhost-vsock
+    machine: Machine = "q35"
+    agent_args: list[str] = field(default_factory=list)
+    extra_cmdline: tuple[str, ...] = ()
+    uuid: str = ""
+    tsc_khz: int = 0
+
+
+def pod_domain(vm: PodVm) -> Domain:
+    if vm.vsock_socket is not None and vm.vsock_cid:
+        raise InvalidArgument("choose one vsock transport: backend socket or kernel CID")
+    cmdline = list(BASE_CMDLINE)
+    if vm.machine == "microvm":
+        # no PCI and no ACPI tables on microvm (devices come as virtio_mmio.device= args):
+        # skip probing for them
+        cmdline += ["acpi=off", "pci=off"]
+        if vm.accel == "tcg":
+            # TSC calibration hangs under TCG on microvm (no PIT/HPET calibration source)
+            cmdline.append(f"tsc_early_khz={vm.tsc_khz or host_tsc_khz()}")
+    if a := agent_cmdline(vm.agent_args):
+        cmdline.append(a)
+    cmdline += vm.extra_cmdline
+    devices: list[SerialLog | Rng | SharedDir | TapInterface | KernelVsock] = [
+        SerialLog(vm.console_log),
+        Rng(),
+    ]
+    if vm.shared_dir is not None:
+        devices.append(SharedDir(vm.shared_dir, tag="criv"))
+    if vm.tap:
+        devices.append(TapInterface(vm.tap, vm.mac or mac_for(vm.sandbox_id), vm.mtu))
+    if vm.vsock_cid:
+        devices.append(KernelVsock(vm.vsock_cid))
+    return Domain(
+        name=domain_name(vm.sandbox_id),
+        uuid=vm.uuid or str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, "criv:" + vm.sandbox_id)),
+        boot=DirectBoot(vm.kernel, vm.initrd, " ".join(cmdline)),
+        vcpus=vm.size.vcpus,
+        memory_mib=vm.size.memory_mib,
+        type="kvm" if vm.accel == "kvm" else "qemu",
+        machine=vm.machine,
+        devices=tuple(devices),
+        vhost_user_vsock=VhostUserVsock(vm.vsock_socket) if vm.vsock_socket else None,
+        tb_cache_mib=tb_cache_mib(vm.size.memory_mib) if vm.accel == "tcg" else 0,
+        shared_memory=True,
+        metadata={"sandbox": vm.sandbox_id},
+    )
+
+
+def mac_for(sandbox_id: str) -> str:
+    """A stable locally administered MAC (52:54:00 is QEMU's OUI) from the sandbox id."""
+    h = uuidlib.uuid5(uuidlib.NAMESPACE_URL, "criv-mac:" + sandbox_id).bytes
+    return f"52:54:00:{h[0]:02x}:{h[1]:02x}:{h[2]:02x}"

@@ -1,0 +1,101 @@
+"""Domain XML against golden files. Regenerate on purpose with:
+
+CRIV_REGEN_GOLDEN=1 .venv/bin/pytest tests/unit/hypervisor/test_hv_domain_xml.py
+"""
+
+from __future__ import annotations
+
+import os
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from criv.errors import InvalidArgument
+from criv.hypervisor.domain import DirectBoot, Domain, Rng, SerialLog
+from criv.hypervisor.sizing import VmSize
+from criv.hypervisor.spec import PodVm, agent_cmdline, domain_name, mac_for, pod_domain
+
+GOLDEN = Path(__file__).parent / "golden"
+IMG = Path("/var/lib/criv/cache/guest-image/image-0123456789abcdef")
+
+
+def _pod(**kw: object) -> PodVm:
+    base: dict[str, object] = {
+        "sandbox_id": "f" * 64,
+        "kernel": IMG / "vmlinux",
+        "initrd": IMG / "initramfs.cpio",
+        "size": VmSize(1, 256),
+        "accel": "tcg",
+        "console_log": Path("/var/log/criv/pods/ffff/console.log"),
+        "shared_dir": Path("/run/criv/sandboxes/ffff/shared"),
+        "tap": "tapffff0",
+        "vsock_socket": Path("/run/criv/vsock/ffff/vhost-user.sock"),
+        "agent_args": ["--vsock", "--port=1024"],
+    }
+    base.update(kw)
+    return PodVm(**base)  # type: ignore[arg-type]
+
+
+CASES: dict[str, Domain] = {
+    "q35-tcg-backend": pod_domain(_pod()),
+    "q35-kvm-kernel-vsock": pod_domain(
+        _pod(accel="kvm", vsock_socket=None, vsock_cid=42, size=VmSize(2, 512))
+    ),
+    "microvm-tcg": pod_domain(_pod(machine="microvm", tsc_khz=2_000_000)),
+    "minimal": Domain(
+        name="criv-minimal",
+        uuid="00000000-0000-0000-0000-000000000001",
+        boot=DirectBoot(Path("/k/vmlinux"), None, "console=ttyS0"),
+        devices=(SerialLog(Path("/tmp/c.log")), Rng()),
+        shared_memory=False,
+    ),
+}
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_domain_xml_matches_golden(name: str) -> None:
+    xml = CASES[name].to_xml()
+    path = GOLDEN / f"{name}.xml"
+    if os.environ.get("CRIV_REGEN_GOLDEN"):
+        path.write_text(xml)
+    assert xml == path.read_text(), f"{path} differs; regenerate with CRIV_REGEN_GOLDEN=1"
+    ET.fromstring(xml)  # well-formed
+
+
+@pytest.mark.timeout(10)
+def test_policy_choices() -> None:
+    tcg = pod_domain(_pod()).to_element()
+    assert tcg.get("type") == "qemu"
+    assert tcg.findtext("features/tcg/tb-cache") == "64"
+    assert tcg.find("devices/memballoon").get("model") == "none"  # type: ignore[union-attr]
+    assert tcg.find("devices/rng") is not None
+    cmdline = tcg.findtext("os/cmdline") or ""
+    assert "criv.agent_args=--vsock,--port=1024" in cmdline
+    assert "tsc_early_khz" not in cmdline
+    for ev in ("on_poweroff", "on_reboot", "on_crash"):
+        assert tcg.findtext(ev) == "destroy"
+    kvm = pod_domain(_pod(accel="kvm")).to_element()
+    assert kvm.get("type") == "kvm" and kvm.find("features/tcg") is None
+    micro = pod_domain(_pod(machine="microvm", tsc_khz=1234)).to_element()
+    assert "tsc_early_khz=1234" in (micro.findtext("os/cmdline") or "")
+    assert all(
+        d.find("address") is not None and d.find("address").get("type") == "virtio-mmio"  # type: ignore[union-attr]
+        for d in micro.find("devices")  # type: ignore[union-attr]
+        if d.tag in ("rng", "filesystem", "interface")
+    )
+
+
+@pytest.mark.timeout(10)
+def test_names_and_args() -> None:
+    assert domain_name("ab" * 40) == "criv-" + ("ab" * 40)[:32]
+    assert mac_for("x") == mac_for("x") and mac_for("x") != mac_for("y")
+    assert mac_for("x").startswith("52:54:00:")
+    assert agent_cmdline([]) == ""
+    with pytest.raises(InvalidArgument):
+        agent_cmdline(["has space"])
+    with pytest.raises(InvalidArgument):
+        agent_cmdline(["a,b"])
+    with pytest.raises(InvalidArgument):
+        pod_domain(_pod(vsock_cid=3))
