@@ -106,16 +106,18 @@ def test_unimplemented_rpc_says_what_is_missing(criv: CrivProcess) -> None:
     assert "CheckpointContainer" in exc.value.details()
 
 
-def test_second_criv_on_same_socket_refuses(criv_factory: Any, tmp_path: Path) -> None:
+def _serve_once(config: dict[str, Any], path: Path) -> subprocess.CompletedProcess[str]:
+    """Run `criv serve` with ``config``; it is expected to refuse and exit."""
+    path.write_text(json.dumps(config))
+    return subprocess.run(
+        [str(CRIV), "serve", "--config", str(path)], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_second_criv_on_same_socket_refuses(criv_factory: Any) -> None:
     first = criv_factory()
     second = criv_factory({"socket": str(first.socket)}, start=False)
-    second.config_path.write_text(json.dumps(second.config))
-    r = subprocess.run(
-        [str(CRIV), "serve", "--config", str(second.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    r = _serve_once(second.config, second.config_path)
     assert r.returncode != 0
     assert "already running" in r.stderr and str(first.socket) in r.stderr
     # the first one is unharmed
@@ -125,22 +127,12 @@ def test_second_criv_on_same_socket_refuses(criv_factory: Any, tmp_path: Path) -
 def test_second_criv_on_same_state_dir_refuses(criv_factory: Any) -> None:
     first = criv_factory()
     second = criv_factory({"state_dir": str(first.state_dir)}, start=False)
-    second.config_path.write_text(json.dumps(second.config))
-    r = subprocess.run(
-        [str(CRIV), "serve", "--config", str(second.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    r = _serve_once(second.config, second.config_path)
     assert r.returncode != 0
     assert "already running" in r.stderr and "state dir" in r.stderr
 
 
 def test_bad_config_refuses_to_start_and_names_the_key(tmp_path: Path) -> None:
-    cfg = tmp_path / "bad.yaml"
-    cfg.write_text("log:\n  level: loud\n")
-    r = subprocess.run(
-        [str(CRIV), "serve", "--config", str(cfg)], capture_output=True, text=True, timeout=60
-    )
+    r = _serve_once({"log": {"level": "loud"}}, tmp_path / "bad.yaml")
     assert r.returncode == 1
     assert "'log.level'" in r.stderr
