@@ -55,12 +55,14 @@ bench: install services
 	$(PY) bench/lifecycle.py
 	$(PY) bench/stream.py
 	$(PY) bench/vsock.py
+	$(PY) bench/podstart.py
 
 clean:
 	rm -rf $(VENV)
 
 # Services the tests and `criv serve` use for VM pods; no systemd needed.
-# qemu.conf as criv needs it (QEMU as root for 9p passthrough), virtlogd + libvirtd up.
+# qemu.conf as criv needs it (QEMU as root for 9p passthrough, in the host mount namespace
+# so bind mounts reach 9p shares), virtlogd + libvirtd up.
 services: venv
 	$(PY) -m criv.hypervisor.hostsetup
 

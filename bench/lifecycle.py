@@ -17,31 +17,30 @@ only, never pass/fail. Needs root. Usage:
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import grpc  # noqa: E402
+from _common import (
+    BRIDGE,
+    Runtime,
+    Samples,
+    bridge_missing,
+    cni_dir,
+    containerd_runtime,
+    criv_runtime,
+    pct,
+    start_registry,
+    timed,
+)
 
-from criv_agent.api.runtime.v1 import api_pb2, api_pb2_grpc  # noqa: E402
-from tests.support.daemon import CrivProcess, default_config, merge  # noqa: E402
-from tests.support.images import busybox_image  # noqa: E402
-from tests.support.registry import RegistryServer  # noqa: E402
+from criv_agent.api.runtime.v1 import api_pb2
 
-# The bench's own bridge and subnet: it may run beside a criv using the default conflist.
-BRIDGE = "crivbench0"
-SUBNET = "10.212.0.0/16"
 OPS = [
     "RunPodSandbox",
     "StopPodSandbox",
@@ -52,58 +51,8 @@ OPS = [
     "RemoveContainer",
     "ExecSync",
 ]
-Samples = dict[str, list[float]]
-
-
-def cni_dir(root: Path) -> Path:
-    conf = json.loads((ROOT / "etc/cni/10-criv.conflist").read_text())
-    conf["plugins"][0]["ipam"]["dataDir"] = str(root / "ipam")
-    conf["plugins"][0]["bridge"] = BRIDGE
-    conf["plugins"][0]["ipam"]["ranges"] = [[{"subnet": SUBNET}]]
-    d = root / "net.d"
-    d.mkdir(parents=True)
-    (d / "10-criv.conflist").write_text(json.dumps(conf))
-    return d
-
-
-class Runtime:
-    """A CRI endpoint under test, driven by the same code for both runtimes."""
-
-    name = ""
-
-    def __init__(self, socket: Path) -> None:
-        self.channel = grpc.insecure_channel(
-            f"unix:{socket}", options=[("grpc.max_receive_message_length", 16 << 20)]
-        )
-        grpc.channel_ready_future(self.channel).result(timeout=30)
-        self.rt = api_pb2_grpc.RuntimeServiceStub(self.channel)
-        self.images = api_pb2_grpc.ImageServiceStub(self.channel)
-        self.n = 0
-
-    def pull(self, ref: str) -> None:
-        spec = api_pb2.ImageSpec(image=ref)
-        self.images.PullImage(api_pb2.PullImageRequest(image=spec), timeout=300)
-
-    def pod_config(self, logs: Path) -> api_pb2.PodSandboxConfig:
-        self.n += 1
-        name = f"bench-{self.name}-{self.n}"
-        return api_pb2.PodSandboxConfig(
-            metadata=api_pb2.PodSandboxMetadata(
-                name=name, namespace="bench", uid=f"uid-{name}", attempt=0
-            ),
-            hostname=name,
-            log_directory=str(logs / name),
-        )
-
-    def close(self) -> None:
-        self.channel.close()
-
-
-def timed(samples: Samples, op: str, fn: Callable[[], Any]) -> Any:
-    t0 = time.perf_counter()
-    out = fn()
-    samples.setdefault(op, []).append(time.perf_counter() - t0)
-    return out
+# this bench measures criv's host isolation (the agent without a VM); see podstart.py for vm
+HOST_ONLY = {"runtime": {"handlers": {"": "host", "host": "host"}}}
 
 
 def measure(r: Runtime, image: str, runs: int, logs: Path) -> Samples:
@@ -149,113 +98,6 @@ def measure(r: Runtime, image: str, runs: int, logs: Path) -> Samples:
     return s
 
 
-@contextlib.contextmanager
-def criv_runtime(root: Path, reg: RegistryServer, cni: Path) -> Iterator[Runtime]:
-    base = root / "criv"
-    base.mkdir()
-    cfg = merge(
-        default_config(base),
-        {
-            "log": {"level": "info"},
-            "registries": {"insecure": [reg.host]},
-            "cni": {"conf_dir": str(cni), "bin_dirs": ["/usr/lib/cni"]},
-        },
-    )
-    proc = CrivProcess(base, cfg)
-    proc.start()
-    r = Runtime(proc.socket)
-    r.name = "criv"
-    try:
-        yield r
-    finally:
-        r.close()
-        proc.stop()
-
-
-CONTAINERD_CONFIG = """version = 2
-root = "{root}/root"
-state = "{root}/state"
-[grpc]
-  address = "{sock}"
-[ttrpc]
-  address = "{sock}.ttrpc"
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "{pause}"
-  enable_selinux = false
-  # root here lacks CAP_SYS_RESOURCE: clamp the pause container's -998 oom_score_adj
-  restrict_oom_score_adj = true
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "overlayfs"
-    default_runtime_name = "runc"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-      runtime_type = "io.containerd.runc.v2"
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
-    conf_dir = "{cni}"
-  [plugins."io.containerd.grpc.v1.cri".registry.mirrors."{host}"]
-    endpoint = ["{url}"]
-"""
-
-
-@contextlib.contextmanager
-def containerd_runtime(root: Path, reg: RegistryServer, cni: Path, pause: str) -> Iterator[Runtime]:
-    base = root / "containerd"
-    base.mkdir()
-    sock = base / "containerd.sock"
-    (base / "config.toml").write_text(
-        CONTAINERD_CONFIG.format(
-            root=base, sock=sock, pause=pause, cni=cni, host=reg.host, url=reg.url
-        )
-    )
-    with (base / "containerd.log").open("wb") as log:
-        proc = subprocess.Popen(
-            ["containerd", "--config", str(base / "config.toml")],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    "containerd did not start:\n" + (base / "containerd.log").read_text()[-3000:]
-                )
-            time.sleep(0.1)
-        r = Runtime(sock)
-        r.name = "containerd"
-        try:
-            yield r
-        finally:
-            r.close()
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        # shims outlive containerd: kill those serving our private state dir
-        for p in Path("/proc").iterdir():
-            if p.name.isdigit():
-                with contextlib.suppress(OSError):
-                    cmd = (p / "cmdline").read_bytes()
-                    if b"containerd-shim" in cmd and str(sock).encode() in cmd:
-                        subprocess.run(["kill", "-9", p.name], capture_output=True)
-        mounts = [
-            line.split()[4]
-            for line in Path("/proc/self/mountinfo").read_text().splitlines()
-            if line.split()[4].startswith(str(base))
-        ]
-        for m in sorted(mounts, key=len, reverse=True):
-            subprocess.run(["umount", "-l", m], capture_output=True)
-
-
-def pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, round(p * (len(xs) - 1)))] * 1000
-
-
 def report(results: dict[str, Samples]) -> None:
     names = list(results)
     head = f"{'operation':<18}" + "".join(f"{n + ' p50':>16}{n + ' p90':>16}" for n in names)
@@ -290,20 +132,13 @@ def main() -> int:
     ap.add_argument("--skip-containerd", action="store_true")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="criv-bench-lc-"))
-    made_bridge = (
-        subprocess.run(["ip", "link", "show", BRIDGE], capture_output=True).returncode != 0
-    )
+    made_bridge = bridge_missing()
     results: dict[str, Samples] = {}
-    reg = RegistryServer(root / "registry")
+    reg, image, pause = start_registry(root)
     try:
-        reg.start()
-        reg.push_image("library/busybox", "latest", busybox_image())
-        pause_img = busybox_image(config={"Cmd": ["sleep", "2147483647"]})
-        reg.push_image("library/pause", "bench", pause_img)
-        image, pause = reg.ref("library/busybox"), reg.ref("library/pause", "bench")
         cni = cni_dir(root / "cni")
         logs = root / "logs"
-        with criv_runtime(root, reg, cni) as r:
+        with criv_runtime(root, reg, cni, HOST_ONLY) as r:
             r.pull(image)
             print(f"criv: {args.runs} runs...", flush=True)
             results["criv"] = measure(r, image, args.runs, logs / "criv")

@@ -6,6 +6,9 @@ against:
 * criv's streaming server (a child process, so the server and the client do not share
   an event loop or a GIL), with the local process backend, and with the agent backend
   reaching a real criv-agent (host mode, busybox container under crun) as pods do;
+* the real daemon (`criv serve`, root only): a host-mode, hostNetwork busybox pod pulled
+  from a loopback registry, URLs from the CRI Exec RPC, so the figure includes the CRI
+  call, the sandbox lookup and StartExec;
 * containerd 1.6's CRI streaming server (Debian's containerd + runc), started with a
   private root, state and socket, driven through the CRI Exec RPC with criv's
   generated stubs, in a host-network pod made from a local busybox image.
@@ -158,6 +161,93 @@ class CrivChild:
         if self.proc is not None and self.proc.stdin is not None:
             self.proc.stdin.close()
             await self.proc.wait()
+
+
+# --- the real daemon ---
+
+
+class CrivDaemon:
+    """`criv serve` with a host-mode hostNetwork pod (no CNI needed), driven over CRI."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="criv-bench-daemon-"))
+        self.registry: Any = None
+        self.proc: Any = None
+        self.rt: Any = None
+        self.sandbox_id = ""
+        self.container_id = ""
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._start)
+
+    def _start(self) -> None:
+        from criv_agent.api.runtime.v1 import api_pb2
+        from tests.support.daemon import CrivProcess, default_config, merge
+        from tests.support.fixtures import TestRegistry
+
+        self.registry = TestRegistry(self.dir / "registry")
+        self.registry.start()
+        self.registry.push_busybox()
+        image = self.registry.busybox_ref
+        root = self.dir / "criv"
+        root.mkdir()
+        cfg = merge(default_config(root), {"registries": {"insecure": [self.registry.host]}})
+        cfg["log"]["level"] = "info"
+        self.proc = CrivProcess(root, cfg)
+        self.proc.start()
+        self.rt = self.proc.runtime
+        self.proc.images.PullImage(
+            api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=image)), timeout=120
+        )
+        pod = api_pb2.PodSandboxConfig(
+            metadata=api_pb2.PodSandboxMetadata(name="bench", namespace="default", uid="b"),
+            log_directory=str(self.dir / "logs"),
+            linux=api_pb2.LinuxPodSandboxConfig(
+                security_context=api_pb2.LinuxSandboxSecurityContext(
+                    namespace_options=api_pb2.NamespaceOption(network=api_pb2.NODE)
+                )
+            ),
+        )
+        req = api_pb2.RunPodSandboxRequest(config=pod)
+        self.sandbox_id = self.rt.RunPodSandbox(req, timeout=60).pod_sandbox_id
+        ctr = api_pb2.ContainerConfig(
+            metadata=api_pb2.ContainerMetadata(name="c"),
+            image=api_pb2.ImageSpec(image=image),
+            command=["sleep", "1000000"],
+            log_path="c.log",
+        )
+        create = api_pb2.CreateContainerRequest(
+            pod_sandbox_id=self.sandbox_id, config=ctr, sandbox_config=pod
+        )
+        self.container_id = self.rt.CreateContainer(create, timeout=60).container_id
+        self.rt.StartContainer(
+            api_pb2.StartContainerRequest(container_id=self.container_id), timeout=60
+        )
+
+    async def issue(self, cmd: list[str]) -> str:
+        from criv_agent.api.runtime.v1 import api_pb2
+
+        req = api_pb2.ExecRequest(container_id=self.container_id, cmd=cmd, stdout=True)
+        resp = await asyncio.to_thread(self.rt.Exec, req, timeout=10)
+        return str(resp.url)
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self._stop)
+
+    def _stop(self) -> None:
+        from criv_agent.api.runtime.v1 import api_pb2
+
+        try:
+            if self.sandbox_id:
+                sid = self.sandbox_id
+                self.rt.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=sid))
+                self.rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=sid))
+        finally:
+            if self.proc is not None:
+                self.proc.stop()
+            if self.registry is not None:
+                self.registry.close()
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 # --- containerd ---
@@ -431,6 +521,18 @@ async def main() -> None:
             print(f"{name}: could not measure: {e!r}")
         finally:
             await criv.stop()
+    if os.geteuid() != 0:
+        print("criv daemon: skipped (needs root)")
+    else:
+        daemon = CrivDaemon()
+        name = "criv daemon (SPDY, CRI Exec, host)"
+        try:
+            await daemon.start()
+            await measure(name, daemon.issue, args.iterations, args.mib)
+        except Exception as e:
+            print(f"{name}: could not measure: {e!r}\n{daemon.proc.logs() if daemon.proc else ''}")
+        finally:
+            await daemon.stop()
     if os.geteuid() != 0 or shutil.which("containerd") is None:
         print("containerd: skipped (needs root and Debian's containerd)")
         return

@@ -66,7 +66,9 @@ class CniConfig:
 @dataclass(frozen=True)
 class RuntimeConfig:
     # CRI runtime handler name -> isolation mode; "" is the default handler
-    handlers: dict[str, IsolationMode] = field(default_factory=lambda: {"": "host", "host": "host"})
+    handlers: dict[str, IsolationMode] = field(
+        default_factory=lambda: {"": "vm", "vm": "vm", "host": "host"}
+    )
     # whether pods may run in `host` isolation at all
     host_pods: HostPodPolicy = "allow"
     crun: str = "crun"

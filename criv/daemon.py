@@ -1,8 +1,10 @@
 """The criv daemon: one grpc.aio server on a unix socket serving CRI v1.
 
 Start-up takes two exclusive locks (state dir and socket), so a second criv on the same
-socket or state dir refuses to start instead of stealing either. SIGTERM/SIGINT stop
-accepting calls, let in-flight calls finish (bounded grace), then remove the socket.
+socket or state dir refuses to start instead of stealing either. The streaming server
+(exec/attach/port-forward URLs) starts before CRI is served and stops after it, so no URL
+is handed out that nothing serves. SIGTERM/SIGINT stop accepting calls, let in-flight
+calls finish (bounded grace), end live streaming sessions, then remove the socket.
 """
 
 from __future__ import annotations
@@ -25,7 +27,11 @@ from criv.cri.wire import ErrorInterceptor
 from criv.errors import FailedPrecondition
 from criv.image.manager import ImageManager
 from criv.sandbox.manager import SandboxManager
+from criv.sandbox.streams import SandboxStreamLink
 from criv.state.runtime_state import RuntimeState
+from criv.streaming.agent_backend import AgentStreamingBackend
+from criv.streaming.server import StreamingServer
+from criv.streaming.service import StreamingService
 from criv_agent.api.runtime.v1 import api_pb2_grpc
 
 log = logging.getLogger("criv.daemon")
@@ -74,15 +80,26 @@ class Daemon:
             images = ImageManager(cfg)
             await images.start()
             sandboxes = SandboxManager(cfg, images, runtime_state)
+            streaming = StreamingServer(
+                cfg.streaming, AgentStreamingBackend(SandboxStreamLink(sandboxes))
+            )
             try:
                 await sandboxes.start()
-                await self._serve(runtime_state, images, sandboxes)
+                await streaming.start()
+                await self._serve(runtime_state, images, sandboxes, StreamingService(streaming))
             finally:
+                # After CRI stopped (no new URLs) and before the agents' connections go:
+                # live sessions end, their agent streams close, exec'd processes are killed.
+                await streaming.stop()
                 await sandboxes.close()
                 await images.close()
 
     async def _serve(
-        self, runtime_state: RuntimeState, images: ImageManager, sandboxes: SandboxManager
+        self,
+        runtime_state: RuntimeState,
+        images: ImageManager,
+        sandboxes: SandboxManager,
+        streaming: StreamingService,
     ) -> None:
         sock = self.socket_path
         sock.parent.mkdir(parents=True, exist_ok=True)
@@ -97,7 +114,9 @@ class Daemon:
         )
         # mypy sees the generated servicer's methods as abstract; fill_unimplemented
         # gives every RPC criv lacks a body at import time.
-        runtime = RuntimeService(self.config, runtime_state, sandboxes)  # type: ignore[abstract]
+        runtime = RuntimeService(  # type: ignore[abstract]
+            self.config, runtime_state, sandboxes, streaming
+        )
         api_pb2_grpc.add_RuntimeServiceServicer_to_server(runtime, server)
         api_pb2_grpc.add_ImageServiceServicer_to_server(ImageService(images), server)
         server.add_insecure_port(f"unix:{sock}")

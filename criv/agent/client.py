@@ -22,6 +22,7 @@ from criv.agent.types import (
     AgentStats,
     CreateContainerArgs,
     ExecResult,
+    GuestNetwork,
 )
 from criv.errors import (
     AgentError,
@@ -104,7 +105,12 @@ class AgentClient:
         return h
 
     async def setup_sandbox(
-        self, sandbox_id: str, config: bytes, sandbox_dir: str, pod_ips: list[str]
+        self,
+        sandbox_id: str,
+        config: bytes,
+        sandbox_dir: str,
+        pod_ips: list[str],
+        network: GuestNetwork | None = None,
     ) -> None:
         req = agent_pb2.SetupSandboxRequest(
             sandbox_id=sandbox_id,
@@ -112,6 +118,8 @@ class AgentClient:
             sandbox_dir=sandbox_dir,
             pod_ips=pod_ips,
         )
+        if network is not None:
+            req.network.CopyFrom(convert.guest_network(network))
         await self._call("SetupSandbox", self._stub.SetupSandbox, req, CALL_TIMEOUT)
 
     async def shutdown(self, timeout_seconds: int) -> None:
@@ -182,6 +190,16 @@ class AgentClient:
         deadline = timeout_seconds + CALL_TIMEOUT if timeout_seconds > 0 else None
         resp = await self._call("ExecSync", self._stub.ExecSync, req, deadline)
         return convert.exec_result(resp, EXEC_SYNC_OUTPUT_LIMIT)
+
+    async def start_exec(self, cid: str, cmd: list[str], tty: bool, stdin: bool) -> str:
+        """Register an interactive exec; its STDIO data stream (exec_id) runs it."""
+        req = agent_pb2.StartExecRequest(container_id=cid, cmd=cmd, tty=tty, stdin=stdin)
+        resp = await self._call("StartExec", self._stub.StartExec, req, CALL_TIMEOUT)
+        exec_id = str(resp.exec_id)
+        # it goes back to the agent in a StreamOpen header, which is size-limited
+        if not exec_id or len(exec_id) > 128:
+            raise AgentError("agent StartExec: bad exec id")
+        return exec_id
 
     async def stats(self, cids: list[str]) -> list[AgentStats]:
         req = agent_pb2.StatsRequest(container_ids=cids)

@@ -11,6 +11,7 @@ from criv.agent.types import (
     AgentStats,
     CreateContainerArgs,
     ExecResult,
+    GuestNetwork,
 )
 from criv.errors import AgentError
 from criv_agent.api.agent.v1 import agent_pb2
@@ -124,4 +125,16 @@ def create_request(args: CreateContainerArgs) -> agent_pb2.CreateContainerReques
             for m in args.mounts
         ],
         pid_namespace_target=args.pid_namespace_target,
+    )
+
+
+def guest_network(n: GuestNetwork) -> agent_pb2.GuestNetwork:
+    return agent_pb2.GuestNetwork(
+        interfaces=[
+            agent_pb2.GuestInterface(mac=i.mac, addresses=list(i.addresses), mtu=i.mtu)
+            for i in n.interfaces
+        ],
+        routes=[
+            agent_pb2.GuestRoute(destination=r.destination, gateway=r.gateway) for r in n.routes
+        ],
     )

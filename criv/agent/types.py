@@ -98,3 +98,26 @@ class CreateContainerArgs:
     rootfs: str
     mounts: list[MountSpec] = field(default_factory=list)
     pid_namespace_target: str = ""
+
+
+@dataclass(frozen=True)
+class GuestInterface:
+    """A vm pod's NIC as the guest configures it (found by MAC)."""
+
+    mac: str
+    addresses: tuple[str, ...] = ()  # CIDR
+    mtu: int = 0
+
+
+@dataclass(frozen=True)
+class GuestRoute:
+    destination: str  # CIDR
+    gateway: str = ""
+
+
+@dataclass(frozen=True)
+class GuestNetwork:
+    """The guest's network for SetupSandbox (vm pods): from the pod's CNI result."""
+
+    interfaces: tuple[GuestInterface, ...] = ()
+    routes: tuple[GuestRoute, ...] = ()

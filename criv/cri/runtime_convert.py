@@ -46,7 +46,21 @@ def pod_spec(req: api_pb2.RunPodSandboxRequest) -> PodSpec:
             )
             for p in cfg.port_mappings
         ),
+        resources=_pod_resources(cfg),
     )
+
+
+def _pod_resources(cfg: api_pb2.PodSandboxConfig) -> dict[str, int]:
+    """LinuxPodSandboxConfig's resources + overhead as the sizing inputs (0 = unset)."""
+    res, over = cfg.linux.resources, cfg.linux.overhead
+    out = {
+        "cpu_period": res.cpu_period,
+        "cpu_quota": res.cpu_quota,
+        "memory_limit_bytes": res.memory_limit_in_bytes,
+        "overhead_cpu_quota": over.cpu_quota,
+        "overhead_memory_bytes": over.memory_limit_in_bytes,
+    }
+    return {k: int(v) for k, v in out.items() if v}
 
 
 def container_spec(req: api_pb2.CreateContainerRequest) -> ContainerSpec:

@@ -1,7 +1,8 @@
 """CRI RuntimeService: proto <-> domain for pod sandboxes and containers, nothing else.
 
-The sandbox and container RPCs live in :mod:`criv.cri.runtime_pods` and
-:mod:`criv.cri.runtime_containers` (mixins of :class:`RuntimeService`). RPCs criv does
+The sandbox, container and streaming RPCs live in :mod:`criv.cri.runtime_pods`,
+:mod:`criv.cri.runtime_containers` and :mod:`criv.cri.runtime_streaming` (mixins of
+:class:`RuntimeService`). RPCs criv does
 not implement yet answer UNIMPLEMENTED with the missing part named (see
 ``_MISSING``; docs/architecture.md lists them).
 """
@@ -17,11 +18,13 @@ from criv import __version__
 from criv.config import Config
 from criv.cri.runtime_containers import ContainerRpcs
 from criv.cri.runtime_pods import PodSandboxRpcs
+from criv.cri.runtime_streaming import StreamingRpcs
 from criv.cri.wire import fill_unimplemented
 from criv.network.readiness import network_readiness
 from criv.sandbox.manager import SandboxManager
 from criv.sandbox.readiness import runtime_readiness
 from criv.state.runtime_state import RuntimeState
+from criv.streaming.service import StreamingService
 from criv_agent.api.runtime.v1 import api_pb2, api_pb2_grpc
 
 RUNTIME_NAME = "criv"
@@ -30,9 +33,6 @@ RUNTIME_API_VERSION = "v1"
 _MISSING = {
     "StreamPodSandboxes": "streaming list RPCs are not supported",
     "StreamContainers": "streaming list RPCs are not supported",
-    "Exec": "the streaming server (exec/attach/port-forward) is not built yet",
-    "Attach": "the streaming server (exec/attach/port-forward) is not built yet",
-    "PortForward": "the streaming server (exec/attach/port-forward) is not built yet",
     "StreamContainerStats": "streaming list RPCs are not supported",
     "StreamPodSandboxStats": "streaming list RPCs are not supported",
     "CheckpointContainer": "container checkpoint/restore is not supported",
@@ -43,11 +43,20 @@ _MISSING = {
 }
 
 
-class RuntimeService(PodSandboxRpcs, ContainerRpcs, api_pb2_grpc.RuntimeServiceServicer):
-    def __init__(self, config: Config, state: RuntimeState, sandboxes: SandboxManager) -> None:
+class RuntimeService(
+    PodSandboxRpcs, ContainerRpcs, StreamingRpcs, api_pb2_grpc.RuntimeServiceServicer
+):
+    def __init__(
+        self,
+        config: Config,
+        state: RuntimeState,
+        sandboxes: SandboxManager,
+        streaming: StreamingService,
+    ) -> None:
         self._config = config
         self._state = state
         self._sandboxes = sandboxes
+        self._streaming = streaming
         self._cpu_samples: dict[str, tuple[int, int]] = {}
 
     async def Version(
@@ -79,6 +88,7 @@ class RuntimeService(PodSandboxRpcs, ContainerRpcs, api_pb2_grpc.RuntimeServiceS
                 "version": __version__,
                 "config": self._config.public_dict(),
                 "pod_cidr": self._state.pod_cidr,
+                "streaming": {"url": self._streaming.base_url},
                 **self._state.verbose_info(),
             }
             resp.info["info"] = json.dumps(info, sort_keys=True)

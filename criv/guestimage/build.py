@@ -71,12 +71,8 @@ class Inputs:
 
     @classmethod
     def default(cls) -> Inputs:
-        extra = {}
-        # the vsock splice forwarder, when present, is shared by host and guest
-        splice = REPO_ROOT / "criv/vsock/splice.py"
-        if splice.is_file():
-            extra["criv/vsock/splice.py"] = splice
-        return cls(extra=extra)
+        # the vsock splice forwarder is part of the agent package now (criv_agent.vsock_splice)
+        return cls(extra={})
 
 
 def _hash_file(h: hashlib._Hash, path: Path, name: str) -> None:

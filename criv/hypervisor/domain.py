@@ -15,6 +15,8 @@ from typing import Literal
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 CRIV_NS = "https://criv.dev/xmlns/domain/1"
 DOMAIN_PREFIX = "criv-"
+# PCI slot of the vhost-user-vsock device on the root bus; far above what libvirt allocates
+VSOCK_PCI_SLOT = 0x10
 
 Machine = Literal["q35", "microvm", "pc"]
 DomainType = Literal["kvm", "qemu"]  # libvirt's names: "qemu" means TCG
@@ -125,7 +127,13 @@ class VhostUserVsock:
     id: str = "vsock0"
 
     def qemu_args(self, machine: Machine) -> list[str]:
-        dev = "vhost-user-vsock-device" if machine == "microvm" else "vhost-user-vsock-pci"
+        if machine == "microvm":
+            dev = "vhost-user-vsock-device"
+        else:
+            # libvirt does not know this device, so it hands out PCI slots from 1 up (root
+            # ports for the NIC, 9p, rng) as if the slot QEMU would pick were free: pin ours
+            bus = "pcie.0" if machine == "q35" else "pci.0"
+            dev = f"vhost-user-vsock-pci,bus={bus},addr={VSOCK_PCI_SLOT:#x}"
         return [
             "-chardev",
             f"socket,id={self.id},path={self.socket}",

@@ -94,6 +94,7 @@ class DomainInfo:
     uuid: str
     state: str
     sandbox_id: str = ""
+    owner: str = ""
 
     @property
     def alive(self) -> bool:
@@ -327,14 +328,16 @@ class Hypervisor:
 
 def _info(dom: libvirt.virDomain) -> DomainInfo:
     state, _reason = dom.state()
-    sandbox = ""
+    sandbox = owner = ""
     try:
-        md = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, CRIV_NS)
-        el = ET.fromstring(md).find("{*}sandbox")
+        md = ET.fromstring(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, CRIV_NS))
+        el = md.find("{*}sandbox")
         sandbox = (el.text or "") if el is not None else ""
+        el = md.find("{*}owner")
+        owner = (el.text or "") if el is not None else ""
     except (libvirt.libvirtError, ET.ParseError):
         pass
-    return DomainInfo(dom.name(), dom.UUIDString(), _STATES.get(state, str(state)), sandbox)
+    return DomainInfo(dom.name(), dom.UUIDString(), _STATES.get(state, str(state)), sandbox, owner)
 
 
 def check_libvirt(uri: str = DEFAULT_URI) -> tuple[bool, str]:

@@ -1,8 +1,15 @@
-"""Host setup for libvirt: QEMU runs as root (9p passthrough) and the daemons are started.
+"""Host setup for libvirt: QEMU runs as root (9p passthrough) in the host's mount namespace,
+and the daemons are started.
 
 Why root: with QEMU as ``libvirt-qemu``, the kernel, initrd, console file and sockets all work
 (libvirt passes fds), but 9p passthrough writes and chowns in the shared directory fail. Until
 criv uses a 9p security model without root (or block-device rootfs only), QEMU runs as root.
+
+Why ``namespaces = []``: by default libvirt starts each QEMU in a private mount namespace, a
+copy of the host's taken at start. On a host whose mounts are private (this project's
+machines) nothing criv mounts later (container rootfs and volumes bound into a pod's 9p
+shared dir) reaches that copy, and the copy pins every mount that existed at the time, other
+pods' network namespaces included, until that VM stops (their veths outlive their pods).
 Used by ``make install`` (via ``criv doctor --fix``) and reported by ``criv doctor``.
 """
 
@@ -18,7 +25,18 @@ import time
 from pathlib import Path
 
 QEMU_CONF = Path("/etc/libvirt/qemu.conf")
-WANTED = {"user": '"root"', "group": '"root"'}
+WANTED = {"user": '"root"', "group": '"root"', "namespaces": "[]"}
+_WHY = {
+    "user": "9p passthrough needs QEMU as root",
+    "group": "9p passthrough needs QEMU as root",
+    "namespaces": "QEMU in the host mount namespace (bind mounts into 9p shares)",
+}
+_DEFAULTS = {"user": "(default libvirt-qemu)", "group": "(default libvirt-qemu)",
+             "namespaces": '(default ["mount"])'}  # fmt: skip
+
+
+def _norm(value: str) -> str:
+    return value.split("#")[0].replace(" ", "").strip()
 
 
 def qemu_conf_issues(path: Path = QEMU_CONF) -> list[str]:
@@ -29,18 +47,19 @@ def qemu_conf_issues(path: Path = QEMU_CONF) -> list[str]:
         return [f"cannot read {path}: {e}"]
     found: dict[str, str] = {}
     for line in text.splitlines():
-        if m := re.match(r"^\s*(user|group)\s*=\s*(\S+)", line):
-            found[m.group(1)] = m.group(2)
+        if m := re.match(r"^\s*(user|group|namespaces)\s*=\s*(.+)$", line):
+            found[m.group(1)] = _norm(m.group(2))
     out = []
     for key, want in WANTED.items():
         got = found.get(key)
         if got != want:
-            out.append(f"{key} = {got or '(default libvirt-qemu)'} (want {want})")
+            out.append(f"{key} = {got or _DEFAULTS[key]} (want {want})")
     return out
 
 
 def ensure_qemu_conf(path: Path = QEMU_CONF) -> bool:
-    """Set ``user``/``group`` to root in qemu.conf; True if the file changed.
+    """Set ``user``/``group`` to root and ``namespaces`` to [] in qemu.conf; True if the
+    file changed.
 
     libvirtd reads qemu.conf at start only: restart it after a change.
     """
@@ -50,10 +69,10 @@ def ensure_qemu_conf(path: Path = QEMU_CONF) -> bool:
     for key, want in WANTED.items():
         pat = re.compile(rf"^\s*{key}\s*=")
         idx = [i for i, line in enumerate(lines) if pat.match(line)]
-        new = f"{key} = {want}  # criv: 9p passthrough needs QEMU as root"
+        new = f"{key} = {want}  # criv: {_WHY[key]}"
         if idx:
             for i in idx:
-                if lines[i].split("#")[0].split("=", 1)[1].strip() != want:
+                if _norm(lines[i].split("=", 1)[1]) != want:
                     lines[i] = new
                     changed = True
         else:
@@ -105,7 +124,7 @@ def ensure_host_services() -> list[str]:
     done = []
     changed = ensure_qemu_conf()
     if changed:
-        done.append(f"set user/group = root in {QEMU_CONF}")
+        done.append(f"set user/group = root, namespaces = [] in {QEMU_CONF}")
     if changed and libvirtd_running():
         restart_libvirtd()
         done.append("restarted libvirtd")

@@ -79,6 +79,8 @@ class PodVm:
     extra_cmdline: tuple[str, ...] = ()
     uuid: str = ""
     tsc_khz: int = 0
+    # which criv made it (its state dir): a restarted criv collects only its own domains
+    owner: str = ""
 
 
 def pod_domain(vm: PodVm) -> Domain:
@@ -117,7 +119,7 @@ def pod_domain(vm: PodVm) -> Domain:
         vhost_user_vsock=VhostUserVsock(vm.vsock_socket) if vm.vsock_socket else None,
         tb_cache_mib=tb_cache_mib(vm.size.memory_mib) if vm.accel == "tcg" else 0,
         shared_memory=True,
-        metadata={"sandbox": vm.sandbox_id},
+        metadata={"sandbox": vm.sandbox_id, **({"owner": vm.owner} if vm.owner else {})},
     )
 
 

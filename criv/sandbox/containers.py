@@ -111,17 +111,22 @@ class ContainerOps(PodOps):
                     await asyncio.to_thread(
                         Path(rec.log_path).parent.mkdir, parents=True, exist_ok=True
                     )
+                # vm pods: bind mounts into the pod's 9p shared dir; host pods: as they are
+                mounts = [
+                    MountSpec(
+                        m.container_path,
+                        await iso.share(paths, cid, Path(m.host_path), f"m{i}"),
+                    )
+                    for i, m in enumerate(spec.mounts)
+                ]
                 args = CreateContainerArgs(
                     container_id=cid,
                     sandbox_id=pod.id,
                     config=spec.config,
                     sandbox_config=pod.config,
                     image_config_json=image.config_json,
-                    rootfs=iso.agent_path(paths, rootfs),
-                    mounts=[
-                        MountSpec(m.container_path, iso.agent_path(paths, Path(m.host_path)))
-                        for m in spec.mounts
-                    ],
+                    rootfs=await iso.share(paths, cid, rootfs, "rootfs"),
+                    mounts=mounts,
                 )
                 info = await client.create_container(args)
             except BaseException:
@@ -138,6 +143,7 @@ class ContainerOps(PodOps):
             with contextlib.suppress(CrivError):
                 await client.remove_container(rec.id)
         cdir = self.container_dir(rec.sandbox_id, rec.id)
+        await self.unshare_container(rec.sandbox_id, rec.id)
         await unmount_rootfs(cdir)
         await self.containers.delete(rec.id, remove_dir=cdir)
 

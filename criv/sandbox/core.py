@@ -37,6 +37,7 @@ from criv.sandbox.records import (
     Store,
 )
 from criv.sandbox.states import CONTAINER_TRANSITIONS, ContainerState
+from criv.sandbox.vm import VmIsolation
 from criv.state.runtime_state import RuntimeState
 
 log = logging.getLogger("criv.sandbox")
@@ -109,7 +110,10 @@ class SandboxCore:
         self.container_names = NameIndex("container")
         self.bus = EventBus()
         self.cni = Cni(config.cni)
-        self.isolations: dict[str, Isolation] = {"host": HostIsolation(config)}
+        self.isolations: dict[str, Isolation] = {
+            "host": HostIsolation(config),
+            "vm": VmIsolation(config, runtime_state),
+        }
         self.rt: dict[str, PodRuntime] = defaultdict(PodRuntime)
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._tasks: set[asyncio.Task[Any]] = set()

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from criv.agent.client import AgentClient
+from criv.agent.types import GuestNetwork
 from criv.config import Config
 from criv.errors import AgentError, CrivError, Internal
 from criv.sandbox.isolation import PodPaths
@@ -57,6 +58,8 @@ def process_start_time(pid: int) -> int | None:
 
 class HostIsolation:
     mode = "host"
+    # containers are crun processes on the host: an agent that died may have left them
+    containers_die_with_agent = False
 
     def __init__(self, config: Config) -> None:
         self._config = config
@@ -191,6 +194,18 @@ class HostIsolation:
 
     def data_endpoint(self, paths: PodPaths) -> str:
         return str(paths.data_socket)
+
+    async def share(self, paths: PodPaths, cid: str, host_path: Path, name: str) -> str:
+        return str(host_path)  # the agent sees the host's files as they are
+
+    def guest_network(self, pod: PodRecord) -> GuestNetwork | None:
+        return None  # the agent runs in the pod netns CNI configured
+
+    async def sweep(self, pods: list[PodRecord]) -> None:
+        pass  # host agents are swept by command line (recovery._kill_orphan_agents)
+
+    async def close(self) -> None:
+        pass
 
 
 async def _run(*argv: str) -> tuple[int, str]:

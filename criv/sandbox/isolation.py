@@ -1,7 +1,7 @@
 """Isolation modes: what runs a pod's agent, behind one protocol.
 
-``host`` (here) runs criv-agent as a host process inside the pod's network namespace;
-``vm`` (the VM issue) boots a libvirt domain whose guest runs the same agent. The
+``host`` (:mod:`.host`) runs criv-agent as a host process inside the pod's network
+namespace; ``vm`` (:mod:`.vm`) boots a libvirt domain whose guest runs the same agent. The
 sandbox layer only ever calls the :class:`Isolation` methods, so a mode is one class:
 
 - ``boot``: start the agent for a new pod; returns the facts needed to find it again
@@ -12,7 +12,12 @@ sandbox layer only ever calls the :class:`Isolation` methods, so a mode is one c
 - ``stop``: ask the agent to shut down, wait for it to go;
 - ``destroy``: force: kill whatever is left and release the mode's resources;
 - ``agent_path`` / ``data_endpoint``: how the agent sees a host path, and where criv
-  opens data connections (log streams).
+  opens data connections (log streams);
+- ``share``: make a container's host path (rootfs, volume) reachable by the agent and
+  return the agent's path for it (vm: a bind mount into the pod's 9p shared dir);
+- ``guest_network``: the network SetupSandbox hands the agent (vm: from the CNI result);
+- ``containers_die_with_agent``: a lost agent means lost containers (vm: the VM is gone);
+- ``sweep`` / ``close``: start-up garbage collection, and letting go at criv stop.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from criv.agent.client import AgentClient
+from criv.agent.types import GuestNetwork
 from criv.sandbox.records import PodRecord
 
 
@@ -68,6 +74,7 @@ class PodPaths:
 
 class Isolation(Protocol):
     mode: str
+    containers_die_with_agent: bool
 
     async def boot(self, pod: PodRecord, paths: PodPaths) -> dict[str, Any]: ...
 
@@ -84,3 +91,11 @@ class Isolation(Protocol):
     def agent_path(self, paths: PodPaths, host_path: Path) -> str: ...
 
     def data_endpoint(self, paths: PodPaths) -> str: ...
+
+    async def share(self, paths: PodPaths, cid: str, host_path: Path, name: str) -> str: ...
+
+    def guest_network(self, pod: PodRecord) -> GuestNetwork | None: ...
+
+    async def sweep(self, pods: list[PodRecord]) -> None: ...
+
+    async def close(self) -> None: ...

@@ -47,3 +47,6 @@ class SandboxManager(RecoveryOps):
                     await asyncio.wait_for(rt.client.close(), 5.0)
                 rt.client = None
         await self.cancel_tasks()
+        for iso in self.isolations.values():
+            with contextlib.suppress(Exception):
+                await iso.close()

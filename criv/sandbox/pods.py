@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import logging
 import secrets
+import shutil
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from criv.errors import (
     AlreadyExists,
     CrivError,
     FailedPrecondition,
+    InvalidArgument,
     NotFound,
     PermissionDenied,
 )
@@ -77,12 +79,17 @@ class PodOps(SandboxCore):
             )
         if mode not in self.isolations:
             raise FailedPrecondition(
-                f"runtime handler {handler!r} wants {mode!r} isolation, not available yet"
+                f"runtime handler {handler!r} wants {mode!r} isolation, not available here"
             )
         return mode
 
     async def run_pod(self, spec: PodSpec) -> str:
         mode = self.mode_for(spec.handler)
+        if mode == "vm" and spec.host_network:
+            raise InvalidArgument(
+                f"runtime handler {spec.handler!r} runs pods in VMs, which cannot share the "
+                "host's network namespace; use a handler mapped to host isolation"
+            )
         name = spec.reserved_name
         undelivered = self._undelivered.pop(name, None)
         if undelivered is not None and self.pods.get(undelivered) is not None:
@@ -139,6 +146,7 @@ class PodOps(SandboxCore):
             log_directory=spec.log_directory,
             host_network=spec.host_network,
             port_mappings=spec.port_mappings,
+            resources=dict(spec.resources),
             netns="" if spec.host_network else str(netns_path(self.config.run_dir, pod_id)),
         )
         try:
@@ -180,7 +188,11 @@ class PodOps(SandboxCore):
         client = await iso.connect(pod, paths, AGENT_CONNECT_TIMEOUT)
         self.rt[pod_id].client = client
         await client.setup_sandbox(
-            pod_id, pod.config, iso.agent_path(paths, paths.shared), list(pod.ips)
+            pod_id,
+            pod.config,
+            iso.agent_path(paths, paths.shared),
+            list(pod.ips),
+            iso.guest_network(pod),
         )
         await self.pods.update(pod_id, lambda r: dataclasses.replace(r, state=PodState.READY))
         self.start_watcher(pod_id)
@@ -237,6 +249,10 @@ class PodOps(SandboxCore):
             backoff = min(backoff * 2, 2.0)
 
     async def _agent_lost(self, pod: PodRecord) -> None:
+        iso = self.isolation(pod)
+        if iso.containers_die_with_agent:
+            await self._vm_lost(pod)
+            return
         log.error("pod %s: agent is gone; its containers are in an unknown state", pod.id[:12])
         for c in self.containers_of(pod.id):
             if c.state is ContainerState.RUNNING:
@@ -250,6 +266,28 @@ class PodOps(SandboxCore):
                     message="the pod's agent exited before the container started",
                     finished_at_ns=time.time_ns(),
                 )  # fmt: skip
+
+    async def _vm_lost(self, pod: PodRecord) -> None:
+        """The pod's VM stopped under criv (QEMU killed, guest crash): whatever ran in it
+        is over. Containers EXITED, the sandbox NOTREADY; kubelet stops and removes it."""
+        log.error("pod %s: its VM stopped unexpectedly; see %s", pod.id[:12],
+                  self.paths(pod.id).state / "console.log")  # fmt: skip
+        now = time.time_ns()
+        for c in self.containers_of(pod.id):
+            if c.state is not ContainerState.EXITED:
+                await self.set_state(
+                    c.id, ContainerState.EXITED, exit_code=137 if c.started_at_ns else 255,
+                    reason="VMExited", message="the pod's VM stopped unexpectedly",
+                    finished_at_ns=now,
+                )  # fmt: skip
+        async with self.lock(pod.id):
+            if (p := self.pods.get(pod.id)) is not None and p.state is PodState.READY:
+                await self.pods.update(
+                    pod.id,
+                    lambda r: dataclasses.replace(
+                        r, state=PodState.NOTREADY, message="the pod's VM stopped unexpectedly"
+                    ),
+                )
 
     # -- stop / remove -------------------------------------------------------------
 
@@ -349,9 +387,18 @@ class PodOps(SandboxCore):
 
     async def _remove_container_files(self, c: ContainerRecord) -> None:
         await self.stop_follower(c.sandbox_id, c.id)
+        await self.unshare_container(c.sandbox_id, c.id)
         await unmount_rootfs(self.container_dir(c.sandbox_id, c.id))
         await self.containers.delete(c.id, remove_dir=self.container_dir(c.sandbox_id, c.id))
         self.container_names.release(self.container_name_of(c), c.id)
+
+    async def unshare_container(self, pod_id: str, cid: str) -> None:
+        """Undo ``Isolation.share`` (vm pods' binds under the shared dir) before the
+        container's own mounts go: a bind of the rootfs keeps the overlay busy."""
+        d = self.paths(pod_id).shared / "c" / cid
+        if await asyncio.to_thread(d.exists):
+            await unmount_all_under(d)
+            await asyncio.to_thread(shutil.rmtree, d, True)
 
     def container_name_of(self, c: ContainerRecord) -> str:
         pod = self.pods.get(c.sandbox_id)

@@ -71,6 +71,8 @@ class PodRecord:
     # What the isolation mode needs to find its agent again (host: pid, start time).
     isolation_state: dict[str, Any] = field(default_factory=dict)
     message: str = ""
+    # pod-level resources (see PodSpec.resources): the VM size of a vm pod
+    resources: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

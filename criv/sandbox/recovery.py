@@ -11,7 +11,9 @@ Agents (host processes here, VMs later) outlive criv. At start criv:
    ``AgentGone``, and its network is released; a NOTREADY pod gets any leftover
    agent killed and network released;
 3. sweeps what no record owns: netns files, mounts under the state dir, pod dirs,
-   socket dirs and criv-agent processes started for this run dir.
+   socket dirs and criv-agent processes started for this run dir; each isolation mode
+   sweeps its own (vm: libvirt domains tagged with this state dir, vsock backends under
+   this run dir, taps left in the host netns).
 """
 
 from __future__ import annotations
@@ -153,6 +155,11 @@ class RecoveryOps(ContainerOps):
             if p.netns and p.state is PodState.NOTREADY and netns_exists(Path(p.netns)):
                 await delete_netns(Path(p.netns))
         await self._kill_orphan_agents(pods)
+        for iso in self.isolations.values():
+            try:
+                await iso.sweep(pods)
+            except CrivError as e:
+                log.error("%s isolation sweep failed: %s", iso.mode, e)
         known_pods = {p.id for p in pods}
         known_containers = {c.id for c in self.containers.all()}
         for m in await asyncio.to_thread(mounts_under, self.state_root):

@@ -27,6 +27,9 @@ class PodSpec:
     log_directory: str = ""
     host_network: bool = False
     port_mappings: tuple[PortMap, ...] = ()
+    # pod-level resources + overhead (LinuxPodSandboxConfig), as plain integers keyed like
+    # criv.hypervisor.sizing.PodResources: what sizes a vm pod's VM
+    resources: dict[str, int] = field(default_factory=dict)
 
     @property
     def reserved_name(self) -> str:

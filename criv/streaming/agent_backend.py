@@ -10,8 +10,9 @@ and performs the StreamOpen/StreamAccept handshake of data connections
   format is in proto/agent/v1/agent.proto and docs/agent-api.md).
 * port-forward: a PORT_FORWARD data stream; the agent dials 127.0.0.1:port in the pod's
   network namespace (in the guest for `vm` pods).
-* attach: not in the agent API yet (containers keep no stdin pipe and there is no
-  output fan-out); it fails with a clear error on the session's error stream.
+* attach: a STDIO data stream naming the container and no exec_id; the agent fans the
+  container's output out to it and feeds its stdin (for containers created with stdin),
+  with the same frames; EXIT comes once the container's output ended.
 
 The agent is untrusted: frame sizes and exit codes coming back are bounded here.
 """
@@ -59,6 +60,10 @@ class AgentLink(Protocol):
         self, container_id: str, cmd: list[str], tty: bool, stdin: bool
     ) -> tuple[str, str]:
         """``StartExec`` on the container's agent; returns (sandbox_id, exec_id)."""
+        ...
+
+    async def attach_target(self, container_id: str) -> tuple[str, str]:
+        """(sandbox_id, full container id) of a running container to attach to."""
         ...
 
     async def open_data_stream(
@@ -241,6 +246,17 @@ class _AgentExec:
             await self._w.wait_closed()
 
 
+class _AgentAttach(_AgentExec):
+    """An attach session: the same frames; leaving it is never a kill."""
+
+    async def close(self) -> None:
+        # A client that goes away ends its stdin: for a stdin_once container that closes
+        # the container's stdin (as containerd does); the agent ignores it otherwise.
+        if self.stdin is not None:
+            await self.send(_frame(T_CLOSE, bytes([T_STDIN])))
+        await super().close()
+
+
 class AgentStreamingBackend:
     def __init__(self, link: AgentLink) -> None:
         self._link = link
@@ -260,7 +276,16 @@ class AgentStreamingBackend:
         return _AgentExec(reader, writer, tty, stdin)
 
     async def attach(self, container_id: str, tty: bool, stdin: bool) -> ProcessStreams:
-        raise StreamingError("attach through the agent is not supported yet")
+        try:
+            sandbox_id, cid = await self._link.attach_target(container_id)
+            reader, writer = await self._link.open_data_stream(
+                sandbox_id, DataStreamParams("stdio", container_id=cid)
+            )
+        except CrivError:
+            raise
+        except Exception as e:  # OSError, the link's refusal type (e.g. StreamRefused)
+            raise StreamingError(str(e) or type(e).__name__) from e
+        return _AgentAttach(reader, writer, tty, stdin)
 
     async def port_forward(self, sandbox_id: str, port: int) -> DuplexStream:
         try:

@@ -188,10 +188,12 @@ async def run_session(
         outputs.append(asyncio.create_task(_copy_out(proc.stdout, io.stdout)))
     if proc.stderr is not None:
         outputs.append(asyncio.create_task(_copy_out(proc.stderr, io.stderr)))
-    if io.stdin is not None:
-        tasks.append(asyncio.create_task(_copy_in(io.stdin, proc.stdin)))
+    # Resizes first: tasks start in creation order, so a size the client sent before its
+    # first input (client-go sends the initial size at once) reaches the terminal first.
     if io.resize is not None:
         tasks.append(asyncio.create_task(_apply_resizes(io.resize, proc)))
+    if io.stdin is not None:
+        tasks.append(asyncio.create_task(_copy_in(io.stdin, proc.stdin)))
 
     async def finished() -> int:
         # All output first (so nothing is lost), then the exit code.

@@ -123,7 +123,7 @@ class StreamingServer:
     def __init__(self, config: StreamingConfig, backend: StreamingBackend) -> None:
         self.config = config
         self.backend = backend
-        self.tokens = TokenCache()
+        self.tokens = TokenCache(ttl=float(config.token_ttl_seconds))
         self.base_url = ""
         self._server: asyncio.Server | None = None
         self._sessions: set[asyncio.Task[None]] = set()

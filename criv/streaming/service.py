@@ -27,6 +27,11 @@ class StreamingService:
     def __init__(self, server: StreamingServer) -> None:
         self._server = server
 
+    @property
+    def base_url(self) -> str:
+        """scheme://host:port of the server ("" before it started)."""
+        return self._server.base_url
+
     def exec_url(
         self,
         container_id: str,

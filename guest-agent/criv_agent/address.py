@@ -1,5 +1,8 @@
-"""Listen addresses: ``unix:PATH`` now; ``vsock:PORT`` is reserved for the guest, where
-a splice forwarder joins AF_VSOCK to these unix sockets (grpcio has no vsock support)."""
+"""Listen addresses: ``unix:PATH`` (host mode) or ``vsock:PORT`` (in the guest, any CID).
+
+grpcio has no vsock support, so for a ``vsock:`` control address the agent serves gRPC on
+a guest-local unix socket and a splice forwarder joins AF_VSOCK connections to it
+(main.py); the data server is asyncio and listens on the AF_VSOCK socket itself."""
 
 from __future__ import annotations
 
@@ -30,8 +33,12 @@ def parse(addr: str) -> Address:
 
 def listen(addr: Address) -> socket.socket:
     """A listening socket for ``addr`` (stale unix socket files are replaced)."""
-    if addr.scheme != "unix":
-        raise NotImplementedError("vsock listeners come with the VM issue")
+    if addr.scheme == "vsock":
+        vs = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        vs.bind((socket.VMADDR_CID_ANY, addr.port))
+        vs.listen(128)
+        vs.setblocking(False)
+        return vs
     with contextlib.suppress(FileNotFoundError):
         os.unlink(addr.path)
     os.makedirs(os.path.dirname(addr.path) or ".", exist_ok=True)

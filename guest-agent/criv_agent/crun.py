@@ -46,6 +46,21 @@ def _cover_prefix() -> list[str]:
     return ["unshare", "--mount", "--propagation", "slave", "sh", "-c", _COVER]
 
 
+def root_is_initramfs() -> bool:
+    """True in a VM guest whose / is the initramfs: pivot_root(2) cannot move the initial
+    rootfs, so crun has to use --no-pivot there (MS_MOVE + chroot)."""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8") as f:
+            for line in f:
+                fields = line.split()
+                if fields[4] == "/":
+                    fstype = fields[fields.index("-") + 1]
+                    return fstype in ("rootfs", "ramfs")
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
 @dataclass
 class Result:
     rc: int
@@ -59,8 +74,11 @@ class Crun:
         self.root = root
         os.makedirs(root, mode=0o700, exist_ok=True)
         self._prefix = _cover_prefix() if hybrid_needs_cover() else []
+        self._no_pivot = root_is_initramfs()
 
     def argv(self, *args: str) -> list[str]:
+        if self._no_pivot and args and args[0] in ("create", "run"):
+            args = (args[0], "--no-pivot", *args[1:])
         return [*self._prefix, self.binary, "--root", self.root, *args]
 
     async def spawn(

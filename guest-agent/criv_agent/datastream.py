@@ -8,7 +8,8 @@ the agent answers with a length-prefixed ``StreamAccept``; then raw bytes flow.
   the end of the file was sent.
 - PORT_FORWARD: a TCP connection to 127.0.0.1:port in the agent's network namespace
   (the pod's), bytes copied both ways until either side closes.
-- STDIO: the stdio of a process registered by StartExec (execstream.py).
+- STDIO: the stdio of a process registered by StartExec (execstream.py), or with an
+  empty ``exec_id``, an attach to the container's own stdio (attach.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import struct
 from typing import TYPE_CHECKING
 
 from criv_agent.api.agent.v1 import agent_pb2
+from criv_agent.attach import serve_attach
+from criv_agent.errors import AgentError
 
 if TYPE_CHECKING:
     from criv_agent.runtime import Runtime
@@ -110,6 +113,16 @@ class DataServer:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
     ) -> None:
+        if not req.exec_id and req.container_id:
+            try:
+                io = self.runtime.attach_io(req.container_id)
+            except AgentError as e:
+                await _accept(writer, False, str(e))
+                return
+            await _accept(writer, True, "")
+            cid = req.container_id
+            await serve_attach(io, reader, writer, lambda: self.runtime.exit_code(cid))
+            return
         ex = self.runtime.execs.take(req.exec_id)
         if ex is None:
             await _accept(writer, False, f"unknown or expired exec {req.exec_id!r}")

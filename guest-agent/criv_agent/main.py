@@ -1,6 +1,7 @@
 """``criv-agent``: serve the agent API for one pod.
 
     criv-agent --control unix:PATH --data unix:PATH --state-dir DIR [--crun crun]
+    criv-agent --control vsock:1024 --data vsock:1025 ...   (in a VM's guest)
 
 The control socket carries the gRPC service, the data socket the byte streams
 (datastream.py). The agent makes itself a child subreaper so that container inits, once
@@ -18,6 +19,7 @@ import ctypes
 import logging
 import os
 import signal
+import socket
 import sys
 from typing import TYPE_CHECKING
 
@@ -30,8 +32,8 @@ log = logging.getLogger("criv_agent")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="criv-agent", description=__doc__.split("\n")[1])
-    p.add_argument("--control", required=True, help="unix:PATH (or vsock:PORT, later)")
-    p.add_argument("--data", required=True, help="unix:PATH (or vsock:PORT, later)")
+    p.add_argument("--control", required=True, help="unix:PATH or vsock:PORT")
+    p.add_argument("--data", required=True, help="unix:PATH or vsock:PORT")
     p.add_argument("--state-dir", required=True)
     p.add_argument("--crun", default="crun", help="crun binary (default: from PATH)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -52,12 +54,15 @@ async def serve(args: argparse.Namespace) -> None:
     from criv_agent.datastream import DataServer
     from criv_agent.runtime import Runtime
     from criv_agent.service import AgentService
+    from criv_agent.vsock_splice import Forwarder
 
-    control = address.parse(args.control)
+    public = address.parse(args.control)
     data = address.parse(args.data)
-    if control.scheme != "unix":
-        raise SystemExit("only unix: control addresses for now")
     os.makedirs(args.state_dir, mode=0o700, exist_ok=True)
+    # grpcio cannot listen on AF_VSOCK: serve on a local unix socket behind a forwarder
+    control = public
+    if public.scheme == "vsock":
+        control = address.Address("unix", path=os.path.join(args.state_dir, "control.sock"))
     runtime = Runtime(args.state_dir, args.crun)
     await runtime.load()
 
@@ -68,10 +73,23 @@ async def serve(args: argparse.Namespace) -> None:
     os.makedirs(os.path.dirname(control.path) or ".", exist_ok=True)
     server.add_insecure_port(str(control))
     data_server = DataServer(runtime)
-    data_listener = await asyncio.start_unix_server(data_server.handle, sock=address.listen(data))
+    data_listener = await asyncio.start_server(data_server.handle, sock=address.listen(data))
     await server.start()
     os.chmod(control.path, 0o600)
-    log.info("criv-agent serving control=%s data=%s", control, data)
+    forwarder: Forwarder | None = None
+    if public.scheme == "vsock":
+        path = control.path
+
+        def dial() -> socket.socket:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(path)
+            return s
+
+        listener = address.listen(public)
+        listener.setblocking(True)  # the forwarder's accept thread blocks
+        forwarder = Forwarder(listener, dial)
+        forwarder.start()
+    log.info("criv-agent serving control=%s data=%s", public, data)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -85,6 +103,8 @@ async def serve(args: argparse.Namespace) -> None:
     for w in [*waiters, reaping]:
         w.cancel()
     # let the ShutdownSandbox answer (or other in-flight calls) go out first
+    if forwarder is not None:
+        forwarder.close()
     await server.stop(grace=2)
     data_listener.close()
     await data_server.close()

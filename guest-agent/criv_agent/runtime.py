@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from criv_agent import cgroups
+from criv_agent.attach import ContainerIO
 from criv_agent.crun import Crun, cgroup_version
 from criv_agent.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from criv_agent.execstream import ExecRegistry
@@ -80,6 +81,8 @@ class Runtime:
         self.sandbox: Sandbox | None = None
         self.sinks: dict[str, LogSink] = {}
         self._pumps: dict[str, Pump] = {}
+        # live stdio for attach; absent after an agent restart (the pipes died with it)
+        self.ios: dict[str, ContainerIO] = {}
         self._exited: dict[str, asyncio.Event] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._pidfds: dict[str, int] = {}
@@ -270,7 +273,7 @@ class Runtime:
             resources=_resources_json(req.config.linux.resources),
         )
         try:
-            rec.pid = await self._crun_create(rec)
+            rec.pid = await self._crun_create(rec, bool(req.config.stdin), req.config.stdin_once)
         except BaseException:
             await self.crun.delete(cid)
             _rmtree(cdir)
@@ -282,8 +285,8 @@ class Runtime:
         self._publish("created", rec)
         return rec
 
-    async def _crun_create(self, rec: ContainerRecord) -> int:
-        stdio = Stdio(rec.tty)
+    async def _crun_create(self, rec: ContainerRecord, stdin: bool, stdin_once: bool) -> int:
+        stdio = Stdio(rec.tty, stdin)
         sink = LogSink(rec.log_path)
         pidfile = os.path.join(os.path.dirname(rec.bundle), "pid")
         args = ["create", "--bundle", rec.bundle, "--pid-file", pidfile]
@@ -301,6 +304,7 @@ class Runtime:
             else:
                 proc = await self.crun.spawn(
                     [*args, rec.id],
+                    stdin=stdio.stdin_child if stdin else asyncio.subprocess.DEVNULL,
                     stdout=stdio.child_fds[0],
                     stderr=stdio.child_fds[1],
                 )
@@ -318,6 +322,7 @@ class Runtime:
         sink.open(stdio.streams)
         self.sinks[rec.id] = sink
         pump = Pump(asyncio.get_running_loop(), sink, lambda: self._forget_pump(rec.id))
+        pump.io = self.ios[rec.id] = _container_io(stdio, stdin, stdin_once)
         for fd, stream in stdio.read_fds:
             pump.add(fd, stream)
         self._pumps[rec.id] = pump
@@ -459,6 +464,9 @@ class Runtime:
         sink = self.sinks.pop(cid, None)
         if sink is not None:
             sink.notify()
+        io = self.ios.pop(cid, None)
+        if io is not None:
+            io.close()
         self.store.remove(cid)
         self._exited.pop(cid, None)
         self._locks.pop(cid, None)
@@ -480,6 +488,21 @@ class Runtime:
         if rec.state != State.RUNNING:
             raise FailedPrecondition(f"container {cid} is not running")
         return self.execs.add(cid, cmd, tty, stdin, self.store.dir(cid))
+
+    def attach_io(self, cid: str) -> ContainerIO:
+        """The container's live stdio for an attach session."""
+        rec = self.store.get(cid)
+        io = self.ios.get(cid)
+        if io is None:
+            raise FailedPrecondition(
+                f"container {cid}: stdio not attachable (the agent restarted since it started)"
+            )
+        if rec.state == State.CREATED:
+            raise FailedPrecondition(f"container {cid} is not running")
+        return io
+
+    async def exit_code(self, cid: str) -> int:
+        return (await self.wait(cid)).exit_code
 
     async def update_resources(self, cid: str, resources: Any) -> None:
         from criv_agent.spec.resources import update_resources
@@ -507,9 +530,21 @@ class Runtime:
         """Agent exit without shutdown: stop reading pipes, leave containers running."""
         for pump in list(self._pumps.values()):
             pump.close()
+        for io in self.ios.values():
+            io.close()
+        self.ios.clear()
         for fd in self._pidfds.values():
             os.close(fd)
         self._pidfds.clear()
+
+
+def _container_io(stdio: Stdio, stdin: bool, stdin_once: bool) -> ContainerIO:
+    """Takes the agent's stdin end (non-tty) or dups of the pty master (tty) from ``stdio``."""
+    if not stdio.tty:
+        fd, stdio.stdin_fd = stdio.stdin_fd, None
+        return ContainerIO(False, stdin_once, fd, None)
+    master = stdio.read_fds[0][0]
+    return ContainerIO(True, stdin_once, os.dup(master) if stdin else None, os.dup(master))
 
 
 def _resources_json(r: Any) -> dict[str, Any]:

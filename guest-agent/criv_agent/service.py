@@ -88,6 +88,10 @@ class AgentService(agent_pb2_grpc.AgentServicer):
 
     @mapped
     async def SetupSandbox(self, request: Any, context: Any) -> agent_pb2.SetupSandboxResponse:
+        if request.HasField("network"):
+            from criv_agent import network
+
+            await network.apply(request.network)
         await self.rt.setup_sandbox(
             request.sandbox_id, request.config, request.sandbox_dir, list(request.pod_ips)
         )

@@ -5,6 +5,9 @@ Non-tty: two pipes; crun gets the write ends as its stdout/stderr and passes the
 the container's init; the agent closes its copies after ``crun create``, so EOF on a read
 end means every process holding the write end is gone. TTY: crun sends the pty master
 over ``--console-socket`` (SCM_RIGHTS); everything read from it is ``stdout``.
+
+Containers created with ``stdin`` (non-tty) also get a stdin pipe whose write end the
+agent keeps for attach; output also goes to the attach sessions (attach.py).
 """
 
 from __future__ import annotations
@@ -16,8 +19,12 @@ import os
 import socket
 import tempfile
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from criv_agent.logs import CriLogFile
+
+if TYPE_CHECKING:
+    from criv_agent.attach import ContainerIO
 
 _CHUNK = 64 * 1024
 
@@ -69,6 +76,7 @@ class Pump:
         self.on_done = on_done
         self.fds: dict[int, str] = {}
         self.done = asyncio.Event()
+        self.io: ContainerIO | None = None  # attach sessions to copy output to
 
     def add(self, fd: int, stream: str) -> None:
         os.set_blocking(fd, False)
@@ -89,12 +97,16 @@ class Pump:
         if data:
             if self.sink.file is not None:
                 self.sink.file.write(stream, data)
+            if self.io is not None:
+                self.io.feed(stream, data)
             return
         self.loop.remove_reader(fd)
         os.close(fd)
         del self.fds[fd]
         if self.sink.file is not None:
             self.sink.file.close_stream(stream)
+        if self.io is not None:
+            self.io.stream_ended(stream)
         if not self.fds:
             self.done.set()
             self.on_done()
@@ -111,10 +123,13 @@ class Pump:
 class Stdio:
     """The fds handed to ``crun create`` and those the agent keeps."""
 
-    def __init__(self, tty: bool) -> None:
+    def __init__(self, tty: bool, stdin: bool = False) -> None:
         self.tty = tty
         self.child_fds: list[int] = []  # closed in the agent after crun create
         self.read_fds: list[tuple[int, str]] = []
+        # the container's stdin pipe (non-tty with stdin): crun's end and the agent's
+        self.stdin_child: int | None = None
+        self.stdin_fd: int | None = None
         self.console_dir: str | None = None
         self.console_sock: socket.socket | None = None
         if tty:
@@ -129,6 +144,8 @@ class Stdio:
                 r, w = os.pipe()
                 self.child_fds.append(w)
                 self.read_fds.append((r, stream))
+            if stdin:
+                self.stdin_child, self.stdin_fd = os.pipe()
 
     @property
     def console_path(self) -> str:
@@ -155,6 +172,9 @@ class Stdio:
         for fd in self.child_fds:
             os.close(fd)
         self.child_fds.clear()
+        if self.stdin_child is not None:
+            os.close(self.stdin_child)
+            self.stdin_child = None
         if self.console_sock is not None:
             self.console_sock.close()
             self.console_sock = None
@@ -169,3 +189,6 @@ class Stdio:
         for fd, _ in self.read_fds:
             os.close(fd)
         self.read_fds.clear()
+        if self.stdin_fd is not None:
+            os.close(self.stdin_fd)
+            self.stdin_fd = None

@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from criv_agent.api.runtime.v1 import api_pb2
-from tests.integration.runtime.conftest import Cri
+from tests.support.cri import Cri
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,7 @@ import pytest
 
 from criv.agent.client import EXEC_SYNC_OUTPUT_LIMIT
 from criv_agent.api.runtime.v1 import api_pb2
-from tests.integration.runtime.conftest import Cri
+from tests.support.cri import Cri
 
 pytestmark = pytest.mark.integration
 

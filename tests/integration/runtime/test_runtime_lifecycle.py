@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from criv_agent.api.runtime.v1 import api_pb2
-from tests.integration.runtime.conftest import SUBNET_PREFIX, Cri
+from tests.support.cri import SUBNET_PREFIX, Cri
 
 pytestmark = pytest.mark.integration
 

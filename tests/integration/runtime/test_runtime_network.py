@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from criv_agent.api.runtime.v1 import api_pb2
-from tests.integration.runtime.conftest import BRIDGE, SUBNET_PREFIX, Cri
+from tests.support.cri import BRIDGE, SUBNET_PREFIX, Cri
 from tests.support.registry import free_port
 
 pytestmark = pytest.mark.integration

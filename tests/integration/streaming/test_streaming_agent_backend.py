@@ -29,6 +29,9 @@ class FakeLink:
     ) -> tuple[str, str]:
         raise RuntimeError(f"agent: container {container_id} is not running")
 
+    async def attach_target(self, container_id: str) -> tuple[str, str]:
+        raise RuntimeError(f"container {container_id} is exited, not running")
+
     async def open_data_stream(
         self, sandbox_id: str, params: DataStreamParams
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -83,4 +86,5 @@ async def test_agent_refusals_are_clear_statuses(
     assert r.status["reason"] == "InternalError"
     assert "container c1 is not running" in str(r.status["message"])
     r = await spdy_exec(svc.attach_url("c1"))
-    assert "attach through the agent is not supported yet" in str(r.status["message"])
+    assert r.status["reason"] == "InternalError"
+    assert "container c1 is exited, not running" in str(r.status["message"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -40,8 +41,13 @@ def test_addresses() -> None:
     for bad in ("tcp:1", "unix:", "vsock:x", "nothing"):
         with pytest.raises(ValueError):
             address.parse(bad)
-    with pytest.raises(NotImplementedError):
-        address.listen(address.parse("vsock:1024"))
+    # an AF_VSOCK listener (the guest's); a host without a vsock transport refuses it
+    try:
+        s = address.listen(address.parse("vsock:0"))
+    except OSError:
+        return
+    assert s.family == socket.AF_VSOCK
+    s.close()
 
 
 def test_stdio_frame() -> None:

@@ -14,6 +14,7 @@ def test_ensure_qemu_conf_sets_root_once(tmp_path: Path) -> None:
     assert qemu_conf_issues(conf) == [
         'user = (default libvirt-qemu) (want "root")',
         'group = "kvm" (want "root")',
+        'namespaces = (default ["mount"]) (want [])',
     ]
     assert ensure_qemu_conf(conf) is True
     assert qemu_conf_issues(conf) == []

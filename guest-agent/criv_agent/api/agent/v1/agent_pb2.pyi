@@ -96,6 +96,7 @@ class SetupSandboxRequest(_message.Message):
     CONFIG_FIELD_NUMBER: _builtins.int
     SANDBOX_DIR_FIELD_NUMBER: _builtins.int
     POD_IPS_FIELD_NUMBER: _builtins.int
+    NETWORK_FIELD_NUMBER: _builtins.int
     sandbox_id: _builtins.str
     sandbox_dir: _builtins.str
     """Directory (as the agent sees it) where the agent writes the pod's shared files
@@ -107,6 +108,13 @@ class SetupSandboxRequest(_message.Message):
     def pod_ips(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The pod's IPs, for /etc/hosts."""
 
+    @_builtins.property
+    def network(self) -> Global___GuestNetwork:
+        """vm pods: the guest's network as CNI set it up for the pod (the guest takes the pod
+        IP); the agent applies it with iproute2. Unset in host mode (the agent already runs
+        in the pod's network namespace).
+        """
+
     def __init__(
         self,
         *,
@@ -114,10 +122,11 @@ class SetupSandboxRequest(_message.Message):
         config: _api_pb2.PodSandboxConfig | None = ...,
         sandbox_dir: _builtins.str = ...,
         pod_ips: _abc.Iterable[_builtins.str] | None = ...,
+        network: Global___GuestNetwork | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "network", b"network"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "pod_ips", b"pod_ips", "sandbox_dir", b"sandbox_dir", "sandbox_id", b"sandbox_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "network", b"network", "pod_ips", b"pod_ips", "sandbox_dir", b"sandbox_dir", "sandbox_id", b"sandbox_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -137,6 +146,84 @@ class SetupSandboxResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetupSandboxResponse: _TypeAlias = SetupSandboxResponse  # noqa: Y015
+
+@_typing.final
+class GuestInterface(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAC_FIELD_NUMBER: _builtins.int
+    ADDRESSES_FIELD_NUMBER: _builtins.int
+    MTU_FIELD_NUMBER: _builtins.int
+    mac: _builtins.str
+    """finds the NIC: a minimal guest has no udev names"""
+    mtu: _builtins.int
+    """0: leave the default"""
+    @_builtins.property
+    def addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """CIDR, e.g. "10.88.0.5/16" """
+
+    def __init__(
+        self,
+        *,
+        mac: _builtins.str = ...,
+        addresses: _abc.Iterable[_builtins.str] | None = ...,
+        mtu: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "mac", b"mac", "mtu", b"mtu"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GuestInterface: _TypeAlias = GuestInterface  # noqa: Y015
+
+@_typing.final
+class GuestRoute(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DESTINATION_FIELD_NUMBER: _builtins.int
+    GATEWAY_FIELD_NUMBER: _builtins.int
+    destination: _builtins.str
+    """CIDR; "0.0.0.0/0" for the default route"""
+    gateway: _builtins.str
+    """"" for an on-link route"""
+    def __init__(
+        self,
+        *,
+        destination: _builtins.str = ...,
+        gateway: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["destination", b"destination", "gateway", b"gateway"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GuestRoute: _TypeAlias = GuestRoute  # noqa: Y015
+
+@_typing.final
+class GuestNetwork(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INTERFACES_FIELD_NUMBER: _builtins.int
+    ROUTES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def interfaces(self) -> _containers.RepeatedCompositeFieldContainer[Global___GuestInterface]: ...
+    @_builtins.property
+    def routes(self) -> _containers.RepeatedCompositeFieldContainer[Global___GuestRoute]: ...
+    def __init__(
+        self,
+        *,
+        interfaces: _abc.Iterable[Global___GuestInterface] | None = ...,
+        routes: _abc.Iterable[Global___GuestRoute] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["interfaces", b"interfaces", "routes", b"routes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GuestNetwork: _TypeAlias = GuestNetwork  # noqa: Y015
 
 @_typing.final
 class ShutdownSandboxRequest(_message.Message):
@@ -809,6 +896,10 @@ class StartExecRequest(_message.Message):
       5 EXIT    agent->host  int32-BE exit code (128+N for signal N), after all output;
                              the agent then closes the connection
     The host closing the connection early kills the exec'd process.
+    A STDIO stream with container_id set and exec_id empty attaches to the container's own
+    stdio with the same frames (stdin only if it was created with stdin; CLOSE 0 closes
+    the container's stdin if it is stdin_once); EXIT comes once its output ended, and the
+    host closing the connection only detaches.
     """
 
     DESCRIPTOR: _descriptor.Descriptor

@@ -1,0 +1,211 @@
+"""Shared bench helpers: CNI conflist, a CRI endpoint wrapper, criv and a private
+containerd 1.6 (runc, overlayfs, the same CNI and registry), a loopback registry holding
+busybox and a busybox "pause" image, timing and percentiles. Used by lifecycle.py and
+podstart.py; figures only, never pass/fail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import grpc  # noqa: E402
+
+from criv_agent.api.runtime.v1 import api_pb2, api_pb2_grpc  # noqa: E402
+from tests.support.daemon import CrivProcess, default_config, merge  # noqa: E402
+from tests.support.images import busybox_image  # noqa: E402
+from tests.support.registry import RegistryServer  # noqa: E402
+
+# The benches' own bridge and subnet: they may run beside a criv using the default conflist.
+BRIDGE = "crivbench0"
+SUBNET = "10.212.0.0/16"
+Samples = dict[str, list[float]]
+
+
+def start_registry(root: Path) -> tuple[RegistryServer, str, str]:
+    """A loopback registry with busybox and a busybox "pause" (for containerd)."""
+    reg = RegistryServer(root / "registry")
+    reg.start()
+    reg.push_image("library/busybox", "latest", busybox_image())
+    pause_img = busybox_image(config={"Cmd": ["sleep", "2147483647"]})
+    reg.push_image("library/pause", "bench", pause_img)
+    return reg, reg.ref("library/busybox"), reg.ref("library/pause", "bench")
+
+
+def bridge_missing() -> bool:
+    return subprocess.run(["ip", "link", "show", BRIDGE], capture_output=True).returncode != 0
+
+
+def cni_dir(root: Path) -> Path:
+    conf = json.loads((ROOT / "etc/cni/10-criv.conflist").read_text())
+    conf["plugins"][0]["ipam"]["dataDir"] = str(root / "ipam")
+    conf["plugins"][0]["bridge"] = BRIDGE
+    conf["plugins"][0]["ipam"]["ranges"] = [[{"subnet": SUBNET}]]
+    d = root / "net.d"
+    d.mkdir(parents=True)
+    (d / "10-criv.conflist").write_text(json.dumps(conf))
+    return d
+
+
+class Runtime:
+    """A CRI endpoint under test, driven by the same code for both runtimes."""
+
+    name = ""
+
+    def __init__(self, socket: Path) -> None:
+        self.channel = grpc.insecure_channel(
+            f"unix:{socket}", options=[("grpc.max_receive_message_length", 16 << 20)]
+        )
+        grpc.channel_ready_future(self.channel).result(timeout=30)
+        self.rt = api_pb2_grpc.RuntimeServiceStub(self.channel)
+        self.images = api_pb2_grpc.ImageServiceStub(self.channel)
+        self.n = 0
+        self.proc: CrivProcess | None = None  # criv's process (None for containerd)
+
+    def pull(self, ref: str) -> None:
+        spec = api_pb2.ImageSpec(image=ref)
+        self.images.PullImage(api_pb2.PullImageRequest(image=spec), timeout=300)
+
+    def pod_config(self, logs: Path) -> api_pb2.PodSandboxConfig:
+        self.n += 1
+        name = f"bench-{self.name}-{self.n}"
+        return api_pb2.PodSandboxConfig(
+            metadata=api_pb2.PodSandboxMetadata(
+                name=name, namespace="bench", uid=f"uid-{name}", attempt=0
+            ),
+            hostname=name,
+            log_directory=str(logs / name),
+        )
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def timed(samples: Samples, op: str, fn: Callable[[], Any]) -> Any:
+    t0 = time.perf_counter()
+    out = fn()
+    samples.setdefault(op, []).append(time.perf_counter() - t0)
+    return out
+
+
+@contextlib.contextmanager
+def criv_runtime(
+    root: Path,
+    reg: RegistryServer,
+    cni: Path,
+    extra: dict[str, Any] | None = None,
+    name: str = "criv",
+) -> Iterator[Runtime]:
+    base = root / name
+    base.mkdir()
+    cfg = merge(
+        default_config(base),
+        {
+            "log": {"level": "info"},
+            "registries": {"insecure": [reg.host]},
+            "cni": {"conf_dir": str(cni), "bin_dirs": ["/usr/lib/cni"]},
+        },
+    )
+    proc = CrivProcess(base, merge(cfg, extra or {}))
+    proc.start()
+    r = Runtime(proc.socket)
+    r.name = name
+    r.proc = proc
+    try:
+        yield r
+    finally:
+        r.close()
+        proc.stop()
+
+
+CONTAINERD_CONFIG = """version = 2
+root = "{root}/root"
+state = "{root}/state"
+[grpc]
+  address = "{sock}"
+[ttrpc]
+  address = "{sock}.ttrpc"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{pause}"
+  enable_selinux = false
+  # root here lacks CAP_SYS_RESOURCE: clamp the pause container's -998 oom_score_adj
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "{cni}"
+  [plugins."io.containerd.grpc.v1.cri".registry.mirrors."{host}"]
+    endpoint = ["{url}"]
+"""
+
+
+@contextlib.contextmanager
+def containerd_runtime(root: Path, reg: RegistryServer, cni: Path, pause: str) -> Iterator[Runtime]:
+    base = root / "containerd"
+    base.mkdir()
+    sock = base / "containerd.sock"
+    (base / "config.toml").write_text(
+        CONTAINERD_CONFIG.format(
+            root=base, sock=sock, pause=pause, cni=cni, host=reg.host, url=reg.url
+        )
+    )
+    with (base / "containerd.log").open("wb") as log:
+        proc = subprocess.Popen(
+            ["containerd", "--config", str(base / "config.toml")],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    "containerd did not start:\n" + (base / "containerd.log").read_text()[-3000:]
+                )
+            time.sleep(0.1)
+        r = Runtime(sock)
+        r.name = "containerd"
+        try:
+            yield r
+        finally:
+            r.close()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        # shims outlive containerd: kill those serving our private state dir
+        for p in Path("/proc").iterdir():
+            if p.name.isdigit():
+                with contextlib.suppress(OSError):
+                    cmd = (p / "cmdline").read_bytes()
+                    if b"containerd-shim" in cmd and str(sock).encode() in cmd:
+                        subprocess.run(["kill", "-9", p.name], capture_output=True)
+        mounts = [
+            line.split()[4]
+            for line in Path("/proc/self/mountinfo").read_text().splitlines()
+            if line.split()[4].startswith(str(base))
+        ]
+        for m in sorted(mounts, key=len, reverse=True):
+            subprocess.run(["umount", "-l", m], capture_output=True)
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(p * (len(xs) - 1)))] * 1000

@@ -1,0 +1,267 @@
+"""Pod start benchmark: criv `vm` pods beside their floor and beside containerd + runc.
+
+Measures, per run, through each runtime's CRI socket:
+
+- ``ready``: RunPodSandbox until it returns (criv: the VM booted, the agent answered
+  SetupSandbox, i.e. READY);
+- ``pod+ctr``: RunPodSandbox + CreateContainer + StartContainer of a busybox ``sleep``
+  (the pod and its first container running).
+
+Beside them, in the same invocation:
+
+- ``qemu floor``: ``qemu-system-x86_64`` started directly (no libvirt, no CNI, no 9p) on the
+  same kernel + initramfs with the same agent arguments and the vsock backend, until the
+  agent answers Health: what a vm pod cannot beat without templating;
+- ``criv host``: criv's host isolation (the agent without a VM);
+- ``containerd``: Debian's containerd 1.6 + runc for the same pod (skipped if absent).
+
+Then host memory per idle vm pod (PSS, /proc/<pid>/smaps_rollup) with 1 and 10 pods: the
+domain's QEMU + its vsock backend + criv's own growth divided by the pod count. VMs boot
+one after another (TCG on two cores). Figures only, never pass/fail. Needs root, libvirtd
+and the guest image (`criv image build`). Usage:
+
+    .venv/bin/python bench/podstart.py [--runs 10] [--skip-containerd] [--skip-pss]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (
+    Runtime,
+    Samples,
+    bridge_missing,
+    cni_dir,
+    containerd_runtime,
+    criv_runtime,
+    pct,
+    start_registry,
+)
+
+from criv.agent.client import AgentClient
+from criv.guestimage import build_guest_image
+from criv.hypervisor.hostsetup import start_libvirtd
+from criv.vsock.process import VsockBackendProcess
+from criv_agent.api.runtime.v1 import api_pb2
+
+AGENT_ARGS = "criv.agent_args=--control,vsock:1024,--data,vsock:1025,--state-dir,/run/criv/agent"
+
+
+def pod_start(r: Runtime, image: str, runs: int, logs: Path) -> Samples:
+    s: Samples = {}
+    rt = r.rt
+    for _ in range(runs):
+        cfg = r.pod_config(logs)
+        t0 = time.perf_counter()
+        pid = rt.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=cfg), timeout=300).pod_sandbox_id
+        s.setdefault("ready", []).append(time.perf_counter() - t0)
+        ctr = api_pb2.ContainerConfig(
+            metadata=api_pb2.ContainerMetadata(name="c"),
+            image=api_pb2.ImageSpec(image=image),
+            command=["sleep", "1000000"],
+        )
+        req = api_pb2.CreateContainerRequest(pod_sandbox_id=pid, config=ctr, sandbox_config=cfg)
+        cid = rt.CreateContainer(req, timeout=300).container_id
+        rt.StartContainer(api_pb2.StartContainerRequest(container_id=cid), timeout=300)
+        s.setdefault("pod+ctr", []).append(time.perf_counter() - t0)
+        rt.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=pid), timeout=300)
+        rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pid), timeout=300)
+    return s
+
+
+def qemu_floor(kernel: Path, initrd: Path, runs: int, work: Path) -> Samples:
+    """Raw QEMU (the domain's devices minus NIC and 9p) to the agent's first Health answer."""
+    s: Samples = {}
+    for i in range(runs):
+        d = work / f"floor{i}"
+        d.mkdir(parents=True)
+        backend = VsockBackendProcess(
+            str(d / "v.sock"), str(d / "vs"), 3, listen_ports=[1024, 1025],
+            log_path=str(d / "vsock.log"),
+        )  # fmt: skip
+        t0 = time.perf_counter()
+        backend.start().wait_ready()
+        argv = [
+            "qemu-system-x86_64", "-M", "q35", "-accel", "tcg", "-cpu", "max",
+            "-m", "256", "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none",
+            "-serial", f"file:{d / 'console.log'}", "-kernel", str(kernel), "-initrd", str(initrd),
+            "-append", f"console=ttyS0 quiet panic=-1 reboot=t {AGENT_ARGS}",
+            "-object", "memory-backend-memfd,id=mem,size=256M,share=on",
+            "-numa", "node,memdev=mem", "-accel", "tcg,tb-size=64",
+            "-device", "virtio-rng-pci",
+            "-chardev", f"socket,id=vs,path={d / 'v.sock'}",
+            "-device", "vhost-user-vsock-pci,chardev=vs",
+        ]  # fmt: skip
+        qemu = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)  # fmt: skip
+        try:
+            asyncio.run(_wait_health(f"unix:{d / 'vs'}.1024", t0))
+            s.setdefault("ready", []).append(time.perf_counter() - t0)
+        finally:
+            qemu.kill()
+            qemu.wait()
+            backend.stop()
+    return s
+
+
+async def _wait_health(target: str, t0: float) -> None:
+    client = AgentClient(target)
+    try:
+        while True:
+            try:
+                await client.health(timeout=2)
+                return
+            except Exception:
+                if time.perf_counter() - t0 > 120:
+                    raise
+                await asyncio.sleep(0.02)
+    finally:
+        await client.close()
+
+
+def pss_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def vm_pss(r: Runtime, image: str, logs: Path, counts: list[int]) -> dict[int, dict[str, float]]:
+    """Per idle pod (one sleeping container each): QEMU, backend and criv's growth, MiB."""
+    assert r.proc is not None and r.proc.proc is not None
+    criv_pid = r.proc.proc.pid
+    out: dict[int, dict[str, float]] = {}
+    pods: list[str] = []
+    base = pss_kib(criv_pid)
+    try:
+        for n in counts:
+            while len(pods) < n:
+                cfg = r.pod_config(logs)
+                pid = r.rt.RunPodSandbox(
+                    api_pb2.RunPodSandboxRequest(config=cfg), timeout=300
+                ).pod_sandbox_id
+                ctr = api_pb2.ContainerConfig(
+                    metadata=api_pb2.ContainerMetadata(name="idle"),
+                    image=api_pb2.ImageSpec(image=image),
+                    command=["sleep", "1000000"],
+                )
+                cid = r.rt.CreateContainer(
+                    api_pb2.CreateContainerRequest(
+                        pod_sandbox_id=pid, config=ctr, sandbox_config=cfg
+                    ),
+                    timeout=300,
+                ).container_id
+                r.rt.StartContainer(api_pb2.StartContainerRequest(container_id=cid), timeout=300)
+                pods.append(pid)
+            time.sleep(5)  # idle: the guests settle
+            qemu = backend = 0
+            for pid in pods:
+                resp = r.rt.PodSandboxStatus(
+                    api_pb2.PodSandboxStatusRequest(pod_sandbox_id=pid, verbose=True), timeout=30
+                )
+                iso = json.loads(resp.info["info"])["isolationState"]
+                dom = iso["domain"]
+                qpid = int(Path(f"/run/libvirt/qemu/{dom}.pid").read_text())
+                qemu += pss_kib(qpid)
+                backend += pss_kib(int(iso["backend_pid"]))
+            crivd = max(pss_kib(criv_pid) - base, 0)
+            out[n] = {
+                "qemu": qemu / n / 1024,
+                "backend": backend / n / 1024,
+                "criv": crivd / n / 1024,
+                "total": (qemu + backend + crivd) / n / 1024,
+            }
+            print(f"  {n} pod(s): {out[n]['total']:.1f} MiB per pod", flush=True)
+    finally:
+        for pid in pods:
+            r.rt.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=pid), timeout=300)
+            r.rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pid), timeout=300)
+    return out
+
+
+def report(results: dict[str, Samples], pss: dict[int, dict[str, float]]) -> None:
+    print(f"\n{'runtime':<14}{'metric':<10}{'p50':>10}{'p90':>10}{'runs':>6}")
+    print("-" * 50)
+    for name, s in results.items():
+        for metric, xs in s.items():
+            print(f"{name:<14}{metric:<10}{pct(xs, 0.5):>8.0f}ms{pct(xs, 0.9):>8.0f}ms{len(xs):>6}")
+    if pss:
+        head = f"{'idle vm pods':<14}{'qemu':>10}{'backend':>10}{'criv':>10}{'total':>10}"
+        print(f"\n{head}  MiB/pod PSS")
+        for n, m in pss.items():
+            print(
+                f"{n:<14}{m['qemu']:>10.1f}{m['backend']:>10.1f}{m['criv']:>10.1f}{m['total']:>10.1f}"
+            )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--skip-containerd", action="store_true")
+    ap.add_argument("--skip-pss", action="store_true")
+    ap.add_argument("--pss-pods", type=int, default=10)
+    args = ap.parse_args()
+    start_libvirtd()
+    img = build_guest_image(progress=lambda line: print(f"[guest-image] {line}", flush=True))
+    root = Path(tempfile.mkdtemp(prefix="criv-bench-ps-"))
+    made_bridge = bridge_missing()
+    results: dict[str, Samples] = {}
+    pss: dict[int, dict[str, float]] = {}
+    vm_cfg = {
+        "vm": {"kernel": str(img.kernel), "initrd": str(img.initrd)},
+        "runtime": {"handlers": {"": "vm", "vm": "vm", "host": "host"}},
+    }
+    reg, image, pause = start_registry(root)
+    try:
+        cni = cni_dir(root / "cni")
+        logs = root / "logs"
+        print(f"qemu floor: {args.runs} runs...", flush=True)
+        results["qemu floor"] = qemu_floor(img.kernel, img.initrd, args.runs, root / "floor")
+        with criv_runtime(root, reg, cni, vm_cfg, name="criv-vm") as r:
+            r.pull(image)
+            # the first pod pays for the KVM probe and libvirt's QEMU capability probe
+            print("criv vm: warm-up pod...", flush=True)
+            pod_start(r, image, 1, logs / "warm")
+            print(f"criv vm: {args.runs} runs...", flush=True)
+            results["criv vm"] = pod_start(r, image, args.runs, logs / "vm")
+            if not args.skip_pss:
+                print("criv vm: PSS of idle pods...", flush=True)
+                pss = vm_pss(r, image, logs / "pss", [1, args.pss_pods])
+        host_cfg = {"runtime": {"handlers": {"": "host", "host": "host"}}}
+        with criv_runtime(root, reg, cni, host_cfg, name="criv-host") as r:
+            r.pull(image)
+            print(f"criv host: {args.runs} runs...", flush=True)
+            results["criv host"] = pod_start(r, image, args.runs, logs / "host")
+        if not args.skip_containerd:
+            if shutil.which("containerd") is None:
+                print("containerd not installed: skipped")
+            else:
+                with containerd_runtime(root, reg, cni, pause) as r:
+                    r.pull(image)
+                    r.pull(pause)
+                    print(f"containerd: {args.runs} runs...", flush=True)
+                    results["containerd"] = pod_start(r, image, args.runs, logs / "ctrd")
+    finally:
+        reg.close()
+        if made_bridge:
+            subprocess.run(["ip", "link", "del", "crivbench0"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+    report(results, pss)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,84 @@
+"""The guest's network for a ``vm`` pod, from SetupSandbox's ``network`` (what CNI set up on
+the host for the pod): each NIC found by MAC (a minimal guest has no udev to name them),
+given its MTU and addresses and brought up, then the routes. iproute2, as the host's CNI
+plugins would do it in a netns; idempotent, so a repeated SetupSandbox changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+from typing import Any
+
+from criv_agent.errors import InvalidArgument, RuntimeFailure
+
+log = logging.getLogger(__name__)
+SYS_NET = "/sys/class/net"
+
+
+def nic_by_mac(mac: str, root: str = SYS_NET) -> str:
+    want = mac.strip().lower()
+    try:
+        names = sorted(os.listdir(root))
+    except OSError:
+        names = []
+    for name in names:
+        try:
+            with open(os.path.join(root, name, "address"), encoding="ascii") as f:
+                if f.read().strip().lower() == want:
+                    return name
+        except OSError:
+            continue
+    raise InvalidArgument(f"no network interface with MAC {mac!r} in the guest")
+
+
+def _check_cidr(cidr: str) -> str:
+    try:
+        return str(ipaddress.ip_interface(cidr))
+    except ValueError:
+        raise InvalidArgument(f"bad address {cidr!r} (want CIDR)") from None
+
+
+def commands(network: Any, nic_of: Any = nic_by_mac) -> list[list[str]]:
+    """The ``ip`` invocations for a GuestNetwork message (pure, for tests)."""
+    cmds: list[list[str]] = []
+    first = ""
+    for iface in network.interfaces:
+        dev = nic_of(iface.mac)
+        first = first or dev
+        if iface.mtu:
+            cmds.append(["ip", "link", "set", "dev", dev, "mtu", str(int(iface.mtu))])
+        cmds.append(["ip", "link", "set", "dev", dev, "up"])
+        for addr in iface.addresses:
+            cmds.append(["ip", "addr", "replace", _check_cidr(addr), "dev", dev])
+    for r in network.routes:
+        try:
+            dst = str(ipaddress.ip_network(r.destination or "0.0.0.0/0", strict=False))
+            gw = str(ipaddress.ip_address(r.gateway)) if r.gateway else ""
+        except ValueError:
+            raise InvalidArgument(f"bad route {r.destination!r} via {r.gateway!r}") from None
+        family = "-6" if ":" in dst else "-4"
+        cmd = ["ip", family, "route", "replace", dst]
+        if gw:
+            cmd += ["via", gw]
+        if first:
+            cmd += ["dev", first]
+        cmds.append(cmd)
+    return cmds
+
+
+async def apply(network: Any) -> None:
+    for cmd in commands(network):
+        proc = await asyncio.create_subprocess_exec(
+            *cmd,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await proc.communicate()
+        if proc.returncode != 0:
+            msg = out.decode(errors="replace").strip()
+            raise RuntimeFailure(f"{' '.join(cmd)}: {msg}")
+    log.info("guest network configured: %d interface(s)", len(network.interfaces))
