@@ -16,6 +16,7 @@ import logging
 import os
 from pathlib import Path
 
+from criv.commands import run_command
 from criv.errors import Internal
 
 log = logging.getLogger("criv.network")
@@ -29,17 +30,6 @@ def netns_dir(run_dir: str | Path) -> Path:
 
 def netns_path(run_dir: str | Path, sandbox_id: str) -> Path:
     return netns_dir(run_dir) / f"{NETNS_PREFIX}{sandbox_id[:12]}"
-
-
-async def _run(*argv: str) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await proc.communicate()
-    return proc.returncode or 0, out.decode(errors="replace").strip()
 
 
 def _is_mountpoint(path: Path) -> bool:
@@ -57,13 +47,13 @@ async def create_netns(path: Path) -> None:
     if await asyncio.to_thread(_is_mountpoint, path):
         return  # already there (a retried RunPodSandbox)
     await asyncio.to_thread(path.touch, 0o644)
-    rc, out = await _run("unshare", f"--net={path}", "true")
+    rc, out = await run_command("unshare", f"--net={path}", "true")
     if rc != 0:
         await asyncio.to_thread(_unlink, path)
         raise Internal(f"cannot create network namespace {path}: {out}")
     # CNI's loopback plugin only acts on its own ifname; lo must be up for localhost
     # traffic between the pod's containers whatever the conflist holds.
-    rc, out = await _run("nsenter", f"--net={path}", "ip", "link", "set", "lo", "up")
+    rc, out = await run_command("nsenter", f"--net={path}", "ip", "link", "set", "lo", "up")
     if rc != 0:
         await delete_netns(path)
         raise Internal(f"cannot bring up lo in {path}: {out}")
@@ -79,7 +69,7 @@ async def delete_netns(path: Path) -> None:
     if await asyncio.to_thread(_is_mountpoint, path):
         # MNT_DETACH: a process still inside keeps the namespace alive, but the
         # file goes now; the namespace dies with its last process.
-        rc, out = await _run("umount", "--lazy", str(path))
+        rc, out = await run_command("umount", "--lazy", str(path))
         if rc != 0 and await asyncio.to_thread(_is_mountpoint, path):
             raise Internal(f"cannot unmount network namespace {path}: {out}")
     await asyncio.to_thread(_unlink, path)

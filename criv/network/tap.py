@@ -15,7 +15,6 @@ that made it (its state dir), so one criv never collects another's tap mid-boot.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ipaddress
 import json
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from criv.commands import run_command
 from criv.errors import Internal
 
 log = logging.getLogger("criv.network.tap")
@@ -37,19 +37,8 @@ def tap_name(sandbox_id: str) -> str:
     return TAP_PREFIX + sandbox_id[:10]
 
 
-async def _run(*argv: str) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await proc.communicate()
-    return proc.returncode or 0, out.decode(errors="replace").strip()
-
-
 async def _check(*argv: str) -> str:
-    rc, out = await _run(*argv)
+    rc, out = await run_command(*argv)
     if rc != 0:
         raise Internal(f"{' '.join(argv)}: {out}")
     return out
@@ -86,7 +75,7 @@ async def create_tap(name: str, owner: str) -> None:
 async def delete_tap(name: str) -> None:
     """Delete the tap from the host netns; a missing tap is success (it may have moved
     into the pod netns, which takes it along when it goes)."""
-    await _run("ip", "link", "del", "dev", name)
+    await run_command("ip", "link", "del", "dev", name)
 
 
 async def attach_tap(netns: Path, tap: str, ifname: str = POD_IFNAME) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 
 from criv.agent.client import AgentClient
 from criv.agent.types import GuestNetwork
+from criv.commands import run_command
 from criv.config import Config
 from criv.errors import AgentError, CrivError, Internal
 from criv.sandbox.isolation import PodPaths
@@ -181,11 +182,11 @@ class HostIsolation:
         root = paths.agent_state / "crun"
         if root.is_dir():
             crun = self._config.runtime.crun
-            rc, out = await _run(crun, "--root", str(root), "list", "-q")
+            rc, out = await run_command(crun, "--root", str(root), "list", "-q", merge_stderr=False)
             for cid in out.split() if rc == 0 else []:
                 log.warning("pod %s: removing leftover container %s", pod.id[:12], cid[:12])
-                await _run(crun, "--root", str(root), "kill", "--all", cid, "KILL")
-                await _run(crun, "--root", str(root), "delete", "--force", cid)
+                await run_command(crun, "--root", str(root), "kill", "--all", cid, "KILL")
+                await run_command(crun, "--root", str(root), "delete", "--force", cid)
         await asyncio.to_thread(_kill_pod_leftovers, pod, paths)
         await asyncio.to_thread(_remove_pod_cgroups, pod.id)
 
@@ -206,17 +207,6 @@ class HostIsolation:
 
     async def close(self) -> None:
         pass
-
-
-async def _run(*argv: str) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    out, _ = await proc.communicate()
-    return proc.returncode or 0, out.decode(errors="replace")
 
 
 def _remove_pod_cgroups(pod_id: str) -> None:

@@ -13,6 +13,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from criv.commands import run_command
 from criv.errors import Internal, InvalidArgument
 
 log = logging.getLogger("criv.sandbox.rootfs")
@@ -43,17 +44,6 @@ def is_mounted(path: Path) -> bool:
         return False
 
 
-async def _run(*argv: str) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await proc.communicate()
-    return proc.returncode or 0, out.decode(errors="replace").strip()
-
-
 async def mount_rootfs(layer_dirs: list[Path], container_dir: Path) -> Path:
     rootfs = container_dir / "rootfs"
     upper, work = container_dir / "upper", container_dir / "work"
@@ -66,7 +56,7 @@ async def mount_rootfs(layer_dirs: list[Path], container_dir: Path) -> Path:
     await asyncio.to_thread(prepare)
     if await asyncio.to_thread(is_mounted, rootfs):
         return rootfs
-    rc, out = await _run("mount", "-t", "overlay", "overlay", "-o", opts, str(rootfs))
+    rc, out = await run_command("mount", "-t", "overlay", "overlay", "-o", opts, str(rootfs))
     if rc != 0:
         raise Internal(f"cannot mount container rootfs at {rootfs}: {out}")
     return rootfs
@@ -78,9 +68,9 @@ async def unmount_rootfs(container_dir: Path) -> None:
     for _ in range(8):  # stacked mounts, if any, come off one by one
         if not await asyncio.to_thread(is_mounted, rootfs):
             break
-        rc, out = await _run("umount", str(rootfs))
+        rc, out = await run_command("umount", str(rootfs))
         if rc != 0:
-            rc, out = await _run("umount", "--lazy", str(rootfs))
+            rc, out = await run_command("umount", "--lazy", str(rootfs))
             if rc != 0:
                 raise Internal(f"cannot unmount {rootfs}: {out}")
     for name in ("rootfs", "upper", "work"):
@@ -103,7 +93,7 @@ def mounts_under(prefix: Path) -> list[Path]:
 
 
 async def umount_lazy(path: Path) -> None:
-    rc, out = await _run("umount", "--lazy", str(path))
+    rc, out = await run_command("umount", "--lazy", str(path))
     if rc != 0 and await asyncio.to_thread(is_mounted, path):
         raise Internal(f"cannot unmount {path}: {out}")
 

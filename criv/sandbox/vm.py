@@ -25,6 +25,7 @@ from typing import Any
 
 from criv.agent.client import AgentClient
 from criv.agent.types import GuestInterface, GuestNetwork, GuestRoute
+from criv.commands import run_command
 from criv.config import Config
 from criv.errors import AgentError, CrivError, FailedPrecondition, Internal, InvalidArgument
 from criv.guestimage import DEFAULT_CACHE_ROOT, cached_image
@@ -84,17 +85,6 @@ def _qemu_pid(name: str) -> int:
     except (OSError, ValueError):
         return 0
     return pid if f"guest={name}".encode() in cmd and process_start_time(pid) else 0
-
-
-async def _run(*argv: str) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await proc.communicate()
-    return proc.returncode or 0, out.decode(errors="replace").strip()
 
 
 class VmIsolation:
@@ -414,7 +404,7 @@ class VmIsolation:
 
         await asyncio.to_thread(prepare)
         if not await asyncio.to_thread(is_mounted, target):
-            rc, out = await _run("mount", "--bind", str(host_path), str(target))
+            rc, out = await run_command("mount", "--bind", str(host_path), str(target))
             if rc != 0:
                 raise Internal(f"cannot bind {host_path} into the pod's shared dir: {out}")
         return self.agent_path(paths, target)
