@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import lzma
 import os
 import shutil
 import subprocess
@@ -23,10 +22,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+from criv.guestimage import debian_kernel
+from criv.guestimage.cpio import write_cpio
+
 ROOT = Path(__file__).resolve().parents[2]
 GUEST_SRC = ROOT / "tests" / "vm" / "vsock" / "guest" / "vsock-guest.c"
 DEFAULT_CACHE = Path(os.environ.get("CRIV_TEST_CACHE", "/var/cache/criv-test"))
-MODULES = [
+MODULES = (
     "virtio",
     "virtio_ring",
     "virtio_pci_modern_dev",
@@ -36,7 +38,7 @@ MODULES = [
     "vsock",
     "vmw_vsock_virtio_transport_common",
     "vmw_vsock_virtio_transport",
-]
+)
 INIT = """#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
@@ -50,58 +52,8 @@ exec /vsock-guest
 
 
 def kernel_package() -> str:
-    """The Debian kernel package behind linux-image-amd64 (e.g. linux-image-6.1.0-57-amd64)."""
-    env = os.environ.get("CRIV_TEST_KERNEL_PKG")
-    if env:
-        return env
-    out = subprocess.run(
-        ["apt-cache", "depends", "linux-image-amd64"], check=True, capture_output=True, text=True
-    ).stdout
-    for line in out.splitlines():
-        line = line.strip()
-        if line.startswith("Depends:") and "linux-image-" in line:
-            return line.split()[-1] + "-unsigned"
-    raise SystemExit("cannot resolve the linux-image-amd64 dependency")
-
-
-def fetch_deb(pkg: str, cache: Path) -> Path:
-    debs = cache / "debs"
-    debs.mkdir(parents=True, exist_ok=True)
-    found = sorted(debs.glob(f"{pkg}_*.deb"))
-    if not found:
-        subprocess.run(["apt-get", "download", pkg], cwd=debs, check=True, capture_output=True)
-        found = sorted(debs.glob(f"{pkg}_*.deb"))
-    if not found:
-        raise SystemExit(f"apt-get download {pkg} produced nothing")
-    return found[-1]
-
-
-def busybox() -> Path:
-    for cand in ("/bin/busybox", "/usr/bin/busybox"):
-        p = Path(cand)
-        if p.exists() and b"ld-linux" not in p.read_bytes()[:4096]:
-            return p
-    raise SystemExit("busybox-static is not installed (apt-get install busybox-static)")
-
-
-def cpio_newc(entries: list[tuple[str, int, bytes]]) -> bytes:
-    """Entries: (path, mode, data); directories have S_IFDIR mode and empty data."""
-    out = bytearray()
-    for ino, (name, mode, data) in enumerate([*entries, ("TRAILER!!!", 0, b"")], start=1):
-        nb = name.encode() + b"\0"
-        fields = [ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(nb), 0]
-        out += b"070701" + b"".join(b"%08X" % f for f in fields) + nb
-        out += b"\0" * (-len(out) % 4) + data
-        out += b"\0" * (-len(out) % 4)
-    return bytes(out)
-
-
-def modinfo_depends(ko: bytes) -> list[str]:
-    i = ko.find(b"\0depends=")
-    if i < 0:
-        return []
-    val = ko[i + 9 : ko.index(b"\0", i + 9)].decode()
-    return [d for d in val.split(",") if d]
+    """The Debian kernel package behind linux-image-amd64, unless CRIV_TEST_KERNEL_PKG says."""
+    return os.environ.get("CRIV_TEST_KERNEL_PKG") or debian_kernel.kernel_package()
 
 
 def build(out: Path, deb: Path) -> None:
@@ -109,43 +61,27 @@ def build(out: Path, deb: Path) -> None:
         tmp = Path(td)
         subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp / "k")], check=True)
         vmlinuz = next((tmp / "k" / "boot").glob("vmlinuz-*"))
-        data = vmlinuz.read_bytes()
-        start = data.find(b"\xfd7zXZ\x00")
-        if start < 0:
-            raise SystemExit("vmlinuz is not XZ-compressed; cannot extract vmlinux")
-        vmlinux = lzma.LZMADecompressor().decompress(data[start:])
-        if not vmlinux.startswith(b"\x7fELF"):
-            raise SystemExit("extracted kernel is not an ELF image")
+        vmlinux = debian_kernel.extract_vmlinux(vmlinuz.read_bytes())
         mods = {p.stem: p for p in (tmp / "k" / "lib" / "modules").rglob("*.ko")}
-        order: list[str] = []
-
-        def add(name: str) -> None:
-            if name in order:
-                return
-            ko = mods[name].read_bytes()
-            for dep in modinfo_depends(ko):
-                add(dep)
-            order.append(name)
-
-        for m in MODULES:
-            add(m)
+        order = debian_kernel.module_order(mods, MODULES)
         guest = tmp / "vsock-guest"
         subprocess.run(["gcc", "-static", "-O2", "-o", str(guest), str(GUEST_SRC)], check=True)
-        d, x, f = 0o040755, 0o100755, 0o100644
-        entries: list[tuple[str, int, bytes]] = [
-            (n, d, b"") for n in ("bin", "dev", "proc", "sys", "tmp", "lib", "lib/modules")
-        ]
-        entries += [
-            ("bin/busybox", x, busybox().read_bytes()),
-            ("init", x, INIT.encode()),
-            ("vsock-guest", x, guest.read_bytes()),
-            ("modules.order", f, ("\n".join(order) + "\n").encode()),
-        ]
-        entries += [(f"lib/modules/{m}.ko", f, mods[m].read_bytes()) for m in order]
+        root = tmp / "root"
+        for d in ("bin", "dev", "proc", "sys", "tmp", "lib/modules"):
+            (root / d).mkdir(parents=True)
+        shutil.copyfile(debian_kernel.static_busybox(), root / "bin" / "busybox")
+        (root / "init").write_text(INIT)
+        shutil.copyfile(guest, root / "vsock-guest")
+        for exe in ("bin/busybox", "init", "vsock-guest"):
+            (root / exe).chmod(0o755)
+        (root / "modules.order").write_text("\n".join(order) + "\n")
+        for m in order:
+            shutil.copyfile(mods[m], root / "lib" / "modules" / f"{m}.ko")
         stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=".build-"))
         stage.chmod(0o755)
         (stage / "vmlinux").write_bytes(vmlinux)
-        (stage / "initramfs.cpio").write_bytes(cpio_newc(entries))
+        with (stage / "initramfs.cpio").open("wb") as f:
+            write_cpio(root, f)
         (stage / "vsock-guest").write_bytes(guest.read_bytes())
         try:
             stage.rename(out)
@@ -159,11 +95,11 @@ def main() -> int:
     args = ap.parse_args()
     cache: Path = args.cache
     cache.mkdir(parents=True, exist_ok=True)
-    deb = fetch_deb(kernel_package(), cache)
+    deb = debian_kernel.fetch_deb(kernel_package(), cache / "debs")
     h = hashlib.sha256()
     for part in (Path(__file__).read_bytes(), GUEST_SRC.read_bytes(), deb.name.encode()):
         h.update(hashlib.sha256(part).digest())
-    h.update(hashlib.sha256(busybox().read_bytes()).digest())
+    h.update(hashlib.sha256(debian_kernel.static_busybox().read_bytes()).digest())
     out = cache / f"vsock-{h.hexdigest()[:16]}"
     if not (out / "initramfs.cpio").exists():
         print(f"building {out} (kernel {deb.name})", file=sys.stderr)

@@ -23,6 +23,7 @@
 #include <errno.h>
 #include <dirent.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -279,6 +280,13 @@ static void handle(int fd) {
         dprint(fd, "%s\n", msg);
     } else if (!strcmp(cmd, "REBOOT")) {
         dprint(fd, "REBOOTING\n");
+        /* Reboot resets the device, dropping tx packets the backend has not taken yet:
+         * wait until the host has read the reply and closed (10 s at most). */
+        shutdown(fd, SHUT_WR);
+        struct pollfd pfd = {.fd = fd, .events = POLLIN};
+        char sink[64];
+        while (poll(&pfd, 1, 10000) > 0 && read(fd, sink, sizeof sink) > 0) {
+        }
         close(fd);
         sync();
         reboot(RB_AUTOBOOT);
