@@ -1,8 +1,8 @@
 """ImageManager: the image store's facade for the CRI servicer and the sandbox code.
 
 Layout under ``<state_dir>/images/``: ``blobs/sha256/`` (content), ``layers/<diff>/``
-(unpacked layers), ``records/`` (one JSON per image), ``tmp/`` and ``trash/``.
-See docs/image-store.md.
+(unpacked layers), ``records/`` (one JSON per image), ``leases/`` (one JSON per
+container using layers), ``tmp/`` and ``trash/``. See docs/image-store.md.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from criv.errors import CrivError, ImageNotFound, ResourceExhausted
 from criv.image.auth import Credentials
 from criv.image.content import ContentStore
 from criv.image.layers import LayerStore
+from criv.image.leases import Lease, LeaseStore, check_holder
 from criv.image.platform import Platform, host_platform
 from criv.image.pull import Puller, PullResult, SingleFlight
 from criv.image.records import ImageIndex, ImageRecord, RecordStore
@@ -75,8 +76,11 @@ class ImageManager:
         self.index = ImageIndex()
         self.client = RegistryClient(config.registries)
         self.platform = platform or host_platform()
-        self._lock = asyncio.Lock()  # records, index and GC decisions
-        self._leases: collections.Counter[str] = collections.Counter()
+        self._lock = asyncio.Lock()  # records, index, leases and GC decisions
+        self._leases: collections.Counter[str] = collections.Counter()  # in-flight pulls
+        self.leases = LeaseStore(self.root)
+        self._held: dict[str, Lease] = {}  # holder -> its lease (containers)
+        self._unreadable_leases: set[str] = set()  # holders: keep every layer meanwhile
         self._pulls: SingleFlight[str] = SingleFlight()
         self._blob_usage: dict[str, int] = {}
         self._layer_usage: dict[str, tuple[int, int]] = {}
@@ -88,8 +92,10 @@ class ImageManager:
     async def start(self) -> None:
         def setup() -> list[tuple[ImageRecord, bytes | None]]:
             self.root.mkdir(parents=True, exist_ok=True)
-            for part in (self.content, self.layers, self.records):
+            for part in (self.content, self.layers, self.records, self.leases):
                 part.setup()
+            # before the GC below: what running containers use must survive it
+            self._held, self._unreadable_leases = self.leases.load_all()
             out: list[tuple[ImageRecord, bytes | None]] = []
             for rec in self.records.load_all():
                 try:
@@ -116,7 +122,86 @@ class ImageManager:
         await self.puller.unpack_flights.cancel_all()
         await self.client.close()
 
-    # -- leases: what an in-flight pull uses, kept from GC ------------------------
+    # -- holder leases: layers a container's rootfs uses, kept from GC ------------
+
+    async def acquire(self, ref: str, holder: str) -> StoredImage:
+        """Lease ``ref``'s layers for ``holder`` and return the image.
+
+        Resolved under the store lock, so the image returned is one whose layers GC
+        cannot take from now on, even if the image is removed before the caller mounts
+        them. A holder has one lease: acquiring again replaces it (idempotent retry).
+        """
+        check_holder(holder)
+        async with self._lock:
+            rec, _ = self.index.resolve(ref)
+            if rec is None:
+                raise ImageNotFound(f"image {ref!r} not found")
+            img = self._stored(rec)
+            lease = Lease(holder, rec.id, list(img.layers), time.time_ns())
+            await asyncio.to_thread(self.leases.save, lease)
+            old = self._held.get(holder)
+            self._held[holder] = lease
+            # replacing an unreadable lease lifts its hold on every layer
+            collect = holder in self._unreadable_leases
+            self._unreadable_leases.discard(holder)
+            if old is not None:
+                collect = collect or bool(set(old.layers) - self._referenced())
+        if collect:
+            await self._gc_after_release()
+        return img
+
+    async def release(self, holder: str) -> None:
+        """Drop ``holder``'s lease (a no-op if it has none); layers that nothing else
+        references any more are collected now."""
+        await self.release_many([holder])
+
+    async def release_many(self, holders: Iterable[str]) -> None:
+        freed: set[str] = set()
+        collect = False
+        async with self._lock:
+            for h in holders:
+                lease = self._held.get(h)
+                if lease is None and h not in self._unreadable_leases:
+                    continue
+                # file first: if it cannot go, the lease is still held here and on disk
+                await asyncio.to_thread(self.leases.delete, h)
+                self._held.pop(h, None)
+                if h in self._unreadable_leases:
+                    self._unreadable_leases.discard(h)
+                    collect = True
+                if lease is not None:
+                    freed |= set(lease.layers)
+            # common case (the image is still there): nothing to collect, skip the scan
+            collect = collect or bool(freed - self._referenced())
+        if collect:
+            await self._gc_after_release()
+
+    def lease_holders(self) -> set[str]:
+        """Every holder with a lease on disk (readable or not), for recovery."""
+        return set(self._held) | self._unreadable_leases
+
+    def lease_of(self, holder: str) -> Lease | None:
+        return self._held.get(holder)
+
+    def _referenced(self) -> set[str]:
+        """Keys (digests, diff ids) GC must keep: records, pulls, leases (lock held)."""
+        keep: set[str] = set(self._leases)
+        for rec in self.index.by_id.values():
+            keep |= rec.blobs()
+            keep |= {layer.diff_id for layer in rec.layers}
+        for lease in self._held.values():
+            keep |= set(lease.layers)
+        return keep
+
+    async def _gc_after_release(self) -> None:
+        # The lease is gone either way; a failed sweep is retried by the next GC and
+        # must not fail the container removal that released it.
+        try:
+            await self.gc()
+        except OSError as e:
+            log.error("image gc after a lease release failed: %s", e)
+
+    # -- pull leases: what an in-flight pull uses, kept from GC -------------------
 
     async def _lease(self, keys: Iterable[str]) -> None:
         keys = list(keys)
@@ -275,23 +360,31 @@ class ImageManager:
                 return
             await asyncio.to_thread(self.records.delete, rec.id)
             self.index.drop(rec.id)
+            users = [h for h, x in self._held.items() if x.image_id == rec.id]
+            if users:
+                log.info(
+                    "image %s removed; its layers stay until %d container(s) using them go",
+                    rec.id,
+                    len(users),
+                )
             if not any(r.config_digest == rec.config_digest for r in self.index.by_id.values()):
                 self._configs.pop(rec.config_digest, None)
         await self.gc()
 
     async def gc(self) -> None:
-        """Delete blobs and layer dirs that no image record and no pull references."""
+        """Delete blobs and layer dirs that no image record, pull or lease references."""
         async with self._lock:
-            keep: set[str] = set(self._leases)
-            for rec in self.index.by_id.values():
-                keep |= rec.blobs()
-                keep |= {layer.diff_id for layer in rec.layers}
+            keep = self._referenced()
+            # an unreadable lease may hold any layer: collect none until it is released
+            keep_layers = bool(self._unreadable_leases)
 
             def sweep() -> tuple[int, int]:
                 blobs = self.content.list() - keep
                 for d in blobs:
                     self.content.delete(d)
-                layers = [x for x in self.layers.list() if x.diff_id not in keep]
+                layers = [
+                    x for x in self.layers.list() if x.diff_id not in keep and not keep_layers
+                ]
                 for x in layers:
                     self.layers.remove(x.diff_id)
                 return len(blobs), len(layers)
@@ -315,6 +408,7 @@ class ImageManager:
         """Bytes and inodes the store uses (du-style accounting kept up to date)."""
         used = sum(self._blob_usage.values()) + sum(b for b, _ in self._layer_usage.values())
         inodes = len(self._blob_usage) + sum(i for _, i in self._layer_usage.values())
-        used += _RECORD_BYTES * (len(self.index.by_id) + 8)  # records and the store's dirs
-        inodes += len(self.index.by_id) + 8
+        records = len(self.index.by_id) + len(self._held)
+        used += _RECORD_BYTES * (records + 9)  # records, leases and the store's dirs
+        inodes += records + 9
         return FsUsage(str(self.root), used, inodes, time.time_ns())

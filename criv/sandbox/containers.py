@@ -29,7 +29,7 @@ from criv.errors import (
 from criv.sandbox.events import EventKind
 from criv.sandbox.pods import PodOps
 from criv.sandbox.records import ContainerRecord, PodRecord
-from criv.sandbox.rootfs import mount_rootfs, unmount_rootfs
+from criv.sandbox.rootfs import is_mounted, mount_rootfs, unmount_rootfs
 from criv.sandbox.specs import (
     ContainerFilter,
     ContainerSpec,
@@ -73,13 +73,18 @@ class ContainerOps(PodOps):
             return await self._create(pod, client, spec, cid)
         except BaseException:
             self.container_names.release(name, cid)
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._release_image_if_unmounted(pod.id, cid))
             raise
 
     async def _create(self, pod: PodRecord, client: object, spec: ContainerSpec, cid: str) -> str:
         from criv.agent.client import AgentClient
 
         assert isinstance(client, AgentClient)
-        image = self.images.get(spec.image)
+        # Lease before anything is mounted: from here a RemoveImage leaves the layers
+        # alone. A crash before the record is written leaves a lease with no container,
+        # which recovery releases.
+        image = await self.images.acquire(spec.image, cid)
         iso = self.isolation(pod)
         paths = self.paths(pod.id)
         cdir = self.container_dir(pod.id, cid)
@@ -146,6 +151,14 @@ class ContainerOps(PodOps):
         await self.unshare_container(rec.sandbox_id, rec.id)
         await unmount_rootfs(cdir)
         await self.containers.delete(rec.id, remove_dir=cdir)
+
+    async def _release_image_if_unmounted(self, pod_id: str, cid: str) -> None:
+        """A failed create's lease goes, unless undoing it left the rootfs mounted: its
+        layers are that overlay's lowerdirs (recovery's sweep unmounts it and releases)."""
+        if await asyncio.to_thread(is_mounted, self.container_dir(pod_id, cid) / "rootfs"):
+            log.error("container %s: rootfs still mounted, image lease kept", cid[:12])
+            return
+        await self.images.release(cid)
 
     async def start_container(self, cid: str) -> None:
         c = self.container(cid)

@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import logging
 from collections import defaultdict
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -55,9 +55,22 @@ _AGENT_STATES = {
 
 
 class ImageSource(Protocol):
-    """What the sandbox layer needs of the image store."""
+    """What the sandbox layer needs of the image store (criv.image.manager.ImageManager).
+
+    A container holds a lease (holder: its id) on its image's layers from before its
+    rootfs is mounted until after it is unmounted, so removing the image never deletes
+    layer dirs under a mounted overlay.
+    """
 
     def get(self, ref: str) -> Any: ...
+
+    async def acquire(self, ref: str, holder: str) -> Any: ...
+
+    async def release(self, holder: str) -> None: ...
+
+    async def release_many(self, holders: Iterable[str]) -> None: ...
+
+    def lease_holders(self) -> set[str]: ...
 
 
 def merge_info(rec: ContainerRecord, info: AgentContainerInfo) -> ContainerRecord:

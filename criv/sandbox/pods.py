@@ -389,6 +389,9 @@ class PodOps(SandboxCore):
         await self.stop_follower(c.sandbox_id, c.id)
         await self.unshare_container(c.sandbox_id, c.id)
         await unmount_rootfs(self.container_dir(c.sandbox_id, c.id))
+        # Only now that the overlay is off may its layers go (if their image was removed).
+        # Before the record: if this fails, RemoveContainer fails and is retried.
+        await self.images.release(c.id)
         await self.containers.delete(c.id, remove_dir=self.container_dir(c.sandbox_id, c.id))
         self.container_names.release(self.container_name_of(c), c.id)
 

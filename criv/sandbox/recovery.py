@@ -13,7 +13,10 @@ Agents (host processes here, VMs later) outlive criv. At start criv:
 3. sweeps what no record owns: netns files, mounts under the state dir, pod dirs,
    socket dirs and criv-agent processes started for this run dir; each isolation mode
    sweeps its own (vm: libvirt domains tagged with this state dir, vsock backends under
-   this run dir, taps left in the host netns).
+   this run dir, taps left in the host netns);
+4. settles image leases (after the sweep, so no orphan overlay is still mounted): a
+   lease whose container record is gone is released and its layers collected; a
+   container without one (made before leases existed) gets one if its image is there.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import signal
 import time
 from pathlib import Path
 
-from criv.errors import CrivError
+from criv.errors import CrivError, ImageNotFound
 from criv.network.netns import delete_netns, list_netns, netns_exists
 from criv.sandbox.containers import ContainerOps
 from criv.sandbox.records import ContainerRecord, PodRecord
@@ -53,6 +56,10 @@ class RecoveryOps(ContainerOps):
             except Exception:
                 log.exception("recovering pod %s failed", pod.id[:12])
         await self._sweep(orphan_dirs)
+        try:
+            await self._settle_image_leases()
+        except (CrivError, OSError) as e:
+            log.error("settling image leases failed: %s", e)
         log.info(
             "recovered %d pod sandboxes, %d containers",
             len(self.pods.all()),
@@ -141,6 +148,18 @@ class RecoveryOps(ContainerOps):
                     message="the pod's agent was gone when criv restarted",
                     finished_at_ns=time.time_ns(),
                 )  # fmt: skip
+
+    async def _settle_image_leases(self) -> None:
+        known = {c.id for c in self.containers.all()}
+        leased = self.images.lease_holders()
+        stale = leased - known
+        if stale:
+            log.warning("releasing image leases of %d removed container(s)", len(stale))
+            await self.images.release_many(stale)  # collects what they alone kept
+        for c in self.containers.all():
+            if c.id not in leased:
+                with contextlib.suppress(ImageNotFound):
+                    await self.images.acquire(c.image_id, c.id)
 
     # -- the orphan sweep ----------------------------------------------------------
 
