@@ -34,6 +34,7 @@ from criv.streaming.backend import (
     DuplexStream,
     PortForwardRefused,
     ProcessStreams,
+    SocketDuplex,
     StreamingError,
 )
 
@@ -74,38 +75,6 @@ class AgentLink(Protocol):
         Raise a CrivError (or OSError) if the agent refuses; its text reaches the user.
         """
         ...
-
-
-class _AgentConnection:
-    """A DuplexStream over one agent data connection."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._r = reader
-        self._w = writer
-
-    async def read(self, n: int) -> bytes:
-        try:
-            return await self._r.read(n)
-        except (ConnectionError, OSError):
-            return b""
-
-    async def write(self, data: bytes) -> None:
-        if self._w.is_closing():
-            return
-        self._w.write(data)
-        with contextlib.suppress(ConnectionError, OSError):
-            await self._w.drain()
-
-    async def close_write(self) -> None:
-        # The agent sees EOF and half-closes toward the pod's socket in turn.
-        with contextlib.suppress(ConnectionError, OSError):
-            if self._w.can_write_eof() and not self._w.is_closing():
-                self._w.write_eof()
-
-    async def close(self) -> None:
-        self._w.close()
-        with contextlib.suppress(ConnectionError, OSError):
-            await self._w.wait_closed()
 
 
 def _frame(kind: int, payload: bytes = b"") -> bytes:
@@ -296,4 +265,4 @@ class AgentStreamingBackend:
             raise PortForwardRefused(getattr(e, "message", None) or str(e)) from e
         except Exception as e:  # the link's own refusal type (e.g. StreamRefused)
             raise PortForwardRefused(str(e) or type(e).__name__) from e
-        return _AgentConnection(reader, writer)
+        return SocketDuplex(reader, writer)

@@ -11,6 +11,8 @@ whole session, so bytes flow without one call per chunk. Implementations:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Protocol
 
 from criv.errors import CrivError
@@ -90,6 +92,42 @@ class DuplexStream(Protocol):
     async def close(self) -> None:
         """Close both directions; idempotent."""
         ...
+
+
+class SocketDuplex:
+    """A DuplexStream over an asyncio stream pair (a TCP or agent data connection).
+
+    Errors on a connection that went away read as EOF and make writes no-ops: the
+    session notices through the other direction and ends.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._r = reader
+        self._w = writer
+
+    async def read(self, n: int) -> bytes:
+        try:
+            return await self._r.read(n)
+        except (ConnectionError, OSError):
+            return b""
+
+    async def write(self, data: bytes) -> None:
+        if self._w.is_closing():
+            return
+        self._w.write(data)
+        with contextlib.suppress(ConnectionError, OSError):
+            await self._w.drain()
+
+    async def close_write(self) -> None:
+        # The peer sees EOF (the agent half-closes toward the pod's socket in turn).
+        with contextlib.suppress(ConnectionError, OSError):
+            if self._w.can_write_eof() and not self._w.is_closing():
+                self._w.write_eof()
+
+    async def close(self) -> None:
+        self._w.close()
+        with contextlib.suppress(ConnectionError, OSError):
+            await self._w.wait_closed()
 
 
 class StreamingBackend(Protocol):

@@ -29,6 +29,7 @@ from criv.streaming.backend import (
     DuplexStream,
     PortForwardRefused,
     ProcessStreams,
+    SocketDuplex,
     StreamingError,
 )
 
@@ -281,35 +282,6 @@ class _AttachStreams:
                 q.queue.get_nowait()
 
 
-class _LocalPort:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._r = reader
-        self._w = writer
-
-    async def read(self, n: int) -> bytes:
-        try:
-            return await self._r.read(n)
-        except (ConnectionError, OSError):
-            return b""
-
-    async def write(self, data: bytes) -> None:
-        if self._w.is_closing():
-            return
-        self._w.write(data)
-        with contextlib.suppress(ConnectionError, OSError):
-            await self._w.drain()
-
-    async def close_write(self) -> None:
-        with contextlib.suppress(ConnectionError, OSError):
-            if self._w.can_write_eof() and not self._w.is_closing():
-                self._w.write_eof()
-
-    async def close(self) -> None:
-        self._w.close()
-        with contextlib.suppress(ConnectionError, OSError):
-            await self._w.wait_closed()
-
-
 class LocalProcessBackend:
     """StreamingBackend on the host. Container and sandbox ids are ignored by exec and
     port-forward; attach needs a container made with :meth:`create_container`."""
@@ -376,7 +348,7 @@ class LocalProcessBackend:
             except OSError as e:
                 last = e
                 continue
-            return _LocalPort(reader, writer)
+            return SocketDuplex(reader, writer)
         raise PortForwardRefused(f"dial tcp 127.0.0.1:{port}: {last}")
 
     async def remove_container(self, container_id: str) -> None:
