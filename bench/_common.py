@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -209,3 +212,41 @@ def containerd_runtime(root: Path, reg: RegistryServer, cni: Path, pause: str) -
 def pct(xs: list[float], p: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, round(p * (len(xs) - 1)))] * 1000
+
+
+@dataclass(frozen=True)
+class BenchEnv:
+    root: Path
+    registry: RegistryServer
+    image: str
+    pause: str
+    cni: Path
+    logs: Path
+
+
+@contextlib.contextmanager
+def bench_env(prefix: str) -> Iterator[BenchEnv]:
+    """A temp root with a loopback registry (busybox + pause) and the benches' CNI config;
+    removes all of it, and the bench bridge if this run made it."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    made_bridge = bridge_missing()
+    reg, image, pause = start_registry(root)
+    try:
+        yield BenchEnv(root, reg, image, pause, cni_dir(root / "cni"), root / "logs")
+    finally:
+        reg.close()
+        if made_bridge:
+            subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def containerd_samples(env: BenchEnv, what: str, measure: Callable[[Runtime], Samples]) -> Samples:
+    """``measure`` against a private containerd, or {} when containerd is not installed."""
+    if shutil.which("containerd") is None:
+        print("containerd not installed: skipped")
+        return {}
+    with containerd_runtime(env.root, env.registry, env.cni, env.pause) as r:
+        r.pull(env.image)
+        r.pull(env.pause)
+        print(f"containerd: {what}...", flush=True)
+        return measure(r)

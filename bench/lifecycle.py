@@ -17,25 +17,19 @@ only, never pass/fail. Needs root. Usage:
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (
-    BRIDGE,
     Runtime,
     Samples,
-    bridge_missing,
-    cni_dir,
-    containerd_runtime,
+    bench_env,
+    containerd_samples,
     criv_runtime,
     pct,
-    start_registry,
     timed,
 )
 
@@ -131,31 +125,20 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--skip-containerd", action="store_true")
     args = ap.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="criv-bench-lc-"))
-    made_bridge = bridge_missing()
     results: dict[str, Samples] = {}
-    reg, image, pause = start_registry(root)
-    try:
-        cni = cni_dir(root / "cni")
-        logs = root / "logs"
-        with criv_runtime(root, reg, cni, HOST_ONLY) as r:
-            r.pull(image)
+    with bench_env("criv-bench-lc-") as env:
+        with criv_runtime(env.root, env.registry, env.cni, HOST_ONLY) as r:
+            r.pull(env.image)
             print(f"criv: {args.runs} runs...", flush=True)
-            results["criv"] = measure(r, image, args.runs, logs / "criv")
+            results["criv"] = measure(r, env.image, args.runs, env.logs / "criv")
         if not args.skip_containerd:
-            if shutil.which("containerd") is None:
-                print("containerd not installed: skipped")
-            else:
-                with containerd_runtime(root, reg, cni, pause) as r:
-                    r.pull(image)
-                    r.pull(pause)
-                    print(f"containerd: {args.runs} runs...", flush=True)
-                    results["containerd"] = measure(r, image, args.runs, logs / "containerd")
-    finally:
-        reg.close()
-        if made_bridge:
-            subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
+            ctrd = containerd_samples(
+                env,
+                f"{args.runs} runs",
+                lambda r: measure(r, env.image, args.runs, env.logs / "containerd"),
+            )
+            if ctrd:
+                results["containerd"] = ctrd
     print()
     report(results)
     return 0

@@ -28,10 +28,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -40,12 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     Runtime,
     Samples,
-    bridge_missing,
-    cni_dir,
-    containerd_runtime,
+    bench_env,
+    containerd_samples,
     criv_runtime,
     pct,
-    start_registry,
 )
 
 from criv.agent.client import AgentClient
@@ -216,21 +212,17 @@ def main() -> int:
     args = ap.parse_args()
     start_libvirtd()
     img = build_guest_image(progress=lambda line: print(f"[guest-image] {line}", flush=True))
-    root = Path(tempfile.mkdtemp(prefix="criv-bench-ps-"))
-    made_bridge = bridge_missing()
     results: dict[str, Samples] = {}
     pss: dict[int, dict[str, float]] = {}
     vm_cfg = {
         "vm": {"kernel": str(img.kernel), "initrd": str(img.initrd)},
         "runtime": {"handlers": {"": "vm", "vm": "vm", "host": "host"}},
     }
-    reg, image, pause = start_registry(root)
-    try:
-        cni = cni_dir(root / "cni")
-        logs = root / "logs"
+    with bench_env("criv-bench-ps-") as env:
+        reg, image, cni, logs = env.registry, env.image, env.cni, env.logs
         print(f"qemu floor: {args.runs} runs...", flush=True)
-        results["qemu floor"] = qemu_floor(img.kernel, img.initrd, args.runs, root / "floor")
-        with criv_runtime(root, reg, cni, vm_cfg, name="criv-vm") as r:
+        results["qemu floor"] = qemu_floor(img.kernel, img.initrd, args.runs, env.root / "floor")
+        with criv_runtime(env.root, reg, cni, vm_cfg, name="criv-vm") as r:
             r.pull(image)
             # the first pod pays for the KVM probe and libvirt's QEMU capability probe
             print("criv vm: warm-up pod...", flush=True)
@@ -241,24 +233,16 @@ def main() -> int:
                 print("criv vm: PSS of idle pods...", flush=True)
                 pss = vm_pss(r, image, logs / "pss", [1, args.pss_pods])
         host_cfg = {"runtime": {"handlers": {"": "host", "host": "host"}}}
-        with criv_runtime(root, reg, cni, host_cfg, name="criv-host") as r:
+        with criv_runtime(env.root, reg, cni, host_cfg, name="criv-host") as r:
             r.pull(image)
             print(f"criv host: {args.runs} runs...", flush=True)
             results["criv host"] = pod_start(r, image, args.runs, logs / "host")
         if not args.skip_containerd:
-            if shutil.which("containerd") is None:
-                print("containerd not installed: skipped")
-            else:
-                with containerd_runtime(root, reg, cni, pause) as r:
-                    r.pull(image)
-                    r.pull(pause)
-                    print(f"containerd: {args.runs} runs...", flush=True)
-                    results["containerd"] = pod_start(r, image, args.runs, logs / "ctrd")
-    finally:
-        reg.close()
-        if made_bridge:
-            subprocess.run(["ip", "link", "del", "crivbench0"], capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
+            ctrd = containerd_samples(
+                env, f"{args.runs} runs", lambda r: pod_start(r, image, args.runs, logs / "ctrd")
+            )
+            if ctrd:
+                results["containerd"] = ctrd
     report(results, pss)
     return 0
 
