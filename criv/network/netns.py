@@ -18,6 +18,7 @@ from pathlib import Path
 
 from criv.commands import run_command
 from criv.errors import Internal
+from criv.mounts import is_mounted
 
 log = logging.getLogger("criv.network")
 
@@ -32,19 +33,10 @@ def netns_path(run_dir: str | Path, sandbox_id: str) -> Path:
     return netns_dir(run_dir) / f"{NETNS_PREFIX}{sandbox_id[:12]}"
 
 
-def _is_mountpoint(path: Path) -> bool:
-    target = str(path)
-    try:
-        with open("/proc/self/mountinfo") as f:
-            return any(line.split()[4] == target for line in f)
-    except OSError:
-        return False
-
-
 async def create_netns(path: Path) -> None:
     """Create a new network namespace pinned at ``path`` with its loopback up."""
     await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
-    if await asyncio.to_thread(_is_mountpoint, path):
+    if await asyncio.to_thread(is_mounted, path):
         return  # already there (a retried RunPodSandbox)
     await asyncio.to_thread(path.touch, 0o644)
     rc, out = await run_command("unshare", f"--net={path}", "true")
@@ -66,11 +58,11 @@ def _unlink(path: Path) -> None:
 
 async def delete_netns(path: Path) -> None:
     """Unpin and remove ``path``; a missing namespace is success."""
-    if await asyncio.to_thread(_is_mountpoint, path):
+    if await asyncio.to_thread(is_mounted, path):
         # MNT_DETACH: a process still inside keeps the namespace alive, but the
         # file goes now; the namespace dies with its last process.
         rc, out = await run_command("umount", "--lazy", str(path))
-        if rc != 0 and await asyncio.to_thread(_is_mountpoint, path):
+        if rc != 0 and await asyncio.to_thread(is_mounted, path):
             raise Internal(f"cannot unmount network namespace {path}: {out}")
     await asyncio.to_thread(_unlink, path)
 
@@ -83,4 +75,4 @@ def list_netns(run_dir: str | Path) -> list[Path]:
 
 
 def netns_exists(path: Path) -> bool:
-    return os.path.exists(path) and _is_mountpoint(path)
+    return os.path.exists(path) and is_mounted(path)

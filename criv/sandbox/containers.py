@@ -26,10 +26,11 @@ from criv.errors import (
     FailedPrecondition,
     NotFound,
 )
+from criv.mounts import is_mounted
 from criv.sandbox.events import EventKind
 from criv.sandbox.pods import PodOps
 from criv.sandbox.records import ContainerRecord, PodRecord
-from criv.sandbox.rootfs import is_mounted, mount_rootfs, unmount_rootfs
+from criv.sandbox.rootfs import mount_rootfs, unmount_rootfs
 from criv.sandbox.specs import (
     ContainerFilter,
     ContainerSpec,

@@ -32,10 +32,11 @@ import time
 from pathlib import Path
 
 from criv.errors import CrivError, ImageNotFound
+from criv.mounts import mounts_under
 from criv.network.netns import delete_netns, list_netns, netns_exists
 from criv.sandbox.containers import ContainerOps
 from criv.sandbox.records import ContainerRecord, PodRecord
-from criv.sandbox.rootfs import mounts_under, umount_lazy
+from criv.sandbox.rootfs import umount_lazy
 from criv.sandbox.states import ContainerState, PodState
 
 log = logging.getLogger("criv.sandbox.recovery")

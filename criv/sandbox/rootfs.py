@@ -15,6 +15,7 @@ from pathlib import Path
 
 from criv.commands import run_command
 from criv.errors import Internal, InvalidArgument
+from criv.mounts import is_mounted, mounts_under
 
 log = logging.getLogger("criv.sandbox.rootfs")
 
@@ -33,15 +34,6 @@ def overlay_options(layer_dirs: list[Path], upper: Path, work: Path) -> str:
     if len(opts) > _MAX_OPTIONS:
         raise Internal(f"{len(layer_dirs)} layers: overlay options exceed a page")
     return opts
-
-
-def is_mounted(path: Path) -> bool:
-    target = str(path)
-    try:
-        with open("/proc/self/mountinfo") as f:
-            return any(line.split()[4] == target for line in f)
-    except OSError:
-        return False
 
 
 async def mount_rootfs(layer_dirs: list[Path], container_dir: Path) -> Path:
@@ -75,21 +67,6 @@ async def unmount_rootfs(container_dir: Path) -> None:
                 raise Internal(f"cannot unmount {rootfs}: {out}")
     for name in ("rootfs", "upper", "work"):
         await asyncio.to_thread(shutil.rmtree, container_dir / name, True)
-
-
-def mounts_under(prefix: Path) -> list[Path]:
-    """Mount points below ``prefix`` (deepest first), for the orphan sweep."""
-    p = str(prefix).rstrip("/") + "/"
-    out: list[Path] = []
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                target = line.split()[4]
-                if target.startswith(p):
-                    out.append(Path(target))
-    except OSError:
-        return []
-    return sorted(out, key=lambda x: len(x.parts), reverse=True)
 
 
 async def umount_lazy(path: Path) -> None:

@@ -34,6 +34,7 @@ from criv.hypervisor.hostsetup import qemu_conf_issues
 from criv.hypervisor.kvm import AccelChoice, choose_accel
 from criv.hypervisor.sizing import PodResources, vm_size
 from criv.hypervisor.spec import PodVm, domain_name, pod_domain
+from criv.mounts import is_mounted
 from criv.network.tap import (
     attach_tap,
     create_tap,
@@ -46,7 +47,7 @@ from criv.network.tap import (
 from criv.sandbox.host import process_start_time
 from criv.sandbox.isolation import PodPaths
 from criv.sandbox.records import PodRecord
-from criv.sandbox.rootfs import is_mounted, unmount_all_under
+from criv.sandbox.rootfs import unmount_all_under
 from criv.sandbox.states import PodState
 from criv.state.runtime_state import RuntimeState
 from criv.vsock.process import BackendError, VsockBackendProcess

@@ -36,6 +36,7 @@ from criv.streaming.backend import (
     ProcessStreams,
     SocketDuplex,
     StreamingError,
+    write_drained,
 )
 
 log = logging.getLogger("criv.streaming.agent")
@@ -152,11 +153,7 @@ class _AgentExec:
         self._demux = asyncio.create_task(self._read())
 
     async def send(self, data: bytes) -> None:
-        if self._w.is_closing():
-            return
-        self._w.write(data)
-        with contextlib.suppress(ConnectionError, OSError):
-            await self._w.drain()
+        await write_drained(self._w, data)
 
     async def _read(self) -> None:
         try:

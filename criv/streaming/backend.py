@@ -94,6 +94,16 @@ class DuplexStream(Protocol):
         ...
 
 
+async def write_drained(writer: asyncio.StreamWriter, data: bytes) -> None:
+    """Write and wait for room; a connection that went away makes it a no-op (the session
+    notices through the other direction and ends)."""
+    if writer.is_closing():
+        return
+    writer.write(data)
+    with contextlib.suppress(ConnectionError, OSError):
+        await writer.drain()
+
+
 class SocketDuplex:
     """A DuplexStream over an asyncio stream pair (a TCP or agent data connection).
 
@@ -112,11 +122,7 @@ class SocketDuplex:
             return b""
 
     async def write(self, data: bytes) -> None:
-        if self._w.is_closing():
-            return
-        self._w.write(data)
-        with contextlib.suppress(ConnectionError, OSError):
-            await self._w.drain()
+        await write_drained(self._w, data)
 
     async def close_write(self) -> None:
         # The peer sees EOF (the agent half-closes toward the pod's socket in turn).

@@ -31,6 +31,7 @@ from criv.streaming.backend import (
     ProcessStreams,
     SocketDuplex,
     StreamingError,
+    write_drained,
 )
 
 READ_CHUNK = 64 * 1024
@@ -46,11 +47,7 @@ class _PipeWriter:
         self._w = writer
 
     async def write(self, data: bytes) -> None:
-        if self._w.is_closing():
-            return
-        self._w.write(data)
-        with contextlib.suppress(ConnectionError, OSError):
-            await self._w.drain()
+        await write_drained(self._w, data)
 
     async def close(self) -> None:
         if not self._w.is_closing():
