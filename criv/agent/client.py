@@ -148,10 +148,6 @@ class AgentClient:
         )
         return convert.container_info(resp.info, cid)
 
-    async def signal_container(self, cid: str, signal: int) -> None:
-        req = agent_pb2.SignalContainerRequest(container_id=cid, signal=signal)
-        await self._call("SignalContainer", self._stub.SignalContainer, req, CALL_TIMEOUT)
-
     async def remove_container(self, cid: str) -> None:
         req = agent_pb2.ContainerRequest(container_id=cid)
         await self._call("RemoveContainer", self._stub.RemoveContainer, req, CALL_TIMEOUT)

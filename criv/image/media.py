@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from criv.errors import DigestMismatch, ImageError
+from criv.errors import ImageError
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
@@ -49,20 +49,6 @@ def sha256_digest(data: bytes) -> str:
 
 def digest_hex(digest: str) -> str:
     return digest.split(":", 1)[1]
-
-
-def verify_bytes(data: bytes, digest: str, what: str) -> None:
-    got = sha256_digest(data)
-    if got != digest:
-        raise DigestMismatch(f"{what}: expected {digest}, got {got}")
-
-
-def chain_ids(diff_ids: list[str]) -> list[str]:
-    """OCI chain ids: chain(L0) = diff(L0), chain(Ln) = sha256(chain(Ln-1) + ' ' + diff(Ln))."""
-    out: list[str] = []
-    for d in diff_ids:
-        out.append(d if not out else sha256_digest(f"{out[-1]} {d}".encode()))
-    return out
 
 
 @dataclass(frozen=True)

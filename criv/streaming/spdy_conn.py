@@ -71,13 +71,6 @@ class SpdyStream:
             self._space.set()
         return data
 
-    async def read_all(self, limit: int = 1 << 20) -> bytes:
-        out = bytearray()
-        while chunk := await self.read():
-            if len(out) < limit:
-                out += chunk[: limit - len(out)]
-        return bytes(out)
-
     async def write(self, data: bytes) -> None:
         """Send ``data`` in 32 KiB frames; silently dropped once the stream is done."""
         for i in range(0, len(data), spdy.DATA_CHUNK):
