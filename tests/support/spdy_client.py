@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-DICT_PATH = Path(__file__).resolve().parents[3] / "criv" / "streaming" / "spdy3-dictionary.bin"
+DICT_PATH = Path(__file__).resolve().parents[2] / "criv" / "streaming" / "spdy3-dictionary.bin"
 DICT = DICT_PATH.read_bytes()
 assert hashlib.sha256(DICT).hexdigest() == (
     "51d27341373f923f3cd88e1eb7162aeaa3723d7585ff2399201dc06498407f02"

@@ -4,8 +4,8 @@
 session, and the cases both isolation modes must pass, written once so that the two
 suites check the same thing.
 
-The SPDY client is the streaming suite's own (written from the facts sheet); it is
-imported by its package path so that both suites share one copy of the module.
+The SPDY client is tests/support/spdy_client.py (written from the facts sheet), shared
+with the streaming server's own tests.
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ import grpc
 import pytest
 
 from criv_agent.api.runtime.v1 import api_pb2
-from tests.integration.streaming.spdy_client import (
+from tests.support.cri import Cri
+from tests.support.spdy_client import (
     ClientStream,
     SpdyClient,
     forward_one,
     spdy_exec,
 )
-from tests.support.cri import Cri
 
 BLOB = 100 << 20
 ECHO_PORT = 7777

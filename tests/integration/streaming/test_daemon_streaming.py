@@ -19,10 +19,10 @@ import grpc
 import pytest
 
 from criv_agent.api.runtime.v1 import api_pb2
-from tests.integration.streaming.spdy_client import SpdyClient, http_request, spdy_exec
 from tests.support import cri as support
 from tests.support import streaming as st
 from tests.support.cri import Cri
+from tests.support.spdy_client import SpdyClient, http_request, spdy_exec
 from tests.support.streaming import attach_url, exec_url, port_forward_url, wait_for_stdout
 
 # The runtime suite's fixtures (a real criv with CNI and busybox, and its cgroup check).

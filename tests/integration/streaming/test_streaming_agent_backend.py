@@ -7,13 +7,13 @@ import os
 from collections.abc import AsyncIterator
 
 import pytest
-from spdy_client import SpdyClient, forward_one, spdy_exec
 from streaming_support import EchoServer, free_port
 
 from criv.config import StreamingConfig
 from criv.streaming.agent_backend import AgentStreamingBackend, DataStreamParams
 from criv.streaming.server import StreamingServer
 from criv.streaming.service import StreamingService
+from tests.support.spdy_client import SpdyClient, forward_one, spdy_exec
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,6 @@ from pathlib import Path
 import aiohttp
 import grpc
 import pytest
-from spdy_client import SpdyClient, forward_one, spdy_exec
 from streaming_support import EchoServer
 
 from criv.agent.logstream import open_stream
@@ -28,6 +27,7 @@ from criv.streaming.server import StreamingServer
 from criv.streaming.service import StreamingService
 from criv_agent.api.agent.v1 import agent_pb2, agent_pb2_grpc
 from tests.support.agent_harness import BUSYBOX, CRUN, Agent, build_rootfs, copy_rootfs
+from tests.support.spdy_client import SpdyClient, forward_one, spdy_exec
 
 pytestmark = [
     pytest.mark.integration,

@@ -9,8 +9,9 @@ from typing import Any
 
 import aiohttp
 import pytest
-from spdy_client import SpdyClient, forward_one
 from streaming_support import EchoServer, Stack, free_port
+
+from tests.support.spdy_client import SpdyClient, forward_one
 
 pytestmark = pytest.mark.integration
 

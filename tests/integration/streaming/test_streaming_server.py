@@ -12,13 +12,13 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from spdy_client import http_request, spdy_exec
 from streaming_support import Stack
 
 from criv.config import StreamingConfig
 from criv.streaming.local import LocalProcessBackend
 from criv.streaming.server import StreamingServer
 from criv.streaming.service import StreamingService
+from tests.support.spdy_client import http_request, spdy_exec
 
 pytestmark = pytest.mark.integration
 

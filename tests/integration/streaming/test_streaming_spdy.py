@@ -10,10 +10,10 @@ import struct
 from pathlib import Path
 
 import pytest
-from spdy_client import SpdyClient, control, data_frame, http_request, spdy_exec
 from streaming_support import Stack
 
 from criv.streaming import server as server_mod
+from tests.support.spdy_client import SpdyClient, control, data_frame, http_request, spdy_exec
 
 pytestmark = pytest.mark.integration
 
