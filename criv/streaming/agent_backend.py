@@ -7,7 +7,7 @@ and performs the StreamOpen/StreamAccept handshake of data connections
 
 * exec: ``StartExec`` registers the command; a STDIO data stream naming the exec_id
   runs it and carries framed stdin/stdout/stderr, resizes and the exit code (the frame
-  format is in proto/agent/v1/agent.proto and docs/agent-api.md).
+  codec is the agent's own, ``criv_agent.execframes``; docs/agent-api.md).
 * port-forward: a PORT_FORWARD data stream; the agent dials 127.0.0.1:port in the pod's
   network namespace (in the guest for `vm` pods).
 * attach: a STDIO data stream naming the container and no exec_id; the agent fans the
@@ -23,7 +23,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import struct
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -38,12 +37,10 @@ from criv.streaming.backend import (
     StreamingError,
     write_drained,
 )
+from criv_agent import execframes as ef
 
 log = logging.getLogger("criv.streaming.agent")
 
-# STDIO frame types (agent API): type:u8 length:u32-BE payload.
-T_STDIN, T_STDOUT, T_STDERR, T_CLOSE, T_RESIZE, T_EXIT = range(6)
-MAX_FRAME = 1 << 20
 MAX_WRITE = 256 * 1024  # stdin chunks per frame, well under the agent's 1 MiB limit
 
 
@@ -76,10 +73,6 @@ class AgentLink(Protocol):
         Raise a CrivError (or OSError) if the agent refuses; its text reaches the user.
         """
         ...
-
-
-def _frame(kind: int, payload: bytes = b"") -> bytes:
-    return struct.pack(">BI", kind, len(payload)) + payload
 
 
 class _Channel:
@@ -130,10 +123,10 @@ class _Stdin:
 
     async def write(self, data: bytes) -> None:
         for i in range(0, len(data), MAX_WRITE):
-            await self._exec.send(_frame(T_STDIN, data[i : i + MAX_WRITE]))
+            await self._exec.send(ef.frame(ef.STDIN, data[i : i + MAX_WRITE]))
 
     async def close(self) -> None:
-        await self._exec.send(_frame(T_CLOSE, bytes([T_STDIN])))
+        await self._exec.send(ef.close_frame(ef.STDIN))
 
 
 class _AgentExec:
@@ -158,28 +151,24 @@ class _AgentExec:
     async def _read(self) -> None:
         try:
             while True:
-                kind, n = struct.unpack(">BI", await self._r.readexactly(5))
-                if n > MAX_FRAME:
-                    raise StreamingError(f"agent sent a {n}-byte frame")
-                payload = await self._r.readexactly(n) if n else b""
-                if kind == T_STDOUT:
+                kind, payload = await ef.read_frame(self._r)
+                if kind == ef.STDOUT:
                     await self._out.put(payload)
-                elif kind == T_STDERR:
+                elif kind == ef.STDERR:
                     if self._err is not None:
                         await self._err.put(payload)
-                elif kind == T_CLOSE and payload == bytes([T_STDOUT]):
+                elif kind == ef.CLOSE and payload == bytes([ef.STDOUT]):
                     self._out.end()
-                elif kind == T_CLOSE and payload == bytes([T_STDERR]) and self._err:
+                elif kind == ef.CLOSE and payload == bytes([ef.STDERR]) and self._err:
                     self._err.end()
-                elif kind == T_EXIT and n == 4:
-                    (code,) = struct.unpack(">i", payload)
+                elif kind == ef.EXIT and (code := ef.parse_exit(payload)) is not None:
                     # Clients parse the code as uint8; an agent saying otherwise is wrong.
                     self._set_exit(code if 0 <= code <= 255 else 255)
                     break
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
             pass
-        except StreamingError as e:
-            log.warning("exec stream: %s", e)
+        except ef.FrameTooLarge as e:
+            log.warning("exec stream: agent sent %s", e)
         finally:
             self._out.end()
             if self._err is not None:
@@ -194,7 +183,7 @@ class _AgentExec:
             self._exit.set_result(code)
 
     async def resize(self, width: int, height: int) -> None:
-        await self.send(_frame(T_RESIZE, struct.pack(">HH", width, height)))
+        await self.send(ef.resize_frame(width, height))
 
     async def wait(self) -> int:
         return await asyncio.shield(self._exit)
@@ -219,7 +208,7 @@ class _AgentAttach(_AgentExec):
         # A client that goes away ends its stdin: for a stdin_once container that closes
         # the container's stdin (as containerd does); the agent ignores it otherwise.
         if self.stdin is not None:
-            await self.send(_frame(T_CLOSE, bytes([T_STDIN])))
+            await self.send(ef.close_frame(ef.STDIN))
         await super().close()
 
 

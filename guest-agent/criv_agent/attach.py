@@ -6,7 +6,7 @@ log pump (stdio.py), which also hands every chunk to :class:`ContainerIO`; that 
 out to the attach sessions connected at that moment (no history: the log has that).
 
 An attach session is a STDIO data stream with ``container_id`` set and ``exec_id``
-empty, speaking the exec frames (execstream.py): STDIN, CLOSE 0 (this session's stdin
+empty, speaking the exec frames (execframes.py): STDIN, CLOSE 0 (this session's stdin
 ended: with ``stdin_once`` that closes the container's stdin), RESIZE from the host;
 STDOUT/STDERR, CLOSE 1/2 when the container's output ended, then EXIT with the
 container's exit code, from the agent.
@@ -29,7 +29,19 @@ import termios
 from collections.abc import Awaitable, Callable
 
 from criv_agent.errors import AgentError
-from criv_agent.execstream import CLOSE, EXIT, MAX_FRAME, RESIZE, STDERR, STDIN, STDOUT, frame
+from criv_agent.execframes import (
+    CLOSE,
+    RESIZE,
+    STDERR,
+    STDIN,
+    STDOUT,
+    FrameTooLarge,
+    close_frame,
+    exit_frame,
+    frame,
+    parse_resize,
+    read_frame,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +72,7 @@ class AttachSession:
     def stream_ended(self, stream: str) -> None:
         if stream in self.open_streams:
             self.open_streams.discard(stream)
-            self._push(frame(CLOSE, bytes([_KIND[stream]])))
+            self._push(close_frame(_KIND[stream]))
             if not self.open_streams:
                 self.output_ended.set()
 
@@ -193,7 +205,7 @@ async def serve_attach(
                 code = 255  # output ended but the init lingers; say something final
             except AgentError:
                 code = 255  # removed meanwhile: its status is gone with it
-            writer.write(frame(EXIT, struct.pack(">i", code)))
+            writer.write(exit_frame(code))
             await writer.drain()
     finally:
         io.sessions.discard(session)
@@ -206,15 +218,12 @@ async def _receive(io: ContainerIO, reader: asyncio.StreamReader) -> None:
     """Host frames to the container; returns when the host hung up."""
     while True:
         try:
-            kind, n = struct.unpack(">BI", await reader.readexactly(5))
-            if n > MAX_FRAME:
-                return
-            payload = await reader.readexactly(n)
-        except (asyncio.IncompleteReadError, ConnectionError):
+            kind, payload = await read_frame(reader)
+        except (asyncio.IncompleteReadError, ConnectionError, FrameTooLarge):
             return
         if kind == STDIN:
             await io.write_stdin(payload)
-        elif kind == CLOSE and payload[:1] == b"\0":
+        elif kind == CLOSE and payload[:1] == bytes([STDIN]):
             await io.stdin_ended()
-        elif kind == RESIZE and n >= 4:
-            io.resize(*struct.unpack(">HH", payload[:4]))
+        elif kind == RESIZE and (size := parse_resize(payload)) is not None:
+            io.resize(*size)

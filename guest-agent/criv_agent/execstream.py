@@ -1,11 +1,8 @@
 """Interactive exec (CRI Exec): ``StartExec`` registers the command, the STDIO data
-stream naming its exec_id runs it and carries its stdio.
+stream naming its exec_id runs it and carries its stdio in frames (execframes.py).
 
 The process starts when the stream arrives (nothing can be lost before the host reads),
-so a StartExec whose stream never comes within 30 s is simply forgotten. Frames on the
-stream (both ways): ``type:uint8 length:uint32-BE payload`` (payload <= 1 MiB):
-0 STDIN, 1 STDOUT, 2 STDERR, 3 CLOSE (payload: the stream that ended), 4 RESIZE
-(width, height: uint16-BE), 5 EXIT (int32-BE code, 128+N for signal N). The host
+so a StartExec whose stream never comes within 30 s is simply forgotten. The host
 closing the connection early kills the exec'd process.
 """
 
@@ -25,13 +22,24 @@ from dataclasses import dataclass, field
 
 from criv_agent.crun import Crun
 from criv_agent.errors import InvalidArgument
+from criv_agent.execframes import (
+    CLOSE,
+    RESIZE,
+    STDERR,
+    STDIN,
+    STDOUT,
+    FrameTooLarge,
+    close_frame,
+    exit_frame,
+    frame,
+    parse_resize,
+    read_frame,
+)
 from criv_agent.execsync import kill_exec
 from criv_agent.stdio import Stdio
 
 log = logging.getLogger(__name__)
 
-STDIN, STDOUT, STDERR, CLOSE, RESIZE, EXIT = range(6)
-MAX_FRAME = 1 << 20
 PENDING_TTL = 30.0
 # Output goes out as soon as it is read, but after a short read the pump pauses briefly so
 # that a fast producer fills the (enlarged) pipe: each chunk costs a trip through the event
@@ -51,10 +59,6 @@ class PendingExec:
     stdin: bool
     workdir: str
     created: float = field(default_factory=time.monotonic)
-
-
-def frame(kind: int, payload: bytes = b"") -> bytes:
-    return struct.pack(">BI", kind, len(payload)) + payload
 
 
 class ExecRegistry:
@@ -110,7 +114,7 @@ class ExecRegistry:
                 if not console.done():
                     console.cancel()
                     code = proc.returncode if proc.returncode is not None else 1
-                    writer.write(frame(EXIT, struct.pack(">i", code)))
+                    writer.write(exit_frame(code))
                     await writer.drain()
                     return
                 early.cancel()
@@ -135,7 +139,7 @@ class ExecRegistry:
                 code = 128 - code
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*outputs), 2)
-            writer.write(frame(EXIT, struct.pack(">i", code)))
+            writer.write(exit_frame(code))
             await writer.drain()
             inputs.cancel()
         finally:
@@ -170,7 +174,7 @@ async def _pump_out(fd: int, kind: int, writer: asyncio.StreamWriter) -> None:
             except OSError:  # EIO from a pty master once the slave side is gone
                 data = b""
             if not data:
-                writer.write(frame(CLOSE, bytes([kind])))
+                writer.write(close_frame(kind))
                 await writer.drain()
                 return
             writer.write(frame(kind, data))
@@ -187,22 +191,19 @@ async def _pump_in(
     """Host frames to the process; returns "gone" if the host hung up."""
     while True:
         try:
-            kind, n = struct.unpack(">BI", await reader.readexactly(5))
-            if n > MAX_FRAME:
-                return "gone"
-            payload = await reader.readexactly(n)
-        except (asyncio.IncompleteReadError, ConnectionError):
+            kind, payload = await read_frame(reader)
+        except (asyncio.IncompleteReadError, ConnectionError, FrameTooLarge):
             return "gone"
         if kind == STDIN and stdin is not None:
             await asyncio.to_thread(_write_all, stdin, payload)
-        elif kind == CLOSE and payload[:1] == b"\0" and stdin is not None:
+        elif kind == CLOSE and payload[:1] == bytes([STDIN]) and stdin is not None:
             if tty:
                 await asyncio.to_thread(_write_all, stdin, b"\x04")  # EOF on a terminal
             else:
                 os.close(stdin)
                 stdin = None
-        elif kind == RESIZE and master is not None and n >= 4:
-            width, height = struct.unpack(">HH", payload[:4])
+        elif kind == RESIZE and master is not None and (size := parse_resize(payload)) is not None:
+            width, height = size
             winsize = struct.pack("HHHH", height, width, 0, 0)
             with contextlib.suppress(OSError):
                 fcntl.ioctl(master, termios.TIOCSWINSZ, winsize)

@@ -9,15 +9,10 @@ import time
 import pytest
 
 from criv_agent.api.agent.v1 import agent_pb2
+from criv_agent.execframes import CLOSE, EXIT, RESIZE, STDERR, STDIN, STDOUT, frame
 from tests.support.agent_harness import Agent, read_frame
 
 pytestmark = pytest.mark.integration
-
-STDIN, STDOUT, STDERR, CLOSE, RESIZE, EXIT = range(6)
-
-
-def _frame(kind: int, payload: bytes = b"") -> bytes:
-    return struct.pack(">BI", kind, len(payload)) + payload
 
 
 def _recv_exact(s: socket.socket, n: int) -> bytes:
@@ -71,7 +66,7 @@ def _running(agent: Agent) -> None:
 def test_exec_stream_stdin_stdout_stderr_exit(agent: Agent) -> None:
     _running(agent)
     with _open(agent, "box", ["sh", "-c", "cat; echo bye >&2; exit 4"], False, True) as s:
-        s.sendall(_frame(STDIN, b"hello\n") + _frame(STDIN, b"world\n") + _frame(CLOSE, b"\0"))
+        s.sendall(frame(STDIN, b"hello\n") + frame(STDIN, b"world\n") + frame(CLOSE, b"\0"))
         out, closed, code = _collect(s)
     assert out == {STDOUT: b"hello\nworld\n", STDERR: b"bye\n"}
     assert sorted(closed) == [STDOUT, STDERR] and code == 4
@@ -82,9 +77,9 @@ def test_exec_stream_tty_and_resize(agent: Agent) -> None:
     _running(agent)
     with _open(agent, "box", ["sh", "-c", "read x; stty size; echo got=$x; exit 3"], True,
                True) as s:  # fmt: skip
-        s.sendall(_frame(RESIZE, struct.pack(">HH", 100, 40)))
+        s.sendall(frame(RESIZE, struct.pack(">HH", 100, 40)))
         time.sleep(0.2)
-        s.sendall(_frame(STDIN, b"abc\n"))
+        s.sendall(frame(STDIN, b"abc\n"))
         out, _, code = _collect(s)
     text = out[STDOUT].decode().replace("\r", "")
     assert "40 100" in text and "got=abc" in text

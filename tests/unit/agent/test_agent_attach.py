@@ -12,12 +12,7 @@ import pytest
 
 from criv_agent import attach
 from criv_agent.attach import ContainerIO, serve_attach
-from criv_agent.execstream import CLOSE, EXIT, STDIN, STDOUT, frame
-
-
-async def read_frame(r: asyncio.StreamReader) -> tuple[int, bytes]:
-    kind, n = struct.unpack(">BI", await r.readexactly(5))
-    return kind, await r.readexactly(n)
+from criv_agent.execframes import CLOSE, EXIT, STDIN, STDOUT, frame, read_frame
 
 
 async def session(

@@ -10,7 +10,6 @@ import pytest
 
 from criv_agent import address, cgroups
 from criv_agent.api.runtime.v1 import api_pb2
-from criv_agent.execstream import frame
 from criv_agent.sandbox import Sandbox, hosts_file, resolv_conf
 from criv_agent.spec.rootfs import read_rootfs_file, resolve_in_root
 
@@ -48,11 +47,6 @@ def test_addresses() -> None:
         return
     assert s.family == socket.AF_VSOCK
     s.close()
-
-
-def test_stdio_frame() -> None:
-    assert frame(1, b"ab") == b"\x01\x00\x00\x00\x02ab"
-    assert frame(3, b"\x00") == b"\x03\x00\x00\x00\x01\x00"
 
 
 def test_pod_files(tmp_path: Path) -> None:
