@@ -6,35 +6,15 @@ version newer than they know, so a downgrade never misreads state.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+# write_atomic lives in criv.atomicfile (one copy for all of criv); re-exported here
+from criv.atomicfile import write_atomic
 from criv.errors import Internal
 
-
-def write_atomic(path: Path, payload: bytes, mode: int = 0o600) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.rename(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+__all__ = ["read_record", "write_atomic", "write_record"]
 
 
 def write_record(path: Path, kind: str, version: int, data: dict[str, Any]) -> None:
