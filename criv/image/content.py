@@ -14,31 +14,20 @@ import secrets
 import shutil
 from pathlib import Path
 
+from criv.atomicfile import rename_durable
 from criv.errors import DigestMismatch
 from criv.image.media import digest_hex, sha256_digest
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def private_dir(path: Path) -> None:
+    """Create ``path`` 0700, or tighten it to 0700 (blocking).
 
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write, fsync, rename, fsync the directory (blocking)."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    Unpacked layers keep their setuid files and device nodes: as containerd does since
+    CVE-2021-41103, no other user may traverse the store to reach them.
+    """
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.stat().st_mode & 0o7777 != 0o700:
+        os.chmod(path, 0o700)
 
 
 class BlobWriter:
@@ -79,8 +68,7 @@ class BlobWriter:
         os.fsync(self._f.fileno())
         self._f.close()
         dest = self.store.path(self.digest)
-        os.rename(self.tmp, dest)
-        fsync_dir(dest.parent)
+        rename_durable(self.tmp, dest)
         return dest
 
     def abort(self) -> None:
@@ -96,10 +84,11 @@ class ContentStore:
 
     def setup(self) -> None:
         """Create the dirs and sweep temp files left by an interrupted run (blocking)."""
-        self.blobs_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.blobs_dir.parent)
+        private_dir(self.blobs_dir)
         if self.tmp_dir.exists():
             shutil.rmtree(self.tmp_dir)
-        self.tmp_dir.mkdir(parents=True)
+        private_dir(self.tmp_dir)
 
     def path(self, digest: str) -> Path:
         return self.blobs_dir / digest_hex(digest)

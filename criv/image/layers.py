@@ -20,7 +20,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from criv.image.content import atomic_write, fsync_dir
+from criv.atomicfile import fsync_dir, rename_durable, write_atomic
+from criv.image.content import private_dir
 from criv.image.media import digest_hex
 from criv.image.unpack import disk_usage, unpack_layer
 
@@ -40,13 +41,15 @@ class LayerStore:
 
     def setup(self) -> None:
         """Create the dirs; drop half-unpacked and trashed layers (blocking)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.dir)
         for p in self.dir.iterdir():
             if p.name.startswith(".tmp-") or not (p / "meta.json").is_file():
                 shutil.rmtree(p, ignore_errors=True)
+            elif p.stat().st_mode & 0o777 != 0o700:
+                os.chmod(p, 0o700)  # a layer dir from before the store was private
         if self.trash.exists():
             shutil.rmtree(self.trash, ignore_errors=True)
-        self.trash.mkdir()
+        private_dir(self.trash)
 
     def path(self, diff_id: str) -> Path:
         return self.dir / digest_hex(diff_id)
@@ -77,7 +80,7 @@ class LayerStore:
         if existing is not None:
             return existing
         tmp = self.dir / f".tmp-{digest_hex(diff_id)[:16]}-{secrets.token_hex(6)}"
-        tmp.mkdir()
+        tmp.mkdir(mode=0o700)
         try:
             fs = tmp / "fs"
             fs.mkdir(mode=0o755)
@@ -85,17 +88,17 @@ class LayerStore:
             usage, inodes = disk_usage(fs)
             usage, inodes = usage + 8192, inodes + 2  # the layer dir and meta.json
             meta = {"version": 1, "diff_id": diff_id, "usage_bytes": usage, "inodes": inodes}
-            atomic_write(tmp / "meta.json", json.dumps(meta).encode())
+            write_atomic(tmp / "meta.json", json.dumps(meta).encode())
             try:
-                os.rename(tmp, self.path(diff_id))
+                rename_durable(tmp, self.path(diff_id))
             except OSError as e:  # someone else completed it first: theirs is as good
                 if e.errno not in (errno.EEXIST, errno.ENOTEMPTY) or self.get(diff_id) is None:
                     raise
                 shutil.rmtree(tmp, ignore_errors=True)
+                fsync_dir(self.dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        fsync_dir(self.dir)
         info = self.get(diff_id)
         assert info is not None
         return info

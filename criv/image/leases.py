@@ -12,6 +12,7 @@ A lease names its layers itself: the image record it came from may be gone.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -19,8 +20,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from criv.atomicfile import unlink_durable, write_atomic
 from criv.errors import ImageError, InvalidArgument
-from criv.image.content import atomic_write, fsync_dir
+from criv.image.content import private_dir
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ class Lease:
     # Diff ids, lowest first. Only layer dirs: a running container needs no blob (its
     # config was read at create time), and the compressed blobs would only double the
     # space a removed image keeps.
-    layers: list[str]
+    layers: tuple[str, ...]
     created_at_ns: int = 0
     version: int = LEASE_VERSION
 
@@ -58,20 +60,39 @@ class Lease:
         layers = d.get("layers")
         if not isinstance(layers, list) or not all(isinstance(x, str) for x in layers):
             raise ImageError("image lease: layers is not a list of diff ids")
+        d["layers"] = tuple(layers)
         return cls(**d)
 
 
 class LeaseStore:
-    """The lease files (blocking methods)."""
+    """Container leases: the lease files (the truth) and their copy in memory.
+
+    A change writes the file first (in a worker thread) and only then publishes it in
+    memory, on the event loop: a failed write leaves memory as it was, like the disk.
+    The caller serialises changes (the image store lock).
+    """
 
     def __init__(self, root: Path) -> None:
         self.dir = root / "leases"
+        self.by_holder: dict[str, Lease] = {}  # readable leases, as on disk
+        # holders whose file cannot be read (say, from a newer criv): keep every layer
+        self.unreadable: set[str] = set()
 
     def setup(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
+        """Create the dir and load the leases (blocking: at start, before any change)."""
+        private_dir(self.dir)
+        self.by_holder, self.unreadable = self.load_all()
 
     def path(self, holder: str) -> Path:
         return self.dir / f"{check_holder(holder)}.json"
+
+    def holders(self) -> set[str]:
+        """Every holder with a lease file, readable or not."""
+        return set(self.by_holder) | self.unreadable
+
+    def layers(self) -> set[str]:
+        """Diff ids the readable leases hold."""
+        return {d for lease in self.by_holder.values() for d in lease.layers}
 
     def load_all(self) -> tuple[dict[str, Lease], set[str]]:
         """(readable leases by holder, holders whose lease file cannot be read).
@@ -99,9 +120,16 @@ class LeaseStore:
                 unknown.add(holder)
         return leases, unknown
 
-    def save(self, lease: Lease) -> None:
-        atomic_write(self.path(lease.holder), lease.to_json())
+    async def put(self, lease: Lease) -> Lease | None:
+        """Write ``lease`` (replacing its holder's), then publish it; returns the old one."""
+        await asyncio.to_thread(write_atomic, self.path(lease.holder), lease.to_json())
+        old = self.by_holder.get(lease.holder)
+        self.by_holder[lease.holder] = lease
+        self.unreadable.discard(lease.holder)
+        return old
 
-    def delete(self, holder: str) -> None:
-        self.path(holder).unlink(missing_ok=True)
-        fsync_dir(self.dir)
+    async def drop(self, holder: str) -> Lease | None:
+        """Delete ``holder``'s lease file, then forget it; returns the lease it held."""
+        await asyncio.to_thread(unlink_durable, self.path(holder))
+        self.unreadable.discard(holder)
+        return self.by_holder.pop(holder, None)

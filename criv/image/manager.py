@@ -23,7 +23,7 @@ from typing import Any
 from criv.config import Config
 from criv.errors import CrivError, ImageNotFound, ResourceExhausted
 from criv.image.auth import Credentials
-from criv.image.content import ContentStore
+from criv.image.content import ContentStore, private_dir
 from criv.image.layers import LayerStore
 from criv.image.leases import Lease, LeaseStore, check_holder
 from criv.image.platform import Platform, host_platform
@@ -38,9 +38,10 @@ __all__ = ["Credentials", "FsUsage", "ImageManager", "StoredImage"]
 
 _RECORD_BYTES = 4096  # a record file's footprint, for usage accounting
 
-# The digests the current pull holds (set per pull task, shared by its child tasks).
-_LEASE_HOLDER: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
-    "criv_image_lease", default=None
+# The keys the current pull added to _pull_refs (set per pull task, shared by its
+# child tasks), taken out again when the pull ends.
+_PULL_KEYS: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
+    "criv_image_pull_keys", default=None
 )
 
 
@@ -77,25 +78,26 @@ class ImageManager:
         self.client = RegistryClient(config.registries)
         self.platform = platform or host_platform()
         self._lock = asyncio.Lock()  # records, index, leases and GC decisions
-        self._leases: collections.Counter[str] = collections.Counter()  # in-flight pulls
-        self.leases = LeaseStore(self.root)
-        self._held: dict[str, Lease] = {}  # holder -> its lease (containers)
-        self._unreadable_leases: set[str] = set()  # holders: keep every layer meanwhile
+        # digest / diff id -> how many in-flight pulls use it (memory only): GC keeps them
+        self._pull_refs: collections.Counter[str] = collections.Counter()
+        # layers each container (holder) uses: lease files and their copy in memory
+        self.container_leases = LeaseStore(self.root)
         self._pulls: SingleFlight[str] = SingleFlight()
         self._blob_usage: dict[str, int] = {}
         self._layer_usage: dict[str, tuple[int, int]] = {}
         self._configs: dict[str, bytes] = {}
-        self.puller = Puller(self.content, self.layers, self.client, self.platform, self._lease)
+        self.puller = Puller(
+            self.content, self.layers, self.client, self.platform, self._keep_for_pull
+        )
 
     # -- lifecycle ----------------------------------------------------------------
 
     async def start(self) -> None:
         def setup() -> list[tuple[ImageRecord, bytes | None]]:
-            self.root.mkdir(parents=True, exist_ok=True)
-            for part in (self.content, self.layers, self.records, self.leases):
+            private_dir(self.root)  # created 0700, or an older store's 0755 tightened
+            # container leases load before the GC below: what they hold must survive it
+            for part in (self.content, self.layers, self.records, self.container_leases):
                 part.setup()
-            # before the GC below: what running containers use must survive it
-            self._held, self._unreadable_leases = self.leases.load_all()
             out: list[tuple[ImageRecord, bytes | None]] = []
             for rec in self.records.load_all():
                 try:
@@ -137,13 +139,10 @@ class ImageManager:
             if rec is None:
                 raise ImageNotFound(f"image {ref!r} not found")
             img = self._stored(rec)
-            lease = Lease(holder, rec.id, list(img.layers), time.time_ns())
-            await asyncio.to_thread(self.leases.save, lease)
-            old = self._held.get(holder)
-            self._held[holder] = lease
+            lease = Lease(holder, rec.id, tuple(img.layers), time.time_ns())
             # replacing an unreadable lease lifts its hold on every layer
-            collect = holder in self._unreadable_leases
-            self._unreadable_leases.discard(holder)
+            collect = holder in self.container_leases.unreadable
+            old = await self.container_leases.put(lease)
             if old is not None:
                 collect = collect or bool(set(old.layers) - self._referenced())
         if collect:
@@ -160,15 +159,11 @@ class ImageManager:
         collect = False
         async with self._lock:
             for h in holders:
-                lease = self._held.get(h)
-                if lease is None and h not in self._unreadable_leases:
+                if h not in self.container_leases.holders():
                     continue
+                collect = collect or h in self.container_leases.unreadable
                 # file first: if it cannot go, the lease is still held here and on disk
-                await asyncio.to_thread(self.leases.delete, h)
-                self._held.pop(h, None)
-                if h in self._unreadable_leases:
-                    self._unreadable_leases.discard(h)
-                    collect = True
+                lease = await self.container_leases.drop(h)
                 if lease is not None:
                     freed |= set(lease.layers)
             # common case (the image is still there): nothing to collect, skip the scan
@@ -178,19 +173,17 @@ class ImageManager:
 
     def lease_holders(self) -> set[str]:
         """Every holder with a lease on disk (readable or not), for recovery."""
-        return set(self._held) | self._unreadable_leases
+        return self.container_leases.holders()
 
     def lease_of(self, holder: str) -> Lease | None:
-        return self._held.get(holder)
+        return self.container_leases.by_holder.get(holder)
 
     def _referenced(self) -> set[str]:
         """Keys (digests, diff ids) GC must keep: records, pulls, leases (lock held)."""
-        keep: set[str] = set(self._leases)
+        keep: set[str] = set(self._pull_refs) | self.container_leases.layers()
         for rec in self.index.by_id.values():
             keep |= rec.blobs()
             keep |= {layer.diff_id for layer in rec.layers}
-        for lease in self._held.values():
-            keep |= set(lease.layers)
         return keep
 
     async def _gc_after_release(self) -> None:
@@ -201,30 +194,30 @@ class ImageManager:
         except OSError as e:
             log.error("image gc after a lease release failed: %s", e)
 
-    # -- pull leases: what an in-flight pull uses, kept from GC -------------------
+    # -- pull refs: what an in-flight pull uses, kept from GC ---------------------
 
-    async def _lease(self, keys: Iterable[str]) -> None:
+    async def _keep_for_pull(self, keys: Iterable[str]) -> None:
         keys = list(keys)
         async with self._lock:
-            held = _LEASE_HOLDER.get()
-            if held is None:
-                raise RuntimeError("lease outside a pull")
+            mine = _PULL_KEYS.get()
+            if mine is None:
+                raise RuntimeError("pull ref outside a pull")
             for k in keys:
-                self._leases[k] += 1
-                held.append(k)
+                self._pull_refs[k] += 1
+                mine.append(k)
 
     @asynccontextmanager
-    async def _pull_lease(self) -> AsyncIterator[list[str]]:
-        held: list[str] = []
-        token = _LEASE_HOLDER.set(held)
+    async def _pull_scope(self) -> AsyncIterator[list[str]]:
+        mine: list[str] = []
+        token = _PULL_KEYS.set(mine)
         try:
-            yield held
+            yield mine
         finally:
-            _LEASE_HOLDER.reset(token)
-            for k in held:
-                self._leases[k] -= 1
-                if self._leases[k] <= 0:
-                    del self._leases[k]
+            _PULL_KEYS.reset(token)
+            for k in mine:
+                self._pull_refs[k] -= 1
+                if self._pull_refs[k] <= 0:
+                    del self._pull_refs[k]
 
     # -- pull ---------------------------------------------------------------------
 
@@ -237,7 +230,7 @@ class ImageManager:
             key += f"#{id(auth)}"
 
         async def run() -> str:
-            async with self._pull_lease():
+            async with self._pull_scope():
                 try:
                     result = await self.puller.pull(named, auth)
                     return await self._commit(result)
@@ -261,40 +254,28 @@ class ImageManager:
             if tag:
                 other = self.index.by_tag(tag)
                 if other is not None and other.id != image_id:
-                    other.repo_tags.remove(tag)
-                    changed.append(other)
-            rec = self.index.by_id.get(image_id)
-            if rec is None:
-                rec = ImageRecord(
-                    id=image_id,
-                    repo_tags=[],
-                    repo_digests=[],
-                    manifest_digest=r.manifest_digest,
-                    config_digest=r.config_digest,
-                    layers=r.layers,
-                    size=size,
-                    extra_blobs=list(r.extra_blobs),
-                )
-            if tag and tag not in rec.repo_tags:
-                rec.repo_tags.append(tag)
-            if repo_digest not in rec.repo_digests:
-                rec.repo_digests.append(repo_digest)
-            for d in r.extra_blobs:
-                if d not in rec.extra_blobs:
-                    rec.extra_blobs.append(d)
-            changed.append(rec)
-
-            def save() -> None:
-                for c in changed:
-                    self.records.save(c)
-
-            await asyncio.to_thread(save)
-            for c in changed:
-                self.index.put(c)
-            self._configs[r.config_digest] = raw_config
+                    changed.append(other.untagged(tag))  # the tag moves to this image
+            rec = self.index.by_id.get(image_id) or ImageRecord(
+                id=image_id,
+                repo_tags=(),
+                repo_digests=(),
+                manifest_digest=r.manifest_digest,
+                config_digest=r.config_digest,
+                layers=tuple(r.layers),
+                size=size,
+            )
+            changed.append(rec.named(tag, repo_digest, r.extra_blobs))
+            for c in changed:  # each published as soon as it is on disk
+                await self._save(c)
+            self._configs[r.config_digest] = raw_config  # no await since the last put
         await self._refresh_usage()
         log.info("pulled %s as %s", r.ref, image_id)
         return image_id
+
+    async def _save(self, rec: ImageRecord) -> None:
+        """Write ``rec``, then publish it: a failed write leaves the index as it was."""
+        await asyncio.to_thread(self.records.save, rec)
+        self.index.put(rec)
 
     # -- queries ------------------------------------------------------------------
 
@@ -355,12 +336,11 @@ class ImageManager:
             if rec is None:
                 return
             if how == "tag" and len(rec.repo_tags) > 1:
-                rec.repo_tags.remove(str(parse_reference(ref)))
-                await asyncio.to_thread(self.records.save, rec)
+                await self._save(rec.untagged(str(parse_reference(ref))))
                 return
             await asyncio.to_thread(self.records.delete, rec.id)
             self.index.drop(rec.id)
-            users = [h for h, x in self._held.items() if x.image_id == rec.id]
+            users = [h for h, x in self.container_leases.by_holder.items() if x.image_id == rec.id]
             if users:
                 log.info(
                     "image %s removed; its layers stay until %d container(s) using them go",
@@ -376,7 +356,7 @@ class ImageManager:
         async with self._lock:
             keep = self._referenced()
             # an unreadable lease may hold any layer: collect none until it is released
-            keep_layers = bool(self._unreadable_leases)
+            keep_layers = bool(self.container_leases.unreadable)
 
             def sweep() -> tuple[int, int]:
                 blobs = self.content.list() - keep
@@ -408,7 +388,7 @@ class ImageManager:
         """Bytes and inodes the store uses (du-style accounting kept up to date)."""
         used = sum(self._blob_usage.values()) + sum(b for b, _ in self._layer_usage.values())
         inodes = len(self._blob_usage) + sum(i for _, i in self._layer_usage.values())
-        records = len(self.index.by_id) + len(self._held)
+        records = len(self.index.by_id) + len(self.container_leases.by_holder)
         used += _RECORD_BYTES * (records + 9)  # records, leases and the store's dirs
         inodes += records + 9
         return FsUsage(str(self.root), used, inodes, time.time_ns())

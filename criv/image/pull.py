@@ -93,13 +93,13 @@ class Puller:
         layers: LayerStore,
         client: RegistryClient,
         platform: Platform,
-        lease: Callable[[Iterable[str]], Awaitable[None]],
+        keep: Callable[[Iterable[str]], Awaitable[None]],
     ) -> None:
         self.content = content
         self.layers = layers
         self.client = client
         self.platform = platform
-        self._lease = lease  # registers digests GC must keep (caller releases them)
+        self._keep = keep  # registers digests and diff ids GC must keep (caller releases)
         self.blob_flights: SingleFlight[None] = SingleFlight()
         self.unpack_flights: SingleFlight[None] = SingleFlight()
 
@@ -137,7 +137,7 @@ class Puller:
         """Fetch and unpack everything ``ref`` needs; leases everything it touches."""
         body, ctype, top_digest, ep = await self.client.get_manifest(ref, ref.reference, creds)
         eps = [ep] + [e for e in self.client.endpoints(ref.domain) if e != ep]
-        await self._lease([top_digest])
+        await self._keep([top_digest])
         extra: list[str] = []
         doc = parse_json(body, f"manifest of {ref}")
         kind = manifest_kind(doc, ctype)
@@ -153,7 +153,7 @@ class Puller:
             manifest_body, ctype, manifest_digest, _ = await self.client.get_manifest(
                 ref, chosen.digest, creds, eps
             )
-            await self._lease([manifest_digest])
+            await self._keep([manifest_digest])
             doc = parse_json(manifest_body, f"manifest {chosen.digest} of {ref}")
             if manifest_kind(doc, ctype) in INDEX_TYPES:
                 raise ImageError(f"{ref}: nested indexes are not supported")
@@ -169,7 +169,7 @@ class Puller:
                 raise ImageError(f"{what}: unsupported layer media type {d.media_type!r}")
         if config.size > MAX_CONFIG_BYTES:
             raise ImageError(f"{what}: config too large ({config.size} bytes)")
-        await self._lease([config.digest, *(d.digest for d in layer_descs)])
+        await self._keep([config.digest, *(d.digest for d in layer_descs)])
 
         await self._blob(ref, config, creds, eps)
         cfg = parse_json(
@@ -186,7 +186,7 @@ class Puller:
             LayerRef(x.digest, x.media_type, x.size, str(diff))
             for x, diff in zip(layer_descs, diff_ids, strict=True)
         ]
-        await self._lease(layer.diff_id for layer in layers)
+        await self._keep(layer.diff_id for layer in layers)
 
         sem = asyncio.Semaphore(LAYER_CONCURRENCY)
 

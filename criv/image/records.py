@@ -2,19 +2,23 @@
 
 ``<state_dir>/images/records/<id-hex>.json``, written atomically (write, fsync,
 rename). The index answers lookups by id, id prefix, repo tag and repo digest.
+
+Records are immutable: a change builds a new record (``dataclasses.replace``), saves
+it, and only then puts it in the index, so memory never runs ahead of the disk.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from criv.atomicfile import unlink_durable, write_atomic
 from criv.errors import CrivError, ImageError
-from criv.image.content import atomic_write
+from criv.image.content import private_dir
 from criv.image.media import digest_hex
 from criv.image.reference import is_hex_id, is_sha256_digest, parse_reference
 
@@ -31,23 +35,35 @@ class LayerRef:
     diff_id: str
 
 
-@dataclass
+@dataclass(frozen=True)
 class ImageRecord:
     id: str  # config digest
-    repo_tags: list[str]
-    repo_digests: list[str]
+    repo_tags: tuple[str, ...]
+    repo_digests: tuple[str, ...]
     manifest_digest: str
     config_digest: str
-    layers: list[LayerRef]
+    layers: tuple[LayerRef, ...]
     size: int
     pinned: bool = False
-    extra_blobs: list[str] = field(default_factory=list)  # index / manifest blobs
+    extra_blobs: tuple[str, ...] = ()  # index / manifest blobs
     version: int = RECORD_VERSION
 
     def blobs(self) -> set[str]:
         return {self.config_digest, self.manifest_digest, *self.extra_blobs} | {
             layer.digest for layer in self.layers
         }
+
+    def named(self, tag: str | None, repo_digest: str, extra_blobs: Iterable[str]) -> ImageRecord:
+        """This record with ``tag``, ``repo_digest`` and ``extra_blobs`` added."""
+        return replace(
+            self,
+            repo_tags=_added(self.repo_tags, [tag] if tag else []),
+            repo_digests=_added(self.repo_digests, [repo_digest]),
+            extra_blobs=_added(self.extra_blobs, extra_blobs),
+        )
+
+    def untagged(self, tag: str) -> ImageRecord:
+        return replace(self, repo_tags=tuple(t for t in self.repo_tags if t != tag))
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), indent=1, sort_keys=True).encode()
@@ -57,8 +73,20 @@ class ImageRecord:
         d: dict[str, Any] = json.loads(data)
         if d.get("version") != RECORD_VERSION:
             raise ImageError(f"unsupported image record version {d.get('version')!r}")
-        d["layers"] = [LayerRef(**x) for x in d["layers"]]
+        d["layers"] = tuple(LayerRef(**x) for x in d["layers"])
+        for k in ("repo_tags", "repo_digests", "extra_blobs"):
+            if k in d:
+                d[k] = tuple(d[k])
         return cls(**d)
+
+
+def _added(have: tuple[str, ...], new: Iterable[str]) -> tuple[str, ...]:
+    """``have`` then each of ``new`` it lacks, in order."""
+    out = list(have)
+    for x in new:
+        if x not in out:
+            out.append(x)
+    return tuple(out)
 
 
 class RecordStore:
@@ -68,7 +96,7 @@ class RecordStore:
         self.dir = root / "records"
 
     def setup(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.dir)
 
     def load_all(self) -> list[ImageRecord]:
         out = []
@@ -85,16 +113,10 @@ class RecordStore:
         return out
 
     def save(self, rec: ImageRecord) -> None:
-        atomic_write(self.dir / f"{digest_hex(rec.id)}.json", rec.to_json())
+        write_atomic(self.dir / f"{digest_hex(rec.id)}.json", rec.to_json())
 
     def delete(self, image_id: str) -> None:
-        p = self.dir / f"{digest_hex(image_id)}.json"
-        p.unlink(missing_ok=True)
-        fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        unlink_durable(self.dir / f"{digest_hex(image_id)}.json")
 
 
 class ImageIndex:

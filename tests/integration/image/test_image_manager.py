@@ -48,13 +48,13 @@ async def test_get_for_sandboxes(tmp_path: Path, registry: TestRegistry) -> None
         await m.close()
 
 
-async def test_gc_keeps_what_a_pull_leases(tmp_path: Path) -> None:
+async def test_gc_keeps_what_a_pull_uses(tmp_path: Path) -> None:
     m = manager(tmp_path)
     await m.start()
     try:
         digest = await asyncio.to_thread(m.content.put, b"in flight")
-        async with m._pull_lease():
-            await m._lease([digest])
+        async with m._pull_scope():
+            await m._keep_for_pull([digest])
             await m.gc()
             assert m.content.has(digest)
         await m.gc()

@@ -130,7 +130,7 @@ async def test_acquiring_again_replaces_the_holders_lease(m: ImageManager) -> No
     await m.acquire(REF_B, "c1")  # A's own layer is no longer held by anyone
     assert not has_layer(m, ONLY_A) and has_layer(m, BASE) and has_layer(m, ONLY_B)
     lease = m.lease_of("c1")
-    assert lease is not None and lease.layers == [BASE.diff_id, ONLY_B.diff_id]
+    assert lease is not None and lease.layers == (BASE.diff_id, ONLY_B.diff_id)
 
 
 async def test_re_pull_while_leased_reuses_the_layer_dirs(m: ImageManager) -> None:
