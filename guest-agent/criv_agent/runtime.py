@@ -18,19 +18,24 @@ import signal
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from criv_agent import cgroups
 from criv_agent.attach import ContainerIO
+from criv_agent.create import Created, crun_create, mount_sources, resources_json, write_bundle
 from criv_agent.crun import Crun, cgroup_version
 from criv_agent.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from criv_agent.execstream import ExecRegistry
 from criv_agent.execsync import ExecResult, exec_sync
 from criv_agent.reaper import Reaper
 from criv_agent.sandbox import Sandbox
-from criv_agent.spec import HostInfo, SpecInput, build_spec, image_config, stop_signal
+from criv_agent.spec import HostInfo, image_config
 from criv_agent.state import ContainerRecord, ContainerStore, State
-from criv_agent.stdio import LogSink, Pump, Stdio
+from criv_agent.stdio import LogSink, Pump
+
+if TYPE_CHECKING:
+    from criv_agent.api.agent.v1 import agent_pb2
+    from criv_agent.api.runtime.v1 import api_pb2
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +94,8 @@ class Runtime:
         self._subscribers: list[asyncio.Queue[Event]] = []
         self.shutdown_requested = asyncio.Event()
         self._bg: set[asyncio.Future[None]] = set()
+        # inits made by crun create whose record is still being written: not orphans
+        self._creating: set[int] = set()
         self.reaper = Reaper(self._container_pids)
         self._sandbox_lock = asyncio.Lock()
         self._ooms_seen: dict[str, int] = {}
@@ -112,7 +119,7 @@ class Runtime:
             if alive and st is not None and int(st.get("pid", 0)) == rec.pid:
                 self._watch(rec.id, rec.pid)
                 continue
-            self._mark_exited(rec.id, None, "exit status lost: the agent restarted")
+            await self._mark_exited(rec.id, None, "exit status lost: the agent restarted")
         # crun containers without a record: the agent died between crun create and
         # writing the record; nobody knows them, so they go
         known = {r.id for r in self.store.all()}
@@ -124,7 +131,7 @@ class Runtime:
     # --- helpers -----------------------------------------------------------------------
 
     def _container_pids(self) -> set[int]:
-        return {r.pid for r in self.store.all() if r.state != State.EXITED}
+        return {r.pid for r in self.store.all() if r.state != State.EXITED} | self._creating
 
     def check_ooms(self) -> None:
         """OOM kills inside still-running containers (a child killed, init alive) become
@@ -167,13 +174,21 @@ class Runtime:
     # --- sandbox -----------------------------------------------------------------------
 
     async def setup_sandbox(
-        self, sandbox_id: str, config: Any, sandbox_dir: str, pod_ips: list[str]
+        self,
+        sandbox_id: str,
+        config: api_pb2.PodSandboxConfig,
+        sandbox_dir: str,
+        pod_ips: list[str],
     ) -> Sandbox:
         async with self._sandbox_lock:
             return await self._setup_sandbox_locked(sandbox_id, config, sandbox_dir, pod_ips)
 
     async def _setup_sandbox_locked(
-        self, sandbox_id: str, config: Any, sandbox_dir: str, pod_ips: list[str]
+        self,
+        sandbox_id: str,
+        config: api_pb2.PodSandboxConfig,
+        sandbox_dir: str,
+        pod_ips: list[str],
     ) -> Sandbox:
         sb = self.sandbox
         if sb is not None and sb.sandbox_id != sandbox_id:
@@ -189,10 +204,10 @@ class Runtime:
         try:
             await sb.start_holder()
         finally:
-            sb.save(self.state_dir)
+            await sb.save(self.state_dir)
         return sb
 
-    async def _ensure_sandbox(self, sandbox_id: str, config: Any) -> Sandbox:
+    async def _ensure_sandbox(self, sandbox_id: str, config: api_pb2.PodSandboxConfig) -> Sandbox:
         """The sandbox for CreateContainer: set up now if SetupSandbox never came."""
         async with self._sandbox_lock:
             sb = self.sandbox
@@ -202,7 +217,7 @@ class Runtime:
                 raise FailedPrecondition(f"this agent serves sandbox {sb.sandbox_id}")
             if sb.needs_holder() and not sb.holder_alive():
                 await sb.start_holder()  # it died (or the node rebooted): a new one
-                sb.save(self.state_dir)
+                await sb.save(self.state_dir)
             return sb
 
     async def shutdown_sandbox(self, timeout: int) -> None:
@@ -214,26 +229,22 @@ class Runtime:
             await self.crun.delete(rec.id)
         if self.sandbox is not None:
             await asyncio.to_thread(self.sandbox.release)
-            self.sandbox.save(self.state_dir)
+            await self.sandbox.save(self.state_dir)
         self.shutdown_requested.set()
 
     # --- create / start ----------------------------------------------------------------
 
-    async def create(self, req: Any) -> ContainerRecord:
+    async def create(self, req: agent_pb2.CreateContainerRequest) -> ContainerRecord:
         cid = req.container_id
         if not _ID.match(cid):
             raise InvalidArgument(f"invalid container id {cid!r}")
         if self.store.find(cid) is not None:
             raise AlreadyExists(f"container {cid} already exists")
-        if not req.rootfs or not os.path.isdir(req.rootfs):
+        if not req.rootfs or not await asyncio.to_thread(os.path.isdir, req.rootfs):
             raise InvalidArgument(f"rootfs {req.rootfs!r} is not a directory")
         sb = await self._ensure_sandbox(req.sandbox_id, req.sandbox_config)
         image = image_config(req.image_config_json)
-        mounts = {m.container_path: m.agent_path for m in req.mounts}
-        sources = [mounts.get(m.container_path, m.host_path) for m in req.config.mounts]
-        for src in sources:
-            if not os.path.exists(src):
-                os.makedirs(src, exist_ok=True)  # containerd creates missing host paths
+        sources = await mount_sources(req)
         target = req.config.linux.security_context.namespace_options.target_id
         target = target or req.pid_namespace_target
         target_ns = None
@@ -243,90 +254,33 @@ class Runtime:
                 raise FailedPrecondition(f"pid namespace target {target} is not running")
             target_ns = f"/proc/{trec.pid}/ns/pid"
         cdir = self.store.dir(cid)
-        bundle = os.path.join(cdir, "bundle")
-        inp = SpecInput(
-            container_id=cid,
-            config=req.config,
-            sandbox_config=sb.config,
-            image=image,
-            rootfs=req.rootfs,
-            mount_sources=sources,
-            cgroups_path=f"{sb.cgroup_parent}/{cid}",
-            pod_files=sb.pod_files(),
-            pod_ns=sb.namespaces(),
-            target_pid_ns=target_ns,
-            host=self.host,
-        )
-        spec = await asyncio.to_thread(build_spec, inp)
-        os.makedirs(bundle, mode=0o700, exist_ok=True)
-        with open(os.path.join(bundle, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(spec, f)
-        rec = ContainerRecord(
-            id=cid,
-            sandbox_id=sb.sandbox_id,
-            created_at_ns=time.time_ns(),
-            tty=bool(req.config.tty),
-            stop_signal=stop_signal(image),
-            cgroups_path=inp.cgroups_path,
-            bundle=bundle,
-            log_path=os.path.join(cdir, "container.log"),
-            resources=_resources_json(req.config.linux.resources),
-        )
+        rec = await write_bundle(req, sb, image, sources, target_ns, self.host, cdir)
         try:
-            rec.pid = await self._crun_create(rec, bool(req.config.stdin), req.config.stdin_once)
+            made = await crun_create(self.crun, rec, bool(req.config.stdin), req.config.stdin_once)
         except BaseException:
             await self.crun.delete(cid)
-            _rmtree(cdir)
-            self.sinks.pop(cid, None)
+            await asyncio.to_thread(_rmtree, cdir)
             raise
+        rec.pid = made.pid
+        self._start_pump(rec.id, made)
         self._exited[cid] = asyncio.Event()
-        self.store.add(rec)
+        self._creating.add(rec.pid)
+        try:
+            await self.store.add(rec)
+        finally:
+            self._creating.discard(rec.pid)
         self._watch(cid, rec.pid)
         self._publish("created", rec)
         return rec
 
-    async def _crun_create(self, rec: ContainerRecord, stdin: bool, stdin_once: bool) -> int:
-        stdio = Stdio(rec.tty, stdin)
-        sink = LogSink(rec.log_path)
-        pidfile = os.path.join(os.path.dirname(rec.bundle), "pid")
-        args = ["create", "--bundle", rec.bundle, "--pid-file", pidfile]
-        if rec.tty:
-            args += ["--console-socket", stdio.console_path]
-        try:
-            if stdio.tty:
-                proc = await self.crun.spawn([*args, rec.id])
-                console = asyncio.ensure_future(stdio.receive_console(30))
-                out, err = await proc.communicate()
-                if proc.returncode == 0:
-                    await console
-                else:
-                    console.cancel()
-            else:
-                proc = await self.crun.spawn(
-                    [*args, rec.id],
-                    stdin=stdio.stdin_child if stdin else asyncio.subprocess.DEVNULL,
-                    stdout=stdio.child_fds[0],
-                    stderr=stdio.child_fds[1],
-                )
-                out, err = b"", b""
-                await proc.wait()
-            stdio.close_child_side()
-            if proc.returncode != 0:
-                msg = _crun_error(out, err, stdio)
-                raise FailedPrecondition(f"crun create: {msg}")
-            with open(pidfile, encoding="ascii") as f:
-                pid = int(f.read().strip())
-        except BaseException:
-            stdio.close_all()
-            raise
-        sink.open(stdio.streams)
-        self.sinks[rec.id] = sink
-        pump = Pump(asyncio.get_running_loop(), sink, lambda: self._forget_pump(rec.id))
-        pump.io = self.ios[rec.id] = _container_io(stdio, stdin, stdin_once)
-        for fd, stream in stdio.read_fds:
+    def _start_pump(self, cid: str, made: Created) -> None:
+        """Log and attach plumbing of a created container, fed from its stdio fds."""
+        self.sinks[cid] = made.sink
+        pump = Pump(asyncio.get_running_loop(), made.sink, lambda: self._forget_pump(cid))
+        pump.io = self.ios[cid] = made.io
+        for fd, stream in made.stdio.read_fds:
             pump.add(fd, stream)
-        self._pumps[rec.id] = pump
-        return pid
+        self._pumps[cid] = pump
 
     def _forget_pump(self, cid: str) -> None:
         self._pumps.pop(cid, None)
@@ -344,7 +298,7 @@ class Runtime:
                 x.state = State.RUNNING
                 x.started_at_ns = time.time_ns()
 
-            rec = self.store.update(cid, started)
+            rec = await self.store.update(cid, started)
             self._publish("started", rec)
             return rec
 
@@ -382,9 +336,9 @@ class Runtime:
     async def _on_exit(self, cid: str, status: int | None) -> None:
         async with self._lock(cid):
             msg = "" if status is not None else "exit status lost: the agent restarted"
-            self._mark_exited(cid, status, msg)
+            await self._mark_exited(cid, status, msg)
 
-    def _mark_exited(self, cid: str, status: int | None, message: str) -> None:
+    async def _mark_exited(self, cid: str, status: int | None, message: str) -> None:
         rec = self.store.find(cid)
         if rec is None or rec.state == State.EXITED:
             return
@@ -398,7 +352,7 @@ class Runtime:
             x.reason = "OOMKilled" if ooms else ("Completed" if code == 0 else "Error")
             x.message = message
 
-        rec = self.store.update(cid, exited)
+        rec = await self.store.update(cid, exited)
         self._exited.setdefault(cid, asyncio.Event()).set()
         if ooms > self._ooms_seen.pop(cid, 0):
             self._publish("oom", rec)
@@ -467,10 +421,10 @@ class Runtime:
         io = self.ios.pop(cid, None)
         if io is not None:
             io.close()
-        self.store.remove(cid)
+        await self.store.remove(cid)
         self._exited.pop(cid, None)
         self._locks.pop(cid, None)
-        _rmtree(self.store.dir(cid))
+        await asyncio.to_thread(_rmtree, self.store.dir(cid))
         self._publish("removed", rec)
 
     # --- exec, update, stats -----------------------------------------------------------
@@ -504,7 +458,7 @@ class Runtime:
     async def exit_code(self, cid: str) -> int:
         return (await self.wait(cid)).exit_code
 
-    async def update_resources(self, cid: str, resources: Any) -> None:
+    async def update_resources(self, cid: str, resources: api_pb2.LinuxContainerResources) -> None:
         from criv_agent.spec.resources import update_resources
 
         rec = self.store.get(cid)
@@ -515,8 +469,8 @@ class Runtime:
         with open(path, "w", encoding="utf-8") as f:
             json.dump(body, f)
         await self.crun.check("update", "--resources", path, cid)
-        res = _resources_json(resources)
-        self.store.update(cid, lambda x: setattr(x, "resources", res))
+        res = resources_json(resources)
+        await self.store.update(cid, lambda x: setattr(x, "resources", res))
 
     async def stats(self, ids: list[str]) -> list[tuple[str, cgroups.Stats]]:
         recs = [self.store.get(i) for i in ids] if ids else self.store.all()
@@ -536,35 +490,6 @@ class Runtime:
         for fd in self._pidfds.values():
             os.close(fd)
         self._pidfds.clear()
-
-
-def _container_io(stdio: Stdio, stdin: bool, stdin_once: bool) -> ContainerIO:
-    """Takes the agent's stdin end (non-tty) or dups of the pty master (tty) from ``stdio``."""
-    if not stdio.tty:
-        fd, stdio.stdin_fd = stdio.stdin_fd, None
-        return ContainerIO(False, stdin_once, fd, None)
-    master = stdio.read_fds[0][0]
-    return ContainerIO(True, stdin_once, os.dup(master) if stdin else None, os.dup(master))
-
-
-def _resources_json(r: Any) -> dict[str, Any]:
-    from google.protobuf import json_format
-
-    d: dict[str, Any] = json_format.MessageToDict(r, preserving_proto_field_name=True)
-    return d
-
-
-def _crun_error(out: bytes, err: bytes, stdio: Stdio) -> str:
-    text = (err or out).decode(errors="replace").strip()
-    if not text and stdio.read_fds and not stdio.tty:
-        # crun create's own message went to the container's stderr pipe
-        fd = stdio.read_fds[1][0]
-        os.set_blocking(fd, False)
-        try:
-            text = os.read(fd, 4096).decode(errors="replace").strip()
-        except BlockingIOError:
-            text = ""
-    return text or "failed"
 
 
 def _rmtree(path: str) -> None:

@@ -2,7 +2,8 @@
 parent. One agent serves one pod, so there is one Sandbox per agent.
 
 Persisted as ``<state>/sandbox.json`` (versioned) so that a restarted agent finds the
-holder process and its mounts again.
+holder process and its mounts again. It and the pod files are written with
+atomicfile.py, from threads.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ import os
 import shutil
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from criv_agent import cgroups
 from criv_agent.api.runtime.v1 import api_pb2
+from criv_agent.atomicfile import write_atomic, write_json_atomic
 from criv_agent.spec.mounts import PodFiles
 from criv_agent.spec.namespaces import PodNamespaces
-from criv_agent.state import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,10 @@ class Sandbox:
     config: api_pb2.PodSandboxConfig
     holder_pid: int = 0
     shm_mounted: bool = False
+    # saves run in threads: one at a time, so an older record never lands last
+    _save_lock: asyncio.Lock = field(
+        default_factory=asyncio.Lock, init=False, compare=False, repr=False
+    )
 
     @property
     def ns_options(self) -> api_pb2.NamespaceOption:
@@ -123,11 +128,7 @@ class Sandbox:
         else:
             files["resolv.conf"] = _read_or(self._etc("resolv.conf"), "")
         for name, text in files.items():
-            tmp = self.path(name + ".tmp")
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.chmod(tmp, 0o644)
-            os.rename(tmp, self.path(name))
+            write_atomic(self.path(name), text.encode(), 0o644)
 
     @staticmethod
     def _etc(name: str) -> str:
@@ -224,8 +225,11 @@ class Sandbox:
         if self.cgroup_parent.startswith("/criv/"):
             cgroups.remove_tree_if_empty(self.cgroup_parent)
 
-    def save(self, state_dir: str) -> None:
-        write_json_atomic(os.path.join(state_dir, "sandbox.json"), self.to_json())
+    async def save(self, state_dir: str) -> None:
+        async with self._save_lock:
+            data = self.to_json()  # taken on the loop: the record as it is now
+            path = os.path.join(state_dir, "sandbox.json")
+            await asyncio.to_thread(write_json_atomic, path, data)
 
     @classmethod
     def load(cls, state_dir: str) -> Sandbox | None:

@@ -9,21 +9,24 @@
     UNKNOWN --exit--> EXITED
 
 One JSON file per container (``containers/<id>/record.json``, versioned), written
-atomically (write, fsync, rename) on every state change, so that a restarted agent still
-reports exit codes. Changes go through ``ContainerStore.update(id, fn)`` only.
+atomically (atomicfile.py: write, fsync, rename, fsync the directory) on every state
+change, so that a restarted agent still reports exit codes. Changes go through
+``ContainerStore.update(id, fn)`` only; the disk work runs in a thread, and a change is
+published in memory only once it is on disk.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
 import json
 import os
-import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from criv_agent.atomicfile import write_json_atomic
 from criv_agent.errors import FailedPrecondition, NotFound
 
 RECORD_VERSION = 1
@@ -86,23 +89,15 @@ class ContainerRecord:
         return cls(**kw)
 
 
-def write_json_atomic(path: str, data: dict[str, Any]) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, json.dumps(data, sort_keys=True).encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-
-
 class ContainerStore:
     """In-memory records backed by one file each; the only writer of records."""
 
     def __init__(self, root: str) -> None:
         self.root = root
         self._records: dict[str, ContainerRecord] = {}
+        # One change at a time: while a record is written (in a thread) no other change may
+        # start from the published copy or remove the file under it.
+        self._writing = asyncio.Lock()
         os.makedirs(root, mode=0o700, exist_ok=True)
 
     def dir(self, cid: str) -> str:
@@ -122,10 +117,14 @@ class ContainerStore:
                 bad.append(cid)
         return bad
 
-    def add(self, rec: ContainerRecord) -> None:
-        os.makedirs(self.dir(rec.id), mode=0o700, exist_ok=True)
-        write_json_atomic(self._path(rec.id), rec.to_json())
-        self._records[rec.id] = rec
+    async def add(self, rec: ContainerRecord) -> None:
+        async with self._writing:
+            await asyncio.to_thread(self._create, rec.id, rec.to_json())
+            self._records[rec.id] = rec
+
+    def _create(self, cid: str, data: dict[str, Any]) -> None:
+        os.makedirs(self.dir(cid), mode=0o700, exist_ok=True)
+        write_json_atomic(self._path(cid), data)
 
     def get(self, cid: str) -> ContainerRecord:
         rec = self._records.get(cid)
@@ -139,17 +138,22 @@ class ContainerStore:
     def all(self) -> list[ContainerRecord]:
         return list(self._records.values())
 
-    def update(self, cid: str, fn: Callable[[ContainerRecord], None]) -> ContainerRecord:
+    async def update(self, cid: str, fn: Callable[[ContainerRecord], None]) -> ContainerRecord:
         """Apply ``fn`` to a copy, check the state transition, persist, then publish."""
-        old = self.get(cid)
-        new = ContainerRecord.from_json(old.to_json())
-        fn(new)
-        check_transition(old.state, new.state)
-        write_json_atomic(self._path(cid), new.to_json())
-        self._records[cid] = new
-        return new
+        async with self._writing:
+            old = self.get(cid)
+            new = ContainerRecord.from_json(old.to_json())
+            fn(new)
+            check_transition(old.state, new.state)
+            await asyncio.to_thread(write_json_atomic, self._path(cid), new.to_json())
+            self._records[cid] = new
+            return new
 
-    def remove(self, cid: str) -> None:
-        self._records.pop(cid, None)
+    async def remove(self, cid: str) -> None:
+        async with self._writing:
+            self._records.pop(cid, None)
+            await asyncio.to_thread(self._unlink, cid)
+
+    def _unlink(self, cid: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._path(cid))

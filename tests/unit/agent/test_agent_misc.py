@@ -62,6 +62,12 @@ def test_pod_files(tmp_path: Path) -> None:
     sb = Sandbox("sb1", str(tmp_path / "sb"), cfg)
     sb.write_files(["10.0.0.2"])
     assert (tmp_path / "sb" / "hostname").read_text() == "web\n"
+    assert (tmp_path / "sb" / "hosts").stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in (tmp_path / "sb").iterdir()) == [
+        "hostname",
+        "hosts",
+        "resolv.conf",
+    ]
     assert "nameserver 1.1.1.1" in (tmp_path / "sb" / "resolv.conf").read_text()
     assert sb.cgroup_parent == "/criv/sb1"
     cfg.linux.cgroup_parent = "/kubepods/pod1/"
