@@ -10,9 +10,13 @@ import asyncio
 import ipaddress
 import logging
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from criv_agent.errors import InvalidArgument, RuntimeFailure
+
+if TYPE_CHECKING:
+    from criv_agent.api.agent.v1 import agent_pb2
 
 log = logging.getLogger(__name__)
 SYS_NET = "/sys/class/net"
@@ -41,7 +45,9 @@ def _check_cidr(cidr: str) -> str:
         raise InvalidArgument(f"bad address {cidr!r} (want CIDR)") from None
 
 
-def commands(network: Any, nic_of: Any = nic_by_mac) -> list[list[str]]:
+def commands(
+    network: agent_pb2.GuestNetwork, nic_of: Callable[[str], str] = nic_by_mac
+) -> list[list[str]]:
     """The ``ip`` invocations for a GuestNetwork message (pure, for tests)."""
     cmds: list[list[str]] = []
     first = ""
@@ -69,7 +75,7 @@ def commands(network: Any, nic_of: Any = nic_by_mac) -> list[list[str]]:
     return cmds
 
 
-async def apply(network: Any) -> None:
+async def apply(network: agent_pb2.GuestNetwork) -> None:
     for cmd in commands(network):
         proc = await asyncio.create_subprocess_exec(
             *cmd,

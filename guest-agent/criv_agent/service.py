@@ -7,7 +7,7 @@ import functools
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import NoReturn, Protocol, TypeVar
 
 import grpc
 from google.protobuf import json_format
@@ -36,7 +36,15 @@ _EVENT = {
     "removed": agent_pb2.Event.REMOVED,
 }
 
+S = TypeVar("S")
+Q = TypeVar("Q")  # the request message
 R = TypeVar("R")
+
+
+class Context(Protocol):
+    """What the handlers use of ``grpc.aio.ServicerContext`` (grpcio has no type stubs)."""
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> NoReturn: ...
 
 
 def info(rec: ContainerRecord) -> agent_pb2.ContainerInfo:
@@ -56,11 +64,13 @@ def info(rec: ContainerRecord) -> agent_pb2.ContainerInfo:
     )
 
 
-def mapped(fn: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
+def mapped(
+    fn: Callable[[S, Q, Context], Awaitable[R]],
+) -> Callable[[S, Q, Context], Awaitable[R]]:
     """AgentError -> its status code; anything else -> INTERNAL, logged."""
 
     @functools.wraps(fn)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
+    async def wrapper(self: S, request: Q, context: Context) -> R:
         try:
             return await fn(self, request, context)
         except AgentError as e:
@@ -78,7 +88,9 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         self.rt = runtime
 
     @mapped
-    async def Health(self, request: Any, context: Any) -> agent_pb2.HealthResponse:
+    async def Health(
+        self, request: agent_pb2.HealthRequest, context: Context
+    ) -> agent_pb2.HealthResponse:
         return agent_pb2.HealthResponse(
             agent_version=__version__,
             api_version=API_VERSION,
@@ -87,7 +99,9 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         )
 
     @mapped
-    async def SetupSandbox(self, request: Any, context: Any) -> agent_pb2.SetupSandboxResponse:
+    async def SetupSandbox(
+        self, request: agent_pb2.SetupSandboxRequest, context: Context
+    ) -> agent_pb2.SetupSandboxResponse:
         if request.HasField("network"):
             from criv_agent import network
 
@@ -99,67 +113,77 @@ class AgentService(agent_pb2_grpc.AgentServicer):
 
     @mapped
     async def ShutdownSandbox(
-        self, request: Any, context: Any
+        self, request: agent_pb2.ShutdownSandboxRequest, context: Context
     ) -> agent_pb2.ShutdownSandboxResponse:
         await self.rt.shutdown_sandbox(int(request.timeout_seconds))
         return agent_pb2.ShutdownSandboxResponse()
 
     @mapped
     async def CreateContainer(
-        self, request: Any, context: Any
+        self, request: agent_pb2.CreateContainerRequest, context: Context
     ) -> agent_pb2.CreateContainerResponse:
         return agent_pb2.CreateContainerResponse(info=info(await self.rt.create(request)))
 
     @mapped
-    async def StartContainer(self, request: Any, context: Any) -> agent_pb2.ContainerStatusResponse:
+    async def StartContainer(
+        self, request: agent_pb2.ContainerRequest, context: Context
+    ) -> agent_pb2.ContainerStatusResponse:
         return agent_pb2.ContainerStatusResponse(
             info=info(await self.rt.start(request.container_id))
         )
 
     @mapped
     async def SignalContainer(
-        self, request: Any, context: Any
+        self, request: agent_pb2.SignalContainerRequest, context: Context
     ) -> agent_pb2.SignalContainerResponse:
         await self.rt.signal(request.container_id, request.signal)
         return agent_pb2.SignalContainerResponse()
 
     @mapped
-    async def StopContainer(self, request: Any, context: Any) -> agent_pb2.ContainerStatusResponse:
+    async def StopContainer(
+        self, request: agent_pb2.StopContainerRequest, context: Context
+    ) -> agent_pb2.ContainerStatusResponse:
         rec = await self.rt.stop(request.container_id, int(request.timeout_seconds))
         return agent_pb2.ContainerStatusResponse(info=info(rec))
 
     @mapped
-    async def WaitContainer(self, request: Any, context: Any) -> agent_pb2.ContainerStatusResponse:
+    async def WaitContainer(
+        self, request: agent_pb2.ContainerRequest, context: Context
+    ) -> agent_pb2.ContainerStatusResponse:
         return agent_pb2.ContainerStatusResponse(
             info=info(await self.rt.wait(request.container_id))
         )
 
     @mapped
     async def RemoveContainer(
-        self, request: Any, context: Any
+        self, request: agent_pb2.ContainerRequest, context: Context
     ) -> agent_pb2.RemoveContainerResponse:
         await self.rt.remove(request.container_id)
         return agent_pb2.RemoveContainerResponse()
 
     @mapped
     async def ContainerStatus(
-        self, request: Any, context: Any
+        self, request: agent_pb2.ContainerRequest, context: Context
     ) -> agent_pb2.ContainerStatusResponse:
         return agent_pb2.ContainerStatusResponse(info=info(self.rt.get(request.container_id)))
 
     @mapped
-    async def ListContainers(self, request: Any, context: Any) -> agent_pb2.ListContainersResponse:
+    async def ListContainers(
+        self, request: agent_pb2.ListContainersRequest, context: Context
+    ) -> agent_pb2.ListContainersResponse:
         return agent_pb2.ListContainersResponse(containers=[info(r) for r in self.rt.containers()])
 
     @mapped
     async def UpdateContainerResources(
-        self, request: Any, context: Any
+        self, request: agent_pb2.UpdateContainerResourcesRequest, context: Context
     ) -> agent_pb2.UpdateContainerResourcesResponse:
         await self.rt.update_resources(request.container_id, request.linux)
         return agent_pb2.UpdateContainerResourcesResponse()
 
     @mapped
-    async def ExecSync(self, request: Any, context: Any) -> agent_pb2.ExecSyncResponse:
+    async def ExecSync(
+        self, request: agent_pb2.ExecSyncRequest, context: Context
+    ) -> agent_pb2.ExecSyncResponse:
         r = await self.rt.exec_sync(
             request.container_id,
             list(request.cmd),
@@ -175,14 +199,18 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         )
 
     @mapped
-    async def StartExec(self, request: Any, context: Any) -> agent_pb2.StartExecResponse:
+    async def StartExec(
+        self, request: agent_pb2.StartExecRequest, context: Context
+    ) -> agent_pb2.StartExecResponse:
         exec_id = self.rt.start_exec(
             request.container_id, list(request.cmd), bool(request.tty), bool(request.stdin)
         )
         return agent_pb2.StartExecResponse(exec_id=exec_id)
 
     @mapped
-    async def Stats(self, request: Any, context: Any) -> agent_pb2.StatsResponse:
+    async def Stats(
+        self, request: agent_pb2.StatsRequest, context: Context
+    ) -> agent_pb2.StatsResponse:
         out = []
         for cid, s in await self.rt.stats(list(request.container_ids)):
             out.append(
@@ -201,7 +229,9 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             )
         return agent_pb2.StatsResponse(stats=out)
 
-    async def Events(self, request: Any, context: Any) -> AsyncIterator[agent_pb2.Event]:
+    async def Events(
+        self, request: agent_pb2.EventsRequest, context: Context
+    ) -> AsyncIterator[agent_pb2.Event]:
         async for ev in self.rt.events():
             yield agent_pb2.Event(
                 kind=_EVENT[ev.kind],
