@@ -79,9 +79,9 @@ class Daemon:
             runtime_state = RuntimeState(state_dir)
             images = ImageManager(cfg)
             await images.start()
-            sandboxes = SandboxManager(cfg, images, runtime_state)
+            sandboxes = SandboxManager.create(cfg, images, runtime_state)
             streaming = StreamingServer(
-                cfg.streaming, AgentStreamingBackend(SandboxStreamLink(sandboxes))
+                cfg.streaming, AgentStreamingBackend(SandboxStreamLink(sandboxes.ctx))
             )
             try:
                 await sandboxes.start()

@@ -29,6 +29,10 @@ class NotFound(CrivError):
     code = grpc.StatusCode.NOT_FOUND
 
 
+class AmbiguousId(InvalidArgument):
+    """An id prefix that matches more than one object (containerd: "ambiguous")."""
+
+
 class AlreadyExists(CrivError):
     code = grpc.StatusCode.ALREADY_EXISTS
 

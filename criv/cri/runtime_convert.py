@@ -8,6 +8,8 @@ from typing import Any
 from google.protobuf.json_format import MessageToDict
 
 from criv.agent.types import AgentStats
+from criv.sandbox import isostate
+from criv.sandbox.isostate import HostState
 from criv.sandbox.records import ContainerRecord, MountRecord, PodRecord, PortMap
 from criv.sandbox.specs import ContainerFilter, ContainerSpec, PodFilter, PodSpec
 from criv.sandbox.states import ContainerState, PodState
@@ -153,8 +155,8 @@ def pod_verbose_info(pod: PodRecord, state_dir: str) -> dict[str, str]:
         "state": pod.state.value,
         "isolation": pod.isolation,
         "runtimeHandler": pod.handler,
-        "pid": pod.isolation_state.get("pid", 0),
-        "isolationState": pod.isolation_state,
+        "pid": st.pid if isinstance(st := pod.isolation_state, HostState) else 0,
+        "isolationState": isostate.encode(pod.isolation_state) or {},
         "netNamespace": pod.netns,
         "hostNetwork": pod.host_network,
         "cniResult": pod.cni_result,

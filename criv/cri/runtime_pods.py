@@ -16,7 +16,6 @@ from criv_agent.api.runtime.v1 import api_pb2
 class PodSandboxRpcs:
     _config: Config
     _sandboxes: SandboxManager
-    _cpu_samples: dict[str, tuple[int, int]]
 
     async def RunPodSandbox(
         self, request: api_pb2.RunPodSandboxRequest, context: grpc.aio.ServicerContext
@@ -92,23 +91,14 @@ class PodSandboxRpcs:
         self, containers: list[ContainerRecord]
     ) -> dict[str, tuple[api_pb2.ContainerStats, int]]:
         """Stats and process count per container."""
-        raw = await self._sandboxes.container_stats([c.id for c in containers])
+        samples = await self._sandboxes.container_stats([c.id for c in containers])
         out: dict[str, tuple[api_pb2.ContainerStats, int]] = {}
         for c in containers:
-            s = raw.get(c.id)
-            nano = None
-            if s is not None:
-                prev = self._cpu_samples.get(c.id)
-                cur = (s.timestamp_ns, s.cpu_usage_core_nanoseconds)
-                if prev is not None and cur[0] > prev[0] and cur[1] >= prev[1]:
-                    # usage_nano_cores: kubelet's CPU rate, from two cumulative samples.
-                    nano = (cur[1] - prev[1]) * 1_000_000_000 // (cur[0] - prev[0])
-                self._cpu_samples[c.id] = cur
+            sample = samples.get(c.id)
+            s = sample.stats if sample is not None else None
+            nano = sample.nano_cores if sample is not None else None
             out[c.id] = (
                 conv.container_stats(c, s, nano, c.rootfs),
                 s.process_count if s is not None else 0,
             )
-        live = {c.id for c in self._sandboxes.containers.all()}
-        for cid in [k for k in self._cpu_samples if k not in live]:
-            del self._cpu_samples[cid]
         return out

@@ -57,7 +57,6 @@ class RuntimeService(
         self._state = state
         self._sandboxes = sandboxes
         self._streaming = streaming
-        self._cpu_samples: dict[str, tuple[int, int]] = {}
 
     async def Version(
         self, request: api_pb2.VersionRequest, context: grpc.aio.ServicerContext

@@ -25,7 +25,7 @@ class StreamingRpcs:
     ) -> api_pb2.ExecResponse:
         cid = request.container_id
         if cid:
-            cid = require_running_container(self._sandboxes, cid).id
+            cid = require_running_container(self._sandboxes.ctx, cid).id
         url = self._streaming.exec_url(
             cid,
             list(request.cmd),
@@ -41,7 +41,7 @@ class StreamingRpcs:
     ) -> api_pb2.AttachResponse:
         cid = request.container_id
         if cid:
-            cid = require_running_container(self._sandboxes, cid).id
+            cid = require_running_container(self._sandboxes.ctx, cid).id
         url = self._streaming.attach_url(
             cid,
             tty=request.tty,
@@ -56,6 +56,6 @@ class StreamingRpcs:
     ) -> api_pb2.PortForwardResponse:
         pod_id = request.pod_sandbox_id
         if pod_id:
-            pod_id = require_ready_pod(self._sandboxes, pod_id).id
+            pod_id = require_ready_pod(self._sandboxes.ctx, pod_id).id
         url = self._streaming.port_forward_url(pod_id, list(request.port))
         return api_pb2.PortForwardResponse(url=url)

@@ -20,17 +20,21 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import libvirt
 
 from criv.errors import CrivError, FailedPrecondition, Internal, NotFound, Unavailable
 from criv.hypervisor.domain import CRIV_NS, DOMAIN_PREFIX, Domain
+from criv.procscan import process_start_time
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 DEFAULT_URI = "qemu:///system"
+# where libvirt's QEMU driver keeps each running domain's pid file
+QEMU_PID_DIR = Path("/run/libvirt/qemu")
 
 _STATES = {
     libvirt.VIR_DOMAIN_NOSTATE: "nostate",
@@ -102,6 +106,17 @@ class DomainInfo:
 
 
 StopCallback = Callable[[str, str], None]
+
+
+def qemu_pid(name: str) -> int:
+    """The running domain's QEMU pid from libvirt's pid file, checked against the
+    process's command line (0: not running). Blocking: call it off the event loop."""
+    try:
+        pid = int((QEMU_PID_DIR / f"{name}.pid").read_text().strip())
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return 0
+    return pid if f"guest={name}".encode() in cmd and process_start_time(pid) else 0
 
 
 class Hypervisor:

@@ -18,26 +18,18 @@ import time
 from pathlib import Path
 
 from criv.agent.client import AgentClient
-from criv.agent.types import AgentStats, CreateContainerArgs, ExecResult, MountSpec
-from criv.errors import (
-    AgentError,
-    CrivError,
-    DeadlineExceeded,
-    FailedPrecondition,
-    NotFound,
-)
-from criv.mounts import is_mounted
+from criv.agent.types import CreateContainerArgs, ExecResult, MountSpec
+from criv.errors import AgentError, CrivError, DeadlineExceeded, FailedPrecondition, NotFound
+from criv.sandbox.cleanup import PodCleanup
+from criv.sandbox.context import SandboxContext
 from criv.sandbox.events import EventKind
-from criv.sandbox.pods import PodOps
+from criv.sandbox.logs import LogFollowers
 from criv.sandbox.records import ContainerRecord, PodRecord
-from criv.sandbox.rootfs import mount_rootfs, unmount_rootfs
-from criv.sandbox.specs import (
-    ContainerFilter,
-    ContainerSpec,
-    container_reserved_name,
-    match_container,
-)
+from criv.sandbox.rootfs import RootfsMounter
+from criv.sandbox.specs import ContainerFilter, ContainerSpec, match_container
 from criv.sandbox.states import ContainerState, PodState
+from criv.sandbox.stats import ContainerSample, CpuRates
+from criv.sandbox.transitions import apply_info, set_state
 
 log = logging.getLogger("criv.sandbox.containers")
 
@@ -57,38 +49,52 @@ def host_log_path(log_directory: str, log_path: str) -> str:
     return joined
 
 
-class ContainerOps(PodOps):
+class ContainerService:
+    def __init__(
+        self,
+        ctx: SandboxContext,
+        cleanup: PodCleanup,
+        logs: LogFollowers,
+        rootfs: RootfsMounter,
+    ) -> None:
+        self._ctx = ctx
+        self._cleanup = cleanup
+        self._logs = logs
+        self._rootfs = rootfs
+        self._cpu = CpuRates()
+
     # -- create / start ------------------------------------------------------------
 
-    async def create_container(self, pod_id: str, spec: ContainerSpec) -> str:
-        pod = self.pod(pod_id)
+    async def create(self, pod_id: str, spec: ContainerSpec) -> str:
+        ctx = self._ctx
+        pod = ctx.pod(pod_id)
         if pod.state is not PodState.READY:
             raise FailedPrecondition(f"pod sandbox {pod.id[:12]} is not ready")
-        client = self.client_of(pod.id)
+        client = ctx.client_of(pod.id)
         if client is None:
             raise AgentError(f"pod sandbox {pod.id[:12]}: agent not connected")
-        name = container_reserved_name(spec.name, spec.attempt, pod)
+        name = pod.container_reserved_name(spec.name, spec.attempt)
         cid = secrets.token_hex(32)
-        self.container_names.reserve(name, cid)
+        ctx.container_names.reserve(name, cid)
         try:
             return await self._create(pod, client, spec, cid)
         except BaseException:
-            self.container_names.release(name, cid)
+            ctx.container_names.release(name, cid)
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._release_image_if_unmounted(pod.id, cid))
             raise
 
-    async def _create(self, pod: PodRecord, client: object, spec: ContainerSpec, cid: str) -> str:
-        from criv.agent.client import AgentClient
-
-        assert isinstance(client, AgentClient)
+    async def _create(
+        self, pod: PodRecord, client: AgentClient, spec: ContainerSpec, cid: str
+    ) -> str:
+        ctx = self._ctx
         # Lease before anything is mounted: from here a RemoveImage leaves the layers
         # alone. A crash before the record is written leaves a lease with no container,
         # which recovery releases.
-        image = await self.images.acquire(spec.image, cid)
-        iso = self.isolation(pod)
-        paths = self.paths(pod.id)
-        cdir = self.container_dir(pod.id, cid)
+        image = await ctx.images.acquire(spec.image, cid)
+        iso = ctx.isolation(pod)
+        paths = ctx.paths(pod.id)
+        cdir = ctx.container_dir(pod.id, cid)
         rec = ContainerRecord(
             id=cid,
             sandbox_id=pod.id,
@@ -107,17 +113,17 @@ class ContainerOps(PodOps):
             rootfs=str(cdir / "rootfs"),
             resources=spec.resources,
         )
-        async with self.lock(pod.id):
-            if self.pods.get(pod.id) is None:
+        async with ctx.locks.hold(pod.id):
+            if ctx.pods.get(pod.id) is None:
                 raise NotFound(f"pod sandbox {pod.id[:12]} was removed")
-            await self.containers.add(rec)
+            await ctx.containers.add(rec)
             try:
-                rootfs = await mount_rootfs(list(image.layer_dirs), cdir)
+                rootfs = await self._rootfs.mount(list(image.layer_dirs), cdir)
                 if rec.log_path:
                     await asyncio.to_thread(
                         Path(rec.log_path).parent.mkdir, parents=True, exist_ok=True
                     )
-                # vm pods: bind mounts into the pod's 9p shared dir; host pods: as they are
+                # vm pods: bind mounts into the pod's shared dir; host pods: as they are
                 mounts = [
                     MountSpec(
                         m.container_path,
@@ -139,83 +145,91 @@ class ContainerOps(PodOps):
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self._undo_create(rec))
                 raise
-        await self.apply_info(cid, info)
-        self.bus.publish(EventKind.CREATED, cid, pod.id)
+        await apply_info(ctx, cid, info)
+        ctx.bus.publish(EventKind.CREATED, cid, pod.id)
         return cid
 
     async def _undo_create(self, rec: ContainerRecord) -> None:
-        client = self.client_of(rec.sandbox_id)
+        ctx = self._ctx
+        client = ctx.client_of(rec.sandbox_id)
         if client is not None:
             with contextlib.suppress(CrivError):
                 await client.remove_container(rec.id)
-        cdir = self.container_dir(rec.sandbox_id, rec.id)
-        await self.unshare_container(rec.sandbox_id, rec.id)
-        await unmount_rootfs(cdir)
-        await self.containers.delete(rec.id, remove_dir=cdir)
+        cdir = ctx.container_dir(rec.sandbox_id, rec.id)
+        pod = ctx.pods.get(rec.sandbox_id)
+        if pod is not None:
+            await ctx.isolation(pod).unshare(ctx.paths(pod.id), rec.id)
+        await self._rootfs.unmount(cdir)
+        await ctx.containers.delete(rec.id, remove_dir=cdir)
 
     async def _release_image_if_unmounted(self, pod_id: str, cid: str) -> None:
         """A failed create's lease goes, unless undoing it left the rootfs mounted: its
         layers are that overlay's lowerdirs (recovery's sweep unmounts it and releases)."""
-        if await asyncio.to_thread(is_mounted, self.container_dir(pod_id, cid) / "rootfs"):
+        if await self._rootfs.is_mounted(self._ctx.container_dir(pod_id, cid)):
             log.error("container %s: rootfs still mounted, image lease kept", cid[:12])
             return
-        await self.images.release(cid)
+        await self._ctx.images.release(cid)
 
-    async def start_container(self, cid: str) -> None:
-        c = self.container(cid)
-        async with self.lock(c.id):
-            c = self.containers.must(c.id, "container")
+    async def start(self, cid: str) -> None:
+        ctx = self._ctx
+        c = ctx.container(cid)
+        # lock order: pod, then container (a StopPodSandbox cannot run beside a start,
+        # so no log follower starts after the agent was stopped)
+        async with ctx.locks.hold(c.sandbox_id), ctx.locks.hold(c.id):
+            c = ctx.containers.must(c.id)
             if c.state is not ContainerState.CREATED:
                 raise FailedPrecondition(f"container {c.id[:12]} is {c.state.value}, not created")
-            pod = self.pods.must(c.sandbox_id, "pod sandbox")
-            client = self.client_of(pod.id)
+            pod = ctx.pods.must(c.sandbox_id)
+            client = ctx.client_of(pod.id)
             if client is None or pod.state is not PodState.READY:
                 raise FailedPrecondition(f"pod sandbox {pod.id[:12]} is not ready")
             info = await client.start_container(c.id)
-            c = await self.apply_info(c.id, info) or c
-            self.start_follower(pod, c)
+            c = await apply_info(ctx, c.id, info) or c
+            self._logs.start(pod, c)
 
     # -- stop / remove ---------------------------------------------------------------
 
-    async def stop_container(self, cid: str, timeout: int) -> None:
-        full = self.containers.resolve(cid)
+    async def stop(self, cid: str, timeout: int) -> None:
+        ctx = self._ctx
+        full = ctx.containers.resolve(cid)
         if full is None:
             return  # idempotent
-        async with self.lock(full):
-            c = self.containers.get(full)
+        async with ctx.locks.hold(full):
+            c = ctx.containers.get(full)
             if c is None or c.state is ContainerState.EXITED:
                 return
-            client = self.client_of(c.sandbox_id)
+            client = ctx.client_of(c.sandbox_id)
             if client is None:
-                await self.set_state(
-                    c.id, ContainerState.EXITED, exit_code=255, reason="AgentGone",
+                await set_state(
+                    ctx, c.id, ContainerState.EXITED, exit_code=255, reason="AgentGone",
                     message="no agent to stop it", finished_at_ns=time.time_ns(),
                 )  # fmt: skip
                 return
             try:
                 info = await client.stop_container(c.id, max(timeout, 0))
             except NotFound:
-                await self.set_state(
-                    c.id, ContainerState.EXITED, exit_code=255, reason="Unknown",
+                await set_state(
+                    ctx, c.id, ContainerState.EXITED, exit_code=255, reason="Unknown",
                     message="the agent no longer knows this container",
                     finished_at_ns=time.time_ns(),
                 )  # fmt: skip
                 return
-            c = await self.apply_info(c.id, info) or c
-        await self.drain_log(c)
+            c = await apply_info(ctx, c.id, info) or c
+        await self._logs.drain(c)
 
-    async def remove_container(self, cid: str) -> None:
-        full = self.containers.resolve(cid)
+    async def remove(self, cid: str) -> None:
+        ctx = self._ctx
+        full = ctx.containers.resolve(cid)
         if full is None:
             return
-        c = self.containers.must(full, "container")
+        c = ctx.containers.must(full)
         if c.state is not ContainerState.EXITED:
-            await self.stop_container(full, 0)
-        async with self.lock(full):
-            c2 = self.containers.get(full)
+            await self.stop(full, 0)
+        async with ctx.locks.hold(c.sandbox_id), ctx.locks.hold(full):
+            c2 = ctx.containers.get(full)
             if c2 is None:
-                return
-            client = self.client_of(c2.sandbox_id)
+                return  # removed meanwhile (RemovePodSandbox)
+            client = ctx.client_of(c2.sandbox_id)
             if client is not None:
                 try:
                     await client.remove_container(full)
@@ -223,41 +237,41 @@ class ContainerOps(PodOps):
                     pass
                 except AgentError as e:
                     log.warning("container %s: agent remove failed: %s", full[:12], e)
-            await self._remove_container_files(c2)
-        self.forget_lock(full)
-        self.bus.publish(EventKind.DELETED, full, c.sandbox_id)
+            await self._cleanup.remove_container_files(c2)
+        ctx.bus.publish(EventKind.DELETED, full, c.sandbox_id)
 
     # -- status / list ---------------------------------------------------------------
 
-    async def container_status(self, cid: str) -> ContainerRecord:
-        c = self.container(cid)
-        client = self.client_of(c.sandbox_id)
+    async def status(self, cid: str) -> ContainerRecord:
+        ctx = self._ctx
+        c = ctx.container(cid)
+        client = ctx.client_of(c.sandbox_id)
         if client is not None and c.state is not ContainerState.EXITED:
             try:
                 info = await client.container_status(c.id)
-                c = await self.apply_info(c.id, info) or c
+                c = await apply_info(ctx, c.id, info) or c
             except NotFound:
                 pass
             except AgentError as e:
                 log.warning("container %s: status from agent failed: %s", c.id[:12], e)
         if c.state is ContainerState.EXITED and not c.log_done:
-            await self.drain_log(c)
-            c = self.containers.get(c.id) or c
+            await self._logs.drain(c)
+            c = ctx.containers.get(c.id) or c
         return c
 
-    def list_containers(self, f: ContainerFilter) -> list[ContainerRecord]:
+    def matching(self, f: ContainerFilter) -> list[ContainerRecord]:
         return sorted(
-            (c for c in self.containers.all() if match_container(f, c)),
+            (c for c in self._ctx.containers.all() if match_container(f, c)),
             key=lambda c: c.created_at_ns,
         )
 
     # -- exec / resources / logs -------------------------------------------------------
 
-    def _running_container(self, cid: str) -> tuple[ContainerRecord, AgentClient]:
-        c = self.container(cid)
+    def _running(self, cid: str) -> tuple[ContainerRecord, AgentClient]:
+        c = self._ctx.container(cid)
         if c.state is not ContainerState.RUNNING:
             raise FailedPrecondition(f"container {c.id[:12]} is {c.state.value}, not running")
-        client = self.client_of(c.sandbox_id)
+        client = self._ctx.client_of(c.sandbox_id)
         if client is None:
             raise AgentError(f"container {c.id[:12]}: agent not connected")
         return c, client
@@ -265,51 +279,51 @@ class ContainerOps(PodOps):
     async def exec_sync(self, cid: str, cmd: list[str], timeout: int) -> ExecResult:
         if not cmd:
             raise FailedPrecondition("ExecSync needs a command")
-        c, client = self._running_container(cid)
+        c, client = self._running(cid)
         result = await client.exec_sync(c.id, cmd, timeout)
         if result.timed_out:
             raise DeadlineExceeded(f"command {cmd[0]!r} timed out after {timeout}s")
         return result
 
     async def update_resources(self, cid: str, linux: bytes) -> None:
-        c = self.container(cid)
-        client = self.client_of(c.sandbox_id)
+        ctx = self._ctx
+        c = ctx.container(cid)
+        client = ctx.client_of(c.sandbox_id)
         if c.state not in (ContainerState.CREATED, ContainerState.RUNNING):
             raise FailedPrecondition(f"container {c.id[:12]} is {c.state.value}")
         if client is None:
             raise AgentError(f"container {c.id[:12]}: agent not connected")
         await client.update_resources(c.id, linux)
-        await self.containers.update(c.id, lambda r: dataclasses.replace(r, resources=linux))
+        await ctx.containers.update(c.id, lambda r: dataclasses.replace(r, resources=linux))
 
     async def reopen_log(self, cid: str) -> None:
-        c = self.container(cid)
+        c = self._ctx.container(cid)
         if c.state is not ContainerState.RUNNING:
             raise FailedPrecondition(f"container {c.id[:12]} is not running")
-        rt = self.rt.get(c.sandbox_id)
-        f = rt.followers.get(c.id) if rt is not None else None
-        if f is None:
+        if not await self._logs.reopen(c):
             raise FailedPrecondition(f"container {c.id[:12]} has no log to reopen")
-        await asyncio.to_thread(f.reopen)
 
-    async def container_stats(self, cids: list[str]) -> dict[str, AgentStats]:
-        """Stats of running containers among ``cids``, grouped by pod per agent call."""
+    async def stats(self, cids: list[str]) -> dict[str, ContainerSample]:
+        """Stats of running containers among ``cids``, one agent call per pod."""
+        ctx = self._ctx
         by_pod: dict[str, list[str]] = {}
         for cid in cids:
-            c = self.containers.get(cid)
+            c = ctx.containers.get(cid)
             if c is not None and c.state is ContainerState.RUNNING:
                 by_pod.setdefault(c.sandbox_id, []).append(cid)
-        out: dict[str, AgentStats] = {}
+        out: dict[str, ContainerSample] = {}
 
         async def one(pod_id: str, ids: list[str]) -> None:
-            client = self.client_of(pod_id)
+            client = ctx.client_of(pod_id)
             if client is None:
                 return
             try:
                 for s in await client.stats(ids):
-                    if s.container_id in ids:
-                        out[s.container_id] = s
+                    if s.container_id in ids:  # the agent speaks only for its own pod
+                        out[s.container_id] = self._cpu.sample(s)
             except CrivError as e:
                 log.warning("pod %s: stats failed: %s", pod_id[:12], e)
 
         await asyncio.gather(*(one(p, ids) for p, ids in by_pod.items()))
+        self._cpu.forget_all_but(c.id for c in ctx.containers.all())
         return out

@@ -15,20 +15,28 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from criv.agent.client import AgentClient
 from criv.agent.types import GuestNetwork
 from criv.commands import run_command
 from criv.config import Config
 from criv.errors import AgentError, CrivError, Internal
+from criv.procscan import (
+    find_processes,
+    kill,
+    kill_group,
+    process_start_time,
+    processes_in_netns,
+    same_process,
+)
 from criv.sandbox.isolation import PodPaths
+from criv.sandbox.isostate import HostState, IsolationState
 from criv.sandbox.records import PodRecord
+from criv.sandbox.states import PodState
 
 log = logging.getLogger("criv.sandbox.host")
 
@@ -44,17 +52,9 @@ def agent_binary() -> str:
     return str(Path(sys.executable).parent / "criv-agent")
 
 
-def process_start_time(pid: int) -> int | None:
-    """Start time (clock ticks since boot) of ``pid``, None if it is gone or a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # comm may hold spaces and parens: the fields after the last ')' are fixed.
-    fields = stat[stat.rfind(")") + 2 :].split()
-    if fields[0] in ("Z", "X"):
-        return None
-    return int(fields[19])
+def _state(pod: PodRecord) -> HostState:
+    st = pod.isolation_state
+    return st if isinstance(st, HostState) else HostState()
 
 
 class HostIsolation:
@@ -64,6 +64,7 @@ class HostIsolation:
 
     def __init__(self, config: Config) -> None:
         self._config = config
+        self._run_root = Path(config.run_dir) / "p"
         # Agents this criv started: kept so their exit status is reaped (no zombies).
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -83,7 +84,7 @@ class HostIsolation:
             argv = ["nsenter", f"--net={pod.netns}", "--", *argv]
         return argv
 
-    async def boot(self, pod: PodRecord, paths: PodPaths) -> dict[str, Any]:
+    async def boot(self, pod: PodRecord, paths: PodPaths) -> IsolationState:
         for p in (paths.control_socket, paths.data_socket):
             if len(str(p)) > MAX_SOCKET_PATH:
                 raise Internal(f"agent socket path {p} is too long; use a shorter run_dir")
@@ -108,25 +109,25 @@ class HostIsolation:
 
         proc = await asyncio.to_thread(spawn)
         self._procs[pod.id] = proc
-        start = process_start_time(proc.pid)
-        return {"pid": proc.pid, "start_time": start or 0}
+        start = await asyncio.to_thread(process_start_time, proc.pid)
+        return HostState(pid=proc.pid, start_time=start or 0)
 
-    def alive(self, pod: PodRecord) -> bool:
-        pid = int(pod.isolation_state.get("pid", 0))
-        if pid <= 0:
-            return False
+    async def alive(self, pod: PodRecord) -> bool:
+        return await asyncio.to_thread(self._alive, pod)
+
+    def _alive(self, pod: PodRecord) -> bool:
+        st = _state(pod)
         proc = self._procs.get(pod.id)
         if proc is not None and proc.poll() is not None:
             return False
-        start = process_start_time(pid)
-        return start is not None and start == pod.isolation_state.get("start_time")
+        return same_process(st.pid, st.start_time)
 
     async def connect(self, pod: PodRecord, paths: PodPaths, timeout: float) -> AgentClient:
         client = AgentClient(f"unix:{paths.control_socket}")
         deadline = time.monotonic() + timeout
         last: Exception | None = None
         while time.monotonic() < deadline:
-            if not self.alive(pod):
+            if not await self.alive(pod):
                 await client.close()
                 raise AgentError(f"agent of pod {pod.id[:12]} exited; see {paths.agent_log}")
             if paths.control_socket.exists():
@@ -142,31 +143,27 @@ class HostIsolation:
     async def stop(
         self, pod: PodRecord, paths: PodPaths, client: AgentClient | None, timeout: int
     ) -> None:
-        if client is not None and self.alive(pod):
+        if client is not None and await self.alive(pod):
             try:
                 await client.shutdown(timeout)
             except CrivError as e:
                 log.warning("pod %s: agent shutdown failed: %s", pod.id[:12], e)
         deadline = time.monotonic() + AGENT_EXIT_TIMEOUT
-        while self.alive(pod) and time.monotonic() < deadline:
+        while await self.alive(pod) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         await self.destroy(pod, paths)
 
     async def destroy(self, pod: PodRecord, paths: PodPaths) -> None:
-        pid = int(pod.isolation_state.get("pid", 0))
-        if self.alive(pod):
+        pid = _state(pod).pid
+        if await self.alive(pod):
             log.warning("pod %s: killing agent pid %d", pod.id[:12], pid)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                # The agent leads its own session; its group holds its helpers.
-                os.killpg(pid, signal.SIGKILL)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+            kill_group(pid)  # the agent leads its own session; its group holds its helpers
         proc = self._procs.pop(pod.id, None)
         if proc is not None:
             await asyncio.to_thread(proc.wait)
         else:
             deadline = time.monotonic() + AGENT_EXIT_TIMEOUT
-            while self.alive(pod) and time.monotonic() < deadline:
+            while await self.alive(pod) and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
         await self._reap_containers(pod, paths)
         for s in (paths.control_socket, paths.data_socket):
@@ -199,11 +196,25 @@ class HostIsolation:
     async def share(self, paths: PodPaths, cid: str, host_path: Path, name: str) -> str:
         return str(host_path)  # the agent sees the host's files as they are
 
+    async def unshare(self, paths: PodPaths, cid: str) -> None:
+        pass  # nothing was shared
+
     def guest_network(self, pod: PodRecord) -> GuestNetwork | None:
         return None  # the agent runs in the pod netns CNI configured
 
     async def sweep(self, pods: list[PodRecord]) -> None:
-        pass  # host agents are swept by command line (recovery._kill_orphan_agents)
+        """criv-agent processes serving sockets in this criv's run dir that no READY
+        pod owns (found by command line)."""
+        owned = {_state(p).pid for p in pods if p.state is PodState.READY}
+        marker = f"unix:{self._run_root}/".encode()
+
+        def orphan(argv: list[bytes]) -> bool:
+            return any(b"criv-agent" in a for a in argv) and any(marker in a for a in argv)
+
+        for pid in await asyncio.to_thread(find_processes, orphan):
+            if pid not in owned:
+                log.warning("killing orphan agent pid %d", pid)
+                kill_group(pid)
 
     async def close(self) -> None:
         pass
@@ -227,11 +238,6 @@ def _remove_pod_cgroups(pod_id: str) -> None:
                 log.warning("cannot remove cgroup %s: %s", d, e)
 
 
-def _kill(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.kill(pid, signal.SIGKILL)
-
-
 def _kill_pod_leftovers(pod: PodRecord, paths: PodPaths) -> None:
     """SIGKILL the agent's namespace holder (found in the agent's sandbox.json, checked
     by its command line) and every process left in the pod's network namespace.
@@ -244,20 +250,10 @@ def _kill_pod_leftovers(pod: PodRecord, paths: PodPaths) -> None:
             cmd = Path(f"/proc/{holder}/cmdline").read_bytes()
             if b"holder.py" in cmd:
                 if os.getpgid(holder) == holder:  # a group of its own: take it whole
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.killpg(holder, signal.SIGKILL)
-                _kill(holder)
+                    kill_group(holder)
+                kill(holder)
     if pod.host_network or not pod.netns:
         return
-    try:
-        ns_ino = os.stat(pod.netns).st_ino
-    except OSError:
-        return
-    me = os.getpid()
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == me:
-            continue
-        with contextlib.suppress(OSError):
-            if os.stat(d / "ns" / "net").st_ino == ns_ino:
-                log.warning("pod %s: killing leftover pid %s", pod.id[:12], d.name)
-                _kill(int(d.name))
+    for pid in processes_in_netns(pod.netns):
+        log.warning("pod %s: killing leftover pid %d", pod.id[:12], pid)
+        kill(pid)

@@ -4,8 +4,8 @@
 namespace; ``vm`` (:mod:`.vm`) boots a libvirt domain whose guest runs the same agent. The
 sandbox layer only ever calls the :class:`Isolation` methods, so a mode is one class:
 
-- ``boot``: start the agent for a new pod; returns the facts needed to find it again
-  (persisted in the pod record as ``isolation_state``);
+- ``boot``: start the agent for a new pod; returns the mode's typed state, the facts
+  needed to find it again (:mod:`.isostate`, persisted as ``isolation_state``);
 - ``connect``: an :class:`AgentClient` for a booted pod (fresh or re-adopted after a
   criv restart), once the agent answers Health;
 - ``alive``: is the pod's agent (process / domain) still there?
@@ -15,6 +15,7 @@ sandbox layer only ever calls the :class:`Isolation` methods, so a mode is one c
   opens data connections (log streams);
 - ``share``: make a container's host path (rootfs, volume) reachable by the agent and
   return the agent's path for it (vm: a bind mount into the pod's 9p shared dir);
+  ``unshare`` undoes every share of a container;
 - ``guest_network``: the network SetupSandbox hands the agent (vm: from the CNI result);
 - ``containers_die_with_agent``: a lost agent means lost containers (vm: the VM is gone);
 - ``sweep`` / ``close``: start-up garbage collection, and letting go at criv stop.
@@ -24,10 +25,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from criv.agent.client import AgentClient
 from criv.agent.types import GuestNetwork
+from criv.sandbox.isostate import IsolationState
 from criv.sandbox.records import PodRecord
 
 
@@ -76,11 +78,11 @@ class Isolation(Protocol):
     mode: str
     containers_die_with_agent: bool
 
-    async def boot(self, pod: PodRecord, paths: PodPaths) -> dict[str, Any]: ...
+    async def boot(self, pod: PodRecord, paths: PodPaths) -> IsolationState: ...
 
     async def connect(self, pod: PodRecord, paths: PodPaths, timeout: float) -> AgentClient: ...
 
-    def alive(self, pod: PodRecord) -> bool: ...
+    async def alive(self, pod: PodRecord) -> bool: ...
 
     async def stop(
         self, pod: PodRecord, paths: PodPaths, client: AgentClient | None, timeout: int
@@ -93,6 +95,8 @@ class Isolation(Protocol):
     def data_endpoint(self, paths: PodPaths) -> str: ...
 
     async def share(self, paths: PodPaths, cid: str, host_path: Path, name: str) -> str: ...
+
+    async def unshare(self, paths: PodPaths, cid: str) -> None: ...
 
     def guest_network(self, pod: PodRecord) -> GuestNetwork | None: ...
 

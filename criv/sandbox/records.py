@@ -1,30 +1,24 @@
-"""Pod and container records, and the store each lives in.
+"""Pod and container records: what criv knows of each, persisted as versioned JSON.
 
-A record is immutable (a frozen dataclass); a change is ``Store.update(id, fn)`` with
-``fn`` returning the new record, which the store checks against the state machine
-(:mod:`criv.sandbox.states`), writes to disk (versioned JSON, atomically, via
-:mod:`criv.state.records`) and only then publishes in memory. Updates of one store
-are serialized by a lock, so two RPCs never interleave a read-modify-write.
+Records are immutable (frozen dataclasses); :class:`criv.sandbox.store.Store` holds
+them and is the one way to change them. Version history: pod records v1 kept
+``isolation_state`` as a free-form dict; v2 keeps the mode's typed state
+(:mod:`criv.sandbox.isostate`, ``null`` before boot). Both are read.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import contextlib
 import dataclasses
-import shutil
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any
 
-from criv.errors import NotFound
+from criv.sandbox import isostate
+from criv.sandbox.isostate import IsolationState
 from criv.sandbox.states import ContainerState, PodState, check_container, check_pod
-from criv.state.records import read_record, write_record
 
 POD_KIND = "sandbox"
-POD_VERSION = 1
+POD_VERSION = 2
 CONTAINER_KIND = "container"
 CONTAINER_VERSION = 1
 
@@ -35,6 +29,11 @@ def _b64(b: bytes) -> str:
 
 def _unb64(s: Any) -> bytes:
     return base64.b64decode(s) if isinstance(s, str) else b""
+
+
+def pod_reserved_name(name: str, namespace: str, uid: str, attempt: int) -> str:
+    """containerd's sandbox name: the key a pod's name is reserved under."""
+    return f"{name}_{namespace}_{uid}_{attempt}"
 
 
 @dataclass(frozen=True)
@@ -68,22 +67,35 @@ class PodRecord:
     cni_result: dict[str, Any] = field(default_factory=dict)
     ips: tuple[str, ...] = ()
     network_ready: bool = False
-    # What the isolation mode needs to find its agent again (host: pid, start time).
-    isolation_state: dict[str, Any] = field(default_factory=dict)
+    # What the isolation mode needs to find its agent again (None until booted).
+    isolation_state: IsolationState | None = None
     message: str = ""
     # pod-level resources (see PodSpec.resources): the VM size of a vm pod
     resources: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def reserved_name(self) -> str:
+        return pod_reserved_name(self.name, self.namespace, self.uid, self.attempt)
+
+    def container_reserved_name(self, name: str, attempt: int) -> str:
+        """The key a container's name is reserved under in this pod (as containerd)."""
+        return f"{name}_{self.name}_{self.namespace}_{self.uid}_{attempt}"
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["state"] = self.state.value
         d["config"] = _b64(self.config)
+        d["isolation_state"] = isostate.encode(self.isolation_state)
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> PodRecord:
+    def from_dict(cls, d: dict[str, Any], version: int = POD_VERSION) -> PodRecord:
         d = dict(d)
         d["state"] = PodState(d["state"])
+        # v1 and v2 store the same keys (v1: {} before boot, v2: null)
+        d["isolation_state"] = isostate.decode(
+            str(d.get("isolation", "")), d.get("isolation_state")
+        )
         d["config"] = _unb64(d.get("config"))
         d["port_mappings"] = tuple(PortMap(**p) for p in d.get("port_mappings", ()))
         d["ips"] = tuple(d.get("ips", ()))
@@ -133,8 +145,11 @@ class ContainerRecord:
         d["resources"] = _b64(self.resources)
         return d
 
+    def reserved_name(self, pod: PodRecord) -> str:
+        return pod.container_reserved_name(self.name, self.attempt)
+
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ContainerRecord:
+    def from_dict(cls, d: dict[str, Any], version: int = CONTAINER_VERSION) -> ContainerRecord:
         d = dict(d)
         d["state"] = ContainerState(d["state"])
         d["config"] = _unb64(d.get("config"))
@@ -144,99 +159,9 @@ class ContainerRecord:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-class _Record(Protocol):
-    @property
-    def id(self) -> str: ...
-
-    def to_dict(self) -> dict[str, Any]: ...
+def check_pod_record(old: PodRecord, new: PodRecord) -> None:
+    check_pod(old.state, new.state, f"pod {old.id[:12]}")
 
 
-R = TypeVar("R", bound=_Record)
-
-
-class Store(Generic[R]):
-    """Records of one kind, in memory and on disk; ``update`` is the one mutation path."""
-
-    def __init__(
-        self,
-        kind: str,
-        version: int,
-        path_of: Callable[[R], Path],
-        loader: Callable[[dict[str, Any]], R],
-    ) -> None:
-        self._kind = kind
-        self._version = version
-        self._path_of: Callable[[R], Path] = path_of
-        self._loader: Callable[[dict[str, Any]], R] = loader
-        self._items: dict[str, R] = {}
-        self._lock = asyncio.Lock()
-
-    def get(self, rid: str) -> R | None:
-        return self._items.get(rid)
-
-    def must(self, rid: str, what: str) -> R:
-        rec = self._items.get(rid)
-        if rec is None:
-            raise NotFound(f"{what} {rid!r} not found")
-        return rec
-
-    def all(self) -> list[R]:
-        return list(self._items.values())
-
-    def resolve(self, prefix: str) -> str | None:
-        """Full id for an id or a unique id prefix (as crictl accepts), else None."""
-        if prefix in self._items:
-            return prefix
-        if not prefix:
-            return None
-        found = [k for k in self._items if k.startswith(prefix)]
-        return found[0] if len(found) == 1 else None
-
-    def load(self, path: Path) -> R:
-        _, data = read_record(path, self._kind, self._version)
-        rec = self._loader(data)
-        self._items[rec.id] = rec
-        return rec
-
-    async def add(self, rec: R) -> R:
-        async with self._lock:
-            await asyncio.to_thread(self._write, rec)
-            self._items[rec.id] = rec
-        return rec
-
-    async def update(self, rid: str, fn: Callable[[R], R]) -> R:
-        return (await self.update_pair(rid, fn))[1]
-
-    async def update_pair(self, rid: str, fn: Callable[[R], R]) -> tuple[R, R]:
-        """Like ``update``, returning (old, new) as seen under the lock."""
-        async with self._lock:
-            old = self._items.get(rid)
-            if old is None:
-                raise NotFound(f"{self._kind} {rid!r} not found")
-            new = fn(old)
-            if new is old:
-                return old, old
-            if isinstance(old, PodRecord) and isinstance(new, PodRecord):
-                check_pod(old.state, new.state, f"pod {rid[:12]}")
-            elif isinstance(old, ContainerRecord) and isinstance(new, ContainerRecord):
-                check_container(old.state, new.state, f"container {rid[:12]}")
-            await asyncio.to_thread(self._write, new)
-            self._items[rid] = new
-            return old, new
-
-    async def delete(self, rid: str, remove_dir: Path | None = None) -> None:
-        async with self._lock:
-            rec = self._items.pop(rid, None)
-            if rec is not None:
-                path = self._path_of(rec)
-                await asyncio.to_thread(_unlink, path)
-            if remove_dir is not None:
-                await asyncio.to_thread(shutil.rmtree, remove_dir, True)
-
-    def _write(self, rec: R) -> None:
-        write_record(self._path_of(rec), self._kind, self._version, rec.to_dict())
-
-
-def _unlink(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
+def check_container_record(old: ContainerRecord, new: ContainerRecord) -> None:
+    check_container(old.state, new.state, f"container {old.id[:12]}")

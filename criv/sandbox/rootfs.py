@@ -12,6 +12,7 @@ import asyncio
 import logging
 import shutil
 from pathlib import Path
+from typing import Protocol
 
 from criv.commands import run_command
 from criv.errors import Internal, InvalidArgument
@@ -79,3 +80,24 @@ async def unmount_all_under(prefix: Path) -> None:
     """Before deleting a directory tree: never let rmtree walk into a mount."""
     for m in await asyncio.to_thread(mounts_under, prefix):
         await umount_lazy(m)
+
+
+class RootfsMounter(Protocol):
+    """How the container service gets a container's rootfs (a unit test fakes it)."""
+
+    async def mount(self, layer_dirs: list[Path], container_dir: Path) -> Path: ...
+
+    async def unmount(self, container_dir: Path) -> None: ...
+
+    async def is_mounted(self, container_dir: Path) -> bool: ...
+
+
+class OverlayRootfs:
+    async def mount(self, layer_dirs: list[Path], container_dir: Path) -> Path:
+        return await mount_rootfs(layer_dirs, container_dir)
+
+    async def unmount(self, container_dir: Path) -> None:
+        await unmount_rootfs(container_dir)
+
+    async def is_mounted(self, container_dir: Path) -> bool:
+        return await asyncio.to_thread(is_mounted, container_dir / "rootfs")

@@ -10,7 +10,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from criv.sandbox.records import ContainerRecord, MountRecord, PodRecord, PortMap
+from criv.sandbox.records import (
+    ContainerRecord,
+    MountRecord,
+    PodRecord,
+    PortMap,
+    pod_reserved_name,
+)
 from criv.sandbox.states import ContainerState, PodState
 
 
@@ -33,8 +39,7 @@ class PodSpec:
 
     @property
     def reserved_name(self) -> str:
-        # containerd's sandbox name: the key under which the name is reserved.
-        return f"{self.name}_{self.namespace}_{self.uid}_{self.attempt}"
+        return pod_reserved_name(self.name, self.namespace, self.uid, self.attempt)
 
 
 @dataclass(frozen=True)
@@ -48,10 +53,6 @@ class ContainerSpec:
     log_path: str = ""
     mounts: tuple[MountRecord, ...] = ()
     resources: bytes = b""
-
-
-def container_reserved_name(spec_name: str, attempt: int, pod: PodRecord) -> str:
-    return f"{spec_name}_{pod.name}_{pod.namespace}_{pod.uid}_{attempt}"
 
 
 @dataclass(frozen=True)

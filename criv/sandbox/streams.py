@@ -16,7 +16,7 @@ from typing import Protocol
 
 from criv.agent.datastream import StreamKind, open_data_stream
 from criv.errors import FailedPrecondition, Unavailable
-from criv.sandbox.core import SandboxCore
+from criv.sandbox.context import SandboxContext
 from criv.sandbox.records import ContainerRecord, PodRecord
 from criv.sandbox.states import ContainerState, PodState
 
@@ -37,24 +37,24 @@ class StreamParams(Protocol):
     def exec_id(self) -> str: ...
 
 
-def require_running_container(sandboxes: SandboxCore, cid: str) -> ContainerRecord:
+def require_running_container(ctx: SandboxContext, cid: str) -> ContainerRecord:
     """The container (by id or unique prefix); it must be running to exec or attach."""
-    c = sandboxes.container(cid)
+    c = ctx.container(cid)
     if c.state is not ContainerState.RUNNING:
         raise FailedPrecondition(f"container {c.id[:12]} is {c.state.value}, not running")
     return c
 
 
-def require_ready_pod(sandboxes: SandboxCore, pod_id: str) -> PodRecord:
-    pod = sandboxes.pod(pod_id)
+def require_ready_pod(ctx: SandboxContext, pod_id: str) -> PodRecord:
+    pod = ctx.pod(pod_id)
     if pod.state is not PodState.READY:
         raise FailedPrecondition(f"pod sandbox {pod.id[:12]} is {pod.state.value}, not ready")
     return pod
 
 
 class SandboxStreamLink:
-    def __init__(self, sandboxes: SandboxCore) -> None:
-        self._sandboxes = sandboxes
+    def __init__(self, ctx: SandboxContext) -> None:
+        self._sandboxes = ctx
 
     async def start_exec(
         self, container_id: str, cmd: list[str], tty: bool, stdin: bool

@@ -13,6 +13,7 @@ from criv.config import Config
 from criv.errors import Internal
 from criv.network.tap import guest_addressing, tap_name
 from criv.sandbox.isolation import PodPaths
+from criv.sandbox.isostate import VmState
 from criv.sandbox.records import PodRecord
 from criv.sandbox.states import PodState
 from criv.sandbox.vm import GUEST_SHARED, VmIsolation
@@ -81,7 +82,7 @@ def test_agent_paths_are_guest_paths_under_the_share(tmp_path: Path) -> None:
 def test_guest_network_from_the_record(tmp_path: Path) -> None:
     iso = _iso(tmp_path)
     assert iso.guest_network(_pod()) is None  # no tap: nothing to configure
-    pod = _pod(cni_result=BRIDGE_RESULT, isolation_state={"mac": "aa:aa:aa:aa:aa:03", "mtu": 1450})
+    pod = _pod(cni_result=BRIDGE_RESULT, isolation_state=VmState(mac="aa:aa:aa:aa:aa:03", mtu=1450))
     net = iso.guest_network(pod)
     assert net is not None
     msg = guest_network(net)

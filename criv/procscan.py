@@ -1,0 +1,76 @@
+"""Finding and killing host processes criv started: one /proc scan for every mode.
+
+Agents (host pods) and vsock backends (vm pods) run in sessions of their own so they
+outlive criv; a restarted criv finds them by pid plus start time (pids get reused),
+or, for orphans, by their command line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+PROC = Path("/proc")
+
+
+def process_start_time(pid: int) -> int | None:
+    """Start time (clock ticks since boot) of ``pid``, None if it is gone or a zombie."""
+    try:
+        stat = (PROC / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    # comm may hold spaces and parens: the fields after the last ')' are fixed.
+    fields = stat[stat.rfind(")") + 2 :].split()
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+def same_process(pid: int, start_time: int | None) -> bool:
+    """Is ``pid`` still the process that had ``start_time`` when criv recorded it?"""
+    return pid > 0 and bool(start_time) and process_start_time(pid) == start_time
+
+
+def find_processes(match: Callable[[list[bytes]], bool]) -> list[int]:
+    """Pids whose argv (split on NUL) ``match`` accepts; never criv itself."""
+    me = os.getpid()
+    found = []
+    for d in PROC.iterdir():
+        if not d.name.isdigit() or int(d.name) == me:
+            continue
+        with contextlib.suppress(OSError):
+            if match((d / "cmdline").read_bytes().split(b"\0")):
+                found.append(int(d.name))
+    return found
+
+
+def processes_in_netns(netns: str) -> list[int]:
+    """Pids whose network namespace is the one bound at ``netns``."""
+    try:
+        ino = os.stat(netns).st_ino
+    except OSError:
+        return []
+    me = os.getpid()
+    found = []
+    for d in PROC.iterdir():
+        if not d.name.isdigit() or int(d.name) == me:
+            continue
+        with contextlib.suppress(OSError):
+            if os.stat(d / "ns" / "net").st_ino == ino:
+                found.append(int(d.name))
+    return found
+
+
+def kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def kill_group(pid: int) -> None:
+    """SIGKILL the process group ``pid`` leads (its helpers too), then ``pid`` itself."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    kill(pid)

@@ -1,0 +1,64 @@
+"""What each isolation mode records to find a pod's agent again: one typed dataclass per
+mode, stored in :attr:`PodRecord.isolation_state` (``None`` until the mode booted it).
+
+Pod records of version 1 held a free-form dict with the same keys; :func:`decode`
+reads both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+
+@dataclass(frozen=True)
+class HostState:
+    """``host`` mode: the agent process, by pid plus start time (pids get reused)."""
+
+    mode: ClassVar[str] = "host"
+    pid: int = 0
+    start_time: int = 0
+
+
+@dataclass(frozen=True)
+class VmState:
+    """``vm`` mode: the libvirt domain, its vsock backend process and its network."""
+
+    mode: ClassVar[str] = "vm"
+    domain: str = ""
+    uuid: str = ""
+    accel: str = ""
+    accel_reason: str = ""
+    console_log: str = ""
+    vcpus: int = 0
+    memory_mib: int = 0
+    vsock: str = "backend"
+    cid: int = 0
+    backend_pid: int = 0
+    backend_start_time: int = 0
+    tap: str = ""
+    mac: str = ""
+    mtu: int = 0
+
+
+IsolationState = HostState | VmState
+
+# mode name -> its state type; a new isolation mode adds one line here
+STATE_TYPES: dict[str, type[HostState] | type[VmState]] = {
+    HostState.mode: HostState,
+    VmState.mode: VmState,
+}
+
+
+def encode(state: IsolationState | None) -> dict[str, Any] | None:
+    return None if state is None else dataclasses.asdict(state)
+
+
+def decode(mode: str, data: Any) -> IsolationState | None:
+    """The typed state of a pod in ``mode`` from its record (``None``: not booted)."""
+    cls = STATE_TYPES.get(mode)
+    if cls is None or not isinstance(data, dict) or not data:
+        return None
+    known = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in known})
