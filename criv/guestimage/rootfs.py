@@ -270,24 +270,7 @@ def precompile(root: Path, log: Path, own: list[str]) -> None:
     site = root / SITE
     third_party = [p for p in sorted(site.iterdir()) if p.name not in own]
     slim.sourceless(root, [root / "usr/lib/python3.11", *third_party], py)
-    _run(
-        [
-            py,
-            "-m",
-            "compileall",
-            "-q",
-            "-j",
-            "0",
-            "--invalidation-mode",
-            "unchecked-hash",
-            "-s",
-            str(root),
-            "-p",
-            "/",
-            *[str(site / name) for name in own],
-        ],
-        log,
-    )
+    _run(slim.compileall_argv(py, root, [site / name for name in own]), log)
 
 
 def reset_dev(root: Path) -> None:

@@ -187,28 +187,35 @@ def gc_libraries(root: Path) -> list[str]:
     return removed
 
 
-def sourceless(root: Path, trees: list[Path], python: str) -> None:
-    """Compile ``trees`` to in-place .pyc (legacy layout) and drop the .py sources.
+def compileall_argv(python: str, root: Path, trees: list[Path], legacy: bool = False) -> list[str]:
+    """``compileall`` of ``trees`` under the guest root, as the guest will import them.
 
-    ``unchecked-hash``: nothing compares them to a source or an mtime at import.
+    ``unchecked-hash``: nothing compares the .pyc to a source or an mtime at import (the
+    initramfs has mtime 0); ``-s root -p /``: the paths recorded are the guest's;
+    ``legacy`` (-b): ``x.pyc`` beside ``x.py`` instead of __pycache__, for sourceless trees.
     """
+    return [
+        python,
+        "-m",
+        "compileall",
+        "-q",
+        *(["-b"] if legacy else []),
+        "-j",
+        "0",
+        "--invalidation-mode",
+        "unchecked-hash",
+        "-s",
+        str(root),
+        "-p",
+        "/",
+        *map(str, trees),
+    ]
+
+
+def sourceless(root: Path, trees: list[Path], python: str) -> None:
+    """Compile ``trees`` to in-place .pyc (legacy layout) and drop the .py sources."""
     subprocess.run(
-        [
-            python,
-            "-m",
-            "compileall",
-            "-q",
-            "-b",
-            "-j",
-            "0",
-            "--invalidation-mode",
-            "unchecked-hash",
-            "-s",
-            str(root),
-            "-p",
-            "/",
-            *map(str, trees),
-        ],
+        compileall_argv(python, root, trees, legacy=True),
         check=False,  # a few test-data files in the stdlib do not compile; that is expected
         capture_output=True,
     )
