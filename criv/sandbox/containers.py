@@ -123,11 +123,11 @@ class ContainerService:
                     await asyncio.to_thread(
                         Path(rec.log_path).parent.mkdir, parents=True, exist_ok=True
                     )
-                # vm pods: bind mounts into the pod's shared dir; host pods: as they are
+                # vm pods: bind mounts into the pod's share; host pods: as they are
                 mounts = [
                     MountSpec(
                         m.container_path,
-                        await iso.share(paths, cid, Path(m.host_path), f"m{i}"),
+                        await iso.share(paths, cid, Path(m.host_path), f"m{i}", m.readonly),
                     )
                     for i, m in enumerate(spec.mounts)
                 ]
@@ -137,7 +137,7 @@ class ContainerService:
                     config=spec.config,
                     sandbox_config=pod.config,
                     image_config_json=image.config_json,
-                    rootfs=await iso.share(paths, cid, rootfs, "rootfs"),
+                    rootfs=await iso.share(paths, cid, rootfs, "rootfs", False),
                     mounts=mounts,
                 )
                 info = await client.create_container(args)

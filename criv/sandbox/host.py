@@ -193,8 +193,13 @@ class HostIsolation:
     def data_endpoint(self, paths: PodPaths) -> str:
         return str(paths.data_socket)
 
-    async def share(self, paths: PodPaths, cid: str, host_path: Path, name: str) -> str:
-        return str(host_path)  # the agent sees the host's files as they are
+    async def share(
+        self, paths: PodPaths, cid: str, host_path: Path, name: str, readonly: bool
+    ) -> str:
+        return str(host_path)  # the agent sees the host's files (and binds them ro itself)
+
+    def pod_files_dir(self, paths: PodPaths) -> str:
+        return str(paths.shared)
 
     async def unshare(self, paths: PodPaths, cid: str) -> None:
         pass  # nothing was shared

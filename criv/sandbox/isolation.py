@@ -13,9 +13,11 @@ sandbox layer only ever calls the :class:`Isolation` methods, so a mode is one c
 - ``destroy``: force: kill whatever is left and release the mode's resources;
 - ``agent_path`` / ``data_endpoint``: how the agent sees a host path, and where criv
   opens data connections (log streams);
-- ``share``: make a container's host path (rootfs, volume) reachable by the agent and
-  return the agent's path for it (vm: a bind mount into the pod's 9p shared dir);
-  ``unshare`` undoes every share of a container;
+- ``share``: make a container's host path (rootfs, volume) reachable by the agent,
+  read-only if asked, and return the agent's path for it (vm: a bind mount into the
+  pod's share, :mod:`criv.sandbox.vm.share`); ``unshare`` undoes a container's shares;
+- ``pod_files_dir``: where the agent keeps the pod's hostname/hosts/resolv.conf/shm
+  ("": a place of its own, guest-local for vm pods);
 - ``guest_network``: the network SetupSandbox hands the agent (vm: from the CNI result);
 - ``containers_die_with_agent``: a lost agent means lost containers (vm: the VM is gone);
 - ``sweep`` / ``close``: start-up garbage collection, and letting go at criv stop.
@@ -55,7 +57,18 @@ class PodPaths:
 
     @property
     def shared(self) -> Path:
+        """What a vm pod's guest sees (9p export): a read-only view of ``share_tree``."""
         return self.state / "shared"
+
+    @property
+    def share_tree(self) -> Path:
+        """Host-only: where criv builds the per-container entries the guest sees."""
+        return self.state / "mounts"
+
+    @property
+    def share_stage(self) -> Path:
+        """Host-only: where a bind gets its flags before it enters ``share_tree``."""
+        return self.state / "stage"
 
     @property
     def agent_log(self) -> Path:
@@ -94,7 +107,11 @@ class Isolation(Protocol):
 
     def data_endpoint(self, paths: PodPaths) -> str: ...
 
-    async def share(self, paths: PodPaths, cid: str, host_path: Path, name: str) -> str: ...
+    async def share(
+        self, paths: PodPaths, cid: str, host_path: Path, name: str, readonly: bool
+    ) -> str: ...
+
+    def pod_files_dir(self, paths: PodPaths) -> str: ...
 
     async def unshare(self, paths: PodPaths, cid: str) -> None: ...
 

@@ -179,7 +179,7 @@ class PodService:
         await client.setup_sandbox(
             pod_id,
             pod.config,
-            iso.agent_path(paths, paths.shared),
+            iso.pod_files_dir(paths),
             list(pod.ips),
             iso.guest_network(pod),
         )

@@ -30,7 +30,6 @@ from criv.network.tap import tap_name as pod_tap_name
 from criv.sandbox.isolation import PodPaths
 from criv.sandbox.isostate import IsolationState, VmState
 from criv.sandbox.records import PodRecord
-from criv.sandbox.rootfs import unmount_all_under
 from criv.sandbox.states import PodState
 from criv.sandbox.vm import share as shares
 from criv.sandbox.vm.backend import VsockBackends
@@ -95,13 +94,14 @@ class VmIsolation:
         name = domain_name(pod.id)
 
         def prepare() -> None:
-            for d in (paths.run, paths.state, paths.shared):
+            for d in (paths.run, paths.state):
                 d.mkdir(parents=True, exist_ok=True, mode=0o700)
             for s in paths.run.iterdir():
                 if s.is_socket():
                     s.unlink()
 
         await asyncio.to_thread(prepare)
+        await shares.prepare(paths)  # before QEMU: it exports the read-only view
         tap, mac, mtu = "", "", 0
         if pod.netns:
             link = await pod_link(Path(pod.netns))
@@ -231,7 +231,7 @@ class VmIsolation:
         await hv.wait_stopped(name, VM_EXIT_TIMEOUT)
         await self._backends.stop(pod.id, paths)
         await delete_tap(pod_tap_name(pod.id))  # only if it never reached the pod netns
-        await unmount_all_under(paths.shared)
+        await shares.teardown(paths)
 
         def clean() -> None:
             if paths.run.is_dir():
@@ -246,8 +246,13 @@ class VmIsolation:
 
     # -- containers' files --------------------------------------------------------------
 
-    async def share(self, paths: PodPaths, cid: str, host_path: Path, name: str) -> str:
-        return await shares.share(paths, cid, host_path, name)
+    async def share(
+        self, paths: PodPaths, cid: str, host_path: Path, name: str, readonly: bool
+    ) -> str:
+        return await shares.share(paths, cid, host_path, name, readonly)
+
+    def pod_files_dir(self, paths: PodPaths) -> str:
+        return ""  # the agent keeps them guest-local: the share is read-only to it
 
     async def unshare(self, paths: PodPaths, cid: str) -> None:
         await shares.unshare(paths, cid)

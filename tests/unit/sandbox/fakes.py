@@ -152,9 +152,14 @@ class FakeIsolation:
     def data_endpoint(self, paths: PodPaths) -> str:
         return str(paths.run / "d.sock")
 
-    async def share(self, paths: PodPaths, cid: str, host_path: Path, name: str) -> str:
+    async def share(
+        self, paths: PodPaths, cid: str, host_path: Path, name: str, readonly: bool
+    ) -> str:
         await self.steps.step(f"share.{name}")
         return str(host_path)
+
+    def pod_files_dir(self, paths: PodPaths) -> str:
+        return ""
 
     async def unshare(self, paths: PodPaths, cid: str) -> None:
         self.steps.calls.append("unshare")
