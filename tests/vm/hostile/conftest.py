@@ -1,0 +1,16 @@
+"""The hostile-guest suite: real vm pods whose guest root attacks the host side."""
+
+from tests.support.cri import (  # noqa: F401  (fixtures)
+    Cri,
+    cni_overrides,
+    config_for,
+    cri_factory,
+    no_cgroup_leaks,
+    registry,
+)
+from tests.support.vm import (  # noqa: F401  (fixtures)
+    libvirtd,
+    vm_config,
+    vm_cri,
+    vm_cri_factory,
+)
