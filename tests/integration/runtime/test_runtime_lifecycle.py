@@ -2,48 +2,21 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import grpc
 import pytest
 
 from criv_agent.api.runtime.v1 import api_pb2
-from tests.support.cri import SUBNET_PREFIX, Cri
+from tests.support import scenarios
+from tests.support.cri import Cri
 
 pytestmark = pytest.mark.integration
-
-CRI_LOG_LINE = re.compile(
-    r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+(Z|[+-]\d\d:\d\d) (stdout|stderr) [PF] "
-)
 
 
 @pytest.mark.timeout(120)
 def test_pod_and_container_lifecycle(cri: Cri) -> None:
-    pod = cri.run_pod("life")
-    st = cri.pod_status(pod)
-    assert st.state == api_pb2.SANDBOX_READY
-    assert st.network.ip.startswith(SUBNET_PREFIX)
-    cid = cri.run(pod, "hello", ["sh", "-c", "echo out; echo err >&2; exit 3"])
-    final = cri.wait_exited(cid)
-    assert final.exit_code == 3
-    assert final.reason == "Error"
-    assert final.started_at > 0 and final.finished_at >= final.started_at
-    assert final.image.image == cri.image
-    assert final.log_path.endswith("hello.log")
-    lines = cri.log(pod, "hello").splitlines()
-    assert all(CRI_LOG_LINE.match(line) for line in lines), lines
-    assert {line.split(" ", 3)[1] + ":" + line.split(" ", 3)[3] for line in lines} == {
-        "stdout:out",
-        "stderr:err",
-    }
-    listed = cri.rt.ListContainers(api_pb2.ListContainersRequest(), timeout=10).containers
-    assert [c.id for c in listed] == [cid]
-    cri.rt.RemoveContainer(api_pb2.RemoveContainerRequest(container_id=cid), timeout=30)
-    cri.rt.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=pod), timeout=30)
-    assert cri.pod_status(pod).state == api_pb2.SANDBOX_NOTREADY
-    cri.rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod), timeout=30)
-    assert not cri.rt.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=10).items
+    scenarios.pod_and_container_lifecycle(cri)
 
 
 def _code(e: pytest.ExceptionInfo[grpc.RpcError]) -> grpc.StatusCode:

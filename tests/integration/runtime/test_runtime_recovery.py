@@ -14,47 +14,15 @@ from typing import Any
 import pytest
 
 from criv_agent.api.runtime.v1 import api_pb2
+from tests.support import scenarios
 from tests.support.cri import Cri
 
 pytestmark = pytest.mark.integration
 
 
-def _contents(text: str) -> list[str]:
-    return [line.split(" ", 3)[3] for line in text.splitlines()]
-
-
 @pytest.mark.timeout(180)
 def test_restart_keeps_states_exit_codes_and_logs(cri: Cri) -> None:
-    pod = cri.run_pod("restart")
-    done = cri.run(pod, "done", ["sh", "-c", "echo finished; exit 7"])
-    loop = "i=0; while :; do echo tick $i; i=$((i+1)); sleep 0.1; done"
-    ticker = cri.run(pod, "ticker", ["sh", "-c", loop])
-    late = cri.run(pod, "late", ["sh", "-c", "sleep 2; echo late-line; exit 4"])
-    assert cri.wait_exited(done).exit_code == 7
-    ip = cri.pod_status(pod).network.ip
-    time.sleep(0.5)
-    cri.proc.restart()  # `late` exits, `ticker` keeps logging while criv is down
-    time.sleep(2.5)
-    st = cri.pod_status(pod)
-    assert st.state == api_pb2.SANDBOX_READY and st.network.ip == ip
-    assert cri.status(done).exit_code == 7
-    assert cri.status(done).state == api_pb2.CONTAINER_EXITED
-    assert cri.status(ticker).state == api_pb2.CONTAINER_RUNNING
-    late_st = cri.wait_exited(late)
-    assert late_st.exit_code == 4 and late_st.reason == "Error"
-    assert _contents(cri.log(pod, "late")) == ["late-line"]
-    assert _contents(cri.log(pod, "done")) == ["finished"]
-    # The ticker's log has every line exactly once across the restart.
-    ticks = _contents(cri.log(pod, "ticker"))
-    assert len(ticks) > 20
-    assert ticks == [f"tick {i}" for i in range(len(ticks))]
-    # The re-adopted agent still takes orders.
-    assert cri.exec(ticker, ["echo", "alive"]).stdout == b"alive\n"
-    cri.rt.StopContainer(api_pb2.StopContainerRequest(container_id=ticker, timeout=5), timeout=30)
-    assert cri.status(ticker).exit_code == 143
-    listed = cri.rt.ListContainers(api_pb2.ListContainersRequest(), timeout=10).containers
-    names = {c.metadata.name for c in listed}
-    assert names == {"done", "ticker", "late"}
+    scenarios.restart_keeps_states_exit_codes_and_logs(cri)
 
 
 @pytest.mark.timeout(120)

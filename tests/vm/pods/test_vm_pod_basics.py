@@ -15,7 +15,7 @@ import pytest
 
 from criv_agent.api.runtime.v1 import api_pb2
 from tests.support.cri import Cri
-from tests.vm.pods.conftest import criv_domains
+from tests.support.vm import criv_domains
 
 pytestmark = pytest.mark.vm
 

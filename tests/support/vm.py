@@ -1,0 +1,93 @@
+"""A real criv whose pods are libvirt/QEMU VMs (TCG here), driven through CRI with the
+runtime suite's ``Cri`` helper (tests/support/cri.py). Import the fixtures into a conftest
+(the vm pod suite, tests/vm/pods; the e2e suite, tests/e2e) together with cri.py's.
+
+``vm_cri`` is criv with vm isolation (kernel + initramfs from the session's guest image, so
+the image matches the agent source under test; ``vm.accel: tcg`` skips the KVM probe, which
+costs seconds per criv on a host whose /dev/kvm cannot run guests, except in the test that
+checks the probe). Teardown, beyond the suite-wide leak check: no criv domain left in
+libvirt.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from criv.guestimage import DEFAULT_CACHE_ROOT, GuestImage, build_guest_image
+from criv.hypervisor.hostsetup import start_libvirtd
+from tests.support.cri import Cri
+from tests.support.daemon import merge
+
+
+def criv_domains() -> set[str]:
+    r = subprocess.run(
+        ["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
+        capture_output=True,
+        text=True,
+    )
+    return {n for n in r.stdout.split() if n.startswith("criv-")}
+
+
+@pytest.fixture(scope="session")
+def guest_image() -> GuestImage:
+    """Built once per machine (cached by content hash), then reused (as tests/vm/conftest.py)."""
+    cache = Path(os.environ.get("CRIV_GUEST_IMAGE_CACHE", str(DEFAULT_CACHE_ROOT)))
+    return build_guest_image(cache, lambda line: print(f"[guest-image] {line}", flush=True))
+
+
+@pytest.fixture(scope="session")
+def libvirtd() -> None:
+    start_libvirtd()
+
+
+@pytest.fixture
+def vm_config(guest_image: GuestImage, libvirtd: None) -> dict[str, Any]:
+    return {
+        "vm": {
+            "kernel": str(guest_image.kernel),
+            "initrd": str(guest_image.initrd),
+            "accel": "tcg",
+        },
+        "runtime": {"handlers": {"": "vm", "vm": "vm", "host": "host"}},
+    }
+
+
+@pytest.fixture
+def vm_cri_factory(
+    cri_factory: Callable[..., Cri],
+    vm_config: dict[str, Any],
+) -> Iterator[Callable[..., Cri]]:
+    before = criv_domains()
+    made: list[Cri] = []
+
+    def make(pull: bool = True, **extra: Any) -> Cri:
+        c = cri_factory(pull=pull, **merge(vm_config, extra))
+        c.default_handler = "vm"
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:  # as kubelet would (cri_factory does it too, but after this check)
+        c.teardown()
+    left = criv_domains() - before
+    assert not left, f"domains left behind: {sorted(left)}"
+
+
+@pytest.fixture
+def vm_cri(vm_cri_factory: Callable[..., Cri]) -> Cri:
+    return vm_cri_factory()
+
+
+@pytest.fixture(params=["host", "vm"])
+def any_cri(request: pytest.FixtureRequest, cri_factory: Callable[..., Cri]) -> Cri:
+    """The same test in both isolation modes (the vm half needs the vm fixtures)."""
+    if request.param == "host":
+        return cri_factory()
+    factory: Callable[..., Cri] = request.getfixturevalue("vm_cri_factory")
+    return factory()
