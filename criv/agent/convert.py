@@ -19,6 +19,8 @@ from criv_agent.api.runtime.v1 import api_pb2
 
 MAX_TEXT = 4096
 MAX_ID = 256
+# a container's resources as the agent reports them; a real one is a few hundred bytes
+MAX_RESOURCES = 16 * 1024
 
 _STATES = {
     agent_pb2.CREATED: AgentContainerState.CREATED,
@@ -64,8 +66,16 @@ def container_info(info: agent_pb2.ContainerInfo, expect_id: str | None) -> Agen
         reason=_clip(info.reason, 128),
         message=_clip(info.message),
         pid=info.pid,
-        resources=info.resources.SerializeToString() if info.HasField("resources") else b"",
+        resources=_resources(info),
     )
+
+
+def _resources(info: agent_pb2.ContainerInfo) -> bytes:
+    """Kept in the container record: an oversized answer is dropped, not stored."""
+    if not info.HasField("resources"):
+        return b""
+    raw = info.resources.SerializeToString()
+    return raw if len(raw) <= MAX_RESOURCES else b""
 
 
 def exec_result(resp: agent_pb2.ExecSyncResponse, limit: int) -> ExecResult:

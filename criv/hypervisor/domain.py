@@ -46,13 +46,15 @@ class DirectBoot:
 
 @dataclass(frozen=True)
 class SerialLog:
-    """The serial console (ttyS0) appended to a file on the host: the pod's console log."""
+    """The serial console (ttyS0) on a pty (``virsh console``), logged to a file on the
+    host through virtlogd, which caps it (rotates at its ``max_size``, keeps
+    ``max_backups``): the guest decides how much it writes, not how much disk it takes."""
 
     path: Path
 
     def to_element(self, parent: ET.Element, machine: Machine) -> None:
-        serial = _sub(parent, "serial", type="file")
-        _sub(serial, "source", path=str(self.path), append="on")
+        serial = _sub(parent, "serial", type="pty")
+        _sub(serial, "log", file=str(self.path), append="on")
         _sub(serial, "target", port="0")
 
 

@@ -6,6 +6,7 @@ u+s and mknod into a read-only hostPath. The assertions are on the host."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,9 @@ from tests.support.cri import Cri
 pytestmark = pytest.mark.vm
 
 SHARE = "/run/criv/shared"
+# virtlogd.conf defaults (max_size, max_backups): what bounds a pod's console log
+VIRTLOGD_MAX_SIZE = 2 * 1024 * 1024
+VIRTLOGD_MAX_BACKUPS = 3
 
 # Each attempt prints "<name>=ok" or "<name>=denied"; the guest is root in init's mount ns.
 ATTACK = r"""
@@ -87,3 +91,29 @@ def test_guest_root_cannot_steer_the_share_or_write_read_only_volumes(
     # teardown never deletes a volume's content
     assert (ro / "data").read_text() == "original\n" and (rw / "note").exists()
     assert (vol2 / "x").read_text() == "hi\n"
+
+
+@pytest.mark.timeout(600)
+def test_a_console_flood_is_capped_on_the_host(vm_cri: Cri) -> None:
+    """The serial console is logged through virtlogd, which rotates it: a guest writing
+    without end takes a bounded amount of host disk, and criv keeps answering."""
+    sb_sec = api_pb2.LinuxSandboxSecurityContext(privileged=True)
+    pod = vm_cri.run_pod("flood", linux=api_pb2.LinuxPodSandboxConfig(security_context=sb_sec))
+    info = json.loads(
+        vm_cri.rt.PodSandboxStatus(
+            api_pb2.PodSandboxStatusRequest(pod_sandbox_id=pod, verbose=True), timeout=30
+        ).info["info"]
+    )
+    console = Path(info["isolationState"]["console_log"])
+    cid = vm_cri.run(pod, "flooder", ["sleep", "3600"], security=_privileged_node_pid())
+    flood = "head -c 6000000 /dev/zero | tr '\\0' x > /dev/ttyS0; echo flooded"
+    r = vm_cri.exec(cid, ["nsenter", "-t", "1", "-m", "--", "sh", "-c", flood], timeout=300)
+    assert r.stdout == b"flooded\n", (r.stdout, r.stderr)
+    logs = sorted(console.parent.glob(console.name + "*"))
+    total = sum(p.stat().st_size for p in logs)
+    assert len(logs) >= 2, "the console log was never rotated"
+    assert console.stat().st_size <= VIRTLOGD_MAX_SIZE
+    assert total <= VIRTLOGD_MAX_SIZE * (VIRTLOGD_MAX_BACKUPS + 1)
+    assert vm_cri.exec(cid, ["echo", "alive"]).stdout == b"alive\n"
+    vm_cri.rt.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=pod), timeout=120)
+    vm_cri.rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod), timeout=120)
