@@ -123,6 +123,21 @@ class StreamingConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    # HOST:PORT of the Prometheus endpoint (/metrics); "" means off
+    address: str = ""
+
+    def validate(self, key: str) -> None:
+        if self.address:
+            from criv.metrics import parse_address  # only when metrics are asked for
+
+            try:
+                parse_address(self.address)
+            except ValueError as e:
+                raise ConfigError(f"{key}.address", str(e)) from None
+
+
+@dataclass(frozen=True)
 class Config:
     socket: str = "/run/criv/criv.sock"
     state_dir: str = "/var/lib/criv"
@@ -134,6 +149,7 @@ class Config:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     vm: VmConfig = field(default_factory=VmConfig)
     streaming: StreamingConfig = field(default_factory=StreamingConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def validate(self, key: str) -> None:
         for name in ("socket", "state_dir", "run_dir"):

@@ -26,6 +26,8 @@ from criv.cri.runtime_service import RuntimeService
 from criv.cri.wire import ErrorInterceptor
 from criv.errors import FailedPrecondition
 from criv.image.manager import ImageManager
+from criv.metrics import MetricsServer
+from criv.ops.metricsource import sandbox_snapshot
 from criv.sandbox.manager import SandboxManager
 from criv.sandbox.streams import SandboxStreamLink
 from criv.state.runtime_state import RuntimeState
@@ -83,11 +85,18 @@ class Daemon:
             streaming = StreamingServer(
                 cfg.streaming, AgentStreamingBackend(SandboxStreamLink(sandboxes.ctx))
             )
+            metrics: MetricsServer | None = None
             try:
                 await sandboxes.start()
                 await streaming.start()
+                if cfg.metrics.address:
+                    loop = asyncio.get_running_loop()
+                    metrics = MetricsServer(cfg.metrics.address, sandbox_snapshot(sandboxes, loop))
+                    await asyncio.to_thread(metrics.start)
                 await self._serve(runtime_state, images, sandboxes, StreamingService(streaming))
             finally:
+                if metrics is not None:
+                    await asyncio.to_thread(metrics.stop)
                 # After CRI stopped (no new URLs) and before the agents' connections go:
                 # live sessions end, their agent streams close, exec'd processes are killed.
                 await streaming.stop()

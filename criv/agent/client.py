@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from criv import metrics
 from criv.agent import convert
 from criv.agent.types import (
     AgentContainerInfo,
@@ -95,6 +96,7 @@ class AgentClient:
         try:
             return await fn(req, timeout=timeout)
         except grpc.aio.AioRpcError as e:
+            metrics.AGENT_RPC_ERRORS.labels(method=method, code=e.code().name).inc()
             raise map_rpc_error(method, e) from None
 
     async def health(self, timeout: float = HEALTH_TIMEOUT) -> AgentHealth:

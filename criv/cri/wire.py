@@ -2,12 +2,14 @@
 
 :class:`ErrorInterceptor` wraps every RPC handler: a :class:`~criv.errors.CrivError`
 becomes its own status code and message; anything else becomes INTERNAL and is logged
-with the method and the request, so a bug never takes the daemon down.
+with the method and the request, so a bug never takes the daemon down. It also counts
+every call by RPC and status code and times it (criv/metrics.py).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -15,6 +17,7 @@ import grpc
 from google.protobuf import text_format
 from google.protobuf.message import Message
 
+from criv import metrics
 from criv.errors import CrivError
 
 log = logging.getLogger("criv.cri")
@@ -53,6 +56,20 @@ def _describe(request: Any) -> str:
     return text[:_MAX_LOGGED_REQUEST]
 
 
+def _code_of(context: grpc.aio.ServicerContext, e: BaseException | None) -> str:
+    """The status the caller gets, for the request metrics."""
+    if e is None:
+        return "OK"
+    if not isinstance(e, Exception):
+        return "CANCELLED"  # the caller went away (or criv is stopping)
+    if isinstance(e, CrivError):
+        return str(e.code.name)
+    if isinstance(e, (grpc.aio.AbortError, grpc.RpcError)):
+        code = context.code()  # set by context.abort
+        return str(code.name) if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+    return "INTERNAL"
+
+
 async def _abort(
     context: grpc.aio.ServicerContext, method: str, request: Any, e: Exception
 ) -> None:
@@ -64,27 +81,47 @@ async def _abort(
 
 
 def _wrap_unary(method: str, fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    rpc = method.rpartition("/")[2]
+
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        t0 = time.monotonic()
+        failed: BaseException | None = None
         try:
             return await fn(request, context)
-        except (grpc.aio.AbortError, grpc.RpcError):  # already a status: pass it on
+        except (grpc.aio.AbortError, grpc.RpcError) as e:  # already a status: pass it on
+            failed = e
             raise
-        except Exception as e:
+        except BaseException as e:
+            failed = e
+            if not isinstance(e, Exception):
+                raise  # cancelled: nobody to answer
             await _abort(context, method, request, e)
             raise  # unreachable: abort raises
+        finally:
+            metrics.cri_request(rpc, _code_of(context, failed), time.monotonic() - t0)
 
     return handler
 
 
 def _wrap_stream(method: str, fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
+    rpc = method.rpartition("/")[2]
+
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        t0 = time.monotonic()
+        failed: BaseException | None = None
         try:
             async for item in fn(request, context):
                 yield item
-        except (grpc.aio.AbortError, grpc.RpcError):
+        except (grpc.aio.AbortError, grpc.RpcError) as e:
+            failed = e
             raise
-        except Exception as e:
+        except BaseException as e:
+            failed = e
+            if not isinstance(e, Exception):
+                raise
             await _abort(context, method, request, e)
+        finally:
+            metrics.cri_request(rpc, _code_of(context, failed), time.monotonic() - t0)
 
     return handler
 

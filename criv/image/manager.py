@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from criv import metrics
 from criv.config import Config
 from criv.errors import CrivError, ImageNotFound, ResourceExhausted
 from criv.image.auth import Credentials
@@ -241,7 +242,7 @@ class ImageManager:
                         ) from e
                     raise
 
-        return await self._pulls.do(key, run)
+        return await self._pulls.do(key, lambda: metrics.timed_pull(run()))
 
     async def _commit(self, r: PullResult) -> str:
         image_id = r.config_digest

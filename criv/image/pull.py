@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from criv import metrics
 from criv.errors import ImageError
 from criv.image.auth import Credentials
 from criv.image.content import ContentStore
@@ -120,6 +121,7 @@ class Puller:
                 lambda: self.content.writer(desc.digest, desc.size, what),
                 eps,
             )
+            metrics.IMAGE_PULL_BYTES.inc(desc.size)  # the writer checked size and digest
 
         await self.blob_flights.do(desc.digest, fetch)
 

@@ -16,6 +16,7 @@ import logging
 import secrets
 import time
 
+from criv import metrics
 from criv.errors import (
     AlreadyExists,
     CrivError,
@@ -151,7 +152,8 @@ class PodService:
             await asyncio.to_thread(paths.state.mkdir, parents=True, exist_ok=True, mode=0o700)
             await ctx.pods.add(pod)
             async with ctx.locks.hold(pod_id):
-                return await self._bring_up(pod_id)
+                with metrics.pod_start(mode):  # "cold": VM templating does not exist yet
+                    return await self._bring_up(pod_id)
         except BaseException as e:
             log.warning("RunPodSandbox %s (%s) failed: %s", spec.name, pod_id[:12], e)
             with contextlib.suppress(Exception):

@@ -29,6 +29,7 @@ import shutil
 import time
 from pathlib import Path
 
+from criv import metrics
 from criv.errors import CrivError, ImageNotFound
 from criv.mounts import mounts_under
 from criv.sandbox.cleanup import PodCleanup
@@ -185,10 +186,12 @@ class RecoveryService:
     async def _sweep(self, orphan_dirs: list[Path]) -> None:
         ctx = self._ctx
         pods = ctx.pods.all()
-        await self._network.sweep(pods)
+        with metrics.sweep("network"):
+            await self._network.sweep(pods)
         for iso in ctx.isolations.values():
             try:
-                await iso.sweep(pods)
+                with metrics.sweep(iso.mode):
+                    await iso.sweep(pods)
             except CrivError as e:
                 log.error("%s isolation sweep failed: %s", iso.mode, e)
         known_pods = {p.id for p in pods}
@@ -201,15 +204,21 @@ class RecoveryService:
                 continue  # a live pod's mount (container rootfs, agent's own)
             log.warning("unmounting orphan mount %s", m)
             await umount_lazy(m)
+            metrics.SWEPT.labels(kind="mount").inc()
         for d in orphan_dirs:
             await asyncio.to_thread(shutil.rmtree, d, True)
+        metrics.SWEPT.labels(kind="unreadable_record").inc(len(orphan_dirs))
         short = {p.id[:12] for p in pods}
-        await asyncio.to_thread(_remove_unknown_dirs, ctx.state_root, known_pods)
-        await asyncio.to_thread(_remove_unknown_dirs, ctx.run_root, short)
+        n = await asyncio.to_thread(_remove_unknown_dirs, ctx.state_root, known_pods)
+        n += await asyncio.to_thread(_remove_unknown_dirs, ctx.run_root, short)
+        metrics.SWEPT.labels(kind="pod_dir").inc(n)
 
 
-def _remove_unknown_dirs(root: Path, known: set[str]) -> None:
+def _remove_unknown_dirs(root: Path, known: set[str]) -> int:
+    removed = 0
     if root.is_dir():
         for d in list(root.iterdir()):
             if d.name not in known:
                 shutil.rmtree(d, True)
+                removed += 1
+    return removed

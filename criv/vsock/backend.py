@@ -23,6 +23,7 @@ from criv.vsock.device import VsockDevice
 from criv.vsock.eventloop import Loop
 from criv.vsock.host import HostListeners, listen_unix, port_socket_path
 from criv.vsock.vhostuser import VhostUserFrontend
+from criv.vsock.virtqueue import VirtQueue
 
 log = logging.getLogger("criv.vsock")
 STATUS_INTERVAL = 5.0
@@ -42,11 +43,25 @@ def parse_listen_port(spec: str, uds: str) -> tuple[int, str]:
     return int(port), path or port_socket_path(uds, int(port))
 
 
+class CountingDevice(VsockDevice):
+    """The device, counting its resets for the status file (criv's metrics): each time
+    its last running queue stops (guest reboot or driver reset, QEMU gone), every open
+    stream is closed."""
+
+    resets = 0
+
+    def stop_queue(self, index: int) -> VirtQueue | None:
+        vq = super().stop_queue(index)
+        if vq is not None and not self.queues:
+            self.resets += 1
+        return vq
+
+
 class Backend:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.loop = Loop()
-        self.device = VsockDevice(self.loop, args.guest_cid, args.uds, buf_alloc=args.buf_alloc)
+        self.device = CountingDevice(self.loop, args.guest_cid, args.uds, buf_alloc=args.buf_alloc)
         ports = dict(parse_listen_port(p, args.uds) for p in args.listen_port)
         self.listener = listen_unix(args.socket, backlog=1)
         self.host = HostListeners(self.loop, self.device, args.uds, ports)
@@ -77,6 +92,7 @@ class Backend:
             "broken": self.device.broken,
             "connections": len(self.device.conns),
             "uptime_s": round(time.monotonic() - self.started, 1),
+            "device_resets": self.device.resets,
             **self.device.stats,
         }
 
