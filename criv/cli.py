@@ -1,4 +1,5 @@
-"""The `criv` command line: serve, config, doctor, image build, version."""
+"""The `criv` command line: serve, config, doctor, image build / pull, kubelet-config,
+version."""
 
 from __future__ import annotations
 
@@ -28,6 +29,25 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _kubelet_config(args: argparse.Namespace) -> int:
+    from criv.config import DEFAULT_CONFIG_PATH
+    from criv.kubelet import SECTIONS, render
+
+    cfg = _load(args.config)
+    if args.config:
+        source = f"config {args.config}"
+    else:
+        source = f"config {DEFAULT_CONFIG_PATH}" if DEFAULT_CONFIG_PATH.exists() else "defaults"
+    print(render(cfg, source, (args.only,) if args.only else SECTIONS), end="")
+    return 0
+
+
+def _image_pull(args: argparse.Namespace) -> int:
+    from criv.imagepull import pull
+
+    return pull(_load(args.config).socket_path, args.ref, args.timeout)
+
+
 def _config(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     if args.action == "show":
@@ -51,7 +71,10 @@ def _image_build(args: argparse.Namespace) -> int:
     cache = Path(args.cache) if args.cache else guest_image_cache(cfg)
     kernel = args.kernel or cfg.vm.guest_kernel
     inputs = dataclasses.replace(Inputs.default(), compress=args.lz4, kernel=kernel)
-    img = build_guest_image(cache, lambda line: print(line, flush=True), inputs)
+    from criv.progress import BuildProgress, expected_builds
+
+    with BuildProgress(cache, expected_builds(cache, inputs)) as show:
+        img = build_guest_image(cache, show, inputs)
     if args.prune:
         from criv.guestimage.build import prune_cache
 
@@ -70,6 +93,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="config file (default /etc/criv/config.yaml)")
     p.set_defaults(func=_serve)
 
+    p = sub.add_parser(
+        "kubelet-config", help="kubelet flags and RuntimeClass YAML for this configuration"
+    )
+    p.add_argument("--config", help="config file (default /etc/criv/config.yaml)")
+    p.add_argument(
+        "--only",
+        choices=["flags", "kubelet", "runtimeclasses"],
+        help="print one part: kubelet flags, KubeletConfiguration, or RuntimeClasses",
+    )
+    p.set_defaults(func=_kubelet_config)
+
     p = sub.add_parser("config", help="check or show the effective configuration")
     p.add_argument("action", choices=["check", "show"])
     p.add_argument("--config", help="config file (default /etc/criv/config.yaml)")
@@ -80,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fix", action="store_true", help="set qemu.conf and start libvirtd")
     p.set_defaults(func=_doctor)
 
-    p = sub.add_parser("image", help="the guest image (kernel + initramfs)")
+    p = sub.add_parser("image", help="the guest image (build); pre-pull container images (pull)")
     isub = p.add_subparsers(dest="image_command", required=True)
     p = isub.add_parser("build", help="build the guest image, or find it cached")
     p.add_argument("--config", help="config file (default /etc/criv/config.yaml)")
@@ -96,6 +130,11 @@ def main(argv: list[str] | None = None) -> int:
         "--prune", action="store_true", help="remove cached stages this image does not use"
     )
     p.set_defaults(func=_image_build)
+    p = isub.add_parser("pull", help="pull a container image through the running criv")
+    p.add_argument("ref", help="image reference, e.g. docker.io/library/busybox:latest")
+    p.add_argument("--config", help="config file (default /etc/criv/config.yaml)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds (default 600)")
+    p.set_defaults(func=_image_pull)
 
     args = ap.parse_args(argv)
     try:
