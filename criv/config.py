@@ -72,10 +72,15 @@ class RuntimeConfig:
     # whether pods may run in `host` isolation at all
     host_pods: HostPodPolicy = "allow"
     crun: str = "crun"
+    # each pod's container writable layers live in a filesystem of this size (MiB), so
+    # a pod cannot fill the host's state filesystem; 0 = off (layers on the state fs)
+    pod_scratch_limit_mib: int = 10240
 
     def validate(self, key: str) -> None:
         if "" not in self.handlers:
             raise ConfigError(f"{key}.handlers", 'must map the default handler ""')
+        if self.pod_scratch_limit_mib != 0 and self.pod_scratch_limit_mib < 64:
+            raise ConfigError(f"{key}.pod_scratch_limit_mib", "must be 0 (off) or >= 64")
 
 
 @dataclass(frozen=True)

@@ -6,12 +6,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+from pathlib import Path
 
 from criv.sandbox.context import SandboxContext
 from criv.sandbox.logs import LogFollowers
 from criv.sandbox.network import PodNetwork
 from criv.sandbox.records import ContainerRecord, PodRecord
 from criv.sandbox.rootfs import RootfsMounter
+from criv.sandbox.scratch import PodScratch
 from criv.sandbox.watcher import AgentWatcher
 
 log = logging.getLogger("criv.sandbox.cleanup")
@@ -26,12 +28,14 @@ class PodCleanup:
         network: PodNetwork,
         logs: LogFollowers,
         rootfs: RootfsMounter,
+        scratch: PodScratch,
         watcher: AgentWatcher,
     ) -> None:
         self._ctx = ctx
         self._network = network
         self._logs = logs
         self._rootfs = rootfs
+        self._scratch = scratch
         self._watcher = watcher
 
     async def stop_agent(self, pod: PodRecord, graceful: bool) -> None:
@@ -74,14 +78,22 @@ class PodCleanup:
         if iso is not None:
             # a vm pod's binds of the rootfs keep the overlay busy: they go first
             await iso.unshare(ctx.paths(c.sandbox_id), c.id)
-        cdir = ctx.container_dir(c.sandbox_id, c.id)
-        await self._rootfs.unmount(cdir)
+        cdir = await self.unmount_rootfs(c.sandbox_id, c.id)
         # Only now that the overlay is off may its layers go (if their image was removed).
         # Before the record: if this fails, RemoveContainer fails and is retried.
         await ctx.images.release(c.id)
         await ctx.containers.delete(c.id, remove_dir=cdir)
         if pod is not None:
             ctx.container_names.release(c.reserved_name(pod), c.id)
+
+    async def unmount_rootfs(self, pod_id: str, cid: str) -> Path:
+        """Unmount and delete the container's rootfs and writable layer, wherever that
+        is (a pod's scratch filesystem may postdate its older containers); returns the
+        container dir."""
+        cdir = self._ctx.container_dir(pod_id, cid)
+        writable = await self._scratch.locate(self._ctx.paths(pod_id).state, cid)
+        await self._rootfs.unmount(cdir, writable or cdir)
+        return cdir
 
     async def discard_pod(self, pod_id: str, reserved_name: str) -> None:
         """Undo whatever part of RunPodSandbox happened: agent, network, record, name."""

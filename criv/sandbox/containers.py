@@ -26,6 +26,7 @@ from criv.sandbox.events import EventKind
 from criv.sandbox.logs import LogFollowers
 from criv.sandbox.records import ContainerRecord, PodRecord
 from criv.sandbox.rootfs import RootfsMounter
+from criv.sandbox.scratch import PodScratch
 from criv.sandbox.specs import ContainerFilter, ContainerSpec, match_container
 from criv.sandbox.states import ContainerState, PodState
 from criv.sandbox.stats import ContainerSample, CpuRates
@@ -56,11 +57,13 @@ class ContainerService:
         cleanup: PodCleanup,
         logs: LogFollowers,
         rootfs: RootfsMounter,
+        scratch: PodScratch,
     ) -> None:
         self._ctx = ctx
         self._cleanup = cleanup
         self._logs = logs
         self._rootfs = rootfs
+        self._scratch = scratch
         self._cpu = CpuRates()
 
     # -- create / start ------------------------------------------------------------
@@ -118,7 +121,10 @@ class ContainerService:
                 raise NotFound(f"pod sandbox {pod.id[:12]} was removed")
             await ctx.containers.add(rec)
             try:
-                rootfs = await self._rootfs.mount(list(image.layer_dirs), cdir)
+                # the writable layer goes in the pod's scratch fs (made at its first
+                # container: the bound on its disk use), if there is one
+                writable = await self._scratch.prepare(paths.state, cid) or cdir
+                rootfs = await self._rootfs.mount(list(image.layer_dirs), cdir, writable)
                 if rec.log_path:
                     await asyncio.to_thread(
                         Path(rec.log_path).parent.mkdir, parents=True, exist_ok=True
@@ -155,11 +161,10 @@ class ContainerService:
         if client is not None:
             with contextlib.suppress(CrivError):
                 await client.remove_container(rec.id)
-        cdir = ctx.container_dir(rec.sandbox_id, rec.id)
         pod = ctx.pods.get(rec.sandbox_id)
         if pod is not None:
             await ctx.isolation(pod).unshare(ctx.paths(pod.id), rec.id)
-        await self._rootfs.unmount(cdir)
+        cdir = await self._cleanup.unmount_rootfs(rec.sandbox_id, rec.id)
         await ctx.containers.delete(rec.id, remove_dir=cdir)
 
     async def _release_image_if_unmounted(self, pod_id: str, cid: str) -> None:

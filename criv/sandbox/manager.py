@@ -2,7 +2,8 @@
 
 It is the composition root: a :class:`SandboxContext` plus the services built over it
 (pods, containers, recovery) and their collaborators (agent watcher, log followers,
-cleanup), with the isolation modes, the pod network and the rootfs mounter injected.
+cleanup), with the isolation modes, the pod network, the rootfs mounter and the pod
+scratch filesystems injected.
 :meth:`SandboxManager.create` wires the real ones; a unit test passes fakes to
 :meth:`SandboxManager.__init__`.
 
@@ -31,6 +32,7 @@ from criv.sandbox.pods import PodService
 from criv.sandbox.records import ContainerRecord, PodRecord
 from criv.sandbox.recovery import RecoveryService
 from criv.sandbox.rootfs import OverlayRootfs, RootfsMounter
+from criv.sandbox.scratch import LoopScratch, PodScratch
 from criv.sandbox.specs import ContainerFilter, ContainerSpec, PodFilter, PodSpec
 from criv.sandbox.stats import ContainerSample
 from criv.sandbox.watcher import AgentWatcher
@@ -46,14 +48,15 @@ class SandboxManager:
         isolations: Mapping[str, Isolation],
         network: PodNetwork,
         rootfs: RootfsMounter,
+        scratch: PodScratch,
     ) -> None:
         ctx = SandboxContext(config, images, runtime_state, isolations)
         self.ctx = ctx
         self.logs = LogFollowers(ctx)
         self.watcher = AgentWatcher(ctx)
-        self.cleanup = PodCleanup(ctx, network, self.logs, rootfs, self.watcher)
+        self.cleanup = PodCleanup(ctx, network, self.logs, rootfs, scratch, self.watcher)
         self.pod_service = PodService(ctx, network, self.cleanup, self.watcher, self.logs)
-        self.container_service = ContainerService(ctx, self.cleanup, self.logs, rootfs)
+        self.container_service = ContainerService(ctx, self.cleanup, self.logs, rootfs, scratch)
         self.recovery = RecoveryService(ctx, network, self.cleanup, self.watcher, self.logs)
         # what the CRI servicers read directly
         self.pods = ctx.pods
@@ -64,7 +67,8 @@ class SandboxManager:
     def create(
         cls, config: Config, images: ImageSource, runtime_state: RuntimeState
     ) -> SandboxManager:
-        """The manager with criv's real isolation modes, CNI networking and overlays."""
+        """The manager with criv's real isolation modes, CNI networking, overlays and
+        per-pod scratch filesystems."""
         return cls(
             config,
             images,
@@ -72,6 +76,7 @@ class SandboxManager:
             build_isolations(config, runtime_state),
             CniPodNetwork(Cni(config.cni), config.run_dir),
             OverlayRootfs(),
+            LoopScratch(config.runtime.pod_scratch_limit_mib),
         )
 
     async def start(self) -> None:

@@ -1,7 +1,8 @@
 """Container root filesystems: an overlay of the image's unpacked layers.
 
 The image store unpacks each layer once (lowest first in ``layer_dirs``); a container
-gets ``upper``/``work`` dirs of its own beside its ``rootfs`` mount point, so
+gets ``upper``/``work`` dirs of its own in its ``writable_dir`` (the pod's scratch
+filesystem, :mod:`.scratch`, or beside its ``rootfs`` mount point when that is off), so
 containers of one image share the layers and write only to their own upper dir.
 overlayfs wants ``lowerdir`` topmost first, hence the reversal.
 """
@@ -37,9 +38,9 @@ def overlay_options(layer_dirs: list[Path], upper: Path, work: Path) -> str:
     return opts
 
 
-async def mount_rootfs(layer_dirs: list[Path], container_dir: Path) -> Path:
+async def mount_rootfs(layer_dirs: list[Path], container_dir: Path, writable_dir: Path) -> Path:
     rootfs = container_dir / "rootfs"
-    upper, work = container_dir / "upper", container_dir / "work"
+    upper, work = writable_dir / "upper", writable_dir / "work"
     opts = overlay_options(layer_dirs, upper, work)
 
     def prepare() -> None:
@@ -55,8 +56,9 @@ async def mount_rootfs(layer_dirs: list[Path], container_dir: Path) -> Path:
     return rootfs
 
 
-async def unmount_rootfs(container_dir: Path) -> None:
-    """Unmount (lazily, if busy) and delete the container's rootfs, upper and work."""
+async def unmount_rootfs(container_dir: Path, writable_dir: Path) -> None:
+    """Unmount (lazily, if busy) and delete the container's rootfs, upper and work (and
+    ``writable_dir`` itself when it is not the container dir)."""
     rootfs = container_dir / "rootfs"
     for _ in range(8):  # stacked mounts, if any, come off one by one
         if not await asyncio.to_thread(is_mounted, rootfs):
@@ -66,8 +68,12 @@ async def unmount_rootfs(container_dir: Path) -> None:
             rc, out = await run_command("umount", "--lazy", str(rootfs))
             if rc != 0:
                 raise Internal(f"cannot unmount {rootfs}: {out}")
-    for name in ("rootfs", "upper", "work"):
-        await asyncio.to_thread(shutil.rmtree, container_dir / name, True)
+    # upper holds what the container wrote: rmtree works from dir fds, never following
+    # a link, and no mount is ever made inside it
+    for d in (container_dir / "rootfs", writable_dir / "upper", writable_dir / "work"):
+        await asyncio.to_thread(shutil.rmtree, d, True)
+    if writable_dir != container_dir:
+        await asyncio.to_thread(shutil.rmtree, writable_dir, True)
 
 
 async def umount_lazy(path: Path) -> None:
@@ -85,19 +91,21 @@ async def unmount_all_under(prefix: Path) -> None:
 class RootfsMounter(Protocol):
     """How the container service gets a container's rootfs (a unit test fakes it)."""
 
-    async def mount(self, layer_dirs: list[Path], container_dir: Path) -> Path: ...
+    async def mount(
+        self, layer_dirs: list[Path], container_dir: Path, writable_dir: Path
+    ) -> Path: ...
 
-    async def unmount(self, container_dir: Path) -> None: ...
+    async def unmount(self, container_dir: Path, writable_dir: Path) -> None: ...
 
     async def is_mounted(self, container_dir: Path) -> bool: ...
 
 
 class OverlayRootfs:
-    async def mount(self, layer_dirs: list[Path], container_dir: Path) -> Path:
-        return await mount_rootfs(layer_dirs, container_dir)
+    async def mount(self, layer_dirs: list[Path], container_dir: Path, writable_dir: Path) -> Path:
+        return await mount_rootfs(layer_dirs, container_dir, writable_dir)
 
-    async def unmount(self, container_dir: Path) -> None:
-        await unmount_rootfs(container_dir)
+    async def unmount(self, container_dir: Path, writable_dir: Path) -> None:
+        await unmount_rootfs(container_dir, writable_dir)
 
     async def is_mounted(self, container_dir: Path) -> bool:
         return await asyncio.to_thread(is_mounted, container_dir / "rootfs")

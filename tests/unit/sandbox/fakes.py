@@ -6,6 +6,7 @@ fail or block at a named step."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,19 +207,49 @@ class FakeRootfs:
     def __init__(self, steps: Steps) -> None:
         self.steps = steps
         self.mounted: set[Path] = set()
+        self.writable: dict[Path, Path] = {}  # container dir -> where upper/work went
+        self.unmounted_writable: list[Path] = []
 
-    async def mount(self, layer_dirs: list[Path], container_dir: Path) -> Path:
+    async def mount(self, layer_dirs: list[Path], container_dir: Path, writable_dir: Path) -> Path:
         await self.steps.step("rootfs.mount")
         self.mounted.add(container_dir)
+        self.writable[container_dir] = writable_dir
         (container_dir / "rootfs").mkdir(parents=True, exist_ok=True)
         return container_dir / "rootfs"
 
-    async def unmount(self, container_dir: Path) -> None:
+    async def unmount(self, container_dir: Path, writable_dir: Path) -> None:
         self.steps.calls.append("rootfs.unmount")
         self.mounted.discard(container_dir)
+        self.unmounted_writable.append(writable_dir)
+        if writable_dir != container_dir:
+            shutil.rmtree(writable_dir, ignore_errors=True)
 
     async def is_mounted(self, container_dir: Path) -> bool:
         return container_dir in self.mounted
+
+
+class FakeScratch:
+    """Per-pod scratch filesystems as plain dirs; ``limit_mib`` 0 is off, as in
+    criv.sandbox.scratch.LoopScratch; ``made`` counts the filesystems made per pod."""
+
+    def __init__(self, steps: Steps, limit_mib: int = 64) -> None:
+        self.steps = steps
+        self.limit_mib = limit_mib
+        self.made: dict[Path, int] = {}
+
+    async def prepare(self, pod_dir: Path, cid: str) -> Path | None:
+        if self.limit_mib <= 0:
+            return None
+        await self.steps.step("scratch.prepare")
+        if not (pod_dir / "scratch").is_dir():
+            (pod_dir / "scratch").mkdir()
+            self.made[pod_dir] = self.made.get(pod_dir, 0) + 1
+        (pod_dir / "scratch" / cid).mkdir(exist_ok=True)
+        return pod_dir / "scratch" / cid
+
+    async def locate(self, pod_dir: Path, cid: str) -> Path | None:
+        d = pod_dir / "scratch" / cid
+        return d if d.is_dir() else None
 
 
 @dataclass

@@ -24,6 +24,7 @@ from tests.unit.sandbox.fakes import (
     FakeIsolation,
     FakeNetwork,
     FakeRootfs,
+    FakeScratch,
     Steps,
 )
 
@@ -38,6 +39,7 @@ class Rig:
     host: FakeIsolation
     network: FakeNetwork
     rootfs: FakeRootfs
+    scratch: FakeScratch
     images: FakeImages
     tmp: Path
 
@@ -59,11 +61,12 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
     host = FakeIsolation(steps, "host", containers_die_with_agent=False)
     network = FakeNetwork(steps, tmp_path / "run")
     rootfs = FakeRootfs(steps)
+    scratch = FakeScratch(steps)
     images = FakeImages()
     mgr = SandboxManager(
-        cfg, images, RuntimeState(tmp_path), {"vm": vm, "host": host}, network, rootfs
+        cfg, images, RuntimeState(tmp_path), {"vm": vm, "host": host}, network, rootfs, scratch
     )
-    yield Rig(mgr, steps, vm, host, network, rootfs, images, tmp_path)
+    yield Rig(mgr, steps, vm, host, network, rootfs, scratch, images, tmp_path)
 
 
 def run(coro: object) -> None:
@@ -138,7 +141,9 @@ def test_a_caller_that_gave_up_hands_the_pod_to_its_retry(rig: Rig) -> None:
     run(go())
 
 
-@pytest.mark.parametrize("failing", ["rootfs.mount", "share.m0", "share.rootfs", "agent.create"])
+@pytest.mark.parametrize(
+    "failing", ["scratch.prepare", "rootfs.mount", "share.m0", "share.rootfs", "agent.create"]
+)
 def test_a_failing_create_container_step_is_undone(rig: Rig, failing: str) -> None:
     async def go() -> None:
         pod_id = await rig.mgr.run_pod(rig.spec())
@@ -147,11 +152,56 @@ def test_a_failing_create_container_step_is_undone(rig: Rig, failing: str) -> No
             await rig.mgr.create_container(pod_id, rig.ctr())
         assert rig.mgr.containers.all() == [] and not rig.images.leases
         assert not rig.rootfs.mounted
+        scratch = rig.mgr.paths(pod_id).state / "scratch"
+        assert not scratch.exists() or list(scratch.iterdir()) == [], "writable layer left"
         rig.steps.fail.clear()
         cid = await rig.mgr.create_container(pod_id, rig.ctr())  # the name is free again
         assert rig.mgr.container(cid).state is ContainerState.CREATED
         await rig.mgr.remove_pod(pod_id)
         assert not rig.images.leases and not rig.rootfs.mounted
+        await rig.mgr.close()
+
+    run(go())
+
+
+def test_a_pods_scratch_is_made_at_its_first_container_and_holds_each_layer(rig: Rig) -> None:
+    async def go() -> None:
+        pod_id = await rig.mgr.run_pod(rig.spec())
+        pod_dir = rig.mgr.paths(pod_id).state
+        assert "scratch.prepare" not in rig.steps.calls, "pod start pays for no scratch fs"
+        a = await rig.mgr.create_container(pod_id, rig.ctr("a"))
+        b = await rig.mgr.create_container(pod_id, rig.ctr("b"))
+        assert rig.scratch.made == {pod_dir: 1}
+        # the steps in order: the writable layer's place, then the overlay over it
+        i = rig.steps.calls.index("scratch.prepare")
+        assert rig.steps.calls[i + 1] == "rootfs.mount"
+        cdir = rig.mgr.ctx.container_dir
+        assert rig.rootfs.writable[cdir(pod_id, a)] == pod_dir / "scratch" / a
+        assert rig.rootfs.writable[cdir(pod_id, b)] == pod_dir / "scratch" / b
+        await rig.mgr.remove_container(a)
+        assert rig.rootfs.unmounted_writable == [pod_dir / "scratch" / a]
+        assert not (pod_dir / "scratch" / a).exists() and (pod_dir / "scratch" / b).is_dir()
+        await rig.mgr.remove_pod(pod_id)
+        assert rig.rootfs.unmounted_writable[1:] == [pod_dir / "scratch" / b]
+        assert not pod_dir.exists()
+        await rig.mgr.close()
+
+    run(go())
+
+
+def test_layers_made_with_the_limit_off_are_found_after_it_is_turned_on(rig: Rig) -> None:
+    async def go() -> None:
+        rig.scratch.limit_mib = 0  # off: upper/work beside the rootfs, as before
+        pod_id = await rig.mgr.run_pod(rig.spec())
+        old = await rig.mgr.create_container(pod_id, rig.ctr("old"))
+        old_dir = rig.mgr.ctx.container_dir(pod_id, old)
+        assert rig.rootfs.writable[old_dir] == old_dir and not rig.scratch.made
+        rig.scratch.limit_mib = 64  # as if criv restarted with a limit
+        new = await rig.mgr.create_container(pod_id, rig.ctr("new"))
+        scratch = rig.mgr.paths(pod_id).state / "scratch"
+        assert rig.rootfs.writable[rig.mgr.ctx.container_dir(pod_id, new)] == scratch / new
+        await rig.mgr.remove_pod(pod_id)
+        assert sorted(rig.rootfs.unmounted_writable) == sorted([old_dir, scratch / new])
         await rig.mgr.close()
 
     run(go())
