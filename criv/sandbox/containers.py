@@ -36,18 +36,25 @@ log = logging.getLogger("criv.sandbox.containers")
 
 
 def host_log_path(log_directory: str, log_path: str) -> str:
-    """Where the container's CRI log goes on the host ("" when kubelet asked none)."""
-    if not log_path:
+    """Where the container's CRI log goes on the host ("" when kubelet asked none).
+
+    As containerd: the log path is always joined under the pod's log directory, an
+    absolute one too, and no log without both. Neither ``..`` nor a symlink already
+    there may lead outside the directory.
+    """
+    if not log_path or not log_directory:
         return ""
-    if os.path.isabs(log_path):
-        return os.path.normpath(log_path)
-    if not log_directory:
-        return ""
-    joined = os.path.normpath(os.path.join(log_directory, log_path))
     base = os.path.normpath(log_directory)
-    if not (joined == base or joined.startswith(base.rstrip("/") + "/")):
-        raise FailedPrecondition(f"log path {log_path!r} escapes the log directory")
+    joined = os.path.normpath(os.path.join(base, log_path.lstrip("/")))
+    if not _within(joined, base):
+        raise FailedPrecondition(f"log path {log_path[:200]!r} escapes the log directory")
+    if not _within(os.path.realpath(joined), os.path.realpath(base)):
+        raise FailedPrecondition(f"log path {log_path[:200]!r} leads out of the log directory")
     return joined
+
+
+def _within(path: str, base: str) -> bool:
+    return path == base or path.startswith(base.rstrip("/") + "/")
 
 
 class ContainerService:

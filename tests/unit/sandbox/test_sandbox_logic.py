@@ -259,13 +259,25 @@ def test_names() -> None:
     n.reserve("a", "2")
 
 
-def test_host_log_path() -> None:
+def test_host_log_path(tmp_path: Path) -> None:
     assert host_log_path("/var/log/pods/x", "c/0.log") == "/var/log/pods/x/c/0.log"
     assert host_log_path("", "c.log") == ""
+    assert host_log_path("", "/abs/c.log") == ""
     assert host_log_path("/d", "") == ""
-    assert host_log_path("/d", "/abs/c.log") == "/abs/c.log"
+    # an absolute log path is joined under the log directory, as containerd does
+    assert host_log_path("/d", "/abs/c.log") == "/d/abs/c.log"
     with pytest.raises(FailedPrecondition):
         host_log_path("/var/log/pods/x", "../../../etc/passwd")
+    with pytest.raises(FailedPrecondition):
+        host_log_path("/var/log/pods/x", "/../../etc/passwd")
+    # a symlink in the directory that leads out of it is not followed
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "out").symlink_to("/etc")
+    (logs / "in").symlink_to(logs)
+    with pytest.raises(FailedPrecondition):
+        host_log_path(str(logs), "out/passwd")
+    assert host_log_path(str(logs), "in/c.log") == f"{logs}/in/c.log"
 
 
 def test_overlay_options_topmost_first() -> None:
