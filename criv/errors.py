@@ -11,12 +11,25 @@ from __future__ import annotations
 import grpc
 
 
+# A status message rides in a gRPC trailer (percent-encoded, 8 KiB by default on the
+# client) and in criv's log; one that quotes a huge request value is clipped.
+MAX_MESSAGE_BYTES = 1024
+
+
+def clip_message(message: str, limit: int = MAX_MESSAGE_BYTES) -> str:
+    raw = message.encode(errors="replace")
+    if len(raw) <= limit:
+        return message
+    return raw[:limit].decode(errors="ignore") + f"... ({len(raw)} bytes)"
+
+
 class CrivError(Exception):
     """Base class; ``code`` is the gRPC status the error maps to."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
     def __init__(self, message: str) -> None:
+        message = clip_message(message)
         super().__init__(message)
         self.message = message
 

@@ -1,6 +1,7 @@
 """CRI ImageService: proto <-> criv.image domain, nothing else.
 
-Errors propagate as CrivError; the interceptor in criv.cri.wire maps them.
+Requests are checked first (criv.cri.validate); errors propagate as CrivError and the
+interceptor in criv.cri.wire maps them.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from criv.cri.validate import validate_rpcs
 from criv.image.manager import Credentials, ImageManager, StoredImage
 from criv_agent.api.runtime.v1 import api_pb2, api_pb2_grpc
 
@@ -118,3 +120,6 @@ class ImageService(api_pb2_grpc.ImageServiceServicer):
             inodes_used=api_pb2.UInt64Value(value=u.inodes_used),
         )
         return api_pb2.ImageFsInfoResponse(image_filesystems=[usage])
+
+
+validate_rpcs(ImageService, "ImageService")

@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 import grpc
 
 from criv.cri import runtime_convert as conv
-from criv.errors import InvalidArgument
 from criv.sandbox.events import EventKind
 from criv.sandbox.manager import SandboxManager
 from criv.sandbox.records import ContainerRecord
@@ -33,10 +32,6 @@ class ContainerRpcs:
     async def CreateContainer(
         self, request: api_pb2.CreateContainerRequest, context: grpc.aio.ServicerContext
     ) -> api_pb2.CreateContainerResponse:
-        if not request.config.metadata.name:
-            raise InvalidArgument("container config has no metadata name")
-        if not request.config.image.image:
-            raise InvalidArgument("container config has no image")
         cid = await self._sandboxes.create_container(
             request.pod_sandbox_id, conv.container_spec(request)
         )

@@ -4,7 +4,8 @@ The sandbox, container and streaming RPCs live in :mod:`criv.cri.runtime_pods`,
 :mod:`criv.cri.runtime_containers` and :mod:`criv.cri.runtime_streaming` (mixins of
 :class:`RuntimeService`). RPCs criv does
 not implement yet answer UNIMPLEMENTED with the missing part named (see
-``_MISSING``; docs/architecture.md lists them).
+``_MISSING``; docs/architecture.md lists them). Every request is checked by
+:mod:`criv.cri.validate` before its RPC runs.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from criv.config import Config
 from criv.cri.runtime_containers import ContainerRpcs
 from criv.cri.runtime_pods import PodSandboxRpcs
 from criv.cri.runtime_streaming import StreamingRpcs
+from criv.cri.validate import validate_rpcs
 from criv.cri.wire import fill_unimplemented
 from criv.network.readiness import network_readiness
 from criv.sandbox.manager import SandboxManager
@@ -119,4 +121,5 @@ class RuntimeService(
         return api_pb2.UpdateRuntimeConfigResponse()
 
 
+validate_rpcs(RuntimeService, "RuntimeService", skip=_MISSING)
 fill_unimplemented(RuntimeService, "RuntimeService", _MISSING)

@@ -2,8 +2,9 @@
 
 :class:`ErrorInterceptor` wraps every RPC handler: a :class:`~criv.errors.CrivError`
 becomes its own status code and message; anything else becomes INTERNAL and is logged
-with the method and the request, so a bug never takes the daemon down. It also counts
-every call by RPC and status code and times it (criv/metrics.py).
+with the method and the request, so a bug never takes the daemon down. A request that
+does not parse (bad wire format, invalid UTF-8) is refused with INVALID_ARGUMENT. It
+also counts every call by RPC and status code and times it (criv/metrics.py).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from google.protobuf import text_format
 from google.protobuf.message import Message
 
 from criv import metrics
-from criv.errors import CrivError
+from criv.errors import CrivError, InvalidArgument
 
 log = logging.getLogger("criv.cri")
 
@@ -56,6 +57,32 @@ def _describe(request: Any) -> str:
     return text[:_MAX_LOGGED_REQUEST]
 
 
+class _Undecodable:
+    """What a request that does not parse becomes: the RPC answers INVALID_ARGUMENT
+    (gRPC itself would answer UNKNOWN with the parser's exception)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as e:
+            return _Undecodable(e)
+
+    return parse
+
+
+def _refuse_undecodable(request: Any) -> None:
+    if isinstance(request, _Undecodable):
+        raise InvalidArgument(f"the request is not a valid message: {request.error}")
+
+
 def _code_of(context: grpc.aio.ServicerContext, e: BaseException | None) -> str:
     """The status the caller gets, for the request metrics."""
     if e is None:
@@ -87,6 +114,7 @@ def _wrap_unary(method: str, fn: Callable[..., Awaitable[Any]]) -> Callable[...,
         t0 = time.monotonic()
         failed: BaseException | None = None
         try:
+            _refuse_undecodable(request)
             return await fn(request, context)
         except (grpc.aio.AbortError, grpc.RpcError) as e:  # already a status: pass it on
             failed = e
@@ -110,6 +138,7 @@ def _wrap_stream(method: str, fn: Callable[..., AsyncIterator[Any]]) -> Callable
         t0 = time.monotonic()
         failed: BaseException | None = None
         try:
+            _refuse_undecodable(request)
             async for item in fn(request, context):
                 yield item
         except (grpc.aio.AbortError, grpc.RpcError) as e:
@@ -139,13 +168,13 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 _wrap_unary(method, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
                 _wrap_stream(method, handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler
