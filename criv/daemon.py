@@ -14,6 +14,7 @@ import fcntl
 import logging
 import os
 import signal
+import tempfile
 from contextlib import ExitStack, suppress
 from pathlib import Path
 
@@ -57,6 +58,22 @@ def _lock(path: Path, what: str, stack: ExitStack) -> None:
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     stack.callback(os.close, fd)
+
+
+def listen_unix(server: grpc.aio.Server, sock: Path) -> None:
+    """Bind ``sock`` with mode 0660 from its first moment: gRPC binds with the umask's
+    mode, so the socket is bound in a fresh 0700 directory beside it (nobody else can
+    reach it there), chmod'ed, then renamed into place."""
+    private = Path(tempfile.mkdtemp(prefix=".criv-", dir=sock.parent))
+    try:
+        tmp = private / "s"
+        server.add_insecure_port(f"unix:{tmp}")
+        os.chmod(tmp, 0o660)
+        os.replace(tmp, sock)
+    finally:
+        with suppress(FileNotFoundError):
+            os.unlink(private / "s")
+        os.rmdir(private)
 
 
 class Daemon:
@@ -128,9 +145,8 @@ class Daemon:
         )
         api_pb2_grpc.add_RuntimeServiceServicer_to_server(runtime, server)
         api_pb2_grpc.add_ImageServiceServicer_to_server(ImageService(images), server)
-        server.add_insecure_port(f"unix:{sock}")
+        listen_unix(server, sock)
         await server.start()
-        os.chmod(sock, 0o660)
         log.info("criv %s serving CRI v1 on unix://%s", __version__, sock)
 
         loop = asyncio.get_running_loop()

@@ -48,6 +48,11 @@ MAX_AGENT_MESSAGE = 2 * EXEC_SYNC_OUTPUT_LIMIT + 1024 * 1024
 CALL_TIMEOUT = 30.0
 HEALTH_TIMEOUT = 5.0
 CREATE_TIMEOUT = 60.0
+# The longest criv waits for an ExecSync answer (seconds): for a command without a
+# timeout (kubelet's 0), or with a longer one. Generous, since such a command may
+# legitimately run long (crictl exec --sync); an agent that stopped answering is
+# given up on after it, with DEADLINE_EXCEEDED.
+EXEC_SYNC_MAX_WAIT = 24 * 3600
 MAX_ERROR_TEXT = 2000
 
 T = TypeVar("T")
@@ -184,9 +189,10 @@ class AgentClient:
             output_limit=EXEC_SYNC_OUTPUT_LIMIT,
         )
         # The agent enforces the command's timeout; ours only guards against an agent
-        # that never answers. Without a command timeout there is none (as kubelet).
-        deadline = timeout_seconds + CALL_TIMEOUT if timeout_seconds > 0 else None
-        resp = await self._call("ExecSync", self._stub.ExecSync, req, deadline)
+        # that never answers. A command with no timeout (0) may run for as long as it
+        # likes, but criv waits for the agent at most EXEC_SYNC_MAX_WAIT.
+        wait = timeout_seconds if 0 < timeout_seconds < EXEC_SYNC_MAX_WAIT else EXEC_SYNC_MAX_WAIT
+        resp = await self._call("ExecSync", self._stub.ExecSync, req, wait + CALL_TIMEOUT)
         return convert.exec_result(resp, EXEC_SYNC_OUTPUT_LIMIT)
 
     async def start_exec(self, cid: str, cmd: list[str], tty: bool, stdin: bool) -> str:
