@@ -5,19 +5,27 @@ device-readable part, fills the device-writable part and returns the head in the
 Every guest-controlled value is checked: an index or address out of range, a chain longer than
 the queue (a loop), an indirect descriptor (not negotiated) or a readable descriptor after a
 writable one raises ``VirtQueueError``; the caller then marks the device broken.
+
+Ring words shared with the running guest are read and written through native-typed
+memoryviews: one aligned load or store per word.  Never ``struct.pack_into`` them: it zeroes
+its target before writing, so the driver could read ``used->idx == 0`` in between (for as
+long as this process is descheduled there), take that as "more used", and consume ring slots
+not filled yet.  Virtio is little-endian; so are the hosts this runs on.
 """
 
 from __future__ import annotations
 
 import struct
+import sys
 import threading
 from dataclasses import dataclass, field
 
 from criv.vsock.memory import AddressError, MemoryMap
 
 DESC = struct.Struct("<QIHH")
-U16 = struct.Struct("<H")
-USED_ELEM = struct.Struct("<II")
+
+if sys.byteorder != "little":  # the native-typed ring views below assume it
+    raise ImportError("criv.vsock needs a little-endian host")
 
 DESC_F_NEXT = 1
 DESC_F_WRITE = 2
@@ -70,13 +78,18 @@ class VirtQueue:
             self.used = tr(used, 4 + 8 * num + 2)
         except AddressError as e:
             raise VirtQueueError(f"ring not in guest memory: {e}") from e
+        if avail % 2 or used % 4:
+            raise VirtQueueError("misaligned ring")
         self.mem = mem
         self.num = num
         self.last_avail = 0
-        self.used_idx = int(U16.unpack_from(self.used, 2)[0])
+        self._avail16 = self.avail.cast("H")  # flags, idx, ring[num], used_event
+        self._used16 = self.used[:4].cast("H")  # flags, idx
+        self._used32 = self.used[4 : 4 + 8 * num].cast("I")  # (id, len) * num
+        self.used_idx = int(self._used16[1])
 
     def avail_idx(self) -> int:
-        return int(U16.unpack_from(self.avail, 2)[0])
+        return int(self._avail16[1])
 
     def pending(self) -> int:
         """Number of chains the driver has made available and we have not popped."""
@@ -88,7 +101,7 @@ class VirtQueue:
     def pop(self) -> Chain | None:
         if not self.pending():
             return None
-        head = int(U16.unpack_from(self.avail, 4 + 2 * (self.last_avail % self.num))[0])
+        head = int(self._avail16[2 + self.last_avail % self.num])
         chain = self._walk(head)
         self.last_avail = (self.last_avail + 1) & 0xFFFF
         return chain
@@ -125,16 +138,18 @@ class VirtQueue:
         raise VirtQueueError(f"descriptor chain from {head} longer than the queue (loop?)")
 
     def push(self, head: int, written: int) -> None:
-        USED_ELEM.pack_into(self.used, 4 + 8 * (self.used_idx % self.num), head, written)
+        slot = 2 * (self.used_idx % self.num)
+        self._used32[slot] = head
+        self._used32[slot + 1] = written
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        U16.pack_into(self.used, 2, self.used_idx)
+        self._used16[1] = self.used_idx  # x86 keeps stores in order: the entry is visible first
 
     def needs_interrupt(self) -> bool:
         fence()
-        return not U16.unpack_from(self.avail, 0)[0] & AVAIL_F_NO_INTERRUPT
+        return not self._avail16[0] & AVAIL_F_NO_INTERRUPT
 
     def set_notify(self, enabled: bool) -> None:
         """Ask the driver to kick (or not) when it adds buffers (VRING_USED_F_NO_NOTIFY)."""
-        U16.pack_into(self.used, 0, 0 if enabled else USED_F_NO_NOTIFY)
+        self._used16[0] = 0 if enabled else USED_F_NO_NOTIFY
         if enabled:
             fence()

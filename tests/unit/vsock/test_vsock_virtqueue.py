@@ -1,9 +1,20 @@
 from __future__ import annotations
 
+import mmap
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
-from criv.vsock.memory import AddressError, MemoryMap
-from criv.vsock.virtqueue import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, VirtQueueError
+from criv.vsock.memory import AddressError, MemoryMap, Region
+from criv.vsock.virtqueue import (
+    DESC_F_INDIRECT,
+    DESC_F_NEXT,
+    DESC_F_WRITE,
+    VirtQueue,
+    VirtQueueError,
+)
 from tests.unit.vsock.vsock_fakes import GPA_BASE, MEM_SIZE, FakeDriver, GuestMemory
 
 
@@ -124,3 +135,46 @@ def test_notify_flags(drv: FakeDriver) -> None:
     assert drv.mem.read(drv.used, 2) == b"\x01\x00"
     vq.set_notify(True)
     assert drv.mem.read(drv.used, 2) == b"\x00\x00"
+
+
+_WATCHER = """
+import mmap, sys
+f = open(sys.argv[1], "r+b")
+w = memoryview(mmap.mmap(f.fileno(), 0)).cast("H")
+num, used = int(sys.argv[2]), int(sys.argv[3]) // 2
+prev, bad = w[used + 1], 0
+print("ready", flush=True)
+while w[0] != 0xDEAD:
+    idx = w[used + 1]
+    if (idx - prev) & 0xFFFF > 0x8000:  # went backwards: not one store
+        bad += 1
+    elif idx != prev and w[used + 2 + 4 * ((idx - 1) % num)] != (idx - 1) % num:
+        bad += 1  # published before its entry
+    prev = idx
+print(bad)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_used_idx_is_published_in_one_store(tmp_path: Path) -> None:
+    """The guest reads used->idx while we write it.  Each value it can see must be one we
+    published after its entry (a transient 0 made a TCG guest consume unfilled slots)."""
+    num, used = 128, 4096
+    path = tmp_path / "ring"
+    path.write_bytes(bytes(8192))
+    with path.open("r+b") as f:
+        m = mmap.mmap(f.fileno(), 0)
+    mem = MemoryMap([Region(0, 8192, 0, memoryview(m), m)])
+    vq = VirtQueue(mem, num, 0, 2048, used, user=False)
+    watcher = subprocess.Popen(
+        [sys.executable, "-c", _WATCHER, str(path), str(num), str(used)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert watcher.stdout is not None and watcher.stdout.readline() == "ready\n"
+    for i in range(300_000):
+        vq.push(i % num, 44)
+    memoryview(m).cast("H")[0] = 0xDEAD
+    out, _ = watcher.communicate(timeout=30)
+    assert out.strip() == "0"
+    mem.close()

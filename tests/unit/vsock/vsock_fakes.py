@@ -5,12 +5,13 @@ from __future__ import annotations
 import struct
 
 from criv.vsock.memory import MemoryMap
-from criv.vsock.virtqueue import DESC, DESC_F_NEXT, DESC_F_WRITE, USED_ELEM, VirtQueue
+from criv.vsock.virtqueue import DESC, DESC_F_NEXT, DESC_F_WRITE, VirtQueue
 
 GPA_BASE = 0x10000
 UVA_BASE = 0x7F0000000000
 MEM_SIZE = 4 << 20
 U16 = struct.Struct("<H")
+USED_ELEM = struct.Struct("<II")
 
 
 class GuestMemory:
