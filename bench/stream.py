@@ -39,7 +39,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.integration.streaming.spdy_client import spdy_exec  # noqa: E402
+from tests.support.spdy_client import spdy_exec  # noqa: E402
 
 IssueUrl = Callable[[list[str]], Awaitable[str]]
 
