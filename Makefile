@@ -11,7 +11,8 @@ APT_PACKAGES := python3-venv python3-dev gcc libc6-dev pkg-config iproute2 iptab
 CRI_PROTO := proto/runtime/v1/api.proto
 AGENT_PROTO := proto/agent/v1/agent.proto
 
-.PHONY: install apt venv run test lint proto cni-config services guest-image bench clean
+.PHONY: install apt venv run test lint proto cni-config services guest-image bench clean \
+	install-service
 
 install: apt venv cni-config
 
@@ -39,6 +40,12 @@ cni-config:
 run: install services guest-image
 	$(VENV)/bin/criv serve
 
+# criv as a service: systemd units (+ tmpfiles/sysusers) installed, enabled and started;
+# without systemd, `criv serve --daemon`. CRIV_CONFIG=FILE for a config other than
+# /etc/criv/config.yaml. See docs/install.md.
+install-service: install guest-image
+	$(PY) -m criv.unitfiles install $(if $(CRIV_CONFIG),--config $(CRIV_CONFIG))
+
 test: install lint
 	$(PY) -m pytest tests -v -rs
 
@@ -61,8 +68,8 @@ clean:
 	rm -rf $(VENV)
 
 # Services the tests and `criv serve` use for VM pods; no systemd needed.
-# qemu.conf as criv needs it (QEMU as root for 9p passthrough, in the host mount namespace
-# so bind mounts reach 9p shares), virtlogd + libvirtd up.
+# The criv-qemu user, / rshared, /dev/kvm root:kvm 0660, qemu.conf as criv needs it (QEMU
+# unprivileged in a mount namespace of its own; see docs/vm.md), virtlogd + libvirtd up.
 services: venv
 	$(PY) -m criv.hypervisor.hostsetup
 

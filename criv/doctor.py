@@ -80,7 +80,7 @@ def check_accel(cfg: Config) -> Check:
 
 def check_libvirt(cfg: Config) -> list[Check]:
     from criv.hypervisor.driver import check_libvirt as probe
-    from criv.hypervisor.hostsetup import qemu_conf_issues
+    from criv.hypervisor.hostsetup import host_mount_issues, qemu_conf_issues
 
     level: Level = "FAIL" if _uses_vm(cfg) else "WARN"
     ok, detail = probe()
@@ -91,14 +91,14 @@ def check_libvirt(cfg: Config) -> list[Check]:
             detail + ("" if ok else "; start: virtlogd -d; libvirtd -d"),
         )
     ]
-    issues = qemu_conf_issues()
+    issues = qemu_conf_issues() + host_mount_issues()
     if issues:
         out.append(
             Check(
                 "qemu.conf",
                 level,
-                "vm pods need QEMU as root in the host mount namespace (9p shared-directory "
-                "writes, container rootfs bind mounts reaching the guest): "
+                "vm pods need QEMU unprivileged (criv-qemu) in a mount namespace of its own, "
+                "no relabelling, and / rshared: "
                 + "; ".join(issues)
                 + "; `criv doctor --fix` sets it, then restart libvirtd",
             )

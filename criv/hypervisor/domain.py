@@ -71,19 +71,19 @@ class Rng:
 
 
 @dataclass(frozen=True)
-class SharedDir:
-    """virtio-9p passthrough share; the guest mounts it by ``tag``."""
+class VirtioFs:
+    """virtio-fs from a virtiofsd that criv runs (``socket``); the guest mounts it by
+    ``tag``. QEMU itself touches no host file of the share, so it needs no privilege."""
 
-    source: Path
+    socket: Path
     tag: str = "criv"
-    readonly: bool = False
+    queue_size: int = 1024
 
     def to_element(self, parent: ET.Element, machine: Machine) -> None:
-        fs = _sub(parent, "filesystem", type="mount", accessmode="passthrough")
-        _sub(fs, "source", dir=str(self.source))
+        fs = _sub(parent, "filesystem", type="mount")
+        _sub(fs, "driver", type="virtiofs", queue=str(self.queue_size))
+        _sub(fs, "source", socket=str(self.socket))
         _sub(fs, "target", dir=self.tag)
-        if self.readonly:
-            _sub(fs, "readonly")
         _mmio(fs, machine)
 
 
@@ -144,7 +144,7 @@ class VhostUserVsock:
         ]
 
 
-Device = SerialLog | Rng | SharedDir | TapInterface | KernelVsock
+Device = SerialLog | Rng | VirtioFs | TapInterface | KernelVsock
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,7 @@ class Domain:
     vhost_user_vsock: VhostUserVsock | None = None
     # TCG translation cache cap (QEMU's default scales with RAM and dominates RSS)
     tb_cache_mib: int = 0
-    # memfd + shared: required by vhost-user devices (the backend maps guest memory)
+    # memfd + shared: required by vhost-user devices (vsock backend, virtiofsd map it)
     shared_memory: bool = True
     metadata: dict[str, str] = field(default_factory=dict)
 

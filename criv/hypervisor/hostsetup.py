@@ -1,21 +1,24 @@
-"""Host setup for libvirt: QEMU runs as root (9p passthrough) in the host's mount namespace,
-and the daemons are started.
+"""Host setup for libvirt: QEMU unprivileged and confined, and the daemons started.
 
-Why root: with QEMU as ``libvirt-qemu``, the kernel, initrd, console file and sockets all work
-(libvirt passes fds), but 9p passthrough writes and chowns in the shared directory fail. Until
-criv uses a 9p security model without root (or block-device rootfs only), QEMU runs as root.
+QEMU runs as ``criv-qemu`` (a system user criv creates), in libvirt's per-domain mount
+namespace and its seccomp sandbox. It opens no host file of a pod's share: virtiofsd,
+run by criv, serves it (docs/security.md); what QEMU does open (guest kernel and
+initrd: world-readable; vhost-user sockets: group ``criv-qemu``) needs no relabelling,
+so libvirt's ``dynamic_ownership`` is off (it would chown the shared guest image).
 
-Why ``namespaces = []``: by default libvirt starts each QEMU in a private mount namespace, a
-copy of the host's taken at start. On a host whose mounts are private (this project's
-machines) nothing criv mounts later (container rootfs and volumes bound into a pod's 9p
-shared dir) reaches that copy, and the copy pins every mount that existed at the time, other
-pods' network namespaces included, until that VM stops (their veths outlive their pods).
-Used by ``make install`` (via ``criv doctor --fix``) and reported by ``criv doctor``.
+The root mount must be ``rshared`` (systemd's default; done here where there is no
+systemd): each QEMU's mount namespace is a copy of the host's taken at its start, and
+only with shared propagation does criv unmounting a pod's netns or overlay release the
+copy; with ``/`` private every VM would pin the mounts of every pod that existed when it
+started (their veths would outlive their pods).
+
+Used by ``make services`` (and ``criv doctor --fix``) and reported by ``criv doctor``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import grp
 import os
 import re
 import shutil
@@ -25,14 +28,22 @@ import time
 from pathlib import Path
 
 QEMU_CONF = Path("/etc/libvirt/qemu.conf")
-WANTED = {"user": '"root"', "group": '"root"', "namespaces": "[]"}
+QEMU_USER = "criv-qemu"
+WANTED = {
+    "user": f'"{QEMU_USER}"',
+    "group": f'"{QEMU_USER}"',
+    "namespaces": '["mount"]',
+    "dynamic_ownership": "0",
+}
 _WHY = {
-    "user": "9p passthrough needs QEMU as root",
-    "group": "9p passthrough needs QEMU as root",
-    "namespaces": "QEMU in the host mount namespace (bind mounts into 9p shares)",
+    "user": "QEMU unprivileged",
+    "group": "QEMU unprivileged",
+    "namespaces": "each QEMU in a mount namespace of its own",
+    "dynamic_ownership": "no relabelling of the shared guest image",
 }
 _DEFAULTS = {"user": "(default libvirt-qemu)", "group": "(default libvirt-qemu)",
-             "namespaces": '(default ["mount"])'}  # fmt: skip
+             "namespaces": '(default ["mount"])', "dynamic_ownership": "(default 1)"}  # fmt: skip
+_KEYS = "|".join(WANTED)
 
 
 def _norm(value: str) -> str:
@@ -40,14 +51,14 @@ def _norm(value: str) -> str:
 
 
 def qemu_conf_issues(path: Path = QEMU_CONF) -> list[str]:
-    """What differs from what criv needs, e.g. ``['user = "libvirt-qemu" (want "root")']``."""
+    """What differs from what criv needs, e.g. ``['user = "root" (want "criv-qemu")']``."""
     try:
         text = path.read_text()
     except OSError as e:
         return [f"cannot read {path}: {e}"]
     found: dict[str, str] = {}
     for line in text.splitlines():
-        if m := re.match(r"^\s*(user|group|namespaces)\s*=\s*(.+)$", line):
+        if m := re.match(rf"^\s*({_KEYS})\s*=\s*(.+)$", line):
             found[m.group(1)] = _norm(m.group(2))
     out = []
     for key, want in WANTED.items():
@@ -58,8 +69,7 @@ def qemu_conf_issues(path: Path = QEMU_CONF) -> list[str]:
 
 
 def ensure_qemu_conf(path: Path = QEMU_CONF) -> bool:
-    """Set ``user``/``group`` to root and ``namespaces`` to [] in qemu.conf; True if the
-    file changed.
+    """Set the keys of ``WANTED`` in qemu.conf; True if the file changed.
 
     libvirtd reads qemu.conf at start only: restart it after a change.
     """
@@ -84,6 +94,67 @@ def ensure_qemu_conf(path: Path = QEMU_CONF) -> bool:
         shutil.copymode(path, tmp)
         tmp.replace(path)
     return changed
+
+
+def ensure_kvm_device(dev: Path = Path("/dev/kvm")) -> bool:
+    """/dev/kvm as udev leaves it on a normal host (root:kvm 0660). Where nothing set it
+    (no udev), libvirt finds it unusable for the QEMU user, drops its capabilities cache
+    and re-probes QEMU at every VM start (~50 s here)."""
+    if not dev.exists() or not _has_group("kvm"):
+        return False
+    gid = grp.getgrnam("kvm").gr_gid
+    st = dev.stat()
+    if st.st_gid == gid and st.st_mode & 0o660 == 0o660:
+        return False
+    os.chown(dev, 0, gid)
+    os.chmod(dev, 0o660)
+    return True
+
+
+def ensure_qemu_user() -> bool:
+    """Create the system user/group QEMU runs as, in group kvm where there is one."""
+    if subprocess.run(["getent", "passwd", QEMU_USER], capture_output=True).returncode == 0:
+        if _has_group("kvm") and QEMU_USER not in grp.getgrnam("kvm").gr_mem:
+            subprocess.run(["usermod", "--append", "--groups", "kvm", QEMU_USER], check=True)
+            return True
+        return False
+    if subprocess.run(["getent", "group", QEMU_USER], capture_output=True).returncode != 0:
+        subprocess.run(["groupadd", "--system", QEMU_USER], check=True)
+    extra = ["--groups", "kvm"] if _has_group("kvm") else []
+    subprocess.run(
+        ["useradd", "--system", "--gid", QEMU_USER, *extra, "--no-create-home",
+         "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", QEMU_USER],
+        check=True,
+    )  # fmt: skip
+    return True
+
+
+def _has_group(name: str) -> bool:
+    return subprocess.run(["getent", "group", name], capture_output=True).returncode == 0
+
+
+def root_propagation(mountinfo: Path = Path("/proc/1/mountinfo")) -> str:
+    """``shared`` or ``private`` (or ``slave``): how the root mount propagates."""
+    for line in mountinfo.read_text().splitlines():
+        f = line.split()
+        if f[4] == "/":
+            opt = f[6 : f.index("-")]
+            if any(o.startswith("shared:") for o in opt):
+                return "shared"
+            return "slave" if any(o.startswith("master:") for o in opt) else "private"
+    return "private"
+
+
+def host_mount_issues() -> list[str]:
+    prop = root_propagation()
+    return [] if prop == "shared" else [f"the root mount is {prop} (want rshared)"]
+
+
+def ensure_root_shared() -> bool:
+    if not host_mount_issues():
+        return False
+    subprocess.run(["mount", "--make-rshared", "/"], check=True)
+    return True
 
 
 def _pids(name: str) -> list[int]:
@@ -119,12 +190,20 @@ def restart_libvirtd(wait: float = 10.0) -> None:
 
 
 def ensure_host_services() -> list[str]:
-    """What `make services` does: qemu.conf as criv needs it, virtlogd and libvirtd up
+    """What `make services` does: the QEMU user, / rshared, qemu.conf as criv needs it,
+    virtlogd and libvirtd up
     (restarted when qemu.conf changed under a running libvirtd). Returns what it did."""
     done = []
+    if ensure_qemu_user():
+        done.append(f"created system user {QEMU_USER}")
+    if ensure_root_shared():
+        done.append("made / rshared (as systemd does)")
+    if ensure_kvm_device():
+        done.append("set /dev/kvm to root:kvm 0660 (as udev does)")
     changed = ensure_qemu_conf()
     if changed:
-        done.append(f"set user/group = root, namespaces = [] in {QEMU_CONF}")
+        keys = ", ".join(f"{k} = {v}" for k, v in WANTED.items())
+        done.append(f"set {keys} in {QEMU_CONF}")
     if changed and libvirtd_running():
         restart_libvirtd()
         done.append("restarted libvirtd")

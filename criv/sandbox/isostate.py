@@ -37,6 +37,7 @@ class VmState:
     cid: int = 0
     backend_pid: int = 0
     backend_start_time: int = 0
+    virtiofsd_pid: int = 0
     tap: str = ""
     mac: str = ""
     mtu: int = 0

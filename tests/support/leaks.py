@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # Processes criv starts on behalf of pods; none may survive the test that made them.
-WATCHED_PROCESSES = ("criv-agent", "criv_agent", "crun", "qemu-system", "criv.vsock", "cni")
+WATCHED_PROCESSES = (
+    "criv-agent", "criv_agent", "crun", "qemu-system", "criv.vsock", "virtiofsd", "cni",
+)  # fmt: skip
 
 
 def _processes(scope: str) -> dict[int, str]:

@@ -58,11 +58,23 @@ def vm_config(guest_image: GuestImage, libvirtd: None) -> dict[str, Any]:
     }
 
 
+def qemu_traversable(path: Path) -> None:
+    """QEMU runs unprivileged (docs/security.md) and must reach a pod's vhost-user sockets
+    under criv's run dir, as it reaches /run/criv on a node; pytest makes its temp dirs
+    0700. Let others traverse (not list) the test's dirs up to /tmp."""
+    for d in (path, *path.parents):
+        if d in (Path("/tmp"), Path("/")):
+            break
+        d.chmod(d.stat().st_mode & 0o7777 | 0o711)
+
+
 @pytest.fixture
 def vm_cri_factory(
     cri_factory: Callable[..., Cri],
     vm_config: dict[str, Any],
+    tmp_path: Path,
 ) -> Iterator[Callable[..., Cri]]:
+    qemu_traversable(tmp_path)
     before = criv_domains()
     made: list[Cri] = []
 

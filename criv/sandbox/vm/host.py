@@ -12,7 +12,7 @@ from criv.config import Config
 from criv.errors import FailedPrecondition
 from criv.guestimage import DEFAULT_CACHE_ROOT, cached_image
 from criv.hypervisor.driver import Hypervisor
-from criv.hypervisor.hostsetup import qemu_conf_issues
+from criv.hypervisor.hostsetup import host_mount_issues, qemu_conf_issues
 from criv.hypervisor.kvm import AccelChoice, choose_accel
 from criv.state.runtime_state import RuntimeState
 
@@ -64,9 +64,10 @@ class VmHost:
             raise FailedPrecondition(
                 "vm.vsock=kernel is not supported yet; use auto or backend (userspace backend)"
             )
-        if issues := await asyncio.to_thread(qemu_conf_issues):
+        issues = await asyncio.to_thread(lambda: qemu_conf_issues() + host_mount_issues())
+        if issues:
             raise FailedPrecondition(
-                "libvirt's qemu.conf is not set up for vm pods (" + "; ".join(issues)
+                "this host is not set up for vm pods (" + "; ".join(issues)
                 + "): run `criv doctor --fix`, then restart libvirtd"
             )  # fmt: skip
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import logging
 import os
 import time
@@ -22,6 +23,7 @@ from criv.agent.types import GuestInterface, GuestNetwork, GuestRoute
 from criv.config import Config
 from criv.errors import AgentError, CrivError, InvalidArgument
 from criv.hypervisor.driver import qemu_pid
+from criv.hypervisor.hostsetup import QEMU_USER
 from criv.hypervisor.kvm import AccelChoice
 from criv.hypervisor.sizing import PodResources, vm_size
 from criv.hypervisor.spec import PodVm, domain_name, pod_domain
@@ -32,6 +34,7 @@ from criv.sandbox.isostate import IsolationState, VmState
 from criv.sandbox.records import PodRecord
 from criv.sandbox.states import PodState
 from criv.sandbox.vm import share as shares
+from criv.sandbox.vm import virtiofs
 from criv.sandbox.vm.backend import VsockBackends
 from criv.sandbox.vm.console import console_tail
 from criv.sandbox.vm.host import VmHost
@@ -53,6 +56,16 @@ log = logging.getLogger("criv.sandbox.vm")
 # Boot to the agent's first answer: ~2.5 s under TCG when idle; far more on 2 busy cores.
 VM_CONNECT_TIMEOUT = 90.0
 VM_EXIT_TIMEOUT = 10.0
+
+
+def _open_to_qemu(paths: PodPaths) -> None:
+    """QEMU (unprivileged, group ``criv-qemu``) reaches the pod's vhost-user sockets: the
+    run dir and the vsock socket are group-owned; virtiofsd sets its socket's group."""
+    gid = grp.getgrnam(QEMU_USER).gr_gid
+    os.chown(paths.run, 0, gid)
+    os.chmod(paths.run, 0o750)
+    os.chown(vhost_socket(paths), 0, gid)
+    os.chmod(vhost_socket(paths), 0o660)
 
 
 def _state(pod: PodRecord) -> VmState | None:
@@ -101,7 +114,7 @@ class VmIsolation:
                     s.unlink()
 
         await asyncio.to_thread(prepare)
-        await shares.prepare(paths)  # before QEMU: it exports the read-only view
+        await shares.prepare(paths)  # before virtiofsd: it serves the read-only view
         tap, mac, mtu = "", "", 0
         if pod.netns:
             link = await pod_link(Path(pod.netns))
@@ -109,6 +122,8 @@ class VmIsolation:
             await create_tap(tap, self._owner)
         cid = vsock_cid(pod.id)
         backend_pid, backend_start = await self._backends.start(pod.id, paths, cid)
+        fs_pid, _ = await virtiofs.start(paths, QEMU_USER)
+        await asyncio.to_thread(_open_to_qemu, paths)
         size = vm_size(
             PodResources(**pod.resources),
             self._config.vm.vcpus,
@@ -122,7 +137,7 @@ class VmIsolation:
             size=size,
             accel=accel.accel,
             console_log=console_log(paths),
-            shared_dir=paths.shared,
+            fs_socket=virtiofs.fs_socket(paths),
             tap=tap,
             mac=mac,
             mtu=mtu,
@@ -151,6 +166,7 @@ class VmIsolation:
             cid=cid,
             backend_pid=backend_pid,
             backend_start_time=backend_start,
+            virtiofsd_pid=fs_pid,
             tap=tap,
             mac=mac,
             mtu=mtu,
@@ -230,6 +246,7 @@ class VmIsolation:
         await hv.destroy(name)
         await hv.wait_stopped(name, VM_EXIT_TIMEOUT)
         await self._backends.stop(pod.id, paths)
+        await virtiofs.stop(paths)  # exits with QEMU; not if QEMU never connected
         await delete_tap(pod_tap_name(pod.id))  # only if it never reached the pod netns
         await shares.teardown(paths)
 

@@ -1,4 +1,4 @@
-"""The vm mode's start-up sweep: domains, vsock backends and host-netns taps of this
+"""The vm mode's start-up sweep: domains, vsock backends, virtiofsds and host-netns taps of this
 criv (tagged with its state dir / under its run dir) that no live pod owns."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from criv.errors import CrivError
 from criv.hypervisor.spec import domain_name
 from criv.network.tap import delete_tap, host_taps, tap_name
 from criv.sandbox.records import PodRecord
+from criv.sandbox.vm import virtiofs
 from criv.sandbox.vm.backend import VsockBackends
 from criv.sandbox.vm.host import VmHost
 
@@ -41,6 +42,8 @@ async def sweep_vm_orphans(
                 await hv.destroy(d.name)
     for pid in await backends.sweep(run_root, keep_backends):
         log.warning("killed orphan vsock backend pid %d", pid)
+    for pid in await virtiofs.sweep(run_root, {p.id[:12] for p in live}):
+        log.warning("killed orphan virtiofsd pid %d", pid)
     known_taps = {tap_name(p.id) for p in pods}
     for tap in await asyncio.to_thread(host_taps, owner):
         if tap not in known_taps:

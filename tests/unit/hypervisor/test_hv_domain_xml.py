@@ -28,7 +28,7 @@ def _pod(**kw: object) -> PodVm:
         "size": VmSize(1, 256),
         "accel": "tcg",
         "console_log": Path("/var/log/criv/pods/ffff/console.log"),
-        "shared_dir": Path("/run/criv/sandboxes/ffff/shared"),
+        "fs_socket": Path("/run/criv/p/ffff/fs.sock"),
         "tap": "tapffff0",
         "vsock_socket": Path("/run/criv/vsock/ffff/vhost-user.sock"),
         "agent_args": ["--vsock", "--port=1024"],
@@ -42,7 +42,7 @@ CASES: dict[str, Domain] = {
     "q35-kvm-kernel-vsock": pod_domain(
         _pod(accel="kvm", vsock_socket=None, vsock_cid=42, size=VmSize(2, 512))
     ),
-    "microvm-tcg": pod_domain(_pod(machine="microvm", tsc_khz=2_000_000)),
+    "microvm-tcg": pod_domain(_pod(machine="microvm", tsc_khz=2_000_000, fs_socket=None)),
     "minimal": Domain(
         name="criv-minimal",
         uuid="00000000-0000-0000-0000-000000000001",
@@ -78,7 +78,7 @@ def test_policy_choices() -> None:
         assert tcg.findtext(ev) == "destroy"
     kvm = pod_domain(_pod(accel="kvm")).to_element()
     assert kvm.get("type") == "kvm" and kvm.find("features/tcg") is None
-    micro = pod_domain(_pod(machine="microvm", tsc_khz=1234)).to_element()
+    micro = pod_domain(_pod(machine="microvm", tsc_khz=1234, fs_socket=None)).to_element()
     assert "tsc_early_khz=1234" in (micro.findtext("os/cmdline") or "")
     assert all(
         d.find("address") is not None and d.find("address").get("type") == "virtio-mmio"  # type: ignore[union-attr]

@@ -7,10 +7,14 @@ u+s and mknod into a read-only hostPath. The assertions are on the host."""
 from __future__ import annotations
 
 import json
+import os
+import pwd
 from pathlib import Path
 
 import pytest
 
+from criv.hypervisor.driver import qemu_pid
+from criv.hypervisor.hostsetup import QEMU_USER
 from criv_agent.api.runtime.v1 import api_pb2
 from tests.support.cri import Cri
 
@@ -35,6 +39,7 @@ try write_ro        g sh -c 'echo pwned > {share}/c/'$me'/m0/data'
 try chmod_suid_ro   g chmod 4755 {share}/c/$me/m0/data
 try mknod_ro        g mknod {share}/c/$me/m0/null c 1 3
 try write_rw        g sh -c 'echo from-guest > {share}/c/'$me'/m1/note'
+try mknod_rw        g mknod {share}/c/$me/m1/null c 1 3
 echo done
 """
 
@@ -72,6 +77,9 @@ def test_guest_root_cannot_steer_the_share_or_write_read_only_volumes(
     for attempt in ("write_ro", "chmod_suid_ro", "mknod_ro"):
         assert out[attempt] == "denied", (attempt, out)
     assert out["write_rw"] == "ok", out
+    # virtiofsd may not create device nodes, even in a writable volume
+    assert out["mknod_rw"] == "denied", out
+    assert not (rw / "null").exists()
     assert (ro / "data").read_text() == "original\n"
     assert (ro / "data").stat().st_mode & 0o7777 == 0o644
     assert sorted(p.name for p in ro.iterdir()) == ["data"]
@@ -115,5 +123,27 @@ def test_a_console_flood_is_capped_on_the_host(vm_cri: Cri) -> None:
     assert console.stat().st_size <= VIRTLOGD_MAX_SIZE
     assert total <= VIRTLOGD_MAX_SIZE * (VIRTLOGD_MAX_BACKUPS + 1)
     assert vm_cri.exec(cid, ["echo", "alive"]).stdout == b"alive\n"
+    vm_cri.rt.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=pod), timeout=120)
+    vm_cri.rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod), timeout=120)
+
+
+@pytest.mark.timeout(600)
+def test_qemu_runs_unprivileged_and_confined(vm_cri: Cri) -> None:
+    """QEMU is criv-qemu (not root), in a mount namespace of its own, under seccomp."""
+    pod = vm_cri.run_pod("confined")
+    info = json.loads(
+        vm_cri.rt.PodSandboxStatus(
+            api_pb2.PodSandboxStatusRequest(pod_sandbox_id=pod, verbose=True), timeout=30
+        ).info["info"]
+    )
+    pid = qemu_pid(info["isolationState"]["domain"])
+    assert pid > 0
+    status = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    uids = {int(u) for u in status["Uid"].split()}
+    assert uids == {pwd.getpwnam(QEMU_USER).pw_uid}, status["Uid"]
+    assert int(status["Seccomp"]) == 2  # filter mode
+    assert os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
     vm_cri.rt.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=pod), timeout=120)
     vm_cri.rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod), timeout=120)
