@@ -22,6 +22,8 @@ from criv.vsock.connection import DEFAULT_BUF_ALLOC
 from criv.vsock.device import VsockDevice
 from criv.vsock.eventloop import Loop
 from criv.vsock.host import HostListeners, listen_unix, port_socket_path
+from criv.vsock.hostwrite import DEFAULT_MAX_BUFFERED
+from criv.vsock.logcap import DEFAULT_LOG_MAX_BYTES, CappedStreamHandler
 from criv.vsock.vhostuser import VhostUserFrontend
 from criv.vsock.virtqueue import VirtQueue
 
@@ -61,7 +63,13 @@ class Backend:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.loop = Loop()
-        self.device = CountingDevice(self.loop, args.guest_cid, args.uds, buf_alloc=args.buf_alloc)
+        self.device = CountingDevice(
+            self.loop,
+            args.guest_cid,
+            args.uds,
+            buf_alloc=args.buf_alloc,
+            max_buffered=args.max_buffered,
+        )
         ports = dict(parse_listen_port(p, args.uds) for p in args.listen_port)
         self.listener = listen_unix(args.socket, backlog=1)
         self.host = HostListeners(self.loop, self.device, args.uds, ports)
@@ -93,6 +101,8 @@ class Backend:
             "connections": len(self.device.conns),
             "uptime_s": round(time.monotonic() - self.started, 1),
             "device_resets": self.device.resets,
+            "buffered": self.device.writer.buffered,
+            "stalled": self.device.monitor.stalled(),
             **self.device.stats,
         }
 
@@ -111,20 +121,9 @@ class Backend:
     def dump(self) -> None:
         """SIGUSR1: log the device and every connection (debugging aid)."""
         dev = self.device
-        rx, tx = dev.queues.get(0), dev.queues.get(1)
-        log.warning(
-            "state: %s broken=%s ctrl_backlog=%d parked=%d rx=%s tx=%s",
-            json.dumps(self.status()),
-            dev.broken,
-            len(dev.ctrl),
-            len(dev.parked),
-            rx and f"avail={rx.avail_idx()} last_avail={rx.last_avail} used={rx.used_idx}",
-            tx and f"avail={tx.avail_idx()} last_avail={tx.last_avail} used={tx.used_idx}",
-        )
+        log.warning("state: %s %s", json.dumps(self.status()), dev.rings())
         for conn in dev.conns.values():
-            log.warning(
-                "  %r pending=%d peer_shutdown=%d", conn, len(conn.pending), conn.peer_shutdown
-            )
+            log.warning("  %r stalled=%s %s", conn, conn.stalled, conn.counters())
 
     def run(self) -> None:
         self.write_status()
@@ -159,6 +158,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="also listen on PATH (default <uds>.P); connections go to guest port P",
     )
     ap.add_argument("--buf-alloc", type=int, default=DEFAULT_BUF_ALLOC, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--max-buffered",
+        type=int,
+        default=DEFAULT_MAX_BUFFERED,
+        help="bytes held for slow host readers, all streams together (past it: RST)",
+    )
+    ap.add_argument(
+        "--log-max-bytes",
+        type=int,
+        default=DEFAULT_LOG_MAX_BYTES,
+        help="when stderr is a file, keep it under this size",
+    )
     ap.add_argument("--status-file", help="JSON status (pid, rss_kib, counters), refreshed")
     ap.add_argument("--log-level", default=os.environ.get("CRIV_VSOCK_LOG", "INFO"))
     return ap
@@ -166,11 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        stream=sys.stderr,
-        format=f"criv-vsock[{os.getpid()}] cid={args.guest_cid} %(levelname)s %(message)s",
+    handler = CappedStreamHandler(sys.stderr, args.log_max_bytes)
+    handler.setFormatter(
+        logging.Formatter(
+            f"criv-vsock[{os.getpid()}] cid={args.guest_cid} %(levelname)s %(message)s"
+        )
     )
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
     if args.guest_cid < 3 or args.guest_cid >= 0xFFFFFFFF:
         log.error("guest CID must be >= 3")
         return 2

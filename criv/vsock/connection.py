@@ -62,6 +62,10 @@ class Connection:
         self.timer: int | None = None
         self.on_read: Callable[[], None] | None = None
         self.on_write: Callable[[], None] | None = None
+        # owned by the stall monitor (criv.vsock.health)
+        self.progress: tuple[int, int, int] = (0, 0, 0)
+        self.progress_at = 0.0
+        self.stalled = False
 
     @property
     def key(self) -> tuple[int, int]:
@@ -84,7 +88,8 @@ class Connection:
 
     # -- receiving from the guest ----------------------------------------------------
     def on_received(self, n: int) -> bool:
-        """Account ``n`` payload bytes from the guest; False if the guest overran our credit."""
+        """Account ``n`` payload bytes from the guest; False if the guest overran our credit
+        (it may have at most ``buf_alloc`` bytes not yet forwarded to the host socket)."""
         self.rx_cnt += n
         return self.rx_cnt - self.fwd_cnt <= self.buf_alloc
 
@@ -121,6 +126,16 @@ class Connection:
             and not self.host_eof
             and not self.peer_shutdown & P.SHUTDOWN_RCV
             and self.peer_credit() > 0
+        )
+
+    def counters(self) -> str:
+        """Every credit counter, for stall and overrun reports."""
+        return (
+            f"buf_alloc={self.buf_alloc} fwd_cnt={self.fwd_cnt} rx_cnt={self.rx_cnt}"
+            f" tx_cnt={self.tx_cnt} peer_buf_alloc={self.peer_buf_alloc}"
+            f" peer_fwd_cnt={self.peer_fwd_cnt} credit={self.peer_credit()}"
+            f" credit_requested={self.credit_requested} pending={len(self.pending)}"
+            f" peer_shutdown={self.peer_shutdown} host_eof={self.host_eof}"
         )
 
     def __repr__(self) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import IO
 
 from criv.vsock.connector import HybridVsockConnector
+from criv.vsock.logcap import DEFAULT_LOG_MAX_BYTES
 
 _PKG_ROOT = str(Path(__file__).resolve().parents[2])
 
@@ -31,6 +32,7 @@ class VsockBackendProcess:
         status_file: str | None = None,
         log_path: str | None = None,
         log_level: str = "INFO",
+        log_max_bytes: int = DEFAULT_LOG_MAX_BYTES,
     ) -> None:
         self.socket_path = socket_path
         self.uds_path = uds_path
@@ -39,6 +41,7 @@ class VsockBackendProcess:
         self.status_file = status_file
         self.log_path = log_path
         self.log_level = log_level
+        self.log_max_bytes = log_max_bytes  # the backend keeps its log file under this
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
@@ -55,6 +58,8 @@ class VsockBackendProcess:
             str(self.guest_cid),
             "--log-level",
             self.log_level,
+            "--log-max-bytes",
+            str(self.log_max_bytes),
         ]
         for p in self.listen_ports:
             argv += ["--listen-port", str(p)]

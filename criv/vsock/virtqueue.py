@@ -31,7 +31,6 @@ DESC_F_NEXT = 1
 DESC_F_WRITE = 2
 DESC_F_INDIRECT = 4
 AVAIL_F_NO_INTERRUPT = 1
-USED_F_NO_NOTIFY = 1
 MAX_QUEUE_SIZE = 32768
 
 
@@ -39,9 +38,9 @@ _fence_lock = threading.Lock()
 
 
 def fence() -> None:
-    """Full memory barrier.  The device's "write used idx, then read avail flags" (and "clear
-    NO_NOTIFY, then read avail idx") is a store followed by a load, which x86 may reorder; a
-    locked instruction (taking a lock) orders them, as the driver's virtio_mb() does."""
+    """Full memory barrier.  The device's "write used idx, then read avail flags" is a store
+    followed by a load, which x86 may reorder; a locked instruction (taking a lock) orders
+    them, as the driver's virtio_mb() does."""
     _fence_lock.acquire()
     _fence_lock.release()
 
@@ -147,9 +146,3 @@ class VirtQueue:
     def needs_interrupt(self) -> bool:
         fence()
         return not self._avail16[0] & AVAIL_F_NO_INTERRUPT
-
-    def set_notify(self, enabled: bool) -> None:
-        """Ask the driver to kick (or not) when it adds buffers (VRING_USED_F_NO_NOTIFY)."""
-        self._used16[0] = 0 if enabled else USED_F_NO_NOTIFY
-        if enabled:
-            fence()

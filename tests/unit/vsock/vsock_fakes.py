@@ -1,9 +1,15 @@
-"""A fake guest driver for split virtqueues over a bytearray "guest memory"."""
+"""A fake guest driver for split virtqueues over a bytearray "guest memory", and a fake guest
+(both rings and the device) built on it."""
 
 from __future__ import annotations
 
+import socket
 import struct
+from pathlib import Path
 
+from criv.vsock import packet as P
+from criv.vsock.device import RX, TX, VsockDevice
+from criv.vsock.eventloop import Loop
 from criv.vsock.memory import MemoryMap
 from criv.vsock.virtqueue import DESC, DESC_F_NEXT, DESC_F_WRITE, VirtQueue
 
@@ -101,3 +107,90 @@ class FakeDriver:
                 d = DESC.unpack(self.mem.read(self.desc + 16 * i, 16))
                 i = d[3]
         return out
+
+
+CID = 3
+GUEST_PORT = 1234
+
+
+class Guest:
+    """A guest driver's side of the whole device: rx/tx rings on fake memory, packets in and
+    out, and the device's own event loop."""
+
+    def __init__(self, tmp: Path, **device_args: int) -> None:
+        self.mem = GuestMemory()
+        self.rx = FakeDriver(self.mem, num=64)
+        self.tx = FakeDriver(self.mem, num=64)
+        self.loop = Loop()
+        self.uds = str(tmp / "h.sock")
+        args = {"buf_alloc": 64 * 1024, **device_args}
+        self.dev = VsockDevice(self.loop, CID, self.uds, **args)
+        self.fill_rx(16)
+        self.dev.start_queue(RX, self.rx.device_queue())
+        self.dev.start_queue(TX, self.tx.device_queue())
+        self.fwd_cnt = 0
+
+    def fill_rx(self, n: int) -> None:
+        for _ in range(n):
+            self.rx.add([P.HDR_SIZE, 4096])  # like Linux 6.1: header + 4 KiB buffer
+
+    def send(
+        self,
+        op: int,
+        *,
+        port: int = 77,
+        payload: bytes = b"",
+        flags: int = 0,
+        buf_alloc: int = 256 * 1024,
+        src_cid: int = CID,
+        length: int | None = None,
+    ) -> None:
+        hdr = P.Header(
+            src_cid,
+            P.HOST_CID,
+            GUEST_PORT,
+            port,
+            len(payload) if length is None else length,
+            P.TYPE_STREAM,
+            op,
+            flags,
+            buf_alloc,
+            self.fwd_cnt,
+        )
+        self.tx.add([hdr.pack(), payload] if payload else [hdr.pack()])
+        self.dev.kick(TX)
+        self.tx.take_used()  # the device is done with it: recycle the descriptors
+
+    def recv(self) -> list[tuple[P.Header, bytes]]:
+        self.dev.kick(RX)
+        out = []
+        for _head, n, data in self.rx.take_used():
+            hdr = P.Header.unpack(data)
+            out.append((hdr, data[P.HDR_SIZE : n]))
+            self.fwd_cnt += hdr.len if hdr.op == P.OP_RW else 0
+        self.fill_rx(len(out))
+        return out
+
+    def spin(self, n: int = 5) -> None:
+        for _ in range(n):
+            self.loop.run_once(0.01)
+
+
+def listen(g: Guest, port: int) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(f"{g.uds}_{port}")
+    s.listen(4)
+    s.settimeout(5)
+    return s
+
+
+def connect(g: Guest, buf_alloc: int = 256 * 1024, port: int = 77) -> socket.socket:
+    """A guest connection to host port ``port``; returns the host end."""
+    ls = listen(g, port)
+    g.send(P.OP_REQUEST, buf_alloc=buf_alloc, port=port)
+    ((hdr, _),) = g.recv()
+    assert hdr.op == P.OP_RESPONSE and hdr.dst_port == GUEST_PORT and hdr.src_port == port
+    c, _ = ls.accept()
+    ls.close()
+    c.settimeout(5)
+    return c
