@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.vm.vsock.vsockvm import GUEST_PORT, VM
+from tests.support.leaks import Snapshot, check_no_leaks
+from tests.vm.vsock.vsockvm import VM, SharedVM
 
 ROOT = Path(__file__).resolve().parents[3]
 BUILD = ROOT / "images" / "test-vsock" / "build.py"
@@ -47,11 +48,30 @@ def make_vm(guest_image: Path, tmp_path: Path) -> Iterator[Callable[..., VM]]:
 
 
 @pytest.fixture(scope="module")
-def vm(guest_image: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VM]:
-    d = tmp_path_factory.mktemp("vsockvm")
-    v = VM(guest_image, d, listen_ports=[GUEST_PORT])
+def shared_vm(guest_image: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedVM]:
+    shared = SharedVM(guest_image, tmp_path_factory.mktemp("vsockvm"))
     try:
-        v.start()
-        yield v
+        yield shared
     finally:
-        v.stop()
+        shared.stop()
+
+
+@pytest.fixture
+def vm(shared_vm: SharedVM) -> VM:
+    """The module's VM, known to answer (replaced first if a test before broke it)."""
+    return shared_vm.healthy()
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
+    """The root conftest's leak check, with its snapshot taken once the shared VM is known
+    healthy: a VM replaced for a test belongs to the module, not to that test."""
+    if "vm" in request.fixturenames:
+        request.getfixturevalue("vm")
+    scope = str(tmp_path_factory.getbasetemp())
+    before = Snapshot.take(scope)
+    yield
+    leaks = check_no_leaks(before, scope)
+    assert not leaks, "leaked after test:\n  " + "\n  ".join(leaks)

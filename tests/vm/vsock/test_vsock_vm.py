@@ -29,6 +29,7 @@ from tests.vm.vsock.vsockvm import GUEST_PORT, VM, read_line, recv_all, stream_b
 pytestmark = pytest.mark.vm
 
 MiB = 1 << 20
+STALL_REPORT = b": stalled "  # criv.vsock.health's report
 
 
 def send_then_eof(s: socket.socket, data: bytes) -> threading.Thread:
@@ -158,19 +159,41 @@ def test_64_concurrent_streams(vm: VM) -> None:
     assert not errors, errors
 
 
+def no_stall(vm: VM, what: str, step: Callable[[], None]) -> None:
+    """Run ``step``; a stream that stops moving fails with the backend's counters and logs
+    (its own stall report included), not a bare timeout."""
+    try:
+        step()
+    except TimeoutError:
+        pytest.fail(f"{what} stalled:\n{vm.diagnose()}")
+
+
 @pytest.mark.timeout(300)
 def test_256mib_each_way_sha256(vm: VM) -> None:
     n = 256 * MiB
+    log = vm.dir / "backend.log"
+    log_start = log.stat().st_size
     # host -> guest: the guest hashes what it received
-    s = vm.connect("SINK", timeout=240)
+    s = vm.connect("SINK", timeout=60)
     h = hashlib.sha256()
     t0 = time.monotonic()
-    for blk in stream_blocks(n, 11):
-        s.sendall(blk)
-        h.update(blk)
-    s.shutdown(socket.SHUT_WR)
-    count, digest = read_line(s).split()
-    up = n / (time.monotonic() - t0) / 1e6
+
+    def up() -> None:
+        for blk in stream_blocks(n, 11):
+            s.sendall(blk)
+            h.update(blk)
+        s.shutdown(socket.SHUT_WR)
+
+    no_stall(vm, "host -> guest", up)
+    line = b""
+
+    def answer() -> None:
+        nonlocal line
+        line = read_line(s)
+
+    no_stall(vm, "the guest's answer", answer)
+    count, digest = line.split()
+    up_mbs = n / (time.monotonic() - t0) / 1e6
     s.close()
     assert int(count) == n
     assert digest.decode() == h.hexdigest()
@@ -178,21 +201,61 @@ def test_256mib_each_way_sha256(vm: VM) -> None:
     expect = hashlib.sha256()
     for blk in stream_blocks(n, 12):
         expect.update(blk)
-    s = vm.connect(f"SOURCE {n} 12", timeout=240)
+    s = vm.connect(f"SOURCE {n} 12", timeout=60)
     got = hashlib.sha256()
     total = 0
     buf = bytearray(MiB)
     t0 = time.monotonic()
-    while k := s.recv_into(buf):
-        got.update(memoryview(buf)[:k])
-        total += k
-    down = n / (time.monotonic() - t0) / 1e6
+
+    def down() -> None:
+        nonlocal total
+        while k := s.recv_into(buf):
+            got.update(memoryview(buf)[:k])
+            total += k
+
+    no_stall(vm, "guest -> host", down)
+    down_mbs = n / (time.monotonic() - t0) / 1e6
     s.close()
     assert total == n
     assert got.hexdigest() == expect.hexdigest()
+    assert STALL_REPORT not in log.read_bytes()[log_start:]
     print(
-        f"\n256 MiB host->guest {up:.0f} MB/s (guest sha256 under TCG), guest->host {down:.0f} MB/s"
+        f"\n256 MiB host->guest {up_mbs:.0f} MB/s (guest sha256 under TCG),"
+        f" guest->host {down_mbs:.0f} MB/s"
     )
+
+
+def wait_for_log(vm: VM, start: int, marker: bytes, timeout: float = 60) -> bytes:
+    """The first backend log line after byte ``start`` holding ``marker``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for line in (vm.dir / "backend.log").read_bytes()[start:].splitlines():
+            if marker in line:
+                return line
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {marker!r} in the backend log:\n{vm.logs()}")
+        time.sleep(0.5)
+
+
+@pytest.mark.timeout(120)
+def test_stalled_stream_is_reported(vm: VM) -> None:
+    """Nobody reads the echo: both directions fill up and stop.  The backend says so, with
+    the credit counters, and says so again when the stream moves."""
+    start = (vm.dir / "backend.log").stat().st_size
+    s = vm.connect("ECHO", timeout=60)
+    data = os.urandom(4 * MiB)
+    t = send_then_eof(s, data)
+    report = wait_for_log(vm, start, STALL_REPORT)
+    for counter in (b"buf_alloc=", b"fwd_cnt=", b"tx_cnt=", b"peer_buf_alloc=", b"peer_fwd_cnt="):
+        assert counter in report
+    got = bytearray()
+    while len(got) < MiB:
+        got += s.recv(MiB)
+    wait_for_log(vm, start, b"moving again")
+    got += recv_all(s)
+    assert got == data
+    t.join()
+    s.close()
 
 
 @pytest.mark.timeout(60)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import socket
 import struct
 import subprocess
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -145,6 +147,25 @@ class VM:
                 raise TimeoutError(f"guest not reachable on vsock: {self.logs()}")
             time.sleep(0.2)
 
+    def answers(self, timeout: float = 10.0) -> bool:
+        """Does the guest still echo over vsock?"""
+        try:
+            s = self.connect("ECHO", timeout=timeout)
+            try:
+                s.sendall(b"ping")
+                return s.recv(4) == b"ping"
+            finally:
+                s.close()
+        except OSError:  # VsockError, timeouts, resets
+            return False
+
+    def diagnose(self) -> str:
+        """The backend's state dump (credit counters, rings) and every log, for a failure."""
+        if self.backend.alive() and self.backend.pid is not None:
+            os.kill(self.backend.pid, signal.SIGUSR1)
+            time.sleep(0.5)
+        return self.logs()
+
     def logs(self) -> str:
         parts = []
         for name in ("console.log", "backend.log", "qemu.log"):
@@ -170,6 +191,34 @@ class VM:
             self._qlog.close()
             self._qlog = None
         self.backend.stop()
+
+
+class SharedVM:
+    """One VM for a module's tests, checked before each test and replaced when its vsock no
+    longer answers, so a test that breaks it does not fail the tests after it."""
+
+    def __init__(self, image: Path, root: Path) -> None:
+        self.image = image
+        self.root = root
+        self.vm: VM | None = None
+        self.started = 0
+
+    def healthy(self) -> VM:
+        if self.vm is not None:
+            if self.vm.answers():
+                return self.vm
+            report = self.vm.diagnose()[-4000:]
+            warnings.warn(f"vsock test VM stopped answering, replaced:\n{report}", stacklevel=2)
+            self.vm.stop()
+        d = self.root / f"vm{self.started}"
+        d.mkdir()
+        self.started += 1
+        self.vm = VM(self.image, d, listen_ports=[GUEST_PORT]).start()
+        return self.vm
+
+    def stop(self) -> None:
+        if self.vm is not None:
+            self.vm.stop()
 
 
 def read_line(s: socket.socket) -> bytes:
