@@ -28,7 +28,7 @@ def _size(n: int) -> str:
 
 
 def pull(socket: Path, ref: str, timeout: float, console: Console | None = None) -> int:
-    console = console or Console(highlight=False)
+    console = console or Console(highlight=False, soft_wrap=True)
     channel = grpc.insecure_channel(f"unix:{socket}")
     try:
         try:

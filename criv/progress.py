@@ -96,7 +96,7 @@ class BuildProgress:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._cache_root = cache_root
-        self._console = console or Console(highlight=False)
+        self._console = console or Console(highlight=False, soft_wrap=True)
         self._clock = clock
         self._previous = load_timings(cache_root)
         self._builds = {p: True for p in PHASES} | (expected or {})

@@ -6,6 +6,7 @@ import io
 import json
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 
 from criv.progress import TIMINGS_FILE, BuildProgress, fmt_duration, load_timings
@@ -143,3 +144,14 @@ def test_fmt_duration() -> None:
     assert fmt_duration(4.4) == "4s"
     assert fmt_duration(65) == "1m05s"
     assert fmt_duration(3 * 3600 + 120) == "3h02m"
+
+
+def test_plain_lines_are_not_wrapped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Logs keep each builder line whole, whatever width rich assumes off a TTY."""
+    monkeypatch.setenv("COLUMNS", "40")
+    long = "rootfs: debootstrap bookworm minbase from http://deb.debian.org/debian (+python3)"
+    with BuildProgress(tmp_path, clock=Clock()) as bp:  # the default console: stdout
+        bp(long)
+    assert f"] {long}\n" in capsys.readouterr().out
