@@ -1,5 +1,5 @@
-"""The `criv` command line: serve, config, doctor, image build / pull, kubelet-config,
-version."""
+"""The `criv` command line: serve (or --daemon) / stop, config, doctor, image build / pull,
+kubelet-config, version."""
 
 from __future__ import annotations
 
@@ -21,12 +21,33 @@ def _load(path: str | None) -> Config:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    on_ready = None
+    if args.daemon:
+        from criv import service
+
+        # fork before the daemon's imports start any thread
+        detached = service.daemonize(
+            Path(args.pid_file) if args.pid_file else service.default_pid_file(cfg),
+            Path(args.log_file) if args.log_file else service.DEFAULT_LOG_FILE,
+        )
+        if detached.exit_code is not None:
+            return detached.exit_code
+        on_ready = detached.ready
     from criv.daemon import Daemon  # heavy imports only for the daemon
 
-    cfg = _load(args.config)
     setup_logging(cfg.log)
-    asyncio.run(Daemon(cfg).run())
+    asyncio.run(Daemon(cfg, on_ready).run())
     return 0
+
+
+def _stop(args: argparse.Namespace) -> int:
+    from criv import service
+
+    pid_file = (
+        Path(args.pid_file) if args.pid_file else service.default_pid_file(_load(args.config))
+    )
+    return service.stop(pid_file, args.timeout)
 
 
 def _kubelet_config(args: argparse.Namespace) -> int:
@@ -89,9 +110,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--version", action="version", version=f"criv {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("serve", help="run the CRI daemon in the foreground")
+    p = sub.add_parser("serve", help="run the CRI daemon (in the foreground by default)")
     p.add_argument("--config", help="config file (default /etc/criv/config.yaml)")
+    p.add_argument(
+        "--daemon",
+        action="store_true",
+        help="detach (where no systemd runs criv); returns once the socket is served",
+    )
+    p.add_argument("--pid-file", help="with --daemon (default <run_dir>/criv.pid)")
+    p.add_argument("--log-file", help="with --daemon (default /var/log/criv.log)")
     p.set_defaults(func=_serve)
+
+    p = sub.add_parser("stop", help="stop a `criv serve --daemon` (SIGTERM, wait)")
+    p.add_argument("--config", help="config file (default /etc/criv/config.yaml)")
+    p.add_argument("--pid-file", help="default <run_dir>/criv.pid")
+    p.add_argument("--timeout", type=float, default=90.0, help="seconds to wait (default 90)")
+    p.set_defaults(func=_stop)
 
     p = sub.add_parser(
         "kubelet-config", help="kubelet flags and RuntimeClass YAML for this configuration"

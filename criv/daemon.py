@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import tempfile
+from collections.abc import Callable
 from contextlib import ExitStack, suppress
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from criv.metrics import MetricsServer
 from criv.ops.metricsource import sandbox_snapshot
 from criv.sandbox.manager import SandboxManager
 from criv.sandbox.streams import SandboxStreamLink
+from criv.sdnotify import Notifier
 from criv.state.runtime_state import RuntimeState
 from criv.streaming.agent_backend import AgentStreamingBackend
 from criv.streaming.server import StreamingServer
@@ -77,10 +79,13 @@ def listen_unix(server: grpc.aio.Server, sock: Path) -> None:
 
 
 class Daemon:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, on_ready: Callable[[], None] | None = None) -> None:
         self.config = config
         self.socket_path = config.socket_path
         self._stop = asyncio.Event()
+        # `criv serve --daemon` tells its waiting parent; systemd hears READY=1 either way
+        self._on_ready = on_ready
+        self._systemd = Notifier.from_environ()
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -148,6 +153,10 @@ class Daemon:
         listen_unix(server, sock)
         await server.start()
         log.info("criv %s serving CRI v1 on unix://%s", __version__, sock)
+        # ready = pods re-adopted and the socket served, so kubelet (ordered after) finds both
+        self._systemd.notify("READY=1", f"STATUS=serving CRI v1 on unix://{sock}")
+        if self._on_ready is not None:
+            self._on_ready()
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -155,6 +164,7 @@ class Daemon:
         try:
             await self._stop.wait()
             log.info("shutting down: letting in-flight calls finish")
+            self._systemd.notify("STOPPING=1")
             sandboxes.end_event_streams()  # kubelet's GetContainerEvents never ends itself
             await server.stop(SHUTDOWN_GRACE_SECONDS)
         finally:
