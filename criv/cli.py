@@ -14,6 +14,7 @@ from criv import __version__
 from criv.config import Config, load_config
 from criv.errors import CrivError
 from criv.logsetup import setup_logging
+from criv.ops.cli import register as register_ops
 
 
 def _load(path: str | None) -> Config:
@@ -169,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="config file (default /etc/criv/config.yaml)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds (default 600)")
     p.set_defaults(func=_image_pull)
+
+    register_ops(sub)  # pods, containers, inspect, console, debug: criv/ops/cli.py
 
     args = ap.parse_args(argv)
     try:
