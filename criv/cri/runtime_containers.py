@@ -21,6 +21,12 @@ _EVENT_TYPES = {
 }
 
 
+# The longest grace period StopContainer passes on (68 years: forever). A longer one
+# (Kubernetes allows any int64) would overflow the gRPC deadline of the agent call,
+# which then fails at once with DEADLINE_EXCEEDED and stops nothing.
+STOP_TIMEOUT_MAX = 2**31 - 1
+
+
 class ContainerRpcs:
     _sandboxes: SandboxManager
 
@@ -46,7 +52,8 @@ class ContainerRpcs:
     async def StopContainer(
         self, request: api_pb2.StopContainerRequest, context: grpc.aio.ServicerContext
     ) -> api_pb2.StopContainerResponse:
-        await self._sandboxes.stop_container(request.container_id, int(request.timeout))
+        timeout = min(int(request.timeout), STOP_TIMEOUT_MAX)
+        await self._sandboxes.stop_container(request.container_id, timeout)
         return api_pb2.StopContainerResponse()
 
     async def RemoveContainer(

@@ -21,6 +21,9 @@ _SLICE_RE = re.compile(r"^[^/]+\.slice$")
 CPU_PERIOD_RANGE = (1000, 1_000_000)
 CPU_QUOTA_RANGE = (1000, 2**44 - 1)
 CPU_SHARES_RANGE = (2, 262_144)
+# The smallest memory limit a container gets (Docker's): below it the container's own
+# start (crun's init) is OOM-killed, and a running container's update is refused (EBUSY).
+MEMORY_MIN = 6 * 1024 * 1024
 ID_MAX = 2**32 - 2  # uid_t/gid_t; -1 is "unchanged" to the kernel
 _MODES = frozenset(api_pb2.NamespaceMode.values())
 _PROFILE_TYPES = frozenset(api_pb2.SecurityProfile.ProfileType.values())
@@ -42,13 +45,18 @@ def _in_range(value: int, lo: int, hi: int, path: str, unset: tuple[int, ...] = 
         raise fail(path, f"{value} is out of range ({allowed} or {lo}..{hi})")
 
 
-def check_resources(r: api_pb2.LinuxContainerResources, path: str) -> None:
+def check_resources(
+    r: api_pb2.LinuxContainerResources, path: str, memory_min: int = MEMORY_MIN
+) -> None:
     _in_range(r.cpu_period, *CPU_PERIOD_RANGE, f"{path}.cpu_period")
     _in_range(r.cpu_quota, *CPU_QUOTA_RANGE, f"{path}.cpu_quota", unset=(0, -1))
     _in_range(r.cpu_shares, *CPU_SHARES_RANGE, f"{path}.cpu_shares")
     _in_range(r.oom_score_adj, -1000, 1000, f"{path}.oom_score_adj")
-    if r.memory_limit_in_bytes < 0:
-        raise fail(f"{path}.memory_limit_in_bytes", f"{r.memory_limit_in_bytes} is negative")
+    if r.memory_limit_in_bytes and not memory_min <= r.memory_limit_in_bytes:
+        raise fail(
+            f"{path}.memory_limit_in_bytes",
+            f"{r.memory_limit_in_bytes} is below the minimum {memory_min} (0: unset)",
+        )
     swap, memory = r.memory_swap_limit_in_bytes, r.memory_limit_in_bytes
     # the kernel takes a memory+swap limit only at or above the memory limit
     if swap < -1 or 0 < swap < memory:
@@ -137,5 +145,5 @@ def check_pod_linux(linux: api_pb2.LinuxPodSandboxConfig, path: str) -> None:
         if "\n" in value:
             raise fail(f"{path}.sysctls[{show(key)}]", "is more than one line")
     _check_ids(linux.security_context, f"{path}.security_context")
-    check_resources(linux.overhead, f"{path}.overhead")
+    check_resources(linux.overhead, f"{path}.overhead", memory_min=0)  # an addition
     check_resources(linux.resources, f"{path}.resources")

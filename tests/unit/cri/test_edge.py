@@ -15,6 +15,8 @@ import pytest
 from criv import daemon
 from criv.agent import client as agent_client
 from criv.agent.client import CALL_TIMEOUT, EXEC_SYNC_MAX_WAIT, AgentClient
+from criv.cri.runtime_containers import STOP_TIMEOUT_MAX
+from criv.cri.runtime_service import RuntimeService
 from criv.cri.wire import ErrorInterceptor
 from criv_agent.api.agent.v1 import agent_pb2
 from criv_agent.api.runtime.v1 import api_pb2, api_pb2_grpc
@@ -115,3 +117,20 @@ async def test_request_that_does_not_parse_is_invalid_argument(data: bytes) -> N
             assert ok == b""  # a request that parses still reaches the servicer
     finally:
         await server.stop(None)
+
+
+class _Stopper:
+    def __init__(self) -> None:
+        self.timeouts: list[int] = []
+
+    async def stop_container(self, cid: str, timeout: int) -> None:
+        self.timeouts.append(timeout)
+
+
+async def test_stop_container_grace_period_is_clamped_below_grpc_deadline_overflow() -> None:
+    me = type("Me", (), {"_sandboxes": _Stopper()})()
+    for t in (0, 30, 10**10, 2**63 - 1):
+        req = api_pb2.StopContainerRequest(container_id="c", timeout=t)
+        await RuntimeService.StopContainer(me, req, None)  # type: ignore[arg-type]
+    assert me._sandboxes.timeouts == [0, 30, STOP_TIMEOUT_MAX, STOP_TIMEOUT_MAX]
+    assert STOP_TIMEOUT_MAX + CALL_TIMEOUT < 2**32  # what a gRPC deadline still takes

@@ -45,6 +45,7 @@ def kubelet_pod() -> api_pb2.RunPodSandboxRequest:
     linux.resources.cpu_quota = 50000
     linux.resources.memory_limit_in_bytes = 256 << 20
     linux.overhead.cpu_shares = 25
+    linux.overhead.memory_limit_in_bytes = 1 << 20  # an addition: no minimum
     return api_pb2.RunPodSandboxRequest(config=cfg)
 
 
@@ -208,6 +209,9 @@ BAD = [
     (ctr(f"{RES}.cpu_shares", 1), "resources.cpu_shares:"),
     (ctr(f"{RES}.oom_score_adj", 1001), "resources.oom_score_adj:"),
     (ctr(f"{RES}.memory_limit_in_bytes", -1), "resources.memory_limit_in_bytes:"),
+    (ctr(f"{RES}.memory_limit_in_bytes", 1), "resources.memory_limit_in_bytes:"),
+    (pod(f"{RES}.memory_limit_in_bytes", 4096), "config.linux.resources.memory_limit_in_bytes:"),
+    (pod("linux.overhead.memory_limit_in_bytes", -1), "overhead.memory_limit_in_bytes:"),
     (ctr(f"{RES}.memory_swap_limit_in_bytes", 1), "resources.memory_swap_limit_in_bytes:"),
     (ctr(f"{RES}.cpuset_cpus", "日本"), "resources.cpuset_cpus:"),
     (ctr(f"{RES}.cpuset_mems", "0,"), "resources.cpuset_mems:"),
