@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import grpc
 
-
 # A status message rides in a gRPC trailer (percent-encoded, 8 KiB by default on the
 # client) and in criv's log; one that quotes a huge request value is clipped.
 MAX_MESSAGE_BYTES = 1024
