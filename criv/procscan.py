@@ -34,16 +34,18 @@ def same_process(pid: int, start_time: int | None) -> bool:
     return pid > 0 and bool(start_time) and process_start_time(pid) == start_time
 
 
+def _other_pids() -> list[int]:
+    me = os.getpid()
+    return [int(d.name) for d in PROC.iterdir() if d.name.isdigit() and int(d.name) != me]
+
+
 def find_processes(match: Callable[[list[bytes]], bool]) -> list[int]:
     """Pids whose argv (split on NUL) ``match`` accepts; never criv itself."""
-    me = os.getpid()
     found = []
-    for d in PROC.iterdir():
-        if not d.name.isdigit() or int(d.name) == me:
-            continue
+    for pid in _other_pids():
         with contextlib.suppress(OSError):
-            if match((d / "cmdline").read_bytes().split(b"\0")):
-                found.append(int(d.name))
+            if match((PROC / str(pid) / "cmdline").read_bytes().split(b"\0")):
+                found.append(pid)
     return found
 
 
@@ -53,14 +55,11 @@ def processes_in_netns(netns: str) -> list[int]:
         ino = os.stat(netns).st_ino
     except OSError:
         return []
-    me = os.getpid()
     found = []
-    for d in PROC.iterdir():
-        if not d.name.isdigit() or int(d.name) == me:
-            continue
+    for pid in _other_pids():
         with contextlib.suppress(OSError):
-            if os.stat(d / "ns" / "net").st_ino == ino:
-                found.append(int(d.name))
+            if os.stat(PROC / str(pid) / "ns" / "net").st_ino == ino:
+                found.append(pid)
     return found
 
 
