@@ -65,7 +65,7 @@ def _kubelet_config(args: argparse.Namespace) -> int:
 
 
 def _image_pull(args: argparse.Namespace) -> int:
-    from criv.imagepull import pull
+    from criv.cri.imagepull import pull
 
     return pull(_load(args.config).socket_path, args.ref, args.timeout)
 

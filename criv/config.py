@@ -157,8 +157,10 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def validate(self, key: str) -> None:
-        for name in ("socket", "state_dir", "run_dir"):
-            if not Path(getattr(self, name)).is_absolute():
+        paths = {"socket": self.socket_path, "state_dir": Path(self.state_dir)}
+        paths["run_dir"] = Path(self.run_dir)
+        for name, path in paths.items():
+            if not path.is_absolute():
                 raise ConfigError(name, "must be an absolute path")
 
     def public_dict(self) -> dict[str, Any]:

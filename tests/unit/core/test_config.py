@@ -72,3 +72,12 @@ def test_invalid_yaml_is_a_config_error() -> None:
 def test_explicit_missing_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_socket_takes_the_unix_prefix_the_docs_promise() -> None:
+    from criv.config import Config
+    from criv.errors import ConfigError
+
+    Config(socket="unix:///run/criv/criv.sock").validate("")
+    with pytest.raises(ConfigError, match="socket"):
+        Config(socket="unix://run/criv.sock").validate("")
