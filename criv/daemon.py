@@ -26,7 +26,7 @@ from criv.config import Config
 from criv.cri.image_service import ImageService
 from criv.cri.runtime_service import RuntimeService
 from criv.cri.wire import ErrorInterceptor
-from criv.errors import FailedPrecondition
+from criv.errors import ConfigError, FailedPrecondition
 from criv.image.manager import ImageManager
 from criv.metrics import MetricsServer
 from criv.ops.metricsource import sandbox_snapshot
@@ -113,8 +113,12 @@ class Daemon:
                 await streaming.start()
                 if cfg.metrics.address:
                     loop = asyncio.get_running_loop()
-                    metrics = MetricsServer(cfg.metrics.address, sandbox_snapshot(sandboxes, loop))
-                    await asyncio.to_thread(metrics.start)
+                    server = MetricsServer(cfg.metrics.address, sandbox_snapshot(sandboxes, loop))
+                    try:
+                        await asyncio.to_thread(server.start)
+                    except OSError as e:  # the port is taken, or the address is not ours
+                        raise ConfigError("metrics.address", f"cannot listen there: {e}") from e
+                    metrics = server
                 await self._serve(runtime_state, images, sandboxes, StreamingService(streaming))
             finally:
                 if metrics is not None:
