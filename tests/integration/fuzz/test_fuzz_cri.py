@@ -29,7 +29,8 @@ from google.protobuf import text_format
 from google.protobuf.message import Message
 
 from criv_agent.api.runtime.v1 import api_pb2, api_pb2_grpc
-from tests.integration.fuzz.gen import TERM_TRAP, Generator, Pools, unary_rpcs
+from tests.integration.fuzz.gen import Generator, unary_rpcs
+from tests.integration.fuzz.harmless import TERM_TRAP, Pools
 from tests.support.cri import Cri
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
