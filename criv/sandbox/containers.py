@@ -17,6 +17,7 @@ import secrets
 import time
 from pathlib import Path
 
+from criv import failpoints
 from criv.agent.client import AgentClient
 from criv.agent.types import CreateContainerArgs, ExecResult, MountSpec
 from criv.errors import AgentError, CrivError, DeadlineExceeded, FailedPrecondition, NotFound
@@ -102,6 +103,7 @@ class ContainerService:
         # alone. A crash before the record is written leaves a lease with no container,
         # which recovery releases.
         image = await ctx.images.acquire(spec.image, cid)
+        failpoints.hit("create_container.after_lease")
         iso = ctx.isolation(pod)
         paths = ctx.paths(pod.id)
         cdir = ctx.container_dir(pod.id, cid)
@@ -128,10 +130,13 @@ class ContainerService:
                 raise NotFound(f"pod sandbox {pod.id[:12]} was removed")
             await ctx.containers.add(rec)
             try:
+                failpoints.hit("create_container.after_record")
                 # the writable layer goes in the pod's scratch fs (made at its first
                 # container: the bound on its disk use), if there is one
                 writable = await self._scratch.prepare(paths.state, cid) or cdir
+                failpoints.hit("create_container.after_scratch")
                 rootfs = await self._rootfs.mount(list(image.layer_dirs), cdir, writable)
+                failpoints.hit("create_container.after_rootfs")
                 if rec.log_path:
                     await asyncio.to_thread(
                         Path(rec.log_path).parent.mkdir, parents=True, exist_ok=True
@@ -153,7 +158,9 @@ class ContainerService:
                     rootfs=await iso.share(paths, cid, rootfs, "rootfs", False),
                     mounts=mounts,
                 )
+                failpoints.hit("create_container.after_share")
                 info = await client.create_container(args)
+                failpoints.hit("create_container.after_agent")
             except BaseException:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self._undo_create(rec))
@@ -196,7 +203,9 @@ class ContainerService:
             if client is None or pod.state is not PodState.READY:
                 raise FailedPrecondition(f"pod sandbox {pod.id[:12]} is not ready")
             info = await client.start_container(c.id)
+            failpoints.hit("start_container.after_agent")
             c = await apply_info(ctx, c.id, info) or c
+            failpoints.hit("start_container.after_record")
             self._logs.start(pod, c)
 
     # -- stop / remove ---------------------------------------------------------------

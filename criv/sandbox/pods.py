@@ -16,7 +16,7 @@ import logging
 import secrets
 import time
 
-from criv import metrics
+from criv import failpoints, metrics
 from criv.errors import (
     AlreadyExists,
     CrivError,
@@ -165,8 +165,10 @@ class PodService:
         pod = ctx.pods.must(pod_id)
         iso = ctx.isolation(pod)
         paths = ctx.paths(pod_id)
+        failpoints.hit("run_pod.after_record")
         if not pod.host_network:
             att = await self._network.attach(pod)
+            failpoints.hit("run_pod.after_cni_add")
             pod = await ctx.pods.update(
                 pod_id,
                 lambda r: dataclasses.replace(
@@ -174,10 +176,14 @@ class PodService:
                     network_ready=True,
                 ),
             )  # fmt: skip
+        failpoints.hit("run_pod.after_network")
         state = await iso.boot(pod, paths)
+        failpoints.hit("run_pod.after_boot")
         pod = await ctx.pods.update(pod_id, lambda r: dataclasses.replace(r, isolation_state=state))
+        failpoints.hit("run_pod.after_boot_recorded")
         client = await iso.connect(pod, paths, AGENT_CONNECT_TIMEOUT)
         ctx.runtime(pod_id).client = client
+        failpoints.hit("run_pod.after_connect")
         await client.setup_sandbox(
             pod_id,
             pod.config,
@@ -185,7 +191,9 @@ class PodService:
             list(pod.ips),
             iso.guest_network(pod),
         )
+        failpoints.hit("run_pod.after_setup")
         await ctx.pods.update(pod_id, lambda r: dataclasses.replace(r, state=PodState.READY))
+        failpoints.hit("run_pod.after_ready")
         self._watcher.start(pod_id)
         return pod_id
 
@@ -201,11 +209,14 @@ class PodService:
             if pod is None:
                 return
             await self._stop_containers(pod)
+            failpoints.hit("stop_pod.after_containers")
             await self._cleanup.stop_agent(pod, graceful=True)
+            failpoints.hit("stop_pod.after_agent")
             if pod.state is not PodState.NOTREADY:
                 await ctx.pods.update(
                     full, lambda r: dataclasses.replace(r, state=PodState.NOTREADY)
                 )
+            failpoints.hit("stop_pod.after_record")
             # Last: a failed CNI DEL raises to kubelet, which retries StopPodSandbox.
             await self._cleanup.release_network(ctx.pods.must(full))
 
@@ -241,6 +252,7 @@ class PodService:
         if full is None:
             return
         await self.stop(full)
+        failpoints.hit("remove_pod.after_stop")
         async with ctx.locks.hold(full):
             pod = ctx.pods.get(full)
             if pod is None:
@@ -251,9 +263,12 @@ class PodService:
                         continue  # a RemoveContainer got there first
                     await self._cleanup.remove_container_files(c)
                 ctx.bus.publish(EventKind.DELETED, c.id, full)
+            failpoints.hit("remove_pod.after_containers")
             paths = ctx.paths(full)
             await unmount_all_under(paths.state)
+            failpoints.hit("remove_pod.after_unmount")
             await ctx.pods.delete(full, remove_dir=paths.state)
+            failpoints.hit("remove_pod.after_record")
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(paths.run.rmdir)
             ctx.rt.pop(full, None)

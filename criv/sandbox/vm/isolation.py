@@ -18,6 +18,7 @@ import os
 import time
 from pathlib import Path
 
+from criv import failpoints
 from criv.agent.client import AgentClient
 from criv.agent.types import GuestInterface, GuestNetwork, GuestRoute
 from criv.config import Config
@@ -120,9 +121,12 @@ class VmIsolation:
             link = await pod_link(Path(pod.netns))
             tap, mac, mtu = pod_tap_name(pod.id), link.mac, link.mtu
             await create_tap(tap, self._owner)
+            failpoints.hit("vm_boot.after_tap")
         cid = vsock_cid(pod.id)
         backend_pid, backend_start = await self._backends.start(pod.id, paths, cid)
+        failpoints.hit("vm_boot.after_backend")
         fs_pid, _ = await virtiofs.start(paths, QEMU_USER)
+        failpoints.hit("vm_boot.after_virtiofsd")
         await asyncio.to_thread(_open_to_qemu, paths)
         size = vm_size(
             PodResources(**pod.resources),
@@ -151,6 +155,7 @@ class VmIsolation:
         )  # fmt: skip
         self._host.stops.pop(name, None)
         info = await hv.create(pod_domain(vm))
+        failpoints.hit("vm_boot.after_domain")
         if tap:
             # QEMU holds the tap open now; it keeps working in the pod netns
             await attach_tap(Path(pod.netns), tap)
