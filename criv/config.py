@@ -58,6 +58,65 @@ class RegistriesConfig:
 
 
 @dataclass(frozen=True)
+class ImageLimitsConfig:
+    """Bounds on what a registry or an image may make criv hold, download or write.
+
+    Untrusted registries and layers must not exhaust the daemon's memory or the host's
+    disk; the defaults are far above any real image (see docs/configuration.md).
+    """
+
+    # layers in one manifest (overlayfs stacks at most ~500 lowerdirs; Docker caps at 127)
+    max_layers: int = 128
+    # bytes of one layer once decompressed (tar stream plus sparse-file holes), MiB
+    max_layer_size_mib: int = 65536
+    # the same, summed over every layer of one image, MiB
+    max_image_size_mib: int = 131072
+    # the size a descriptor may declare for any blob (a compressed layer), MiB
+    max_blob_size_mib: int = 65536
+    # tar entries in one layer
+    max_entries_per_layer: int = 2_000_000
+    # one tar header body (GNU long name / long link, pax, global pax), KiB
+    max_header_kib: int = 1024
+    # a manifest or an index, KiB
+    max_manifest_kib: int = 4096
+    # an image config, KiB
+    max_config_kib: int = 16384
+
+    def validate(self, key: str) -> None:
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) < 1:
+                raise ConfigError(f"{key}.{f.name}", "must be >= 1")
+        if self.max_image_size_mib < self.max_layer_size_mib:
+            raise ConfigError(
+                f"{key}.max_image_size_mib", "must be >= image_limits.max_layer_size_mib"
+            )
+
+    @property
+    def max_layer_bytes(self) -> int:
+        return self.max_layer_size_mib << 20
+
+    @property
+    def max_image_bytes(self) -> int:
+        return self.max_image_size_mib << 20
+
+    @property
+    def max_blob_bytes(self) -> int:
+        return self.max_blob_size_mib << 20
+
+    @property
+    def max_header_bytes(self) -> int:
+        return self.max_header_kib << 10
+
+    @property
+    def max_manifest_bytes(self) -> int:
+        return self.max_manifest_kib << 10
+
+    @property
+    def max_config_bytes(self) -> int:
+        return self.max_config_kib << 10
+
+
+@dataclass(frozen=True)
 class CniConfig:
     conf_dir: str = "/etc/cni/net.d"
     bin_dirs: list[str] = field(default_factory=lambda: ["/usr/lib/cni", "/opt/cni/bin"])
@@ -172,6 +231,7 @@ class Config:
         return Path(self.socket.removeprefix("unix://"))
 
 
+    image_limits: ImageLimitsConfig = field(default_factory=ImageLimitsConfig)
 T = TypeVar("T")
 
 
