@@ -295,6 +295,7 @@ class CreateContainerRequest(_message.Message):
     ROOTFS_FIELD_NUMBER: _builtins.int
     MOUNTS_FIELD_NUMBER: _builtins.int
     PID_NAMESPACE_TARGET_FIELD_NUMBER: _builtins.int
+    SECCOMP_PROFILE_JSON_FIELD_NUMBER: _builtins.int
     container_id: _builtins.str
     sandbox_id: _builtins.str
     image_config_json: _builtins.bytes
@@ -303,6 +304,11 @@ class CreateContainerRequest(_message.Message):
     """Root filesystem prepared by the host, as the agent sees it."""
     pid_namespace_target: _builtins.str
     """Container id of the pod's infra namespaces holder, empty for none."""
+    seccomp_profile_json: _builtins.bytes
+    """The container's seccomp Localhost profile (JSON, OCI or Docker format) as criv
+    read it on the host: localhost_ref is a host path the guest cannot reach. Empty
+    when the profile is not Localhost.
+    """
     @_builtins.property
     def config(self) -> _api_pb2.ContainerConfig: ...
     @_builtins.property
@@ -322,10 +328,11 @@ class CreateContainerRequest(_message.Message):
         rootfs: _builtins.str = ...,
         mounts: _abc.Iterable[Global___ResolvedMount] | None = ...,
         pid_namespace_target: _builtins.str = ...,
+        seccomp_profile_json: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "sandbox_config", b"sandbox_config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "container_id", b"container_id", "image_config_json", b"image_config_json", "mounts", b"mounts", "pid_namespace_target", b"pid_namespace_target", "rootfs", b"rootfs", "sandbox_config", b"sandbox_config", "sandbox_id", b"sandbox_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "container_id", b"container_id", "image_config_json", b"image_config_json", "mounts", b"mounts", "pid_namespace_target", b"pid_namespace_target", "rootfs", b"rootfs", "sandbox_config", b"sandbox_config", "sandbox_id", b"sandbox_id", "seccomp_profile_json", b"seccomp_profile_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
