@@ -26,6 +26,7 @@ LogFormat = Literal["text", "json"]
 CgroupDriver = Literal["cgroupfs", "systemd"]
 IsolationMode = Literal["vm", "host"]
 HostPodPolicy = Literal["allow", "reject"]
+HostNamespacePolicy = Literal["host", "reject"]
 Accel = Literal["auto", "kvm", "tcg"]
 VsockTransport = Literal["auto", "kernel", "backend"]
 MachineType = Literal["q35", "microvm"]
@@ -130,14 +131,29 @@ class RuntimeConfig:
     )
     # whether pods may run in `host` isolation at all
     host_pods: HostPodPolicy = "allow"
+    # a pod asking for host namespaces (network/pid/ipc NODE) under the default handler
+    # "" mapped to `vm`: run it in `host` isolation or refuse it. Unset: `host` when
+    # host_pods is allow, else `reject` (resolved in __post_init__)
+    host_namespace_pods: HostNamespacePolicy = typing.cast(HostNamespacePolicy, "")
     crun: str = "crun"
     # each pod's container writable layers live in a filesystem of this size (MiB), so
     # a pod cannot fill the host's state filesystem; 0 = off (layers on the state fs)
     pod_scratch_limit_mib: int = 10240
 
+    def __post_init__(self) -> None:
+        if self.host_namespace_pods not in ("host", "reject"):
+            default = "host" if self.host_pods == "allow" else "reject"
+            object.__setattr__(self, "host_namespace_pods", default)
+
     def validate(self, key: str) -> None:
         if "" not in self.handlers:
             raise ConfigError(f"{key}.handlers", 'must map the default handler ""')
+        if self.host_namespace_pods == "host" and self.host_pods == "reject":
+            raise ConfigError(
+                f"{key}.host_namespace_pods",
+                "host runs pods in host isolation, which host_pods: reject forbids; "
+                "set host_namespace_pods: reject or host_pods: allow",
+            )
         if self.pod_scratch_limit_mib != 0 and self.pod_scratch_limit_mib < 64:
             raise ConfigError(f"{key}.pod_scratch_limit_mib", "must be 0 (off) or >= 64")
 
