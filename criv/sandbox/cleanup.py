@@ -14,6 +14,7 @@ from criv.sandbox.network import PodNetwork
 from criv.sandbox.records import ContainerRecord, PodRecord
 from criv.sandbox.rootfs import RootfsMounter
 from criv.sandbox.scratch import PodScratch
+from criv.sandbox.states import PodState
 from criv.sandbox.watcher import AgentWatcher
 
 log = logging.getLogger("criv.sandbox.cleanup")
@@ -59,10 +60,11 @@ class PodCleanup:
 
     async def release_network(self, pod: PodRecord) -> None:
         """CNI DEL (a failure raises: kubelet retries StopPodSandbox; ``network_ready``
-        stays set until DEL succeeds), then the netns."""
+        stays set until DEL succeeds), then the netns. A PENDING pod gets a DEL too: its
+        ADD may have run without its result being recorded."""
         if pod.host_network or not pod.netns:
             return
-        if pod.network_ready:
+        if pod.network_ready or pod.state is PodState.PENDING:
             await self._network.detach(pod)
             await self._ctx.pods.update(
                 pod.id, lambda r: dataclasses.replace(r, network_ready=False)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from criv.network.cni import Cni, PodNetworkRequest, PortMapping
+from criv.network.cni import Cni, NetworkList, PodNetworkRequest, PortMapping
 from criv.network.netns import create_netns, delete_netns, list_netns, netns_exists, netns_path
 from criv.sandbox.records import PodRecord
 from criv.sandbox.states import PodState
@@ -48,6 +48,10 @@ class PodNetwork(Protocol):
         ...
 
 
+def _as_record(net: NetworkList) -> dict[str, Any]:
+    return {"name": net.name, "cniVersion": net.cni_version, "plugins": net.plugins}
+
+
 def network_request(pod: PodRecord) -> PodNetworkRequest:
     return PodNetworkRequest(
         sandbox_id=pod.id,
@@ -74,13 +78,16 @@ class CniPodNetwork:
         await create_netns(Path(pod.netns))
         net, result = await self._cni.add(network_request(pod))
         return Attachment(
-            cni_network={"name": net.name, "cniVersion": net.cni_version, "plugins": net.plugins},
+            cni_network=_as_record(net),
             cni_result=result.raw,
             ips=tuple(result.ips),
         )
 
     async def detach(self, pod: PodRecord) -> None:
-        await self._cni.delete(pod.cni_network, pod.cni_result or None, network_request(pod))
+        # Nothing recorded: ADD may have run before criv could record it (criv died, or
+        # the next step failed); DEL with today's list frees what ADD took.
+        conf = pod.cni_network or _as_record(self._cni.network())
+        await self._cni.delete(conf, pod.cni_result or None, network_request(pod))
 
     async def remove_netns(self, pod: PodRecord) -> None:
         if pod.netns:
