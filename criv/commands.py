@@ -1,21 +1,113 @@
-"""Run a host command from the event loop without blocking it."""
+"""Run a host command from the event loop without blocking it, and never for ever.
+
+Every command gets a deadline (per program: :data:`DEFAULT_TIMEOUTS`, overridden by the
+``timeouts.commands`` config key through :func:`configure_timeouts`, or by the caller).
+It runs as the leader of a process group of its own, so at the deadline, or when the
+awaiting task is cancelled, the whole group gets SIGKILL and the child is reaped: a hung
+``umount`` cannot hold a pod's lock for ever, and a caller that gave up leaves nothing
+running.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import os
+import shlex
+import signal
+from collections.abc import Mapping
+
+from criv.errors import CommandTimeout
+
+log = logging.getLogger("criv.commands")
+
+# Seconds, by program name (basename of argv[0]). Quick kernel calls get a tight bound;
+# mkfs of a big sparse image and crun (which may wait for a container's processes to
+# die) get more. Anything else: DEFAULT_KEY.
+DEFAULT_KEY = "default"
+DEFAULT_TIMEOUTS: dict[str, float] = {
+    DEFAULT_KEY: 60.0,
+    "mount": 30.0,
+    "umount": 30.0,
+    "unshare": 30.0,
+    "nsenter": 30.0,
+    "ip": 30.0,
+    "tc": 30.0,
+    "iptables": 30.0,
+    "losetup": 30.0,
+    "mkfs.ext4": 120.0,
+    "crun": 60.0,
+}
+_timeouts: dict[str, float] = dict(DEFAULT_TIMEOUTS)
+# the most of a timed-out command's line quoted in its error
+_MAX_QUOTED = 200
 
 
-async def run_command(*argv: str, merge_stderr: bool = True) -> tuple[int, str]:
+def configure_timeouts(overrides: Mapping[str, float]) -> None:
+    """Apply the ``timeouts.commands`` config (program name -> seconds) for this process."""
+    _timeouts.clear()
+    _timeouts.update(DEFAULT_TIMEOUTS)
+    _timeouts.update({k: float(v) for k, v in overrides.items()})
+
+
+def timeout_for(program: str) -> float:
+    """The deadline of ``program`` (a path or a name) in seconds."""
+    name = os.path.basename(program)
+    return _timeouts.get(name, _timeouts[DEFAULT_KEY])
+
+
+def quote(argv: tuple[str, ...] | list[str]) -> str:
+    line = shlex.join(argv)
+    return line if len(line) <= _MAX_QUOTED else line[:_MAX_QUOTED] + "..."
+
+
+def kill_group(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL ``proc``'s process group (it leads one: ``start_new_session``)."""
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+async def reap(proc: asyncio.subprocess.Process) -> None:
+    """Kill and wait for ``proc``; shielded, so a second cancellation cannot leave a
+    zombie behind (asyncio's child watcher reaps it regardless)."""
+    kill_group(proc)
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.shield(proc.wait())
+
+
+async def run_command(
+    *argv: str, merge_stderr: bool = True, timeout: float | None = None
+) -> tuple[int, str]:
     """Run ``argv``; return (exit code, output stripped).
 
     ``merge_stderr`` folds stderr into the output (for error messages); turn it off when
-    stdout is parsed and warnings on stderr would pollute it.
+    stdout is parsed and warnings on stderr would pollute it. ``timeout`` (seconds)
+    overrides the program's configured deadline; past it the command's process group is
+    killed and :class:`~criv.errors.CommandTimeout` (DEADLINE_EXCEEDED) names it.
     """
+    limit = timeout if timeout is not None else timeout_for(argv[0])
     proc = await asyncio.create_subprocess_exec(
         *argv,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT if merge_stderr else asyncio.subprocess.DEVNULL,
+        start_new_session=True,  # its own group: the kill reaches what it started
     )
-    out, _ = await proc.communicate()
+    try:
+        async with asyncio.timeout(limit) as cm:
+            out, _ = await proc.communicate()
+    except TimeoutError:
+        await reap(proc)
+        if not cm.expired():
+            raise
+        log.error("%s: no answer in %gs; killed", quote(argv), limit)
+        raise CommandTimeout(
+            f"host command {os.path.basename(argv[0])!r} did not finish in {limit:g}s and "
+            f"was killed: {quote(argv)}"
+        ) from None
+    except BaseException:
+        await reap(proc)  # the caller was cancelled: leave nothing running
+        raise
     return proc.returncode or 0, out.decode(errors="replace").strip()

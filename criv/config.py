@@ -121,6 +121,12 @@ class ImageLimitsConfig:
 class CniConfig:
     conf_dir: str = "/etc/cni/net.d"
     bin_dirs: list[str] = field(default_factory=lambda: ["/usr/lib/cni", "/opt/cni/bin"])
+    # a plugin (ADD, DEL, CHECK) that runs longer is killed and the step fails
+    plugin_timeout_seconds: int = 60
+
+    def validate(self, key: str) -> None:
+        if self.plugin_timeout_seconds < 1:
+            raise ConfigError(f"{key}.plugin_timeout_seconds", "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -173,8 +179,12 @@ class VmConfig:
     # explicit kernel/initramfs instead of the built guest image (both or neither)
     kernel: str = ""
     initrd: str = ""
+    # a libvirt call that does not answer within this releases its caller (UNAVAILABLE)
+    libvirt_call_timeout_seconds: int = 60
 
     def validate(self, key: str) -> None:
+        if self.libvirt_call_timeout_seconds < 1:
+            raise ConfigError(f"{key}.libvirt_call_timeout_seconds", "must be >= 1")
         if bool(self.kernel) != bool(self.initrd):
             raise ConfigError(f"{key}.kernel", "kernel and initrd go together")
         if self.vcpus < 1:
@@ -218,6 +228,18 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class TimeoutsConfig:
+    # host command deadlines in seconds by program name ("umount", "crun", ...; "default"
+    # for the rest), over criv.commands.DEFAULT_TIMEOUTS
+    commands: dict[str, int] = field(default_factory=dict)
+
+    def validate(self, key: str) -> None:
+        for name, seconds in self.commands.items():
+            if seconds < 1:
+                raise ConfigError(f"{key}.commands.{name}", "must be >= 1")
+
+
+@dataclass(frozen=True)
 class Config:
     socket: str = "/run/criv/criv.sock"
     state_dir: str = "/var/lib/criv"
@@ -230,6 +252,7 @@ class Config:
     vm: VmConfig = field(default_factory=VmConfig)
     streaming: StreamingConfig = field(default_factory=StreamingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
 
     def validate(self, key: str) -> None:
         paths = {"socket": self.socket_path, "state_dir": Path(self.state_dir)}

@@ -127,3 +127,14 @@ class AgentError(CrivError):
     """The agent channel failed or the agent answered with an error."""
 
     code = grpc.StatusCode.UNAVAILABLE
+
+
+# Faults outside criv: a host command or the hypervisor that does not answer.
+class CommandTimeout(DeadlineExceeded):
+    """A host command (mount, crun, a CNI plugin...) ran past its deadline and was
+    killed with its process group; the message names the command."""
+
+
+class HypervisorTimeout(Unavailable):
+    """A libvirt call did not answer within its deadline (libvirtd hung or overloaded);
+    the caller is released, the call's thread is left to finish or hang."""

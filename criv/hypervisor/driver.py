@@ -1,7 +1,9 @@
 """The libvirt driver: create, stop, find and watch criv's domains. The only libvirt user.
 
-Every libvirt call blocks (it is an RPC to libvirtd), so each runs on a small dedicated thread
-pool, never on the event loop. Lifecycle events come from libvirt's default event loop on a
+Every libvirt call blocks (it is an RPC to libvirtd), so each runs on a worker thread, never
+on the event loop, with a deadline (``vm.libvirt_call_timeout_seconds``) after which its
+caller gets UNAVAILABLE (:mod:`criv.hypervisor.calls`): a hung libvirtd cannot hold a pod's
+lock for ever. Lifecycle events come from libvirt's default event loop on a
 daemon thread and are handed to asyncio with ``call_soon_threadsafe``; a slow poll backs them
 up, so a missed event (libvirtd restart) only delays noticing a dead VM.
 
@@ -18,7 +20,6 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,6 +27,7 @@ from typing import Any, TypeVar
 import libvirt
 
 from criv.errors import CrivError, FailedPrecondition, Internal, NotFound, Unavailable
+from criv.hypervisor.calls import DeadlineCalls
 from criv.hypervisor.domain import CRIV_NS, DOMAIN_PREFIX, Domain
 from criv.procscan import process_start_time
 
@@ -35,6 +37,10 @@ T = TypeVar("T")
 DEFAULT_URI = "qemu:///system"
 # where libvirt's QEMU driver keeps each running domain's pid file
 QEMU_PID_DIR = Path("/run/libvirt/qemu")
+# seconds a libvirt call may take before its caller is released; createXML starts QEMU
+# (and libvirt's own waits for its monitor), so it gets more
+CALL_TIMEOUT = 60.0
+CREATE_TIMEOUT_FACTOR = 2
 
 _STATES = {
     libvirt.VIR_DOMAIN_NOSTATE: "nostate",
@@ -122,9 +128,12 @@ def qemu_pid(name: str) -> int:
 class Hypervisor:
     """One libvirt connection, used from asyncio. ``await connect()`` before anything else."""
 
-    def __init__(self, uri: str = DEFAULT_URI, threads: int = 4) -> None:
+    def __init__(
+        self, uri: str = DEFAULT_URI, threads: int = 4, call_timeout: float = CALL_TIMEOUT
+    ) -> None:
         self.uri = uri
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="criv-libvirt")
+        self.call_timeout = call_timeout
+        self._calls = DeadlineCalls(threads, "criv-libvirt")
         self._conn: libvirt.virConnect | None = None
         self._conn_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -133,11 +142,13 @@ class Hypervisor:
         self._listeners: list[StopCallback] = []
 
     # --- plumbing
-    async def _call(self, fn: Callable[[libvirt.virConnect], T]) -> T:
+    async def _call(
+        self, fn: Callable[[libvirt.virConnect], T], what: str, timeout: float | None = None
+    ) -> T:
         def run() -> T:
             return fn(self._connection())
 
-        return await asyncio.get_running_loop().run_in_executor(self._pool, run)
+        return await self._calls.run(run, what, timeout or self.call_timeout)
 
     def _connection(self) -> libvirt.virConnect:
         with self._conn_lock:
@@ -189,7 +200,7 @@ class Hypervisor:
     async def connect(self) -> None:
         self._loop = asyncio.get_running_loop()
         _start_libvirt_event_loop()
-        await self._call(lambda c: None)
+        await self._call(lambda c: None, f"connecting to {self.uri}")
 
     async def close(self) -> None:
         def close() -> None:
@@ -203,8 +214,9 @@ class Hypervisor:
                 conn.unregisterCloseCallback()
                 conn.close()
 
-        await asyncio.get_running_loop().run_in_executor(self._pool, close)
-        self._pool.shutdown(wait=True)
+        # bounded: a hung libvirtd must not keep criv from stopping
+        with contextlib.suppress(CrivError):
+            await self._calls.run(close, "closing the libvirt connection", self.call_timeout)
 
     def add_stop_listener(self, cb: StopCallback) -> None:
         """``cb(name, reason)`` on the event loop whenever a criv domain stops (any cause)."""
@@ -225,7 +237,9 @@ class Hypervisor:
             return _info(dom)
 
         try:
-            info = await self._call(create)
+            info = await self._call(
+                create, f"creating domain {domain.name}", self.call_timeout * CREATE_TIMEOUT_FACTOR
+            )
         except BaseException:
             self._stopped.pop(domain.name, None)
             raise
@@ -244,7 +258,7 @@ class Hypervisor:
                     return None
                 raise translate(e, f"looking up domain {name or uuid}") from e
 
-        return await self._call(find)
+        return await self._call(find, f"looking up domain {name or uuid}")
 
     async def list_domains(self) -> list[DomainInfo]:
         """criv's domains (name prefix ``criv-``), sorted by name."""
@@ -263,7 +277,7 @@ class Hypervisor:
                     continue  # vanished while we looked
             return sorted(out, key=lambda d: d.name)
 
-        return await self._call(ls)
+        return await self._call(ls, "listing domains")
 
     async def state(self, name: str) -> str:
         """The domain's state word; ``"gone"`` once a transient domain has stopped."""
@@ -290,7 +304,7 @@ class Hypervisor:
                         return False
                     raise translate(e2, f"destroying domain {name}") from e2
 
-        done = await self._call(destroy)
+        done = await self._call(destroy, f"destroying domain {name}")
         if done:
             log.info("domain %s destroyed", name)
         self._stopped.pop(name, None)
@@ -316,7 +330,7 @@ class Hypervisor:
                     return False
                 raise translate(e, f"shutting down domain {name}") from e
 
-        if not await self._call(ask):
+        if not await self._call(ask, f"shutting down domain {name}"):
             return "gone"
         if await self.wait_stopped(name, timeout):
             return "shutdown"
@@ -355,8 +369,19 @@ def _info(dom: libvirt.virDomain) -> DomainInfo:
     return DomainInfo(dom.name(), dom.UUIDString(), _STATES.get(state, str(state)), sandbox, owner)
 
 
-def check_libvirt(uri: str = DEFAULT_URI) -> tuple[bool, str]:
-    """Synchronous reachability check for `criv doctor`: (ok, explanation)."""
+def check_libvirt(uri: str = DEFAULT_URI, timeout: float = 20.0) -> tuple[bool, str]:
+    """Synchronous reachability check for `criv doctor`: (ok, explanation), within
+    ``timeout`` s (a hung libvirtd is a finding, not a hung doctor)."""
+    answer: list[tuple[bool, str]] = []
+    t = threading.Thread(target=lambda: answer.append(_probe(uri)), daemon=True)
+    t.start()
+    t.join(timeout)
+    if not answer:
+        return False, f"{uri} did not answer in {timeout:g}s (libvirtd hung?)"
+    return answer[0]
+
+
+def _probe(uri: str) -> tuple[bool, str]:
     try:
         conn = libvirt.open(uri)
     except libvirt.libvirtError as e:

@@ -5,8 +5,10 @@ previous plugin's result as ``prevResult``; DEL in reverse order with the cached
 result as ``prevResult`` (so DEL works after a criv restart: the caller persists
 :attr:`CniResult.raw`); CHECK in order, also with the cached result. Plugins get
 ``runtimeConfig`` only for the capabilities they declare (``portMappings`` for
-portmap). Every plugin runs as an asyncio subprocess with a deadline and a bounded
-output, so a stuck or chatty plugin cannot stall the daemon.
+portmap). Every plugin runs as an asyncio subprocess in a process group of its own with
+a deadline (``cni.plugin_timeout_seconds``; the group is killed past it, or when the
+caller is cancelled) and a bounded output, so a stuck or chatty plugin cannot stall
+the daemon.
 """
 
 from __future__ import annotations
@@ -20,14 +22,14 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from criv.commands import reap
 from criv.config import CniConfig
-from criv.errors import FailedPrecondition, Internal
+from criv.errors import CommandTimeout, FailedPrecondition, Internal
 from criv.network.readiness import find_plugin, load_default_network
 
 log = logging.getLogger("criv.network.cni")
 
 IFNAME = "eth0"
-PLUGIN_TIMEOUT_SECONDS = 60.0
 MAX_PLUGIN_OUTPUT = 1024 * 1024
 # Versions whose spec knows CHECK (added in 0.4.0).
 _CHECK_VERSIONS = ("0.4.0", "1.0.0", "1.1.0")
@@ -35,6 +37,12 @@ _CHECK_VERSIONS = ("0.4.0", "1.0.0", "1.1.0")
 
 class CniError(Internal):
     """A plugin failed; the message carries the plugin's code, msg and details."""
+
+
+class CniTimeout(CniError):
+    """A plugin ran past ``cni.plugin_timeout_seconds`` and was killed."""
+
+    code = CommandTimeout.code
 
 
 @dataclass(frozen=True)
@@ -260,27 +268,27 @@ class Cni:
             "CNI_PATH": os.pathsep.join(self._cfg.bin_dirs),
             "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
         }
+        limit = self._cfg.plugin_timeout_seconds
         proc = await asyncio.create_subprocess_exec(
             str(binary),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             env=env,
+            start_new_session=True,  # its own group: the kill reaches what it started
         )
         try:
-            out, err = await asyncio.wait_for(
-                proc.communicate(json.dumps(conf).encode()), PLUGIN_TIMEOUT_SECONDS
-            )
+            async with asyncio.timeout(limit) as cm:
+                out, err = await proc.communicate(json.dumps(conf).encode())
         except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            raise CniError(
-                f"CNI {command} {kind}: no answer in {PLUGIN_TIMEOUT_SECONDS:.0f}s"
+            await reap(proc)
+            if not cm.expired():
+                raise
+            raise CniTimeout(
+                f"CNI {command} {kind}: no answer in {limit}s; killed ({binary})"
             ) from None
         except BaseException:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+            await reap(proc)  # the caller was cancelled: leave nothing running
             raise
         out = out[:MAX_PLUGIN_OUTPUT]
         if proc.returncode != 0:

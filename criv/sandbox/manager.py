@@ -19,6 +19,7 @@ import contextlib
 from collections.abc import Mapping
 
 from criv.agent.types import ExecResult
+from criv.commands import configure_timeouts
 from criv.config import Config
 from criv.network.cni import Cni
 from criv.sandbox.cleanup import PodCleanup
@@ -69,6 +70,7 @@ class SandboxManager:
     ) -> SandboxManager:
         """The manager with criv's real isolation modes, CNI networking, overlays and
         per-pod scratch filesystems."""
+        configure_timeouts(config.timeouts.commands)  # every host command's deadline
         return cls(
             config,
             images,

@@ -48,7 +48,8 @@ class VmHost:
     async def hypervisor(self) -> Hypervisor:
         async with self._hv_lock:
             if self._hv is None:
-                hv = Hypervisor(self._config.vm.libvirt_uri)
+                vm = self._config.vm
+                hv = Hypervisor(vm.libvirt_uri, call_timeout=vm.libvirt_call_timeout_seconds)
                 await hv.connect()
                 hv.add_stop_listener(self._on_stop)
                 self._hv = hv
