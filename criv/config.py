@@ -202,12 +202,38 @@ class StreamingConfig:
     # How long an exec/attach/port-forward URL stays valid. Lowering it is allowed (tests
     # use 1 s to see expiry); raising it beyond kubelet's one minute is not.
     token_ttl_seconds: int = 60
+    # The port is on the node network and reachable before any token is checked, so
+    # every resource a peer can make the server hold is capped (docs/streaming.md).
+    max_connections: int = 256
+    max_connections_per_peer: int = 64  # kubelet is one peer: this caps the node's sessions
+    header_timeout_seconds: int = 10  # request line + headers must arrive within this
+    idle_timeout_seconds: int = 4 * 3600  # kubelet's default; no stream data that long: closed
+    max_streams_per_connection: int = 512
+    max_port_forward_pairs: int = 128  # concurrent forwarded connections per session
+    stream_buffer_kib: int = 1024  # client data held per stream before reading pauses
+    connection_buffer_kib: int = 8192  # the same, all streams of a connection together
 
     def validate(self, key: str) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"{key}.port", "must be 0..65535")
         if not 1 <= self.token_ttl_seconds <= 60:
             raise ConfigError(f"{key}.token_ttl_seconds", "must be 1..60")
+        if self.max_connections < 1:
+            raise ConfigError(f"{key}.max_connections", "must be at least 1")
+        if not 1 <= self.max_connections_per_peer <= self.max_connections:
+            raise ConfigError(f"{key}.max_connections_per_peer", "must be 1..max_connections")
+        if not 1 <= self.header_timeout_seconds <= 300:
+            raise ConfigError(f"{key}.header_timeout_seconds", "must be 1..300")
+        if self.idle_timeout_seconds < 0:
+            raise ConfigError(f"{key}.idle_timeout_seconds", "must be 0 (off) or more")
+        if self.max_streams_per_connection < 5:  # exec/attach open up to 5 streams
+            raise ConfigError(f"{key}.max_streams_per_connection", "must be at least 5")
+        if self.max_port_forward_pairs < 1:
+            raise ConfigError(f"{key}.max_port_forward_pairs", "must be at least 1")
+        if self.stream_buffer_kib < 64:
+            raise ConfigError(f"{key}.stream_buffer_kib", "must be at least 64")
+        if self.connection_buffer_kib < self.stream_buffer_kib:
+            raise ConfigError(f"{key}.connection_buffer_kib", "must be at least stream_buffer_kib")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError(f"{key}.tls_cert", "tls_cert and tls_key go together")
 
