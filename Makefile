@@ -63,6 +63,7 @@ bench: install services
 	$(PY) bench/stream.py
 	$(PY) bench/vsock.py
 	$(PY) bench/podstart.py
+	$(PY) bench/sharefs.py
 
 clean:
 	rm -rf $(VENV)
