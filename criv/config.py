@@ -129,6 +129,10 @@ class CniConfig:
             raise ConfigError(f"{key}.plugin_timeout_seconds", "must be >= 1")
 
 
+# runtime.host_namespace_pods left unset: a value the YAML cannot give (not in the Literal)
+_FOLLOWS_HOST_PODS = typing.cast(HostNamespacePolicy, "")
+
+
 @dataclass(frozen=True)
 class RuntimeConfig:
     # CRI runtime handler name -> isolation mode; "" is the default handler
@@ -140,7 +144,7 @@ class RuntimeConfig:
     # a pod asking for host namespaces (network/pid/ipc NODE) under the default handler
     # "" mapped to `vm`: run it in `host` isolation or refuse it. Unset: `host` when
     # host_pods is allow, else `reject` (resolved in __post_init__)
-    host_namespace_pods: HostNamespacePolicy = typing.cast(HostNamespacePolicy, "")
+    host_namespace_pods: HostNamespacePolicy = _FOLLOWS_HOST_PODS
     crun: str = "crun"
     # each pod's container writable layers live in a filesystem of this size (MiB), so
     # a pod cannot fill the host's state filesystem; 0 = off (layers on the state fs)
