@@ -220,6 +220,39 @@ def check_registries(cfg: Config, timeout: float = 3.0) -> list[Check]:
     return out
 
 
+def check_state(cfg: Config) -> list[Check]:
+    """What recovery set aside: quarantined records, CNI DELs still failing."""
+    from criv.sandbox.cnidel import list_pending, pending_dir
+    from criv.sandbox.quarantine import list_quarantined, quarantine_dir
+
+    state = Path(cfg.state_dir)
+    out: list[Check] = []
+    for q in list_quarantined(state):
+        out.append(
+            Check(
+                f"quarantined {q.kind} {q.id[:12]}",
+                "WARN",
+                f"record unreadable at {q.at or '?'} ({q.reason}); moved to "
+                f"{q.record or '(no file)'}; {q.what_to_do()}; notes in {quarantine_dir(state)}",
+            )
+        )
+    for p in list_pending(state):
+        out.append(
+            Check(
+                f"pending CNI DEL {p.pod_id[:12]}",
+                "WARN",
+                f"network {p.network_name or '(current list)'} of pod {p.namespace}/{p.name} "
+                f"still holds its address (netns {p.netns}): {p.attempts} tries failed, last: "
+                f"{p.last_error}. criv retries at start-up and at each pod stop; fix the "
+                f"plugin (see its error) or, once its IPAM is freed by hand, remove "
+                f"{pending_dir(state) / (p.pod_id + '.json')} and the netns",
+            )
+        )
+    if not out:
+        out.append(Check("state", "OK", "no quarantined records, no pending CNI DELs"))
+    return out
+
+
 def collect(cfg: Config) -> list[Check]:
     checks: list[Check] = [check_qemu()]
     steps: list[Callable[[], Check | list[Check]]] = [
@@ -230,6 +263,7 @@ def collect(cfg: Config) -> list[Check]:
         lambda: check_crun(cfg),
         lambda: check_cni(cfg),
         lambda: check_registries(cfg),
+        lambda: check_state(cfg),
     ]
     for step in steps:
         try:

@@ -8,6 +8,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
+from criv.sandbox.cnidel import PendingDels
 from criv.sandbox.context import SandboxContext
 from criv.sandbox.logs import LogFollowers
 from criv.sandbox.network import PodNetwork
@@ -38,6 +39,7 @@ class PodCleanup:
         self._rootfs = rootfs
         self._scratch = scratch
         self._watcher = watcher
+        self.pending_dels = PendingDels(Path(ctx.config.state_dir), network, ctx.tasks)
 
     async def stop_agent(self, pod: PodRecord, graceful: bool) -> None:
         """Stop watching, following and talking to the pod's agent, then stop (or, not
@@ -62,6 +64,7 @@ class PodCleanup:
         """CNI DEL (a failure raises: kubelet retries StopPodSandbox; ``network_ready``
         stays set until DEL succeeds), then the netns. A PENDING pod gets a DEL too: its
         ADD may have run without its result being recorded."""
+        self.pending_dels.kick()  # earlier failed DELs get another try with each release
         if pod.host_network or not pod.netns:
             return
         if pod.network_ready or pod.state is PodState.PENDING:
@@ -104,8 +107,13 @@ class PodCleanup:
         if pod is not None:
             with contextlib.suppress(Exception):
                 await self.stop_agent(pod, graceful=False)
-            with contextlib.suppress(Exception):
-                await self.release_network(ctx.pods.get(pod_id) or pod)
+            current = ctx.pods.get(pod_id) or pod
+            try:
+                await self.release_network(current)
+            except Exception as e:
+                # The record goes (kubelet retries under a new id), the DEL must not: a
+                # lost DEL leaks the pod's IP for good. Kept with its netns, retried.
+                await self.pending_dels.keep(current, getattr(e, "message", repr(e)))
             await ctx.pods.delete(pod_id, remove_dir=ctx.paths(pod_id).state)
         ctx.rt.pop(pod_id, None)
         ctx.pod_names.release(reserved_name, pod_id)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from criv.errors import CrivError
 from criv.network.cni import Cni, NetworkList, PodNetworkRequest, PortMapping
 from criv.network.netns import create_netns, delete_netns, list_netns, netns_exists, netns_path
 from criv.sandbox.records import PodRecord
@@ -94,12 +95,20 @@ class CniPodNetwork:
             await delete_netns(Path(pod.netns))
 
     async def sweep(self, pods: list[PodRecord]) -> None:
+        """Item by item: a netns that will not go is logged and left for the next start."""
         live = {p.netns for p in pods if p.netns}
-        for ns in await asyncio.to_thread(list_netns, self._run_dir):
-            if str(ns) not in live:
-                log.warning("removing orphan netns %s", ns)
+        stale = [
+            ns for ns in await asyncio.to_thread(list_netns, self._run_dir) if str(ns) not in live
+        ]
+        # a stopped pod's netns whose removal was cut short
+        stale += [
+            Path(p.netns)
+            for p in pods
+            if p.netns and p.state is PodState.NOTREADY and netns_exists(Path(p.netns))
+        ]
+        for ns in stale:
+            log.warning("removing orphan netns %s", ns)
+            try:
                 await delete_netns(ns)
-        for p in pods:
-            # a stopped pod's netns whose removal was cut short
-            if p.netns and p.state is PodState.NOTREADY and netns_exists(Path(p.netns)):
-                await delete_netns(Path(p.netns))
+            except CrivError as e:
+                log.error("cannot remove netns %s (left as it is): %s", ns, e)

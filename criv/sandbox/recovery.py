@@ -2,19 +2,24 @@
 
 Agents (host processes, VMs) outlive criv. At start criv:
 
-1. loads every pod and container record (an unreadable one is logged and its
-   directory treated as an orphan);
+1. loads every pod and container record; one that exists but cannot be read is
+   quarantined (:mod:`.quarantine`: moved aside, logged, listed by ``criv doctor``) and
+   nothing of its object is removed, unmounted, killed or released; a directory with no
+   record at all (its creation or removal was cut short) is an orphan;
 2. per pod: a PENDING pod (criv died inside RunPodSandbox) is torn down; a READY pod
    whose agent is alive is reconnected, its containers refreshed from the agent, the
    event watcher and log followers resumed from their persisted offsets; a READY pod
    whose agent is gone becomes NOTREADY, its unfinished containers EXITED with reason
    ``AgentGone``, and its network is released; a NOTREADY pod gets any leftover
    agent killed and network released;
-3. sweeps what no record owns: netns files, mounts under the state dir, pod dirs and
-   socket dirs; each isolation mode sweeps its own (host: criv-agent processes started
-   for this run dir; vm: libvirt domains tagged with this state dir, vsock backends
-   under this run dir, taps left in the host netns);
-4. settles image leases (after the sweep, so no orphan overlay is still mounted): a
+3. retries CNI DELs that failed after their pod's record went (:mod:`.cnidel`);
+4. sweeps what no record owns, item by item (one that fails is logged and left, and
+   no directory with a mount still under it is deleted): netns files, mounts under the
+   state dir, pod dirs and socket dirs; each isolation mode sweeps its own (host:
+   criv-agent processes started for this run dir; vm: libvirt domains tagged with this
+   state dir, vsock backends under this run dir, taps left in the host netns), skipped
+   while a pod is quarantined;
+5. settles image leases (after the sweep, so no orphan overlay is still mounted): a
    lease whose container record is gone is released and its layers collected; a
    container without one (made before leases existed) gets one if its image is there.
 """
@@ -27,11 +32,13 @@ import dataclasses
 import logging
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from criv import metrics
 from criv.errors import CrivError, ImageNotFound
 from criv.mounts import mounts_under
+from criv.sandbox import quarantine
 from criv.sandbox.cleanup import PodCleanup
 from criv.sandbox.context import SandboxContext
 from criv.sandbox.logs import LogFollowers
@@ -63,8 +70,10 @@ class RecoveryService:
         self._logs = logs
 
     async def recover(self) -> None:
+        """Each step goes on past what fails in it: one bad pod, mount or record must
+        not keep criv from starting (logged, and what cannot be read is quarantined)."""
         ctx = self._ctx
-        orphan_dirs = await asyncio.to_thread(self._load_records)
+        loaded = await asyncio.to_thread(self._load_records)
         for pod in ctx.pods.all():
             ctx.pod_names.reserve(pod.reserved_name, pod.id)
         for c in ctx.containers.all():
@@ -75,9 +84,15 @@ class RecoveryService:
                 await self._recover_pod(pod)
             except Exception:
                 log.exception("recovering pod %s failed", pod.id[:12])
-        await self._sweep(orphan_dirs)
         try:
-            await self._settle_image_leases()
+            left = await self._cleanup.pending_dels.retry()
+            if left:
+                log.error("%d CNI DEL(s) still failing; retried at each pod stop", left)
+        except Exception:
+            log.exception("retrying pending CNI DELs failed")
+        await self._sweep(loaded)
+        try:
+            await self._settle_image_leases(loaded.keep_leases)
         except (CrivError, OSError) as e:
             log.error("settling image leases failed: %s", e)
         log.info(
@@ -85,29 +100,63 @@ class RecoveryService:
             len(ctx.pods.all()),
             len(ctx.containers.all()),
         )
+        if loaded.pods or loaded.containers:
+            log.error(
+                "%d pod and %d container record(s) are quarantined (unreadable): their "
+                "mounts, processes and image leases are kept; `criv doctor` lists them",
+                len(loaded.pods),
+                len(loaded.containers),
+            )
 
-    def _load_records(self) -> list[Path]:
+    def _load_records(self) -> Loaded:
         ctx = self._ctx
-        orphans: list[Path] = []
+        state_dir = Path(ctx.config.state_dir)
+        out = Loaded()
         if not ctx.state_root.is_dir():
-            return orphans
+            return out
         for d in sorted(ctx.state_root.iterdir()):
+            record = d / "sandbox.json"
+            noted = quarantine.is_quarantined(state_dir, "pod", d.name)
             try:
-                pod = ctx.pods.load(d / "sandbox.json")
-            except CrivError as e:
-                log.error("pod dir %s: %s; removing it", d, e)
-                orphans.append(d)
+                pod = ctx.pods.load(record)
+            except Exception as e:
+                if noted or record.exists():
+                    if not noted:
+                        quarantine.quarantine(state_dir, "pod", d.name, d.name, record, str(e))
+                    out.pods.add(d.name)
+                    out.keep_leases |= _container_ids(d / "containers")
+                else:  # no record at all: a pod dir whose creation or removal was cut short
+                    log.warning("pod dir %s has no record; removing it", d)
+                    out.orphans.append(d)
                 continue
+            if noted:
+                log.warning("pod %s: its record reads again; quarantine note dropped", d.name)
+                quarantine.forget(state_dir, "pod", d.name)
             cdir = ctx.paths(pod.id).containers
             if not cdir.is_dir():
                 continue
             for c in sorted(cdir.iterdir()):
-                try:
-                    ctx.containers.load(c / "container.json")
-                except CrivError as e:
-                    log.error("container dir %s: %s; removing it", c, e)
-                    orphans.append(c)
-        return orphans
+                self._load_container(state_dir, pod.id, c, out)
+        return out
+
+    def _load_container(self, state_dir: Path, pod_id: str, c: Path, out: Loaded) -> None:
+        record = c / "container.json"
+        noted = quarantine.is_quarantined(state_dir, "container", c.name)
+        try:
+            self._ctx.containers.load(record)
+        except Exception as e:
+            if noted or record.exists():
+                if not noted:
+                    quarantine.quarantine(state_dir, "container", c.name, pod_id, record, str(e))
+                out.containers.add(c.name)
+            else:
+                log.warning("container dir %s has no record; removing it", c)
+                out.orphans.append(c)
+        else:
+            if noted:
+                log.warning("container %s: its record reads again; note dropped", c.name)
+                quarantine.forget(state_dir, "container", c.name)
+        out.keep_leases |= out.containers
 
     async def _recover_pod(self, pod: PodRecord) -> None:
         ctx = self._ctx
@@ -168,11 +217,13 @@ class RecoveryService:
                     finished_at_ns=time.time_ns(),
                 )  # fmt: skip
 
-    async def _settle_image_leases(self) -> None:
+    async def _settle_image_leases(self, keep: set[str]) -> None:
+        """``keep``: containers whose records are quarantined; their overlays may still
+        be mounted over the layers their leases hold."""
         ctx = self._ctx
         known = {c.id for c in ctx.containers.all()}
         leased = ctx.images.lease_holders()
-        stale = leased - known
+        stale = leased - known - keep
         if stale:
             log.warning("releasing image leases of %d removed container(s)", len(stale))
             await ctx.images.release_many(stale)  # collects what they alone kept
@@ -183,42 +234,107 @@ class RecoveryService:
 
     # -- the orphan sweep ----------------------------------------------------------
 
-    async def _sweep(self, orphan_dirs: list[Path]) -> None:
+    async def _sweep(self, loaded: Loaded) -> None:
         ctx = self._ctx
         pods = ctx.pods.all()
-        with metrics.sweep("network"):
-            await self._network.sweep(pods)
-        for iso in ctx.isolations.values():
-            try:
-                with metrics.sweep(iso.mode):
-                    await iso.sweep(pods)
-            except CrivError as e:
-                log.error("%s isolation sweep failed: %s", iso.mode, e)
+        # netns of pods criv cannot read or whose DEL is pending stay (PENDING stand-ins)
+        pending = await self._cleanup.pending_dels.all()
+        keep = [*pods, *(p.as_pod() for p in pending)]
+        keep += [_stand_in(pid, self._network.netns_for(pid)) for pid in loaded.pods]
+        try:
+            with metrics.sweep("network"):
+                await self._network.sweep(keep)
+        except Exception as e:
+            log.error("network sweep failed: %s", e)
+        if loaded.pods:
+            # A quarantined pod's agent, VM, backend or tap looks like an orphan to them.
+            log.error(
+                "skipping the isolation modes' orphan sweeps: %d quarantined pod(s) may "
+                "still run (see `criv doctor`)",
+                len(loaded.pods),
+            )
+        else:
+            for iso in ctx.isolations.values():
+                try:
+                    with metrics.sweep(iso.mode):
+                        await iso.sweep(pods)
+                except Exception as e:
+                    log.error("%s isolation sweep failed: %s", iso.mode, e)
+        await self._sweep_mounts(pods, loaded)
+        for d in loaded.orphans:
+            if await _remove_unmounted(d):
+                metrics.SWEPT.labels(kind="unreadable_record").inc()
+        known = {p.id for p in pods} | loaded.pods
+        n = await asyncio.to_thread(_remove_unknown_dirs, ctx.state_root, known)
+        n += await asyncio.to_thread(_remove_unknown_dirs, ctx.run_root, {k[:12] for k in known})
+        metrics.SWEPT.labels(kind="pod_dir").inc(n)
+
+    async def _sweep_mounts(self, pods: list[PodRecord], loaded: Loaded) -> None:
+        """Unmount what no record owns under the state dir, one at a time: a mount that
+        will not go is logged and left (its directory then stays too)."""
+        ctx = self._ctx
         known_pods = {p.id for p in pods}
-        known_containers = {c.id for c in ctx.containers.all()}
+        known_containers = {c.id for c in ctx.containers.all()} | loaded.containers
         for m in await asyncio.to_thread(mounts_under, ctx.state_root):
             parts = m.relative_to(ctx.state_root).parts
-            if parts[0] in known_pods and not (
+            if parts[0] in loaded.pods:
+                continue  # quarantined: nothing of it is touched
+            in_unknown_container = (
                 len(parts) >= 3 and parts[1] == "containers" and parts[2] not in known_containers
-            ):
+            )
+            if parts[0] in known_pods and not in_unknown_container:
                 continue  # a live pod's mount (container rootfs, agent's own)
             log.warning("unmounting orphan mount %s", m)
-            await umount_lazy(m)
+            try:
+                await umount_lazy(m)
+            except Exception as e:
+                log.error("cannot unmount orphan mount %s (left as it is): %s", m, e)
+                continue
             metrics.SWEPT.labels(kind="mount").inc()
-        for d in orphan_dirs:
-            await asyncio.to_thread(shutil.rmtree, d, True)
-        metrics.SWEPT.labels(kind="unreadable_record").inc(len(orphan_dirs))
-        short = {p.id[:12] for p in pods}
-        n = await asyncio.to_thread(_remove_unknown_dirs, ctx.state_root, known_pods)
-        n += await asyncio.to_thread(_remove_unknown_dirs, ctx.run_root, short)
-        metrics.SWEPT.labels(kind="pod_dir").inc(n)
+
+
+@dataclass
+class Loaded:
+    """What loading the records found besides the records themselves."""
+
+    orphans: list[Path] = field(default_factory=list)  # dirs without a record
+    pods: set[str] = field(default_factory=set)  # quarantined pod ids
+    containers: set[str] = field(default_factory=set)  # quarantined container ids
+    keep_leases: set[str] = field(default_factory=set)  # their containers' leases stay
+
+
+def _container_ids(cdir: Path) -> set[str]:
+    return {c.name for c in cdir.iterdir()} if cdir.is_dir() else set()
+
+
+def _stand_in(pod_id: str, netns: str) -> PodRecord:
+    """A quarantined pod as the netns sweep sees it: PENDING, so its netns is kept."""
+    return PodRecord(
+        id=pod_id, name="", namespace="", uid="", attempt=0, state=PodState.PENDING,
+        created_at_ns=0, handler="", isolation="", config=b"", netns=netns,
+    )  # fmt: skip
+
+
+async def _remove_unmounted(d: Path) -> bool:
+    """rmtree ``d`` unless something is still mounted under it: rmtree would walk into
+    the mount and delete what it shows (a volume's host directory, a live overlay)."""
+    left = await asyncio.to_thread(mounts_under, d)
+    if left:
+        log.error("keeping %s: still mounted under it: %s", d, ", ".join(map(str, left)))
+        return False
+    await asyncio.to_thread(shutil.rmtree, d, True)
+    return True
 
 
 def _remove_unknown_dirs(root: Path, known: set[str]) -> int:
     removed = 0
     if root.is_dir():
         for d in list(root.iterdir()):
-            if d.name not in known:
-                shutil.rmtree(d, True)
-                removed += 1
+            if d.name in known:
+                continue
+            if left := mounts_under(d):
+                log.error("keeping %s: still mounted under it: %s", d, left[0])
+                continue
+            shutil.rmtree(d, True)
+            removed += 1
     return removed
