@@ -1,0 +1,136 @@
+"""A modified agent (docs/security.md: the guest controls every byte the agent sends).
+
+The guest image is booted with one more initramfs archive appended, which the kernel
+unpacks over the first: it replaces the agent's launcher with one that wraps the agent's
+``Events`` stream, so that whenever guest root writes a container id to
+``/run/criv-forge`` the agent also sends an EXITED event (exit code 99) for that id. An
+attacker pod's guest root uses it against a container of another pod; the assertions
+are on the host: the forged event reached criv and was dropped, the other pod's container
+is untouched.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from criv.guestimage import GuestImage
+from criv.guestimage.cpio import write_cpio
+from criv_agent.api.runtime.v1 import api_pb2
+from tests.support.cri import Cri
+
+pytestmark = pytest.mark.vm
+
+TRIGGER = "/run/criv-forge"
+FORGING_LAUNCHER = f'''#!/usr/bin/python3
+import asyncio, os, sys
+
+from criv_agent import service
+from criv_agent.api.agent.v1 import agent_pb2
+
+real_events = service.AgentService.Events
+
+
+async def Events(self, request, context):
+    out = asyncio.Queue()
+
+    async def real():
+        async for ev in real_events(self, request, context):
+            await out.put(ev)
+
+    async def forge():
+        while True:
+            await asyncio.sleep(0.2)
+            try:
+                with open("{TRIGGER}") as f:
+                    victim = f.read().strip()
+                os.unlink("{TRIGGER}")
+            except OSError:
+                continue
+            info = agent_pb2.ContainerInfo(container_id=victim, state=2, exit_code=99,
+                                           reason="Forged", finished_at_ns=1)
+            await out.put(agent_pb2.Event(kind=2, container_id=victim, info=info))
+
+    tasks = [asyncio.ensure_future(real()), asyncio.ensure_future(forge())]
+    try:
+        while True:
+            yield await out.get()
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+service.AgentService.Events = Events
+from criv_agent.main import main
+
+sys.exit(main())
+'''
+
+
+def forging_initrd(image: GuestImage, out: Path) -> Path:
+    """The guest image's initramfs with the forging launcher appended over it."""
+    root = out / "overlay"
+    launcher = root / "usr" / "local" / "bin" / "criv-agent"
+    launcher.parent.mkdir(parents=True)
+    for d in (root / "usr", root / "usr" / "local", launcher.parent):
+        d.chmod(0o755)
+    launcher.write_text(FORGING_LAUNCHER)
+    launcher.chmod(0o755)
+    initrd = out / "forging-initramfs.cpio"
+    with initrd.open("wb") as f:
+        f.write(image.initrd.read_bytes())
+        write_cpio(root, f)
+    initrd.chmod(0o644)
+    return initrd
+
+
+@pytest.mark.timeout(600)
+def test_a_forged_event_for_another_pods_container_is_dropped(
+    vm_cri_factory: Callable[..., Cri], guest_image: GuestImage, tmp_path: Path
+) -> None:
+    initrd = forging_initrd(guest_image, tmp_path)
+    cri = vm_cri_factory(vm={"initrd": str(initrd)})
+    victim_pod = cri.run_pod("victim")
+    victim = cri.run(victim_pod, "victim", ["sleep", "3600"])
+    sb_sec = api_pb2.LinuxSandboxSecurityContext(privileged=True)
+    attacker_pod = cri.run_pod(
+        "attacker", linux=api_pb2.LinuxPodSandboxConfig(security_context=sb_sec)
+    )
+    attacker = cri.run(
+        attacker_pod, "attacker", ["sleep", "3600"],
+        security=api_pb2.LinuxContainerSecurityContext(
+            privileged=True, namespace_options=api_pb2.NamespaceOption(pid=api_pb2.NODE)
+        ),
+    )  # fmt: skip
+    own = cri.run(attacker_pod, "own", ["sleep", "3600"])
+
+    # guest root in the attacker's VM (the agent's mount namespace) pulls the trigger
+    def forge(cid: str) -> None:
+        r = cri.exec(attacker, ["nsenter", "-t", "1", "-m", "--", "sh", "-c",
+                                f"echo {cid} > {TRIGGER}"])  # fmt: skip
+        assert r.exit_code == 0, r.stderr
+
+    forge(victim)
+    dropped = f"event for container {victim[:12]} of another pod; dropped"
+    deadline = time.monotonic() + 60
+    while dropped not in cri.proc.log_path.read_text(errors="replace"):
+        assert time.monotonic() < deadline, "the forged event never reached criv"
+        time.sleep(0.5)
+    st = cri.status(victim)
+    assert st.state == api_pb2.CONTAINER_RUNNING, st
+    assert st.exit_code == 0 and st.reason != "Forged"
+    assert cri.exec(victim, ["echo", "alive"]).stdout == b"alive\n"
+
+    # the same mechanism works on the attacker's own pod: the guest may lie about its
+    # own containers (they are its to lose), which shows the forged events are applied
+    # when they are the sender's; nobody else's
+    forge(own)
+    deadline = time.monotonic() + 60
+    while cri.status(own).state != api_pb2.CONTAINER_EXITED:
+        assert time.monotonic() < deadline, "the forging agent's events never applied"
+        time.sleep(0.5)
+    assert cri.status(own).exit_code == 99
+    assert cri.status(victim).state == api_pb2.CONTAINER_RUNNING
