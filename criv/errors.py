@@ -122,6 +122,14 @@ class UnsafeLayer(ImageError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class ImageLimitExceeded(ImageError):
+    """A registry or an image crossed a bound of ``image_limits`` (a tar header, a
+    layer's expanded size, entries, layers, a blob or manifest size); the message names
+    the limit and its config key. The pull is refused and leaves nothing behind."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 # Agent / sandbox errors.
 class AgentError(CrivError):
     """The agent channel failed or the agent answered with an error."""

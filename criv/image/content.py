@@ -44,13 +44,14 @@ class BlobWriter:
         self.written = 0
 
     def write(self, data: bytes) -> None:
-        self._hash.update(data)
-        self._f.write(data)
-        self.written += len(data)
-        if self.size is not None and self.written > self.size:
+        if self.size is not None and self.written + len(data) > self.size:
+            # refused before it is written: the temp file never exceeds the declared size
             raise DigestMismatch(
                 f"{self.what}: more data than the {self.size} bytes the descriptor says"
             )
+        self._hash.update(data)
+        self._f.write(data)
+        self.written += len(data)
 
     def write_many(self, chunks: list[bytes]) -> None:
         for c in chunks:

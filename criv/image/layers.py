@@ -17,13 +17,18 @@ import json
 import os
 import secrets
 import shutil
+import stat
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from criv.atomicfile import fsync_dir, rename_durable, write_atomic
+from criv.config import ImageLimitsConfig
 from criv.image.content import private_dir
 from criv.image.media import digest_hex
-from criv.image.unpack import disk_usage, unpack_layer
+from criv.image.unpack import unpack_layer
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 @dataclass(frozen=True)
@@ -32,12 +37,14 @@ class LayerInfo:
     fs: Path
     usage_bytes: int
     inodes: int
+    expanded_bytes: int  # what it counts against image_limits (usage if unrecorded)
 
 
 class LayerStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, limits: ImageLimitsConfig | None = None) -> None:
         self.dir = root / "layers"
         self.trash = root / "trash"
+        self.limits = limits or ImageLimitsConfig()
 
     def setup(self) -> None:
         """Create the dirs; drop half-unpacked and trashed layers (blocking)."""
@@ -63,7 +70,9 @@ class LayerStore:
             meta = json.loads((self.path(diff_id) / "meta.json").read_bytes())
         except (OSError, ValueError):
             return None
-        return LayerInfo(diff_id, self.fs(diff_id), int(meta["usage_bytes"]), int(meta["inodes"]))
+        usage = int(meta["usage_bytes"])
+        expanded = int(meta.get("expanded_bytes", usage))  # layers unpacked before it was kept
+        return LayerInfo(diff_id, self.fs(diff_id), usage, int(meta["inodes"]), expanded)
 
     def list(self) -> list[LayerInfo]:
         out = []
@@ -74,8 +83,14 @@ class LayerStore:
                     out.append(info)
         return out
 
-    def unpack(self, diff_id: str, blob: Path, what: str) -> LayerInfo:
-        """Unpack ``blob`` as layer ``diff_id`` unless present (blocking)."""
+    def unpack(
+        self, diff_id: str, blob: Path, what: str, charge: Callable[[int], None] | None = None
+    ) -> LayerInfo:
+        """Unpack ``blob`` as layer ``diff_id`` unless present (blocking).
+
+        Bounded by ``image_limits``; ``charge`` gets the expanded bytes as they are read
+        (the image's budget). On any error nothing of the layer is left.
+        """
         existing = self.get(diff_id)
         if existing is not None:
             return existing
@@ -84,10 +99,16 @@ class LayerStore:
         try:
             fs = tmp / "fs"
             fs.mkdir(mode=0o755)
-            unpack_layer(blob, fs, diff_id, what)
+            res = unpack_layer(blob, fs, diff_id, what, self.limits, charge)
             usage, inodes = disk_usage(fs)
             usage, inodes = usage + 8192, inodes + 2  # the layer dir and meta.json
-            meta = {"version": 1, "diff_id": diff_id, "usage_bytes": usage, "inodes": inodes}
+            meta = {
+                "version": 1,
+                "diff_id": diff_id,
+                "usage_bytes": usage,
+                "inodes": inodes,
+                "expanded_bytes": res.expanded_bytes,
+            }
             write_atomic(tmp / "meta.json", json.dumps(meta).encode())
             try:
                 rename_durable(tmp, self.path(diff_id))
@@ -112,3 +133,48 @@ class LayerStore:
         except FileNotFoundError:
             return
         shutil.rmtree(dst, ignore_errors=True)
+
+
+def disk_usage(path: Path) -> tuple[int, int]:
+    """(bytes, inodes) used under ``path``, du-style: st_blocks, hardlinks counted once.
+
+    Walks by directory fd, not by path: a layer's names may make paths longer than
+    PATH_MAX. One fd per level is open (a layer is at most unpack.MAX_DEPTH deep).
+    """
+    try:
+        fd = os.open(path, _DIR_FLAGS)
+    except FileNotFoundError:
+        return 0, 0
+    st = os.fstat(fd)
+    seen = {(st.st_dev, st.st_ino)}
+    total, inodes = st.st_blocks * 512, 1
+    stack: list[tuple[int, Iterator[str]]] = [(fd, iter(os.listdir(fd)))]
+    try:
+        while stack:
+            fd, names = stack[-1]
+            name = next(names, None)
+            if name is None:
+                os.close(stack.pop()[0])
+                continue
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            key = (st.st_dev, st.st_ino)
+            if key in seen:
+                continue
+            seen.add(key)
+            total += st.st_blocks * 512
+            inodes += 1
+            if stat.S_ISDIR(st.st_mode):
+                child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                try:
+                    listing = os.listdir(child)
+                except BaseException:
+                    os.close(child)
+                    raise
+                stack.append((child, iter(listing)))
+    finally:
+        for fd, _ in stack:
+            os.close(fd)
+    return total, inodes

@@ -22,7 +22,7 @@ from typing import Any
 
 from criv import metrics
 from criv.config import Config
-from criv.errors import CrivError, ImageNotFound, ResourceExhausted
+from criv.errors import CrivError, ImageLimitExceeded, ImageNotFound, ResourceExhausted
 from criv.image.auth import Credentials
 from criv.image.content import ContentStore, private_dir
 from criv.image.layers import LayerStore
@@ -73,10 +73,10 @@ class ImageManager:
         self.config = config
         self.root = Path(config.state_dir) / "images"
         self.content = ContentStore(self.root)
-        self.layers = LayerStore(self.root)
+        self.layers = LayerStore(self.root, config.image_limits)
         self.records = RecordStore(self.root)
         self.index = ImageIndex()
-        self.client = RegistryClient(config.registries)
+        self.client = RegistryClient(config.registries, config.image_limits)
         self.platform = platform or host_platform()
         self._lock = asyncio.Lock()  # records, index, leases and GC decisions
         # digest / diff id -> how many in-flight pulls use it (memory only): GC keeps them
@@ -87,9 +87,8 @@ class ImageManager:
         self._blob_usage: dict[str, int] = {}
         self._layer_usage: dict[str, tuple[int, int]] = {}
         self._configs: dict[str, bytes] = {}
-        self.puller = Puller(
-            self.content, self.layers, self.client, self.platform, self._keep_for_pull
-        )
+        self.puller = Puller(self.content, self.layers, self.client, self.platform,
+                             self._keep_for_pull, config.image_limits)  # fmt: skip
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -231,16 +230,18 @@ class ImageManager:
             key += f"#{id(auth)}"
 
         async def run() -> str:
-            async with self._pull_scope():
-                try:
-                    result = await self.puller.pull(named, auth)
-                    return await self._commit(result)
-                except OSError as e:
-                    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                        raise ResourceExhausted(
-                            f"pull of {named}: image store {self.root}: {e.strerror}"
-                        ) from e
-                    raise
+            try:
+                async with self._pull_scope():
+                    return await self._commit(await self.puller.pull(named, auth))
+            except ImageLimitExceeded:
+                await self.gc()  # once its refs are dropped: a refused image keeps nothing
+                raise
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise ResourceExhausted(
+                        f"pull of {named}: image store {self.root}: {e.strerror}"
+                    ) from e
+                raise
 
         return await self._pulls.do(key, lambda: metrics.timed_pull(run()))
 

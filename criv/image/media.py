@@ -39,9 +39,6 @@ LAYER_TYPES = (
     "application/vnd.docker.image.rootfs.diff.tar",
 )
 
-MAX_MANIFEST_BYTES = 4 << 20
-MAX_CONFIG_BYTES = 16 << 20
-
 
 def sha256_digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()

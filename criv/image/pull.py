@@ -13,18 +13,13 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from criv import metrics
+from criv.config import ImageLimitsConfig
 from criv.errors import ImageError
 from criv.image.auth import Credentials
 from criv.image.content import ContentStore
 from criv.image.layers import LayerStore
-from criv.image.media import (
-    INDEX_TYPES,
-    LAYER_TYPES,
-    MAX_CONFIG_BYTES,
-    Descriptor,
-    manifest_kind,
-    parse_json,
-)
+from criv.image.limits import ExpandBudget, check_manifest
+from criv.image.media import INDEX_TYPES, LAYER_TYPES, Descriptor, manifest_kind, parse_json
 from criv.image.platform import Platform, select_manifest
 from criv.image.records import LayerRef
 from criv.image.reference import Reference
@@ -95,7 +90,9 @@ class Puller:
         client: RegistryClient,
         platform: Platform,
         keep: Callable[[Iterable[str]], Awaitable[None]],
+        limits: ImageLimitsConfig | None = None,
     ) -> None:
+        self.limits = limits or ImageLimitsConfig()
         self.content = content
         self.layers = layers
         self.client = client
@@ -125,15 +122,24 @@ class Puller:
 
         await self.blob_flights.do(desc.digest, fetch)
 
-    async def _layer(self, ref: Reference, layer: LayerRef, index: int) -> None:
+    async def _layer(
+        self, ref: Reference, layer: LayerRef, index: int, budget: ExpandBudget
+    ) -> None:
+        def charge(n: int) -> None:
+            budget.charge(layer.diff_id, n)
+
         async def unpack() -> None:
             what = f"layer {index} ({layer.digest}) of {ref}"
             blob = self.content.path(layer.digest)
-            info = await asyncio.to_thread(self.layers.unpack, layer.diff_id, blob, what)
+            info = await asyncio.to_thread(self.layers.unpack, layer.diff_id, blob, what, charge)
             log.info("unpacked %s: %d bytes, %d inodes", what, info.usage_bytes, info.inodes)
 
-        if await asyncio.to_thread(self.layers.get, layer.diff_id) is None:
+        info = await asyncio.to_thread(self.layers.get, layer.diff_id)
+        if info is None:
             await self.unpack_flights.do(layer.diff_id, unpack)
+            info = await asyncio.to_thread(self.layers.get, layer.diff_id)
+        if info is not None:  # one already there, or unpacked by another pull
+            budget.settle(layer.diff_id, info.expanded_bytes)
 
     async def pull(self, ref: Reference, creds: Credentials | None) -> PullResult:
         """Fetch and unpack everything ``ref`` needs; leases everything it touches."""
@@ -159,18 +165,17 @@ class Puller:
             doc = parse_json(manifest_body, f"manifest {chosen.digest} of {ref}")
             if manifest_kind(doc, ctype) in INDEX_TYPES:
                 raise ImageError(f"{ref}: nested indexes are not supported")
-        await asyncio.to_thread(self.content.put, manifest_body, manifest_digest)
         what = f"manifest {manifest_digest} of {ref}"
         config = Descriptor.from_json(doc.get("config"), f"{what}: config")
         raw_layers = doc.get("layers")
         if not isinstance(raw_layers, list):
             raise ImageError(f"{what}: no layers")
         layer_descs = [Descriptor.from_json(x, f"{what}: layer") for x in raw_layers]
+        check_manifest(self.limits, what, config, layer_descs)  # before anything is fetched
         for d in layer_descs:
             if d.media_type not in LAYER_TYPES:
                 raise ImageError(f"{what}: unsupported layer media type {d.media_type!r}")
-        if config.size > MAX_CONFIG_BYTES:
-            raise ImageError(f"{what}: config too large ({config.size} bytes)")
+        await asyncio.to_thread(self.content.put, manifest_body, manifest_digest)
         await self._keep([config.digest, *(d.digest for d in layer_descs)])
 
         await self._blob(ref, config, creds, eps)
@@ -191,11 +196,12 @@ class Puller:
         await self._keep(layer.diff_id for layer in layers)
 
         sem = asyncio.Semaphore(LAYER_CONCURRENCY)
+        budget = ExpandBudget(self.limits, f"image {ref}")
 
         async def one(i: int, layer: LayerRef, desc: Descriptor) -> None:
             async with sem:
                 await self._blob(ref, desc, creds, eps)
-            await self._layer(ref, layer, i)
+            await self._layer(ref, layer, i, budget)
 
         results: list[Any] = await asyncio.gather(
             *(

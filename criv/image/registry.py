@@ -24,11 +24,12 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from criv.config import RegistriesConfig
+from criv.config import ImageLimitsConfig, RegistriesConfig
 from criv.errors import DigestMismatch, ImageError, ImageNotFound, RegistryAuthError, RegistryError
 from criv.image.auth import Challenge, Credentials, load_auth_file, normalize_host, parse_challenges
 from criv.image.content import BlobWriter
-from criv.image.media import ACCEPT, MAX_MANIFEST_BYTES, sha256_digest
+from criv.image.limits import exceeded
+from criv.image.media import ACCEPT, sha256_digest
 from criv.image.reference import Reference
 
 log = logging.getLogger(__name__)
@@ -106,8 +107,9 @@ class _Failure:
 
 
 class RegistryClient:
-    def __init__(self, config: RegistriesConfig) -> None:
+    def __init__(self, config: RegistriesConfig, limits: ImageLimitsConfig | None = None) -> None:
         self.config = config
+        self.limits = limits or ImageLimitsConfig()
         self._session: aiohttp.ClientSession | None = None
         self._auth_file = load_auth_file(config.auth_file)
         # (endpoint host, scope, credentials fingerprint) -> (Authorization, expiry)
@@ -299,13 +301,18 @@ class RegistryClient:
         for ep in endpoints or self.endpoints(ref.domain):
             cred = self._credentials(ep, ref, creds)
 
-            async def read(resp: aiohttp.ClientResponse) -> tuple[bytes, str]:
+            async def read(resp: aiohttp.ClientResponse, ep: Endpoint = ep) -> tuple[bytes, str]:
+                limit = self.limits.max_manifest_bytes
                 n = resp.content_length
-                if n is not None and n > MAX_MANIFEST_BYTES:
-                    raise ImageError(f"{what}: manifest too large ({n} bytes)")
-                body = await resp.content.read(MAX_MANIFEST_BYTES + 1)
-                if len(body) > MAX_MANIFEST_BYTES:
-                    raise ImageError(f"{what}: manifest too large")
+                if n is None or n <= limit:
+                    body = await resp.content.read(limit + 1)  # never more than the limit
+                    n = len(body)
+                if n > limit:
+                    raise exceeded(
+                        f"{what} from {ep}",
+                        f"{n} bytes, more than {self.limits.max_manifest_kib} KiB",
+                        "max_manifest_kib",
+                    )
                 return body, resp.headers.get("Content-Type", "")
 
             try:
@@ -342,13 +349,21 @@ class RegistryClient:
             writer = await asyncio.to_thread(open_writer)
 
             async def stream(resp: aiohttp.ClientResponse, w: BlobWriter = writer) -> None:
-                # Hash and write in a worker thread, a batch of chunks at a time.
+                n = resp.content_length
+                if w.size is not None and n is not None and n > w.size:
+                    raise DigestMismatch(
+                        f"{w.what}: the registry sends {n} bytes, the descriptor says {w.size}"
+                    )
+                # Hash and write in a worker thread, a batch of chunks at a time; the
+                # writer refuses a byte past the declared size, so at most one chunk
+                # more than that is read.
                 batch: list[bytes] = []
                 pending = 0
                 async for chunk in resp.content.iter_any():
                     batch.append(chunk)
                     pending += len(chunk)
-                    if pending >= _WRITE_BATCH:
+                    too_long = w.size is not None and w.written + pending > w.size
+                    if pending >= _WRITE_BATCH or too_long:  # the writer raises if too long
                         await asyncio.to_thread(w.write_many, batch)
                         batch, pending = [], 0
                 if batch:

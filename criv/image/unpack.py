@@ -17,21 +17,21 @@ import ctypes
 import ctypes.util
 import errno
 import gzip
-import hashlib
-import io
 import logging
 import os
 import shutil
 import stat
 import tarfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
 
 import zstandard
 
+from criv.config import ImageLimitsConfig
 from criv.errors import DigestMismatch, ImageError, UnsafeLayer
+from criv.image.tarstream import CHUNK, LayerStream, members, open_decompressed
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,15 @@ OPAQUE_MARKER = ".wh..wh..opq"
 OPAQUE_XATTR = "trusted.overlay.opaque"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-_CHUNK = 256 << 10
 _MAX_CACHED_FDS = 128
+# An entry name longer than the kernel's PATH_MAX could not be used by path in the
+# container either; the depth bound keeps the recursive tree code (shutil.rmtree of a
+# layer) far from Python's recursion limit.
+MAX_NAME_BYTES = 4096
+MAX_DEPTH = 256
+# Directory mtimes are set last (creating children changes them); past this many bytes
+# of remembered paths a directory's mtime is set at once instead (it may then move).
+_MAX_DIR_TIMES_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -49,52 +56,20 @@ class UnpackResult:
     diff_id: str
     tar_bytes: int
     entries: int
-
-
-class _HashingReader(io.RawIOBase):
-    """Passes reads through and hashes every byte (the diff id of the layer)."""
-
-    def __init__(self, inner: IO[bytes]) -> None:
-        self._inner = inner
-        self.hash = hashlib.sha256()
-        self.count = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        data = self._inner.read(len(b))
-        n = len(data)
-        b[:n] = data
-        self.hash.update(data)
-        self.count += n
-        return n
-
-    def drain(self) -> None:
-        while self.read(_CHUNK):
-            pass
-
-
-def open_decompressed(f: IO[bytes]) -> IO[bytes]:
-    """Sniff gzip / zstd / plain tar by magic bytes (media types are not trusted)."""
-    head = f.read(4)
-    f.seek(0)
-    if head[:2] == b"\x1f\x8b":
-        gz: IO[bytes] = gzip.GzipFile(fileobj=f, mode="rb")  # type: ignore[assignment]
-        return gz
-    if head == b"\x28\xb5\x2f\xfd":
-        reader: IO[bytes] = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
-        return reader
-    return f
+    expanded_bytes: int  # tar_bytes plus the sizes of sparse files
 
 
 def split_path(name: str, what: str = "entry") -> list[str]:
-    """Components of a tar path; UnsafeLayer for absolute paths and ``..``."""
+    """Components of a tar path; UnsafeLayer for absolute, ``..``, too long or deep."""
+    if len(name.encode(errors="surrogateescape")) > MAX_NAME_BYTES:
+        raise UnsafeLayer(f"layer {what} {name[:64]!r}...: longer than {MAX_NAME_BYTES} bytes")
     if name.startswith("/"):
         raise UnsafeLayer(f"layer {what} {name!r}: absolute path")
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if ".." in parts:
         raise UnsafeLayer(f"layer {what} {name!r}: path escapes the layer root ('..')")
+    if len(parts) > MAX_DEPTH:
+        raise UnsafeLayer(f"layer {what} {name[:64]!r}...: deeper than {MAX_DEPTH} components")
     return parts
 
 
@@ -120,13 +95,37 @@ class _Tree:
             os.close(self._cache.pop(key))
 
     def dir_fd(self, parts: tuple[str, ...], entry: str, create: bool = True) -> int:
-        """An fd of the directory ``parts`` (borrowed: do not close), made if missing."""
+        """An fd of the directory ``parts`` (borrowed: do not close), made if missing.
+
+        Walks down from the parent if it is cached (tar lists a directory before its
+        contents), else from the root; only ``parts`` itself is cached, so a deep
+        entry holds two fds at a time, not one per level.
+        """
         if not parts:
             return self.root_fd
         fd = self._cache.get(parts)
         if fd is not None:
             return fd
-        parent = self.dir_fd(parts[:-1], entry, create)
+        start = len(parts) - 1
+        cur = self._cache.get(parts[:-1]) if start else self.root_fd
+        if cur is None:
+            start, cur = 0, self.root_fd
+        owned: int | None = None  # an fd this walk opened (closed as it moves on)
+        try:
+            for i in range(start, len(parts)):
+                nxt = self._open_child(cur, parts[: i + 1], entry, create)
+                if owned is not None:
+                    os.close(owned)
+                owned = cur = nxt
+        except BaseException:
+            if owned is not None:
+                os.close(owned)
+            raise
+        self._cache[parts] = cur
+        return cur
+
+    @staticmethod
+    def _open_child(parent: int, parts: tuple[str, ...], entry: str, create: bool) -> int:
         name = parts[-1]
         try:
             fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
@@ -145,7 +144,6 @@ class _Tree:
                     f"layer entry {entry!r}: goes through the symlink {where!r}"
                 ) from None
             raise UnsafeLayer(f"layer entry {entry!r}: {where!r} is not a directory") from None
-        self._cache[parts] = fd
         return fd
 
 
@@ -159,9 +157,11 @@ def _syncfs(fd: int) -> None:
 
 
 class _Unpacker:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, stream: LayerStream) -> None:
         self.tree = _Tree(root)
-        self.dir_times: list[tuple[tuple[str, ...], int]] = []
+        self.stream = stream
+        self.dir_times: dict[str, int] = {}  # "a/b" -> mtime, applied in finish()
+        self.dir_times_bytes = 0
         self.entries = 0
 
     # -- helpers -------------------------------------------------------------------
@@ -220,6 +220,9 @@ class _Unpacker:
 
     def entry(self, tar: tarfile.TarFile, m: tarfile.TarInfo) -> None:
         self.entries += 1
+        if m.isreg() and m.issparse():
+            # its holes are written out as zeros: count the whole file, not the stream
+            self.stream.add(m.size)
         self.tree.trim()
         parts = tuple(split_path(m.name))
         if not parts:
@@ -285,7 +288,7 @@ class _Unpacker:
             src = tar.extractfile(m)
             if src is not None:
                 with open(fd, "wb", buffering=0, closefd=False) as out:
-                    shutil.copyfileobj(src, out, _CHUNK)
+                    shutil.copyfileobj(src, out, CHUNK)
             os.fchown(fd, m.uid, m.gid)
             os.fchmod(fd, m.mode & 0o7777)
             for key, value in self._xattrs(m):
@@ -299,36 +302,50 @@ class _Unpacker:
         os.fchmod(fd, m.mode & 0o7777)
         for key, value in self._xattrs(m):
             self._set_xattr(fd, key, value, m.name)
-        self.dir_times.append((parts, self._times(m)[1]))
+        mtime = self._times(m)[1]
+        path = "/".join(parts)
+        if path not in self.dir_times and self.dir_times_bytes >= _MAX_DIR_TIMES_BYTES:
+            os.utime(fd, ns=(mtime, mtime))  # memory stays bounded; only huge layers
+            return
+        self.dir_times_bytes += len(path) + 100
+        self.dir_times[path] = mtime
 
     def finish(self) -> None:
         """Directory mtimes last (creating children changed them), deepest first."""
         self.tree.invalidate(())
-        for parts, mtime in sorted(self.dir_times, key=lambda x: -len(x[0])):
+        for path, mtime in sorted(self.dir_times.items(), key=lambda x: -x[0].count("/")):
             self.tree.trim()
+            parts = tuple(path.split("/")) if path else ()
             try:
-                fd = self.tree.dir_fd(parts, "/".join(parts), create=False)
+                fd = self.tree.dir_fd(parts, path, create=False)
             except (OSError, UnsafeLayer):
                 continue  # replaced later in the layer
             os.utime(fd, ns=(mtime, mtime))
         _syncfs(self.tree.root_fd)
 
 
-def unpack_layer(blob: Path, dest: Path, diff_id: str, what: str = "layer") -> UnpackResult:
+def unpack_layer(
+    blob: Path,
+    dest: Path,
+    diff_id: str,
+    what: str = "layer",
+    limits: ImageLimitsConfig | None = None,
+    charge: Callable[[int], None] | None = None,
+) -> UnpackResult:
     """Unpack ``blob`` (gzip, zstd or plain tar) into the existing empty dir ``dest``.
 
     Raises UnsafeLayer for escaping entries, DigestMismatch when the uncompressed
-    content is not ``diff_id``, ImageError for a corrupt archive. On error ``dest`` is
-    left half-written: the caller unpacks into a temporary dir and removes it.
+    content is not ``diff_id``, ImageError for a corrupt archive, ImageLimitExceeded
+    past ``limits`` (``charge`` is called with each expanded byte count: the image's
+    budget). On error ``dest`` is left half-written: the caller unpacks into a
+    temporary dir and removes it.
     """
     with open(blob, "rb") as raw:
-        stream = open_decompressed(raw)
-        reader = _HashingReader(stream)
-        unpacker = _Unpacker(dest)
+        reader = LayerStream(open_decompressed(raw), limits or ImageLimitsConfig(), what, charge)
+        unpacker = _Unpacker(dest, reader)
         try:
-            with tarfile.open(fileobj=reader, mode="r|", bufsize=_CHUNK) as tar:
-                for m in tar:
-                    unpacker.entry(tar, m)
+            for tar, m in members(reader):
+                unpacker.entry(tar, m)
             reader.drain()
             unpacker.finish()
         except (tarfile.TarError, EOFError, zlib.error, zstandard.ZstdError, gzip.BadGzipFile) as e:
@@ -338,40 +355,4 @@ def unpack_layer(blob: Path, dest: Path, diff_id: str, what: str = "layer") -> U
     got = "sha256:" + reader.hash.hexdigest()
     if got != diff_id:
         raise DigestMismatch(f"{what}: uncompressed content is {got}, config says {diff_id}")
-    return UnpackResult(got, reader.count, unpacker.entries)
-
-
-def disk_usage(path: Path) -> tuple[int, int]:
-    """(bytes, inodes) used under ``path``, du-style: st_blocks, hardlinks counted once."""
-    seen: set[tuple[int, int]] = set()
-    total = 0
-    inodes = 0
-    stack: list[str] = [str(path)]
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return 0, 0
-    seen.add((st.st_dev, st.st_ino))
-    total += st.st_blocks * 512
-    inodes += 1
-    while stack:
-        d = stack.pop()
-        try:
-            it = os.scandir(d)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        with it:
-            for e in it:
-                try:
-                    st = e.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                key = (st.st_dev, st.st_ino)
-                if key in seen:
-                    continue
-                seen.add(key)
-                total += st.st_blocks * 512
-                inodes += 1
-                if stat.S_ISDIR(st.st_mode):
-                    stack.append(e.path)
-    return total, inodes
+    return UnpackResult(got, reader.count, unpacker.entries, reader.expanded)

@@ -17,6 +17,7 @@ import json
 import subprocess
 import tarfile
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -380,3 +381,46 @@ def random_layer(size: int, seed: int, compressible: bool, files: int = 8) -> La
             data = rng.randbytes(per)
         lb.file(f"data{seed}/f{i}", data)
     return lb
+
+
+# -- hostile raw tar (what tarfile will not write) ----------------------------------
+
+
+def raw_tar_header(
+    name: bytes, typeflag: bytes, size: int, extra: dict[int, bytes] | None = None
+) -> bytes:
+    """One 512-byte GNU tar header as a hostile writer makes it: any declared ``size``
+    (base-256 past 8 GiB), ``extra`` bytes placed at the given offsets (sparse fields)."""
+    h = bytearray(512)
+    h[0 : len(name)] = name
+    h[100:108] = b"0000644\0"
+    h[108:116] = b"0000000\0"
+    h[116:124] = b"0000000\0"
+    if size < 8**11:
+        h[124:136] = b"%011o\0" % size
+    else:
+        h[124:136] = b"\x80" + size.to_bytes(11, "big")
+    h[136:148] = b"%011o\0" % FIXED_MTIME
+    h[156:157] = typeflag
+    h[257:265] = b"ustar  \0"
+    for off, data in (extra or {}).items():
+        h[off : off + len(data)] = data
+    h[148:156] = b" " * 8
+    h[148:156] = b"%06o\0 " % sum(h)
+    return bytes(h)
+
+
+def gzip_chunks(chunks: Iterable[bytes]) -> bytes:
+    """gzip of the concatenated ``chunks``, without holding them all (for bombs)."""
+    out = io.BytesIO()
+    with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=1, mtime=0) as gz:
+        for c in chunks:
+            gz.write(c)
+    return out.getvalue()
+
+
+def zeros(n: int, chunk: int = 1 << 20) -> Iterator[bytes]:
+    block = bytes(chunk)
+    while n > 0:
+        yield block[: min(n, chunk)]
+        n -= chunk

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from criv.errors import DigestMismatch, ImageError
-from criv.image.layers import LayerStore
-from criv.image.unpack import OPAQUE_XATTR, disk_usage, unpack_layer
+from criv.image.layers import LayerStore, disk_usage
+from criv.image.unpack import OPAQUE_XATTR, unpack_layer
 from tests.support.images import LayerBuilder, build_layer, busybox_rootfs
 
 
