@@ -135,6 +135,7 @@ def create_request(args: CreateContainerArgs) -> agent_pb2.CreateContainerReques
             for m in args.mounts
         ],
         pid_namespace_target=args.pid_namespace_target,
+        seccomp_profile_json=args.seccomp_profile_json,
     )
 
 

@@ -98,6 +98,7 @@ class CreateContainerArgs:
     rootfs: str
     mounts: list[MountSpec] = field(default_factory=list)
     pid_namespace_target: str = ""
+    seccomp_profile_json: bytes = b""  # a Localhost profile read on the host
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,15 @@ def pod_spec(req: api_pb2.RunPodSandboxRequest) -> PodSpec:
         annotations=dict(cfg.annotations),
         log_directory=cfg.log_directory,
         host_network=ns.network == api_pb2.NODE,
+        host_namespaces=tuple(
+            name
+            for name, mode in (
+                ("hostNetwork", ns.network),
+                ("hostPID", ns.pid),
+                ("hostIPC", ns.ipc),
+            )
+            if mode == api_pb2.NODE
+        ),
         port_mappings=tuple(
             PortMap(
                 host_port=p.host_port,
@@ -82,12 +91,26 @@ def container_spec(req: api_pb2.CreateContainerRequest) -> ContainerSpec:
                 readonly=m.readonly,
                 selinux_relabel=m.selinux_relabel,
                 propagation=int(m.propagation),
+                recursive_read_only=m.recursive_read_only,
             )
             for m in cfg.mounts
         ),
         resources=cfg.linux.resources.SerializeToString() if cfg.linux.HasField("resources")
         else b"",
+        seccomp_localhost=seccomp_localhost(cfg.linux.security_context),
     )  # fmt: skip
+
+
+def seccomp_localhost(sc: api_pb2.LinuxContainerSecurityContext) -> str:
+    """The Localhost seccomp profile's host path, as the agent picks the profile: the
+    typed field, else the deprecated ``localhost/<path>``; none for privileged."""
+    if sc.privileged:
+        return ""
+    if sc.HasField("seccomp"):
+        p = sc.seccomp
+        return p.localhost_ref if p.profile_type == api_pb2.SecurityProfile.Localhost else ""
+    path = sc.seccomp_profile_path
+    return path[len("localhost/") :] if path.startswith("localhost/") else ""
 
 
 def pod_filter(f: api_pb2.PodSandboxFilter) -> PodFilter:
@@ -154,6 +177,7 @@ def pod_verbose_info(pod: PodRecord, state_dir: str) -> dict[str, str]:
         "id": pod.id,
         "state": pod.state.value,
         "isolation": pod.isolation,
+        "isolationReason": pod.isolation_reason,
         "runtimeHandler": pod.handler,
         "pid": st.pid if isinstance(st := pod.isolation_state, HostState) else 0,
         "isolationState": isostate.encode(pod.isolation_state) or {},
@@ -215,6 +239,7 @@ def container_status(c: ContainerRecord) -> api_pb2.ContainerStatus:
                 readonly=m.readonly,
                 selinux_relabel=m.selinux_relabel,
                 propagation=m.propagation,  # type: ignore[arg-type]
+                recursive_read_only=m.recursive_read_only,
             )
             for m in c.mounts
         ],

@@ -44,6 +44,10 @@ _MISSING = {
     "UpdatePodSandboxResources": "resizing a running pod sandbox is not supported",
 }
 
+# isolation modes that make a recursive_read_only mount read-only all the way down:
+# host (crun's ``rro``) and vm (mount_setattr on the host side, ``rro`` in the guest)
+_RRO_MODES = frozenset({"host", "vm"})
+
 
 class RuntimeService(
     PodSandboxRpcs, ContainerRpcs, StreamingRpcs, api_pb2_grpc.RuntimeServiceServicer
@@ -93,12 +97,12 @@ class RuntimeService(
                 **self._state.verbose_info(),
             }
             resp.info["info"] = json.dumps(info, sort_keys=True)
-        for handler in sorted(self._config.runtime.handlers):
+        for handler, mode in sorted(self._config.runtime.handlers.items()):
             resp.runtime_handlers.append(
                 api_pb2.RuntimeHandler(
                     name=handler,
                     features=api_pb2.RuntimeHandlerFeatures(
-                        recursive_read_only_mounts=False, user_namespaces=False
+                        recursive_read_only_mounts=mode in _RRO_MODES, user_namespaces=False
                     ),
                 )
             )

@@ -27,7 +27,14 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from criv.cri.validate_linux import check_pod_linux, check_resources, check_security, fail, show
+from criv.cri.validate_linux import (
+    check_mount,
+    check_pod_linux,
+    check_resources,
+    check_security,
+    fail,
+    show,
+)
 from criv_agent.api.runtime.v1 import api_pb2
 
 # What CNI_ARGS (``K=V;K=V``), reserved names (``name_namespace_uid_attempt``) and log
@@ -183,6 +190,7 @@ def _create_container(req: api_pb2.CreateContainerRequest) -> None:
         check_abs_path(m.container_path, f"{p}.container_path")
         check_abs_path(m.host_path, f"{p}.host_path")
         check_enum(m.propagation, _PROPAGATIONS, f"{p}.propagation")
+        check_mount(m, p)
     for i, d in enumerate(cfg.devices):
         p = f"config.devices[{i}]"
         check_abs_path(d.container_path, f"{p}.container_path")

@@ -131,6 +131,18 @@ def check_security(sc: api_pb2.LinuxContainerSecurityContext, path: str) -> None
                 raise fail(f"{path}.capabilities.{name}[{i}]", f"{show(c)} is no capability")
 
 
+def check_mount(m: api_pb2.Mount, path: str) -> None:
+    """As containerd: ``recursive_read_only`` needs ``readonly`` and private propagation
+    (a read-only tree cannot take mounts propagated into it later)."""
+    if not m.recursive_read_only:
+        return
+    if not m.readonly:
+        raise fail(f"{path}.recursive_read_only", "needs readonly: true")
+    if m.propagation != api_pb2.MountPropagation.PROPAGATION_PRIVATE:
+        name = api_pb2.MountPropagation.Name(m.propagation)
+        raise fail(f"{path}.recursive_read_only", f"needs PROPAGATION_PRIVATE, not {name}")
+
+
 def check_pod_linux(linux: api_pb2.LinuxPodSandboxConfig, path: str) -> None:
     parent = linux.cgroup_parent
     absolute = parent.startswith("/") and ".." not in parent.split("/")

@@ -21,11 +21,12 @@ from criv import failpoints
 from criv.agent.client import AgentClient
 from criv.agent.types import CreateContainerArgs, ExecResult, MountSpec
 from criv.errors import AgentError, CrivError, DeadlineExceeded, FailedPrecondition, NotFound
+from criv.sandbox import seccomp_profile
 from criv.sandbox.cleanup import PodCleanup
 from criv.sandbox.context import SandboxContext
 from criv.sandbox.events import EventKind
 from criv.sandbox.logs import LogFollowers
-from criv.sandbox.records import ContainerRecord, PodRecord
+from criv.sandbox.records import ContainerRecord, MountRecord, PodRecord
 from criv.sandbox.rootfs import RootfsMounter
 from criv.sandbox.scratch import PodScratch
 from criv.sandbox.specs import ContainerFilter, ContainerSpec, match_container
@@ -102,6 +103,7 @@ class ContainerService:
         # Lease before anything is mounted: from here a RemoveImage leaves the layers
         # alone. A crash before the record is written leaves a lease with no container,
         # which recovery releases.
+        seccomp_json = await seccomp_profile.load(spec.seccomp_localhost)
         image = await ctx.images.acquire(spec.image, cid)
         failpoints.hit("create_container.after_lease")
         iso = ctx.isolation(pod)
@@ -143,10 +145,7 @@ class ContainerService:
                     )
                 # vm pods: bind mounts into the pod's share; host pods: as they are
                 mounts = [
-                    MountSpec(
-                        m.container_path,
-                        await iso.share(paths, cid, Path(m.host_path), f"m{i}", m.readonly),
-                    )
+                    MountSpec(m.container_path, await iso.share(paths, cid, m, f"m{i}"))
                     for i, m in enumerate(spec.mounts)
                 ]
                 args = CreateContainerArgs(
@@ -155,8 +154,9 @@ class ContainerService:
                     config=spec.config,
                     sandbox_config=pod.config,
                     image_config_json=image.config_json,
-                    rootfs=await iso.share(paths, cid, rootfs, "rootfs", False),
+                    rootfs=await iso.share(paths, cid, MountRecord("/", str(rootfs)), "rootfs"),
                     mounts=mounts,
+                    seccomp_profile_json=seccomp_json,
                 )
                 failpoints.hit("create_container.after_share")
                 info = await client.create_container(args)

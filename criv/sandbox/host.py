@@ -33,9 +33,10 @@ from criv.procscan import (
     processes_in_netns,
     same_process,
 )
+from criv.sandbox import propagation
 from criv.sandbox.isolation import PodPaths
 from criv.sandbox.isostate import HostState, IsolationState
-from criv.sandbox.records import PodRecord
+from criv.sandbox.records import MountRecord, PodRecord
 from criv.sandbox.states import PodState
 
 log = logging.getLogger("criv.sandbox.host")
@@ -193,10 +194,10 @@ class HostIsolation:
     def data_endpoint(self, paths: PodPaths) -> str:
         return str(paths.data_socket)
 
-    async def share(
-        self, paths: PodPaths, cid: str, host_path: Path, name: str, readonly: bool
-    ) -> str:
-        return str(host_path)  # the agent sees the host's files (and binds them ro itself)
+    async def share(self, paths: PodPaths, cid: str, mount: MountRecord, name: str) -> str:
+        # the agent sees the host's files (and binds them with their flags itself)
+        await asyncio.to_thread(propagation.check_source, mount.host_path, mount.propagation)
+        return mount.host_path
 
     def pod_files_dir(self, paths: PodPaths) -> str:
         return str(paths.shared)

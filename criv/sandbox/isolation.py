@@ -32,7 +32,7 @@ from typing import Protocol
 from criv.agent.client import AgentClient
 from criv.agent.types import GuestNetwork
 from criv.sandbox.isostate import IsolationState
-from criv.sandbox.records import PodRecord
+from criv.sandbox.records import MountRecord, PodRecord
 
 
 @dataclass(frozen=True)
@@ -107,9 +107,7 @@ class Isolation(Protocol):
 
     def data_endpoint(self, paths: PodPaths) -> str: ...
 
-    async def share(
-        self, paths: PodPaths, cid: str, host_path: Path, name: str, readonly: bool
-    ) -> str: ...
+    async def share(self, paths: PodPaths, cid: str, mount: MountRecord, name: str) -> str: ...
 
     def pod_files_dir(self, paths: PodPaths) -> str: ...
 

@@ -110,6 +110,7 @@ class MountRecord:
     readonly: bool = False
     selinux_relabel: bool = False
     propagation: int = 0  # runtime.v1.MountPropagation value
+    recursive_read_only: bool = False
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,8 @@ class ContainerSpec:
     log_path: str = ""
     mounts: tuple[MountRecord, ...] = ()
     resources: bytes = b""
+    # the seccomp Localhost profile's host path ("" for none): criv reads it for the agent
+    seccomp_localhost: str = ""
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from criv_agent.crun import Crun
 from criv_agent.errors import FailedPrecondition
 from criv_agent.sandbox import Sandbox
 from criv_agent.spec import HostInfo, SpecInput, build_spec, stop_signal
+from criv_agent.spec.submounts import read_mountinfo
 from criv_agent.state import ContainerRecord
 from criv_agent.stdio import LogSink, Stdio
 
@@ -77,6 +78,7 @@ async def write_bundle(
         pod_ns=sb.namespaces(),
         target_pid_ns=target_pid_ns,
         host=host,
+        seccomp_profile=req.seccomp_profile_json,
     )
     await asyncio.to_thread(_write_spec, inp, bundle)
     return ContainerRecord(
@@ -93,6 +95,8 @@ async def write_bundle(
 
 
 def _write_spec(inp: SpecInput, bundle: str) -> None:
+    if inp.config.mounts:
+        inp.mountinfo = read_mountinfo()  # the volumes' sub-mounts, as they are now
     spec = build_spec(inp)  # reads the rootfs's /etc/passwd and /etc/group
     os.makedirs(bundle, mode=0o700, exist_ok=True)
     with open(os.path.join(bundle, "config.json"), "w", encoding="utf-8") as f:

@@ -36,14 +36,21 @@ def hybrid_needs_cover() -> bool:
         return False
 
 
-# Runs crun with the cgroup2 mount covered, in a private mount namespace of its own.
+# Runs crun with the cgroup2 mount covered, in a mount namespace of its own.
 # util-linux's unshare/mount (on every such host) rather than a preexec_fn: fork() in a
 # process with gRPC threads runs gRPC's fork handlers and breaks the child.
-_COVER = "mount -t tmpfs -o size=4k tmpfs " + CGROUP_ROOT + '/unified || exit 121; exec "$0" "$@"'
+# Propagation stays as on the host (shared mounts stay peers), so that a container's
+# PROPAGATION_BIDIRECTIONAL volume reaches the host; only the covered mount is made
+# private first, so that the cover does not propagate back.
+_COVER = (
+    f"mount --make-private {CGROUP_ROOT}/unified && "
+    f"mount -t tmpfs -o size=4k tmpfs {CGROUP_ROOT}/unified || exit 121; "
+    'exec "$0" "$@"'
+)
 
 
 def _cover_prefix() -> list[str]:
-    return ["unshare", "--mount", "--propagation", "slave", "sh", "-c", _COVER]
+    return ["unshare", "--mount", "--propagation", "unchanged", "sh", "-c", _COVER]
 
 
 def root_is_initramfs() -> bool:

@@ -30,9 +30,10 @@ from criv.hypervisor.sizing import PodResources, vm_size
 from criv.hypervisor.spec import PodVm, domain_name, pod_domain
 from criv.network.tap import attach_tap, create_tap, delete_tap, guest_addressing, pod_link
 from criv.network.tap import tap_name as pod_tap_name
+from criv.sandbox import propagation
 from criv.sandbox.isolation import PodPaths
 from criv.sandbox.isostate import IsolationState, VmState
-from criv.sandbox.records import PodRecord
+from criv.sandbox.records import MountRecord, PodRecord
 from criv.sandbox.states import PodState
 from criv.sandbox.vm import share as shares
 from criv.sandbox.vm import virtiofs
@@ -268,10 +269,18 @@ class VmIsolation:
 
     # -- containers' files --------------------------------------------------------------
 
-    async def share(
-        self, paths: PodPaths, cid: str, host_path: Path, name: str, readonly: bool
-    ) -> str:
-        return await shares.share(paths, cid, host_path, name, readonly)
+    async def share(self, paths: PodPaths, cid: str, mount: MountRecord, name: str) -> str:
+        propagation.refuse_in_vm(mount.propagation, mount.container_path)
+        await asyncio.to_thread(propagation.check_source, mount.host_path, mount.propagation)
+        return await shares.share(
+            paths,
+            cid,
+            Path(mount.host_path),
+            name,
+            mount.readonly,
+            recursive_ro=mount.recursive_read_only,
+            host_to_container=mount.propagation == propagation.HOST_TO_CONTAINER,
+        )
 
     def pod_files_dir(self, paths: PodPaths) -> str:
         return ""  # the agent keeps them guest-local: the share is read-only to it

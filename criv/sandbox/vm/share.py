@@ -13,6 +13,11 @@ directory the guest can write:
 - a bind gets its flags (``ro`` for a read-only volume; always ``nosuid,nodev``) in a
   host-only staging dir before it is bound into the tree, since flags set after a bind
   propagated would not reach the guest's copy;
+- a volume is bound recursively (its sub-mounts reach the guest as virtio-fs
+  submounts, as ``rbind`` shows them in containerd): ``nosuid,nodev`` go on every mount
+  of it, ``ro`` on its top mount only, or on all of them for ``recursive_read_only``;
+  with ``PROPAGATION_HOST_TO_CONTAINER`` the staged copy is a slave of the source, so
+  the host's later mounts under it reach the guest too; otherwise it is private;
 - teardown unmounts, then removes only what is on the share's own filesystem, never
   following links and never entering a mount (a volume's content is never deleted).
 
@@ -31,6 +36,12 @@ from criv.commands import run_command
 from criv.errors import Internal, InvalidArgument
 from criv.mounts import is_mounted
 from criv.sandbox.isolation import PodPaths
+from criv.sandbox.mountattr import (
+    MOUNT_ATTR_NODEV,
+    MOUNT_ATTR_NOSUID,
+    MOUNT_ATTR_RDONLY,
+    set_flags,
+)
 from criv.sandbox.rootfs import umount_lazy, unmount_all_under
 from criv.sandbox.vm.layout import GUEST_SHARED
 
@@ -62,6 +73,18 @@ async def prepare(paths: PodPaths) -> None:
         await _mount("--bind", str(tree), str(shared))
         await _mount("--make-slave", str(shared))
         await _mount("-o", f"remount,bind,ro,{BIND_FLAGS}", str(shared))
+    await _private_stage(paths)
+
+
+async def _private_stage(paths: PodPaths) -> None:
+    """The staging dir as a private mount: a bind staged there propagates nowhere (not
+    into the mount namespaces of QEMU and virtiofsd, which are slaves of the host's),
+    so unmounting it leaves no copy behind, whatever propagation it was given."""
+    stage = paths.share_stage
+    await asyncio.to_thread(stage.mkdir, parents=True, exist_ok=True, mode=0o700)
+    if not await asyncio.to_thread(is_mounted, stage):
+        await _mount("--bind", str(stage), str(stage))
+        await _mount("--make-private", str(stage))
 
 
 def container_dir(paths: PodPaths, cid: str) -> Path:
@@ -86,8 +109,17 @@ def _entry(parent: Path, name: str, is_dir: bool) -> Path:
     return target
 
 
-async def share(paths: PodPaths, cid: str, host_path: Path, name: str, readonly: bool) -> str:
-    """Bind ``host_path`` into the pod's share (read-only if asked); the guest's path."""
+async def share(
+    paths: PodPaths,
+    cid: str,
+    host_path: Path,
+    name: str,
+    readonly: bool,
+    recursive_ro: bool = False,
+    host_to_container: bool = False,
+) -> str:
+    """Bind ``host_path`` and its sub-mounts into the pod's share (read-only if asked);
+    the guest's path."""
     if "/" in name or name in ("", ".", ".."):
         raise Internal(f"bad share entry name {name!r}")
 
@@ -99,15 +131,19 @@ async def share(paths: PodPaths, cid: str, host_path: Path, name: str, readonly:
         target = _entry(container_dir(paths, cid), name, is_dir)
         return stage, target
 
+    await _private_stage(paths)  # pods prepared before it was a mount have it now
     stage, target = await asyncio.to_thread(prepare_entries)
     if await asyncio.to_thread(is_mounted, target):
         return agent_path(paths, paths.shared / target.relative_to(paths.share_tree))
-    mode = "ro" if readonly else "rw"
     try:
-        await _mount("--bind", str(host_path), str(stage))
-        await _mount("-o", f"remount,bind,{mode},{BIND_FLAGS}", str(stage))
+        await _mount("--rbind", str(host_path), str(stage))
+        await _mount("--make-rslave" if host_to_container else "--make-rprivate", str(stage))
+        every = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | (MOUNT_ATTR_RDONLY if recursive_ro else 0)
+        await asyncio.to_thread(set_flags, str(stage), every, True)
+        if readonly:
+            await asyncio.to_thread(set_flags, str(stage), MOUNT_ATTR_RDONLY, False)
         # the tree's copy (and the guest's, by propagation) clone the staged flags
-        await _mount("--bind", str(stage), str(target))
+        await _mount("--rbind", str(stage), str(target))
     finally:
         if await asyncio.to_thread(is_mounted, stage):
             await umount_lazy(stage)

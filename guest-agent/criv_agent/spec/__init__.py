@@ -1,9 +1,10 @@
 """OCI runtime spec from CRI, as containerd 1.6/1.7's CRI plugin builds it.
 
 ``build_spec`` is pure apart from reading the container rootfs's /etc/passwd and
-/etc/group, a Localhost seccomp profile and device nodes: given the same inputs it returns
-the same dict, which crun gets as ``config.json``. Modules: process (args/env/user),
-users, mounts, security (caps, masked paths, seccomp), namespaces, resources, devices.
+/etc/group, a Localhost seccomp profile (when criv sent none) and device nodes: given
+the same inputs it returns the same dict, which crun gets as ``config.json``. Modules:
+process (args/env/user), users, mounts (+ submounts), security (caps, masked paths,
+seccomp), namespaces, resources, devices.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from criv_agent.spec import security as _security
 from criv_agent.spec.namespaces import PodNamespaces, namespaces
 from criv_agent.spec.process import build_process
 from criv_agent.spec.resources import resources
+from criv_agent.spec.submounts import parse_mountinfo
 from criv_agent.spec.users import UserDb
 
 __all__ = ["HostInfo", "PodNamespaces", "SpecInput", "build_spec", "image_config"]
@@ -52,6 +54,10 @@ class SpecInput:
     target_pid_ns: str | None = None
     host: HostInfo = field(default_factory=HostInfo)
     users: UserDb | None = None  # tests pass one; else read from rootfs
+    # the agent's mount table (/proc/self/mountinfo): the CRI mounts' sub-mounts
+    mountinfo: str = ""
+    # a Localhost seccomp profile as criv read it on the host (b"": read localhost_ref)
+    seccomp_profile: bytes = b""
 
 
 def image_config(raw: bytes) -> dict[str, Any]:
@@ -118,15 +124,18 @@ def build_spec(inp: SpecInput) -> dict[str, Any]:
     sysctls = dict(inp.sandbox_config.linux.sysctls)
     if sysctls:
         linux["sysctl"] = sysctls
-    seccomp = _security.seccomp(sc, caps["bounding"])
+    seccomp = _security.seccomp(sc, caps["bounding"], profile=inp.seccomp_profile)
     if seccomp is not None:
         linux["seccomp"] = seccomp
 
     mounts = _mounts.merge_mounts(
         _mounts.default_mounts(sc.privileged),
         _mounts.pod_file_mounts(inp.pod_files, sc.readonly_rootfs),
-        _mounts.cri_mounts(list(cfg.mounts), inp.mount_sources),
+        _mounts.cri_mounts(list(cfg.mounts), inp.mount_sources, parse_mountinfo(inp.mountinfo)),
     )
+    propagation = _mounts.rootfs_propagation(list(cfg.mounts))
+    if propagation:
+        linux["rootfsPropagation"] = propagation
     spec: dict[str, Any] = {
         "ociVersion": "1.0.2",
         "process": process,

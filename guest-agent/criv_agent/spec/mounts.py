@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from criv_agent.api.runtime.v1 import api_pb2
+from criv_agent.spec.submounts import Submount, under
 
 _PROPAGATION = {
     api_pb2.MountPropagation.PROPAGATION_PRIVATE: "rprivate",
@@ -81,14 +82,43 @@ def pod_file_mounts(files: PodFiles, readonly_rootfs: bool) -> list[dict[str, An
     return out
 
 
-def cri_mounts(mounts: list[api_pb2.Mount], agent_paths: list[str]) -> list[dict[str, Any]]:
-    """CRI mounts with the host-resolved sources, same order as given."""
+def cri_mounts(
+    mounts: list[api_pb2.Mount], agent_paths: list[str], table: list[Submount] | None = None
+) -> list[dict[str, Any]]:
+    """CRI mounts with the host-resolved sources, same order as given; each followed by
+    one bind per mount below its source in ``table`` (see :mod:`.submounts`).
+
+    ``recursive_read_only`` adds crun's ``rro`` (``mount_setattr`` with
+    ``AT_RECURSIVE``); the validator took care that it comes with ``readonly`` and
+    private propagation, as containerd requires.
+    """
     out = []
     for m, src in zip(mounts, agent_paths, strict=True):
-        opts = ["rbind", _PROPAGATION.get(m.propagation, "rprivate"), "ro" if m.readonly else "rw"]
+        prop = _PROPAGATION.get(m.propagation, "rprivate")
+        opts = ["rbind", prop, "ro" if m.readonly else "rw"]
+        if m.recursive_read_only:
+            opts.append("rro")
         out.append({"destination": m.container_path, "type": "bind", "source": src,
                     "options": opts})  # fmt: skip
+        for sub in under(src, table or []):
+            rel = sub.path[len(os.path.realpath(src).rstrip("/")) :]
+            ro = sub.readonly or m.recursive_read_only
+            out.append({"destination": m.container_path.rstrip("/") + rel, "type": "bind",
+                        "source": sub.path,
+                        "options": ["rbind", prop, "ro" if ro else "rw"]})  # fmt: skip
     return out
+
+
+def rootfs_propagation(mounts: list[api_pb2.Mount]) -> str | None:
+    """As containerd: ``rshared`` if a mount is bidirectional, else ``rslave`` if one is
+    host-to-container (crun would otherwise make the root private, cutting the volume
+    off from the host's later mounts), else crun's default."""
+    props = {m.propagation for m in mounts}
+    if api_pb2.MountPropagation.PROPAGATION_BIDIRECTIONAL in props:
+        return "rshared"
+    if api_pb2.MountPropagation.PROPAGATION_HOST_TO_CONTAINER in props:
+        return "rslave"
+    return None
 
 
 def _depth(dst: str) -> int:

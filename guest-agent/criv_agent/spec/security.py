@@ -158,9 +158,16 @@ def _parse_profile_ref(sc: api_pb2.LinuxContainerSecurityContext) -> tuple[str, 
 
 
 def seccomp(
-    sc: api_pb2.LinuxContainerSecurityContext, caps: list[str], read_file: Any = None
+    sc: api_pb2.LinuxContainerSecurityContext,
+    caps: list[str],
+    read_file: Any = None,
+    profile: bytes = b"",
 ) -> dict[str, Any] | None:
-    """The OCI ``linux.seccomp`` object, or None for unconfined (and privileged)."""
+    """The OCI ``linux.seccomp`` object, or None for unconfined (and privileged).
+
+    A Localhost profile comes as ``profile``, read by criv on the host (its path is a
+    host path, out of a vm guest's reach); only without it is ``localhost_ref`` read
+    here (a criv that predates the field, host mode)."""
     if sc.privileged:
         return None
     kind, path = _parse_profile_ref(sc)
@@ -171,7 +178,9 @@ def seccomp(
     if not path.startswith("/"):
         raise InvalidArgument(f"seccomp localhost profile path must be absolute: {path!r}")
     try:
-        if read_file is not None:
+        if profile:
+            text: Any = profile
+        elif read_file is not None:
             text = read_file(path)
         else:
             with open(path, encoding="utf-8") as f:

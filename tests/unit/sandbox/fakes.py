@@ -24,7 +24,7 @@ from criv.errors import Internal, NotFound
 from criv.sandbox.isolation import PodPaths
 from criv.sandbox.isostate import HostState, IsolationState
 from criv.sandbox.network import Attachment
-from criv.sandbox.records import PodRecord
+from criv.sandbox.records import MountRecord, PodRecord
 
 
 class Steps:
@@ -153,11 +153,9 @@ class FakeIsolation:
     def data_endpoint(self, paths: PodPaths) -> str:
         return str(paths.run / "d.sock")
 
-    async def share(
-        self, paths: PodPaths, cid: str, host_path: Path, name: str, readonly: bool
-    ) -> str:
+    async def share(self, paths: PodPaths, cid: str, mount: MountRecord, name: str) -> str:
         await self.steps.step(f"share.{name}")
-        return str(host_path)
+        return mount.host_path
 
     def pod_files_dir(self, paths: PodPaths) -> str:
         return ""
