@@ -59,6 +59,17 @@ def _within(path: str, base: str) -> bool:
     return path == base or path.startswith(base.rstrip("/") + "/")
 
 
+def create_log_file(path: str) -> None:
+    """Create the container's log before it starts, as containerd does: a caller may
+    open it as soon as StartContainer returns, before any output reached the host (the
+    log follower appends to it)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+    except OSError as e:
+        raise FailedPrecondition(f"cannot create the log {path[:200]!r}: {e.strerror}") from e
+    os.close(fd)
+
+
 class ContainerService:
     def __init__(
         self,
@@ -202,6 +213,8 @@ class ContainerService:
             client = ctx.client_of(pod.id)
             if client is None or pod.state is not PodState.READY:
                 raise FailedPrecondition(f"pod sandbox {pod.id[:12]} is not ready")
+            if c.log_path:
+                await asyncio.to_thread(create_log_file, c.log_path)
             info = await client.start_container(c.id)
             failpoints.hit("start_container.after_agent")
             c = await apply_info(ctx, c.id, info) or c

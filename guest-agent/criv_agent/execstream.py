@@ -3,7 +3,8 @@ stream naming its exec_id runs it and carries its stdio in frames (execframes.py
 
 The process starts when the stream arrives (nothing can be lost before the host reads),
 so a StartExec whose stream never comes within 30 s is simply forgotten. The host
-closing the connection early kills the exec'd process.
+closing the connection early kills the exec'd process. The process runs as the
+container's own (execprocess.py).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from criv_agent.execframes import (
     parse_resize,
     read_frame,
 )
+from criv_agent.execprocess import write_exec_process
 from criv_agent.execsync import kill_exec
 from criv_agent.stdio import Stdio
 
@@ -57,6 +59,7 @@ class PendingExec:
     cmd: list[str]
     tty: bool
     stdin: bool
+    bundle: str
     workdir: str
     created: float = field(default_factory=time.monotonic)
 
@@ -66,12 +69,14 @@ class ExecRegistry:
         self.crun = crun
         self._pending: dict[str, PendingExec] = {}
 
-    def add(self, container_id: str, cmd: list[str], tty: bool, stdin: bool, workdir: str) -> str:
+    def add(
+        self, container_id: str, cmd: list[str], tty: bool, stdin: bool, bundle: str, workdir: str
+    ) -> str:
         if not cmd:
             raise InvalidArgument("empty command")
         self._expire()
         exec_id = uuid.uuid4().hex
-        self._pending[exec_id] = PendingExec(container_id, cmd, tty, stdin, workdir)
+        self._pending[exec_id] = PendingExec(container_id, cmd, tty, stdin, bundle, workdir)
         return exec_id
 
     def take(self, exec_id: str) -> PendingExec | None:
@@ -87,18 +92,34 @@ class ExecRegistry:
         self, ex: PendingExec, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         """Run the process and shuttle frames until it exited and its output was sent."""
+        procfile = await asyncio.to_thread(
+            write_exec_process, ex.bundle, ex.workdir, ex.cmd, ex.tty
+        )
+        try:
+            await self._run(ex, procfile, reader, writer)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(procfile)
+
+    async def _run(
+        self,
+        ex: PendingExec,
+        procfile: str,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
         stdio = Stdio(ex.tty)
         fd, pidfile = tempfile.mkstemp(prefix="exec-", suffix=".pid", dir=ex.workdir)
         os.close(fd)
-        args = ["exec", "--pid-file", pidfile]
+        args = ["exec", "--process", procfile, "--pid-file", pidfile]
         stdin_w: int | None = None
         stdin_r: int | None = None
         if ex.tty:
-            args += ["--tty", "--console-socket", stdio.console_path]
+            args += ["--console-socket", stdio.console_path]
         elif ex.stdin:
             stdin_r, stdin_w = os.pipe()
         proc = await self.crun.spawn(
-            [*args, ex.container_id, *ex.cmd],
+            [*args, ex.container_id],
             stdin=stdin_r if stdin_r is not None else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL if ex.tty else stdio.child_fds[0],
             stderr=asyncio.subprocess.DEVNULL if ex.tty else stdio.child_fds[1],
@@ -132,7 +153,7 @@ class ExecRegistry:
             done, _ = await asyncio.wait([waiter, inputs], return_when=asyncio.FIRST_COMPLETED)
             if waiter not in done and inputs.result() == "gone":
                 log.debug("exec in %s: the host hung up, killing it", ex.container_id)
-                await kill_exec(pidfile)
+                await kill_exec(pidfile, proc)
                 await waiter
             code = proc.returncode if proc.returncode is not None else -1
             if code < 0:
@@ -144,7 +165,7 @@ class ExecRegistry:
             inputs.cancel()
         finally:
             if proc.returncode is None:
-                await kill_exec(pidfile)
+                await kill_exec(pidfile, proc)
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 await proc.wait()

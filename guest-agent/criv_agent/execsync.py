@@ -1,8 +1,9 @@
 """ExecSync: ``crun exec`` bounded by a deadline and an output cap per stream.
 
-On timeout the exec'd process itself is killed (its host pid comes from ``--pid-file``;
-killing only crun would leave it running in the container), then crun exits with it.
-Output beyond the cap is read and dropped, so the process never blocks on a full pipe.
+The process runs as the container's own (execprocess.py). On timeout the exec'd process
+itself is killed (its pid comes from ``--pid-file``; killing only crun would leave it
+running in the container), then crun exits with it. Output beyond the cap is read and
+dropped, so the process never blocks on a full pipe.
 """
 
 from __future__ import annotations
@@ -12,12 +13,17 @@ import contextlib
 import os
 import signal
 import tempfile
+import time
 from dataclasses import dataclass
 
 from criv_agent.crun import Crun
+from criv_agent.execprocess import write_exec_process
 
 DEFAULT_LIMIT = 16 << 20
 _DRAIN_AFTER_EXIT = 2.0  # background children may hold the pipes; don't wait for them
+# How long a kill waits for crun to name the process it is starting. In a TCG guest
+# crun exec takes seconds to get there; giving up sooner left the process running.
+_PID_WAIT = 30.0
 
 
 @dataclass
@@ -45,12 +51,23 @@ class _Capped:
 
 
 async def exec_sync(
-    crun: Crun, cid: str, workdir: str, cmd: list[str], timeout: int, limit: int
+    crun: Crun, cid: str, bundle: str, workdir: str, cmd: list[str], timeout: int, limit: int
 ) -> ExecResult:
     limit = limit if limit > 0 else DEFAULT_LIMIT
+    procfile = await asyncio.to_thread(write_exec_process, bundle, workdir, cmd, False)
+    try:
+        return await _exec_sync(crun, cid, procfile, workdir, timeout, limit)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(procfile)
+
+
+async def _exec_sync(
+    crun: Crun, cid: str, procfile: str, workdir: str, timeout: int, limit: int
+) -> ExecResult:
     fd, pidfile = tempfile.mkstemp(prefix="exec-", suffix=".pid", dir=workdir)
     os.close(fd)
-    proc = await crun.spawn(["exec", "--pid-file", pidfile, cid, *cmd])
+    proc = await crun.spawn(["exec", "--process", procfile, "--pid-file", pidfile, cid])
     assert proc.stdout is not None and proc.stderr is not None
     out, err = _Capped(limit), _Capped(limit)
     readers = asyncio.gather(out.read(proc.stdout), err.read(proc.stderr))
@@ -59,7 +76,7 @@ async def exec_sync(
         await asyncio.wait_for(proc.wait(), timeout if timeout > 0 else None)
     except TimeoutError:
         timed_out = True
-        await kill_exec(pidfile)
+        await kill_exec(pidfile, proc)
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         await proc.wait()
@@ -76,10 +93,12 @@ async def exec_sync(
     )
 
 
-async def kill_exec(pidfile: str) -> None:
-    """SIGKILL the process ``crun exec --pid-file`` started. crun may write the file only
-    after the process is already running, so an empty file is retried for a moment."""
-    for _ in range(40):
+async def kill_exec(pidfile: str, crun_exec: asyncio.subprocess.Process) -> None:
+    """SIGKILL the process ``crun exec --pid-file`` started. crun writes the file only
+    once that process exists, so an empty one is waited on while crun is still there
+    (it exits if the exec fails), for at most _PID_WAIT."""
+    deadline = time.monotonic() + _PID_WAIT
+    while True:
         try:
             with open(pidfile, encoding="ascii") as f:
                 text = f.read().strip()
@@ -88,5 +107,7 @@ async def kill_exec(pidfile: str) -> None:
         if text.isdigit():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(text), signal.SIGKILL)
+            return
+        if crun_exec.returncode is not None or time.monotonic() > deadline:
             return
         await asyncio.sleep(0.025)

@@ -435,13 +435,13 @@ class Runtime:
             raise FailedPrecondition(f"container {cid} is not running")
         if not cmd:
             raise InvalidArgument("empty command")
-        return await exec_sync(self.crun, cid, self.store.dir(cid), cmd, timeout, limit)
+        return await exec_sync(self.crun, cid, rec.bundle, self.store.dir(cid), cmd, timeout, limit)
 
     def start_exec(self, cid: str, cmd: list[str], tty: bool, stdin: bool) -> str:
         rec = self.store.get(cid)
         if rec.state != State.RUNNING:
             raise FailedPrecondition(f"container {cid} is not running")
-        return self.execs.add(cid, cmd, tty, stdin, self.store.dir(cid))
+        return self.execs.add(cid, cmd, tty, stdin, rec.bundle, self.store.dir(cid))
 
     def attach_io(self, cid: str) -> ContainerIO:
         """The container's live stdio for an attach session."""

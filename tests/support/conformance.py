@@ -1,0 +1,97 @@
+"""CRI behaviours kubelet relies on (issue 15), written once for both isolation modes:
+the runtime suite (tests/integration/runtime, host) and the vm pod suite (tests/vm/pods)
+call them. One pod carries every check, since a vm pod costs a TCG boot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import grpc
+import pytest
+
+from criv_agent.api.runtime.v1 import api_pb2
+from tests.support.cri import Cri
+from tests.support.spdy_client import spdy_exec
+from tests.support.streaming import exec_url
+
+# what makes up a process's identity in /proc/<pid>/status
+_IDENTITY = "^(Uid|Gid|Groups|CapInh|CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs|Seccomp):"
+
+
+def _out(cri: Cri, cid: str, cmd: list[str]) -> str:
+    r = cri.exec(cid, cmd)
+    assert r.exit_code == 0, (cmd, r.stderr)
+    return r.stdout.decode()
+
+
+def _wait_gone(cri: Cri, cid: str, args: str, timeout: float = 20) -> None:
+    """Until no process of the container runs ``args`` (a killed one may linger a moment
+    as a zombie); fails if one still does after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ps = _out(cri, cid, ["ps", "-o", "stat,args"]).splitlines()
+        live = [p for p in ps if p.split(None, 1)[-1] == args and not p.startswith("Z")]
+        if not live:
+            return
+        assert time.monotonic() < deadline, f"{args!r} still running: {ps}"
+        time.sleep(0.2)
+
+
+def exec_identity_log_file_and_exec_timeout(cri: Cri) -> None:
+    pod = cri.run_pod("conform")
+
+    # The log file exists once StartContainer returns, output in it by EXITED.
+    quick = cri.create(pod, "quick", ["sh", "-c", "echo quick-line"])
+    cri.start(quick)
+    assert os.path.exists(cri.status(quick).log_path), "no log file after StartContainer"
+    assert cri.wait_exited(quick, 120).exit_code == 0
+    assert "quick-line" in cri.log(pod, "quick")
+
+    # Exec runs as the container: user, group, supplemental groups, cwd, env, and the
+    # same credentials, capabilities, no_new_privs and seccomp mode as its init.
+    sc = api_pb2.LinuxContainerSecurityContext(
+        run_as_user=api_pb2.Int64Value(value=1001),
+        run_as_group=api_pb2.Int64Value(value=2001),
+        supplemental_groups=[3001, 3002],
+        no_new_privs=True,
+        # as kubelet sends it: a pid namespace of its own, so /proc/1 is the container's init
+        namespace_options=api_pb2.NamespaceOption(pid=api_pb2.CONTAINER),
+    )
+    envs = [api_pb2.KeyValue(key="GREETING", value=b"from-the-spec")]
+    cid = cri.run(pod, "ident", ["sleep", "3600"], security=sc, working_dir="/tmp", envs=envs)
+    assert _out(cri, cid, ["id", "-u"]) == "1001\n"
+    assert _out(cri, cid, ["id", "-g"]) == "2001\n"
+    assert {"2001", "3001", "3002"} <= set(_out(cri, cid, ["id", "-G"]).split())
+    assert _out(cri, cid, ["pwd"]) == "/tmp\n"
+    assert _out(cri, cid, ["sh", "-c", "echo $GREETING"]) == "from-the-spec\n"
+    init = _out(cri, cid, ["grep", "-E", _IDENTITY, "/proc/1/status"])
+    mine = _out(cri, cid, ["grep", "-E", _IDENTITY, "/proc/self/status"])
+    assert "NoNewPrivs:\t1" in init, init
+    assert mine == init, (mine, init)
+    # interactive Exec too, with and without a terminal
+    r = asyncio.run(spdy_exec(exec_url(cri, cid, ["id", "-u"])))
+    assert r.stdout == b"1001\n", r
+    tty_cmd = ["sh", "-c", "id -u; id -G; echo $TERM"]
+    r = asyncio.run(spdy_exec(exec_url(cri, cid, tty_cmd, tty=True), tty=True, stderr=False))
+    uid, groups, term = r.stdout.decode().splitlines()
+    assert uid == "1001" and {"3001", "3002"} <= set(groups.split()), r
+    assert term == "xterm"  # as containerd gives a terminal exec
+
+    # run_as_username: the image's user by name
+    app = cri.run(
+        pod,
+        "app",
+        ["sleep", "3600"],
+        security=api_pb2.LinuxContainerSecurityContext(run_as_username="app"),
+    )
+    assert _out(cri, app, ["whoami"]) == "app\n"
+    assert _out(cri, app, ["id", "-u"]) == "1000\n"
+
+    # ExecSync's timeout kills what it started
+    with pytest.raises(grpc.RpcError) as e:
+        cri.exec(cid, ["sleep", "4321"], timeout=1)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    _wait_gone(cri, cid, "sleep 4321")
