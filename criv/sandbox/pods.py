@@ -5,6 +5,10 @@ CNI ADD (result kept in the record), boot the agent (isolation mode), SetupSandb
 then READY. The work runs as a task of its own: when the caller gives up (deadline),
 the task finishes anyway and a retry with the same name gets that pod instead of
 booting a second one (DESIGN.md, State and recovery). A failure undoes every step.
+
+The pod's isolation mode is its runtime handler's, except for a pod that asks for host
+namespaces under the default handler mapped to ``vm`` (kubelet's system pods): that one
+runs in ``host`` isolation or is refused, as ``runtime.host_namespace_pods`` says.
 """
 
 from __future__ import annotations
@@ -79,15 +83,36 @@ class PodService:
             )
         return mode
 
+    def route(self, spec: PodSpec) -> tuple[str, str]:
+        """The pod's isolation mode, and why when it is not its handler's."""
+        mode = self.mode_for(spec.handler)
+        if mode != "vm" or not spec.host_namespaces:
+            return mode, ""
+        asked = ", ".join(spec.host_namespaces)
+        if spec.handler != "":  # a RuntimeClass that asks for a VM gets one, or nothing
+            if spec.host_network:
+                raise InvalidArgument(
+                    f"runtime handler {spec.handler!r} runs pods in VMs, which cannot share "
+                    "the host's network namespace; use a handler mapped to host isolation"
+                )
+            return mode, ""
+        cfg = self._ctx.config.runtime
+        if cfg.host_namespace_pods == "reject" or cfg.host_pods == "reject":
+            raise FailedPrecondition(
+                f"the pod asks for host namespaces ({asked}) under the default runtime "
+                'handler "", which runs pods in VMs, and this node refuses such pods '
+                "(runtime.host_namespace_pods: reject); set runtime.host_namespace_pods: "
+                "host (with runtime.host_pods: allow) or give the pod a RuntimeClass whose "
+                "handler maps to host"
+            )
+        if "host" not in self._ctx.isolations:
+            raise FailedPrecondition("host isolation is not available here")
+        return "host", f"{asked} under the default handler: runtime.host_namespace_pods: host"
+
     # -- run ---------------------------------------------------------------------------
 
     async def run(self, spec: PodSpec) -> str:
-        mode = self.mode_for(spec.handler)
-        if mode == "vm" and spec.host_network:
-            raise InvalidArgument(
-                f"runtime handler {spec.handler!r} runs pods in VMs, which cannot share the "
-                "host's network namespace; use a handler mapped to host isolation"
-            )
+        mode, reason = self.route(spec)
         name = spec.reserved_name
         undelivered = self._undelivered.pop(name, None)
         if undelivered is not None and self._ctx.pods.get(undelivered) is not None:
@@ -101,7 +126,9 @@ class PodService:
                 )
             pod_id = self._new_id()
             self._ctx.pod_names.reserve(name, pod_id)
-            task = asyncio.create_task(self._run(pod_id, mode, spec), name=f"run-{pod_id[:12]}")
+            task = asyncio.create_task(
+                self._run(pod_id, mode, reason, spec), name=f"run-{pod_id[:12]}"
+            )
             self._running[name] = task
             task.add_done_callback(lambda _t: self._running.pop(name, None))
         try:
@@ -126,9 +153,11 @@ class PodService:
             if not any(p.id[:12] == pid[:12] for p in self._ctx.pods.all()):
                 return pid
 
-    async def _run(self, pod_id: str, mode: str, spec: PodSpec) -> str:
+    async def _run(self, pod_id: str, mode: str, reason: str, spec: PodSpec) -> str:
         ctx = self._ctx
         paths = ctx.paths(pod_id)
+        if reason:
+            log.info("pod %s (%s) runs in %s isolation: %s", spec.name, pod_id[:12], mode, reason)
         pod = PodRecord(
             id=pod_id,
             name=spec.name,
@@ -139,6 +168,7 @@ class PodService:
             created_at_ns=time.time_ns(),
             handler=spec.handler,
             isolation=mode,
+            isolation_reason=reason,
             config=spec.config,
             labels=dict(spec.labels),
             annotations=dict(spec.annotations),

@@ -72,6 +72,9 @@ class PodRecord:
     message: str = ""
     # pod-level resources (see PodSpec.resources): the VM size of a vm pod
     resources: dict[str, int] = field(default_factory=dict)
+    # why the pod runs in another mode than its handler's ("" when it does not): a
+    # policy such as runtime.host_namespace_pods
+    isolation_reason: str = ""
 
     @property
     def reserved_name(self) -> str:

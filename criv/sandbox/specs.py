@@ -32,6 +32,9 @@ class PodSpec:
     annotations: dict[str, str] = field(default_factory=dict)
     log_directory: str = ""
     host_network: bool = False
+    # the host namespaces the pod asks for, as kubelet names them: "hostNetwork",
+    # "hostPID", "hostIPC" (namespace_options network/pid/ipc NODE)
+    host_namespaces: tuple[str, ...] = ()
     port_mappings: tuple[PortMap, ...] = ()
     # pod-level resources + overhead (LinuxPodSandboxConfig), as plain integers keyed like
     # criv.hypervisor.sizing.PodResources: what sizes a vm pod's VM
