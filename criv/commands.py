@@ -16,6 +16,7 @@ import logging
 import os
 import shlex
 import signal
+import subprocess
 from collections.abc import Mapping
 
 from criv.errors import CommandTimeout
@@ -111,3 +112,36 @@ async def run_command(
         await reap(proc)  # the caller was cancelled: leave nothing running
         raise
     return proc.returncode or 0, out.decode(errors="replace").strip()
+
+
+def run_sync(
+    argv: list[str], *, check: bool = False, capture: bool = True, timeout: float | None = None
+) -> subprocess.CompletedProcess[str]:
+    """:func:`run_command` for blocking code (CLI, host setup): the same deadlines and
+    group kill. ``capture=False`` leaves stdout/stderr to the caller's (use it for a
+    command that daemonizes: its daemon would hold the pipes open). ``check`` raises
+    CalledProcessError on a non-zero exit, as ``subprocess.run``."""
+    limit = timeout if timeout is not None else timeout_for(argv[0])
+    pipe = subprocess.PIPE if capture else None
+    with subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=pipe, stderr=pipe, text=True,
+        start_new_session=True,
+    ) as proc:  # fmt: skip
+        try:
+            out, err = proc.communicate(timeout=limit)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise CommandTimeout(
+                f"host command {os.path.basename(argv[0])!r} did not finish in {limit:g}s "
+                f"and was killed: {quote(argv)}"
+            ) from None
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    done = subprocess.CompletedProcess(argv, proc.returncode, out, err)
+    if check:
+        done.check_returncode()
+    return done

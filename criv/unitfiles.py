@@ -23,6 +23,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from criv.commands import run_sync
+
 REPO = Path(__file__).resolve().parents[1]
 ETC = REPO / "etc"
 CRIV_BIN = Path(sys.executable).parent / "criv"
@@ -66,9 +68,13 @@ def write_files(root: Path, criv_bin: Path = CRIV_BIN, config: Path | None = Non
     return out
 
 
+# systemctl restart waits for the old unit to stop (its own stop timeout is 90 s)
+_SYSTEMCTL_TIMEOUT = 300.0
+
+
 def _run(argv: list[str]) -> None:
     print("+ " + " ".join(argv), flush=True)
-    subprocess.run(argv, check=True)
+    run_sync(argv, check=True, capture=False, timeout=_SYSTEMCTL_TIMEOUT)
 
 
 def _apply_snippets(written: list[Path]) -> None:

@@ -23,9 +23,10 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import time
 from pathlib import Path
+
+from criv.commands import run_sync
 
 QEMU_CONF = Path("/etc/libvirt/qemu.conf")
 QEMU_USER = "criv-qemu"
@@ -113,15 +114,15 @@ def ensure_kvm_device(dev: Path = Path("/dev/kvm")) -> bool:
 
 def ensure_qemu_user() -> bool:
     """Create the system user/group QEMU runs as, in group kvm where there is one."""
-    if subprocess.run(["getent", "passwd", QEMU_USER], capture_output=True).returncode == 0:
+    if run_sync(["getent", "passwd", QEMU_USER]).returncode == 0:
         if _has_group("kvm") and QEMU_USER not in grp.getgrnam("kvm").gr_mem:
-            subprocess.run(["usermod", "--append", "--groups", "kvm", QEMU_USER], check=True)
+            run_sync(["usermod", "--append", "--groups", "kvm", QEMU_USER], check=True)
             return True
         return False
-    if subprocess.run(["getent", "group", QEMU_USER], capture_output=True).returncode != 0:
-        subprocess.run(["groupadd", "--system", QEMU_USER], check=True)
+    if run_sync(["getent", "group", QEMU_USER]).returncode != 0:
+        run_sync(["groupadd", "--system", QEMU_USER], check=True)
     extra = ["--groups", "kvm"] if _has_group("kvm") else []
-    subprocess.run(
+    run_sync(
         ["useradd", "--system", "--gid", QEMU_USER, *extra, "--no-create-home",
          "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", QEMU_USER],
         check=True,
@@ -130,7 +131,7 @@ def ensure_qemu_user() -> bool:
 
 
 def _has_group(name: str) -> bool:
-    return subprocess.run(["getent", "group", name], capture_output=True).returncode == 0
+    return run_sync(["getent", "group", name]).returncode == 0
 
 
 def root_propagation(mountinfo: Path = Path("/proc/1/mountinfo")) -> str:
@@ -153,12 +154,12 @@ def host_mount_issues() -> list[str]:
 def ensure_root_shared() -> bool:
     if not host_mount_issues():
         return False
-    subprocess.run(["mount", "--make-rshared", "/"], check=True)
+    run_sync(["mount", "--make-rshared", "/"], check=True)
     return True
 
 
 def _pids(name: str) -> list[int]:
-    r = subprocess.run(["pgrep", "-x", name], capture_output=True, text=True)
+    r = run_sync(["pgrep", "-x", name])
     return [int(p) for p in r.stdout.split()]
 
 
@@ -169,9 +170,9 @@ def libvirtd_running() -> bool:
 def start_libvirtd(wait: float = 10.0) -> None:
     """Start virtlogd and libvirtd as daemons when they are not running (no systemd needed)."""
     if not _pids("virtlogd"):
-        subprocess.run(["virtlogd", "-d"], check=True)
+        run_sync(["virtlogd", "-d"], check=True, capture=False)
     if not libvirtd_running():
-        subprocess.run(["libvirtd", "-d"], check=True)
+        run_sync(["libvirtd", "-d"], check=True, capture=False)
     deadline = time.monotonic() + wait
     sock = Path("/run/libvirt/libvirt-sock")
     while not sock.exists() and time.monotonic() < deadline:

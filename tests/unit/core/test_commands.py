@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 from pathlib import Path
 
 import grpc
 import pytest
 
 from criv import commands
-from criv.commands import configure_timeouts, run_command, timeout_for
+from criv.commands import configure_timeouts, run_command, run_sync, timeout_for
 from criv.errors import CommandTimeout
 
 
@@ -90,3 +91,13 @@ async def test_config_deadline_applies_without_a_caller_timeout(tmp_path: Path) 
     finally:
         configure_timeouts({})
     assert await _wait_gone(int(pidfile.read_text()))
+
+
+def test_run_sync_deadline_kills_the_group(tmp_path: Path) -> None:
+    pidfile = tmp_path / "pid"
+    with pytest.raises(CommandTimeout, match=r"hang\.sh"):
+        run_sync([_script(tmp_path, pidfile)], timeout=0.5)
+    assert asyncio.run(_wait_gone(int(pidfile.read_text())))
+    assert run_sync(["sh", "-c", "echo out; echo err >&2"]).stdout == "out\n"
+    with pytest.raises(subprocess.CalledProcessError):
+        run_sync(["false"], check=True)
