@@ -3,17 +3,19 @@ failed to come up. Shared by the pod, container and recovery services."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
 from pathlib import Path
 
+from criv.mounts import mounts_under
 from criv.sandbox.cnidel import PendingDels
 from criv.sandbox.context import SandboxContext
 from criv.sandbox.logs import LogFollowers
 from criv.sandbox.network import PodNetwork
 from criv.sandbox.records import ContainerRecord, PodRecord
-from criv.sandbox.rootfs import RootfsMounter
+from criv.sandbox.rootfs import RootfsMounter, unmount_all_under
 from criv.sandbox.scratch import PodScratch
 from criv.sandbox.states import PodState
 from criv.sandbox.watcher import AgentWatcher
@@ -114,6 +116,14 @@ class PodCleanup:
                 # The record goes (kubelet retries under a new id), the DEL must not: a
                 # lost DEL leaks the pod's IP for good. Kept with its netns, retried.
                 await self.pending_dels.keep(current, getattr(e, "message", repr(e)))
-            await ctx.pods.delete(pod_id, remove_dir=ctx.paths(pod_id).state)
+            state = ctx.paths(pod_id).state
+            with contextlib.suppress(Exception):
+                await unmount_all_under(state)
+            # rmtree would walk into a mount that would not come off (a volume's host
+            # dir): the dir then stays for the start-up sweep, which checks again
+            busy = await asyncio.to_thread(mounts_under, state)
+            if busy:
+                log.error("pod %s: keeping %s, still mounted: %s", pod_id[:12], state, busy[0])
+            await ctx.pods.delete(pod_id, remove_dir=None if busy else state)
         ctx.rt.pop(pod_id, None)
         ctx.pod_names.release(reserved_name, pod_id)

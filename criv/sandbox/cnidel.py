@@ -126,7 +126,7 @@ class PendingDels:
 
     def kick(self) -> None:
         """Retry in the background unless a pass is already running."""
-        if not self._lock.locked() and pending_dir(self.state_dir).is_dir():
+        if not self._lock.locked() and any(pending_dir(self.state_dir).glob("*.json")):
             self.tasks.spawn(self.retry(), "cni-del-retry")
 
     async def retry(self) -> int:
