@@ -117,10 +117,12 @@ class HostIsolation:
         return await asyncio.to_thread(self._alive, pod)
 
     def _alive(self, pod: PodRecord) -> bool:
-        st = _state(pod)
         proc = self._procs.get(pod.id)
-        if proc is not None and proc.poll() is not None:
-            return False
+        if proc is not None:
+            # ours, not yet reaped: its pid cannot be reused, and the record may not
+            # have it yet (a failure right after boot)
+            return proc.poll() is None
+        st = _state(pod)
         return same_process(st.pid, st.start_time)
 
     async def connect(self, pod: PodRecord, paths: PodPaths, timeout: float) -> AgentClient:
@@ -155,7 +157,8 @@ class HostIsolation:
         await self.destroy(pod, paths)
 
     async def destroy(self, pod: PodRecord, paths: PodPaths) -> None:
-        pid = _state(pod).pid
+        proc = self._procs.get(pod.id)
+        pid = proc.pid if proc is not None else _state(pod).pid
         if await self.alive(pod):
             log.warning("pod %s: killing agent pid %d", pod.id[:12], pid)
             kill_group(pid)  # the agent leads its own session; its group holds its helpers
