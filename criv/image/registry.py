@@ -79,6 +79,19 @@ def _fmt_errors(body: bytes) -> str:
     return body.decode(errors="replace").strip()[:500]
 
 
+async def _read_at_most(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body, up to ``limit`` bytes (one read() returns only what has arrived)."""
+    chunks: list[bytes] = []
+    n = 0
+    while n < limit:
+        chunk = await resp.content.read(limit - n)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        n += len(chunk)
+    return b"".join(chunks)
+
+
 def _fingerprint(creds: Credentials) -> str:
     """Which credentials an auth header was made from: never reuse one for others."""
     if creds.is_empty():
@@ -215,7 +228,7 @@ class RegistryClient:
                 auth = aiohttp.BasicAuth(up[0], up[1]) if up else None
                 req = self.session.get(realm, params=params, auth=auth, ssl=ssl)
             async with req as resp:
-                body = await resp.content.read(1 << 20)
+                body = await _read_at_most(resp, 1 << 20)
                 if resp.status in (401, 403):
                     raise RegistryAuthError(
                         f"registry {ep.host}: token service {realm} refused the credentials: "
@@ -264,18 +277,18 @@ class RegistryClient:
                         auth_header = await self._authorize(ep, scope, challenges, creds)
                         continue
                     if resp.status in (401, 403):
-                        body = await resp.content.read(1 << 16)
+                        body = await _read_at_most(resp, 1 << 16)
                         raise RegistryAuthError(
                             f"registry {ep.host}: authentication failed for {what}: "
                             f"{resp.status} {resp.reason}: {_fmt_errors(body)}"
                         )
                     if resp.status == 404:
-                        body = await resp.content.read(1 << 16)
+                        body = await _read_at_most(resp, 1 << 16)
                         raise ImageNotFound(
                             f"{what} not found at {ep}: {_fmt_errors(body) or '404 Not Found'}"
                         )
                     if resp.status != 200:
-                        body = await resp.content.read(1 << 16)
+                        body = await _read_at_most(resp, 1 << 16)
                         raise RegistryError(
                             f"{ep} answered {resp.status} {resp.reason} for {what}: "
                             f"{_fmt_errors(body)}"
@@ -305,7 +318,7 @@ class RegistryClient:
                 limit = self.limits.max_manifest_bytes
                 n = resp.content_length
                 if n is None or n <= limit:
-                    body = await resp.content.read(limit + 1)  # never more than the limit
+                    body = await _read_at_most(resp, limit + 1)  # never more than the limit
                     n = len(body)
                 if n > limit:
                     raise exceeded(
