@@ -8,7 +8,8 @@ Hardlink targets go through the same walk. Whiteouts become what overlayfs reads
 ``.wh.NAME`` a 0/0 character device NAME, ``.wh..wh..opq`` the ``trusted.overlay.opaque``
 xattr on its directory. Ownership, modes, mtimes, xattrs, hardlinks, symlinks and
 device nodes are kept. The uncompressed stream is hashed and checked against the diff
-id. This module blocks: call it from a worker thread.
+id, and read through tarstream.py, which bounds it by ``image_limits``. This module
+blocks: call it from a worker thread.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ criv allocates stays far below what the layer declares, and leave nothing in the
 
 from __future__ import annotations
 
+import gzip
 import io
 import tarfile
 import tracemalloc
@@ -18,6 +19,7 @@ import pytest
 
 from criv.config import ImageLimitsConfig
 from criv.errors import DigestMismatch, ImageLimitExceeded, UnsafeLayer
+from criv.image import unpack
 from criv.image.content import ContentStore
 from criv.image.layers import LayerStore, disk_usage
 from criv.image.limits import ExpandBudget, check_manifest
@@ -220,6 +222,8 @@ def test_image_budget_spans_layers(tmp_path: Path) -> None:
 
         if i == 0:
             info = store.unpack(layer.diff_id, path, "first", charge)
+            assert info.expanded_bytes == len(gzip.decompress(layer.blob))
+            assert store.get(layer.diff_id) == info  # kept in meta.json
             budget.settle(layer.diff_id, info.expanded_bytes)  # charged already: no-op
             assert budget.total == info.expanded_bytes
         else:
@@ -231,6 +235,20 @@ def test_image_budget_spans_layers(tmp_path: Path) -> None:
     other.settle(layers[0].diff_id, 2 * MiB // 3)
     with pytest.raises(ImageLimitExceeded):
         other.settle(layers[1].diff_id, MiB // 2)
+
+
+def test_directory_mtimes_past_the_memory_bound(
+    store: LayerStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the bound a directory's mtime is set at once instead of remembered."""
+    monkeypatch.setattr(unpack, "_MAX_DIR_TIMES_BYTES", 0)
+    lb = LayerBuilder().dir("a", mtime=1_600_000_000).dir("b", mtime=1_500_000_000)
+    built = build_layer(lb.file("b/f", "f"))
+    path = tmp_path / "blob"
+    path.write_bytes(built.blob)
+    info = store.unpack(built.diff_id, path, "dir times")
+    assert (info.fs / "a").stat().st_mtime == 1_600_000_000
+    assert (info.fs / "b/f").read_text() == "f"
 
 
 # -- paths ------------------------------------------------------------------------
