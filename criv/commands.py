@@ -71,11 +71,10 @@ def kill_group(proc: asyncio.subprocess.Process) -> None:
 
 
 async def reap(proc: asyncio.subprocess.Process) -> None:
-    """Kill and wait for ``proc``; shielded, so a second cancellation cannot leave a
-    zombie behind (asyncio's child watcher reaps it regardless)."""
+    """Kill and wait for ``proc``. Shielded: a second cancellation of the caller
+    interrupts only the wait (the kill is sent; asyncio's child watcher reaps it)."""
     kill_group(proc)
-    with contextlib.suppress(asyncio.CancelledError):
-        await asyncio.shield(proc.wait())
+    await asyncio.shield(proc.wait())
 
 
 async def run_command(

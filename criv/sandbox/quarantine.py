@@ -48,8 +48,8 @@ class Quarantined:
         if self.kind == "pod":
             return (
                 f"its agent/VM, netns and mounts under {self.directory} are kept: repair the "
-                f"record and move it back to {self.original}, or stop what runs (see "
-                "docs/troubleshooting.md) and remove the directory; then delete the note"
+                f"record and move it back to {self.original}, or stop what runs and remove the "
+                "directory (docs/operations.md, Quarantine); then delete the note"
             )
         return (
             f"its mounts and image lease are kept: repair the record and move it back to "
