@@ -161,6 +161,12 @@ async def _spawn(
         raise StreamingError(f"cannot start {cmd[0]!r}: {e.strerror}") from e
 
 
+async def _discard(reader: asyncio.StreamReader) -> None:
+    with contextlib.suppress(ConnectionError, OSError):
+        while await reader.read(65536):
+            pass
+
+
 def _kill_group(proc: asyncio.subprocess.Process) -> None:
     if proc.returncode is None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -195,8 +201,12 @@ class _ExecStreams:
             self._master.shutdown()
         elif self._proc.stdin is not None:
             self._proc.stdin.close()
-        with contextlib.suppress(ProcessLookupError):
-            await self._proc.wait()
+        # wait() also waits for the output pipes to close, which a client that stopped
+        # reading left full: discard what is left (bounded, for a child that escaped).
+        pipes = [p for p in (self._proc.stdout, self._proc.stderr) if p is not None]
+        with contextlib.suppress(ProcessLookupError, TimeoutError):
+            async with asyncio.timeout(5):
+                await asyncio.gather(self._proc.wait(), *map(_discard, pipes))
 
 
 class _QueueReader:

@@ -50,9 +50,12 @@ def parse_port(value: str | None) -> int | None:
 class SpdyPortForward:
     """Handles one SPDY port-forward connection; :meth:`on_stream` is its stream handler."""
 
-    def __init__(self, backend: StreamingBackend, request: PortForwardRequest) -> None:
+    def __init__(
+        self, backend: StreamingBackend, request: PortForwardRequest, max_pairs: int = 128
+    ) -> None:
         self._backend = backend
         self._request = request
+        self._max_pairs = max_pairs
         self._pairs: dict[str, _Pair] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.conn: SpdyConnection | None = None
@@ -69,12 +72,24 @@ class SpdyPortForward:
         if port is None or kind not in ("data", "error"):
             self.conn.reject(stream, spdy.CANCEL)
             return
-        self.conn.reply(stream)
         # Old clients send no requestid: pair error stream N with data stream N+2.
         rid = stream.headers.get("requestid")
         if rid is None:
             rid = str(stream.id if kind == "error" else stream.id - 2)
         pair = self._pairs.get(rid)
+        if pair is None and len(self._pairs) >= self._max_pairs:
+            # client-go reports the refused stream for that one connection and goes on.
+            self.conn.warn_once(
+                "pairs",
+                "refusing port-forward stream %d: %d connections open (max_port_forward_pairs)",
+                stream.id,
+                len(self._pairs),
+            )
+            self.conn.reject(stream, spdy.REFUSED_STREAM)
+            return
+        self.conn.reply(stream)
+        if kind == "error":
+            stream.ignore_input()  # the client only ever half-closes it
         if pair is None:
             pair = _Pair(rid, port)
             pair.timer = asyncio.get_running_loop().call_later(
@@ -84,6 +99,7 @@ class SpdyPortForward:
         if getattr(pair, kind) is not None or pair.started:
             # A second stream of one type for one request: report it, keep the first.
             pair.extra.append(stream)
+            stream.ignore_input()
             if pair.error is not None:
                 msg = f"received multiple {kind} streams for request {rid}"
                 self._spawn(pair.error.write(msg.encode()))
@@ -94,6 +110,7 @@ class SpdyPortForward:
             if pair.timer is not None:
                 pair.timer.cancel()
             pair.started = True
+            pair.data.want()
             self._spawn(self._forward(pair, pair.error, pair.data))
 
     def _pair_timed_out(self, rid: str) -> None:

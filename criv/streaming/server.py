@@ -15,21 +15,28 @@ import ipaddress
 import logging
 import re
 import ssl
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 
 from criv.config import StreamingConfig
 from criv.streaming import remotecommand, spdy
 from criv.streaming.backend import StreamingBackend
-from criv.streaming.portforward import PROTOCOL as PORTFORWARD_PROTOCOL
+from criv.streaming.http import (
+    MAX_HEADER_BYTES,
+    BadRequest,
+    HttpRequest,
+    is_websocket,
+    read_request,
+    text_response,
+)
+from criv.streaming.limits import ConnectionLimiter, IdleWatch, QuietLog, SpdyLimits
+from criv.streaming.negotiate import spdy_upgrade, websocket_upgrade
 from criv.streaming.portforward import SpdyPortForward
-from criv.streaming.remotecommand import SPDY_PROTOCOLS, SessionIO, run_session
+from criv.streaming.remotecommand import SessionIO, run_session
 from criv.streaming.requests import AttachRequest, ExecRequest, PortForwardRequest, StreamRequest
 from criv.streaming.spdy_conn import SpdyConnection, SpdyStream
 from criv.streaming.tokens import TokenCache
-from criv.streaming.websocket import WebSocket, accept_key
+from criv.streaming.websocket import WebSocket
 from criv.streaming.wschannels import (
-    EXEC_PROTOCOLS,
-    PORTFORWARD_PROTOCOLS,
     TUNNEL_PORTFORWARD,
     TunnelSink,
     TunnelSource,
@@ -39,78 +46,21 @@ from criv.streaming.wschannels import (
 
 log = logging.getLogger("criv.streaming")
 
-MAX_HEADER_BYTES = 64 * 1024
-HEADER_TIMEOUT = 30.0
 STREAM_CREATION_TIMEOUT = 30.0
 LINGER_SECONDS = 3.0
+# A refused peer gets this long to read its 429/503 before the socket goes.
+REFUSAL_LINGER_SECONDS = 1.0
+CLOSE_GOING_AWAY = 1001
 ROUTE = re.compile(r"^/(exec|attach|portforward)/([A-Za-z0-9_-]+)$")
 KIND = {"exec": ExecRequest, "attach": AttachRequest, "portforward": PortForwardRequest}
 NOT_FOUND = b"404 page not found\n"
 
-
-@dataclass
-class HttpRequest:
-    method: str
-    path: str
-    query: str
-    headers: list[tuple[str, str]]  # names lower-cased, in order, repeats kept
-
-    def get(self, name: str) -> str | None:
-        for k, v in self.headers:
-            if k == name:
-                return v
-        return None
-
-    def get_all(self, name: str) -> list[str]:
-        return [v for k, v in self.headers if k == name]
+Session = Callable[[Callable[[], None]], Awaitable[None]]  # takes the idle watch's touch
 
 
-def parse_request(raw: bytes) -> HttpRequest:
-    lines = raw.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-        raise ValueError("bad request line")
-    method, target, _ = parts
-    path, _, query = target.partition("?")
-    headers = []
-    for line in lines[1:]:
-        if not line:
-            continue
-        name, sep, value = line.partition(":")
-        if not sep:
-            raise ValueError("bad header line")
-        headers.append((name.strip().lower(), value.strip()))
-    return HttpRequest(method, path, query, headers)
-
-
-def response(status: int, reason: str, headers: list[tuple[str, str]], body: bytes = b"") -> bytes:
-    head = [f"HTTP/1.1 {status} {reason}"]
-    if status != 101:
-        headers = [
-            *headers,
-            ("Content-Length", str(len(body))),
-            ("Connection", "close"),
-        ]
-    head += [f"{k}: {v}" for k, v in headers]
-    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
-
-
-def _text(status: int, reason: str, body: str, extra: list[tuple[str, str]] | None = None) -> bytes:
-    headers = [("Content-Type", "text/plain; charset=utf-8"), *(extra or [])]
-    return response(status, reason, headers, body.encode())
-
-
-def offered_spdy_protocols(req: HttpRequest) -> list[str]:
-    out: list[str] = []
-    for line in req.get_all("x-stream-protocol-version"):
-        out += [p.strip() for p in line.split(",") if p.strip()]
-    return out
-
-
-def is_websocket(req: HttpRequest) -> bool:
-    upgrade = (req.get("upgrade") or "").lower()
-    connection = " ".join(req.get_all("connection")).lower()
-    return upgrade == "websocket" and "upgrade" in connection
+def _peer_address(writer: asyncio.StreamWriter) -> str:
+    peer = writer.get_extra_info("peername")
+    return str(peer[0]) if isinstance(peer, tuple) and peer else "local"
 
 
 class StreamingServer:
@@ -127,6 +77,9 @@ class StreamingServer:
         self.base_url = ""
         self._server: asyncio.Server | None = None
         self._sessions: set[asyncio.Task[None]] = set()
+        self.limiter = ConnectionLimiter(config.max_connections, config.max_connections_per_peer)
+        self.spdy_limits = SpdyLimits.from_config(config)
+        self._refusals = QuietLog(log)
         spdy.dictionary()  # fail at start, not on the first exec, if the data file is bad
 
     def _ssl_context(self) -> ssl.SSLContext | None:
@@ -145,6 +98,8 @@ class StreamingServer:
             self.config.port,
             ssl=ctx,
             limit=MAX_HEADER_BYTES,
+            # the handshake happens before the request head, under the same deadline
+            ssl_handshake_timeout=float(self.config.header_timeout_seconds) if ctx else None,
         )
         port = self._server.sockets[0].getsockname()[1]
         host = self.config.address
@@ -176,8 +131,23 @@ class StreamingServer:
         task = asyncio.current_task()
         assert task is not None
         self._sessions.add(task)
+        peer = _peer_address(writer)
+        refusal = self.limiter.acquire(peer)
         try:
-            await self._handle(reader, writer)
+            if refusal is not None:
+                self._refusals.warning(
+                    "refused a streaming connection from %s: %s (%d open, %d from it)",
+                    peer,
+                    refusal.message,
+                    self.limiter.active,
+                    self.limiter.held_by(peer),
+                )
+                body = refusal.message + "\n"
+                extra = [("Retry-After", "1")]
+                writer.write(text_response(refusal.status, refusal.reason, body, extra))
+                await _linger(reader, writer, REFUSAL_LINGER_SECONDS)
+                return
+            await self._handle(reader, writer, peer)
         except (ConnectionError, OSError, asyncio.IncompleteReadError):
             pass
         except asyncio.CancelledError:
@@ -187,35 +157,69 @@ class StreamingServer:
         except Exception:
             log.exception("streaming session failed")
         finally:
+            await _close(writer)
+            if refusal is None:
+                self.limiter.release(peer)
             self._sessions.discard(task)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _handle(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str
+    ) -> None:
         try:
-            async with asyncio.timeout(HEADER_TIMEOUT):
-                raw = await reader.readuntil(b"\r\n\r\n")
-            req = parse_request(raw)
-        except (ValueError, asyncio.LimitOverrunError, TimeoutError):
-            writer.write(_text(400, "Bad Request", "bad request\n"))
+            req = await read_request(reader, float(self.config.header_timeout_seconds))
+        except BadRequest as e:
+            if e.status != 400:
+                self._refusals.warning("streaming request from %s: %s", peer, e.message)
+            writer.write(text_response(e.status, e.reason, e.message + "\n"))
+            return
+        if req is None:
             return
         m = ROUTE.match(req.path)
         if m is None:
-            writer.write(_text(404, "Not Found", NOT_FOUND.decode()))
+            writer.write(text_response(404, "Not Found", NOT_FOUND.decode()))
             return
         if req.method not in ("GET", "POST"):
-            writer.write(_text(405, "Method Not Allowed", "method not allowed\n"))
+            writer.write(text_response(405, "Method Not Allowed", "method not allowed\n"))
             return
         # The first request presenting a token consumes it, whatever happens next.
         request = self.tokens.consume(m.group(2))
         if request is None or not isinstance(request, KIND[m.group(1)]):
-            writer.write(_text(404, "Not Found", NOT_FOUND.decode()))
+            writer.write(text_response(404, "Not Found", NOT_FOUND.decode()))
             return
         if is_websocket(req):
-            await self._websocket(req, request, reader, writer)
+            await self._websocket(req, request, reader, writer, peer)
         else:
-            await self._spdy(req, request, reader, writer)
+            await self._spdy(req, request, reader, writer, peer)
+
+    async def _upgraded(self, peer: str, session: Session) -> bool:
+        """Run an upgraded session under the idle timeout; True if it ended idle.
+
+        Idling cancels the session, so it unwinds as on stop(): SPDY streams get RST and
+        GOAWAY, the backend's processes and sockets are released.
+        """
+        task = asyncio.current_task()
+        assert task is not None
+
+        def idle() -> None:
+            task.cancel()
+
+        watch = IdleWatch(float(self.config.idle_timeout_seconds), idle)
+        try:
+            await session(watch.touch)
+        except asyncio.CancelledError:
+            if not watch.fired:
+                raise  # stop(), not us
+        finally:
+            watch.cancel()
+        if not watch.fired:
+            return False
+        task.uncancel()
+        log.info(
+            "streaming connection from %s: no stream data for %d s; closed",
+            peer,
+            self.config.idle_timeout_seconds,
+        )
+        return True
 
     # --- SPDY ---
 
@@ -225,55 +229,27 @@ class StreamingServer:
         request: StreamRequest,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
+        peer: str,
     ) -> None:
-        offered = offered_spdy_protocols(req)
-        if not offered:
-            writer.write(
-                _text(
-                    400,
-                    "Bad Request",
-                    "unable to upgrade: header X-Stream-Protocol-Version "
-                    "does not exist or is empty\n",
-                )
-            )
+        outcome = spdy_upgrade(req, request)
+        if isinstance(outcome, bytes):
+            writer.write(outcome)
             return
-        supported = (
-            (PORTFORWARD_PROTOCOL,) if isinstance(request, PortForwardRequest) else SPDY_PROTOCOLS
-        )
-        chosen = next((p for p in offered if p in supported), None)
-        if chosen is None:
-            body = (
-                f"unable to upgrade: unable to negotiate protocol: client supports "
-                f"[{' '.join(offered)}], server accepts [{' '.join(supported)}]"
-            )
-            accepted = [("X-Accepted-Stream-Protocol-Versions", p) for p in supported]
-            writer.write(_text(403, "Forbidden", body + "\n", accepted))
-            return
-        connection = " ".join(req.get_all("connection")).lower()
-        upgrade = " ".join(req.get_all("upgrade")).lower()
-        if "upgrade" not in connection or "spdy/3.1" not in upgrade:
-            writer.write(_text(400, "Bad Request", "unable to upgrade: missing upgrade headers\n"))
-            return
-        writer.write(
-            response(
-                101,
-                "Switching Protocols",
-                [
-                    ("Connection", "Upgrade"),
-                    ("Upgrade", "SPDY/3.1"),
-                    ("X-Stream-Protocol-Version", chosen),
-                ],
-            )
-        )
+        chosen = outcome.protocol
+        writer.write(outcome.head)
         # Nothing else goes out until the client's first frame: client-go discards
         # whatever arrives in the same read as the 101 (the server never starts frames).
         await writer.drain()
-        if isinstance(request, PortForwardRequest):
-            pf = SpdyPortForward(self.backend, request)
-            await pf.run(SpdyConnection(reader, writer, pf.on_stream))
-        else:
-            await self._spdy_remotecommand(reader, writer, request, chosen)
-        await _linger(reader, writer)
+
+        async def session(touch: Callable[[], None]) -> None:
+            if isinstance(request, PortForwardRequest):
+                pf = SpdyPortForward(self.backend, request, self.config.max_port_forward_pairs)
+                await pf.run(SpdyConnection(reader, writer, pf.on_stream, self.spdy_limits, touch))
+            else:
+                await self._spdy_remotecommand(reader, writer, request, chosen, touch)
+
+        await self._upgraded(peer, session)
+        await _linger(reader, writer, LINGER_SECONDS)
 
     async def _spdy_remotecommand(
         self,
@@ -281,6 +257,7 @@ class StreamingServer:
         writer: asyncio.StreamWriter,
         request: ExecRequest | AttachRequest,
         version: str,
+        touch: Callable[[], None],
     ) -> None:
         expected = {"error"}
         for name in ("stdin", "stdout", "stderr"):
@@ -292,16 +269,22 @@ class StreamingServer:
         complete = asyncio.Event()
 
         def on_stream(stream: SpdyStream) -> None:
-            conn.reply(stream)  # reply at once: the client waits for each reply in turn
             kind = stream.type
-            if kind in expected and kind not in streams:
-                streams[kind] = stream
-                if len(streams) == len(expected):
-                    complete.set()
+            if kind not in expected or kind in streams:
+                # Refused, not buffered: nothing would ever read it.
+                conn.warn_once("unexpected", "refusing unexpected %r stream %d", kind, stream.id)
+                conn.reject(stream, spdy.REFUSED_STREAM)
+                return
+            conn.reply(stream)  # reply at once: the client waits for each reply in turn
+            if kind in ("stdin", "resize"):
+                stream.want()
             else:
-                log.info("ignoring unexpected %r stream %d", kind, stream.id)
+                stream.ignore_input()  # output and error streams only go to the client
+            streams[kind] = stream
+            if len(streams) == len(expected):
+                complete.set()
 
-        conn = SpdyConnection(reader, writer, on_stream)
+        conn = SpdyConnection(reader, writer, on_stream, self.spdy_limits, touch)
         read_task = asyncio.create_task(conn.run())
         try:
             waiter = asyncio.create_task(complete.wait())
@@ -342,64 +325,55 @@ class StreamingServer:
         request: StreamRequest,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
+        peer: str,
     ) -> None:
-        if req.method != "GET":
-            writer.write(_text(405, "Method Not Allowed", "method not allowed\n"))
+        outcome = websocket_upgrade(req, request, self.config.max_port_forward_pairs)
+        if isinstance(outcome, bytes):
+            writer.write(outcome)
             return
-        key = req.get("sec-websocket-key")
-        if not key:
-            writer.write(_text(400, "Bad Request", "missing Sec-WebSocket-Key\n"))
-            return
-        if req.get("sec-websocket-version") != "13":
-            writer.write(
-                _text(
-                    400,
-                    "Bad Request",
-                    "unsupported WebSocket version\n",
-                    [("Sec-WebSocket-Version", "13")],
-                )
-            )
-            return
-        offered: list[str] = []
-        for line in req.get_all("sec-websocket-protocol"):
-            offered += [p.strip() for p in line.split(",") if p.strip()]
-        allowed = (
-            PORTFORWARD_PROTOCOLS if isinstance(request, PortForwardRequest) else EXEC_PROTOCOLS
-        )
-        chosen = next((p for p in (offered or [""]) if p in allowed), None)
-        if chosen is None:
-            writer.write(response(403, "Forbidden", []))
-            return
-        headers = [
-            ("Upgrade", "websocket"),
-            ("Connection", "Upgrade"),
-            ("Sec-WebSocket-Accept", accept_key(key)),
-        ]
-        if chosen:
-            headers.append(("Sec-WebSocket-Protocol", chosen))
-        writer.write(response(101, "Switching Protocols", headers))
+        chosen = outcome.protocol
+        writer.write(outcome.head)
         await writer.drain()
         ws = WebSocket(reader, writer)
-        if isinstance(request, PortForwardRequest):
-            if chosen == TUNNEL_PORTFORWARD:
+
+        async def session(touch: Callable[[], None]) -> None:
+            if not isinstance(request, PortForwardRequest):
+                ws.on_activity = touch
+                await serve_remotecommand(ws, chosen, self.backend, request)
+            elif chosen == TUNNEL_PORTFORWARD:
                 ws.owned = True
-                pf = SpdyPortForward(self.backend, request)
-                await pf.run(SpdyConnection(TunnelSource(ws), TunnelSink(ws), pf.on_stream))
+                pf = SpdyPortForward(self.backend, request, self.config.max_port_forward_pairs)
+                tunnel = (TunnelSource(ws), TunnelSink(ws))
+                await pf.run(SpdyConnection(*tunnel, pf.on_stream, self.spdy_limits, touch))
                 await ws.close()
             else:
+                ws.on_activity = touch
                 await serve_legacy_portforward(ws, chosen, self.backend, request)
-        else:
-            await serve_remotecommand(ws, chosen, self.backend, request)
+
+        if await self._upgraded(peer, session):
+            await ws.close(CLOSE_GOING_AWAY, wait=1.0)
 
 
-async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, secs: float) -> None:
     """Half-close and read until the client closes, so unread input cannot turn our close
-    into a TCP RST that destroys output the client has not read yet."""
-    with contextlib.suppress(ConnectionError, OSError, RuntimeError):
-        await writer.drain()
-        if writer.can_write_eof():
-            writer.write_eof()
-    with contextlib.suppress(TimeoutError, ConnectionError, OSError):
-        async with asyncio.timeout(LINGER_SECONDS):
+    into a TCP RST that destroys output the client has not read yet. Bounded as a whole:
+    a peer that reads nothing, or sends forever, does not keep its slot."""
+    with contextlib.suppress(TimeoutError, ConnectionError, OSError, RuntimeError):
+        async with asyncio.timeout(secs):
+            await writer.drain()
+            if writer.can_write_eof():
+                writer.write_eof()
             while await reader.read(65536):
                 pass
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    """Close, flushing what is queued; a peer that will not take it is cut off."""
+    writer.close()
+    try:
+        async with asyncio.timeout(LINGER_SECONDS):
+            await writer.wait_closed()
+    except TimeoutError:
+        writer.transport.abort()
+    except Exception:  # the peer reset: the socket is gone either way
+        pass

@@ -13,7 +13,13 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import logging
 import struct
+from collections.abc import Callable
+
+from criv.streaming.limits import PongGuard
+
+log = logging.getLogger("criv.streaming.websocket")
 
 GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -78,6 +84,14 @@ class WebSocket:
         self._reading = False
         # Set by a session that runs its own reader task; close() then only waits for it.
         self.owned = False
+        # Called when a data message moves either way (the idle timeout); the SPDY tunnel
+        # leaves it unset and counts SPDY data frames instead.
+        self.on_activity: Callable[[], None] | None = None
+        self._pongs = PongGuard()
+
+    @property
+    def transport(self) -> asyncio.WriteTransport:
+        return self._writer.transport
 
     async def _read_frame(self) -> tuple[bool, int, bytes]:
         b0, b1 = await self._reader.readexactly(2)
@@ -111,6 +125,11 @@ class WebSocket:
             while True:
                 fin, opcode, payload = await self._read_frame()
                 if opcode == OP_PING:
+                    if not self._pongs.allow(self.transport.get_write_buffer_size()):
+                        # A graceful close would wait for the peer to read: cut it.
+                        log.warning("WebSocket peer pings without reading; dropping it")
+                        self.transport.abort()
+                        raise WebSocketClosed("ping flood")
                     self._send(OP_PONG, payload)
                     continue
                 if opcode == OP_PONG:
@@ -137,6 +156,8 @@ class WebSocket:
                 if size > MAX_MESSAGE:
                     raise WebSocketClosed("message too large")
                 if fin:
+                    if self.on_activity is not None:
+                        self.on_activity()
                     return msg_op, b"".join(parts)
         except (asyncio.IncompleteReadError, ConnectionError, OSError, WebSocketClosed):
             pass
@@ -153,10 +174,14 @@ class WebSocket:
     def send_binary(self, payload: bytes) -> None:
         if not self.close_sent:
             self._send(OP_BINARY, payload)
+            if self.on_activity is not None:
+                self.on_activity()
 
     def send_text(self, payload: bytes) -> None:
         if not self.close_sent:
             self._send(OP_TEXT, payload)
+            if self.on_activity is not None:
+                self.on_activity()
 
     async def drain(self) -> None:
         with contextlib.suppress(ConnectionError, OSError):
@@ -167,13 +192,13 @@ class WebSocket:
 
     async def close(self, code: int = CLOSE_NORMAL, wait: float = 2.0) -> None:
         """Send Close (once) and wait briefly for the client's echo, discarding data."""
-        if not self.close_sent:
-            self.close_sent = True
-            self._send(OP_CLOSE, struct.pack("!H", code))
-            await self.drain()
-        # Exactly one task may read: if a reader task is running, it sees the echo.
         try:
             async with asyncio.timeout(wait):
+                if not self.close_sent:
+                    self.close_sent = True
+                    self._send(OP_CLOSE, struct.pack("!H", code))
+                    await self.drain()  # bounded: a peer that never reads must not hold us
+                # Exactly one task may read: if a reader task is running, it sees the echo.
                 if self.owned or self._reading:
                     await self.ended.wait()
                 else:

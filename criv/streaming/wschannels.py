@@ -257,3 +257,7 @@ class TunnelSink:
 
     def is_closing(self) -> bool:
         return self._ws.is_closing()
+
+    @property
+    def transport(self) -> asyncio.WriteTransport:
+        return self._ws.transport

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import socket
 import ssl
 import struct
 import zlib
@@ -66,6 +67,36 @@ async def http_request(
         n = int(dict((k.lower(), v) for k, v in hdrs).get("content-length", "0"))
         body = await reader.readexactly(n) if n else await reader.read()
     return HttpResponse(status, hdrs, body), reader, writer
+
+
+async def open_raw(
+    url: str, *, local_host: str | None = None, rcvbuf: int | None = None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A plain TCP connection to the URL's server, optionally from another loopback
+    address (a second peer) or with a small receive buffer (a peer that reads little)."""
+    u = urlsplit(url)
+    assert u.hostname is not None and u.port is not None
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf is not None:  # before connect, so the advertised window stays small
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    if local_host is not None:
+        sock.bind((local_host, 0))
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (u.hostname, u.port))
+    return await asyncio.open_connection(sock=sock)
+
+
+def upgrade_head(url: str, protocols: list[str]) -> bytes:
+    """A SPDY upgrade request as client-go sends it."""
+    u = urlsplit(url)
+    lines = [f"POST {u.path} HTTP/1.1", f"Host: {u.netloc}", "Content-Length: 0"]
+    lines += ["Connection: Upgrade", "Upgrade: SPDY/3.1"]
+    lines += [f"X-Stream-Protocol-Version: {p}" for p in protocols]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def ping_frame(pid: int) -> bytes:
+    return control(6, 0, struct.pack("!I", pid))
 
 
 def control(type_: int, flags: int, payload: bytes) -> bytes:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 from streaming_support import EchoServer, Stack
@@ -24,6 +25,26 @@ async def stack() -> AsyncIterator[Stack]:
     finally:
         await server.stop()
         await backend.close()
+
+
+@pytest.fixture
+async def stack_with() -> AsyncIterator[Callable[..., Awaitable[Stack]]]:
+    """A factory: a stack whose server has these StreamingConfig values (limits tests)."""
+    made: list[Stack] = []
+
+    async def make(**config: Any) -> Stack:
+        backend = LocalProcessBackend()
+        server = StreamingServer(StreamingConfig(**config), backend)
+        await server.start()
+        made.append(Stack(backend, server, StreamingService(server)))
+        return made[-1]
+
+    try:
+        yield make
+    finally:
+        for s in made:
+            await s.server.stop()
+            await s.backend.close()
 
 
 @pytest.fixture
