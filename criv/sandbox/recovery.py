@@ -122,7 +122,7 @@ class RecoveryService:
             except Exception as e:
                 if noted or record.exists():
                     if not noted:
-                        quarantine.quarantine(state_dir, "pod", d.name, d.name, record, str(e))
+                        _quarantine(state_dir, "pod", d.name, d.name, record, e)
                     out.pods.add(d.name)
                     out.keep_leases |= _container_ids(d / "containers")
                 else:  # no record at all: a pod dir whose creation or removal was cut short
@@ -147,7 +147,7 @@ class RecoveryService:
         except Exception as e:
             if noted or record.exists():
                 if not noted:
-                    quarantine.quarantine(state_dir, "container", c.name, pod_id, record, str(e))
+                    _quarantine(state_dir, "container", c.name, pod_id, record, e)
                 out.containers.add(c.name)
             else:
                 log.warning("container dir %s has no record; removing it", c)
@@ -303,8 +303,20 @@ class Loaded:
     keep_leases: set[str] = field(default_factory=set)  # their containers' leases stay
 
 
+def _quarantine(
+    state_dir: Path, kind: str, oid: str, pod_id: str, record: Path, why: Exception
+) -> None:
+    try:
+        quarantine.quarantine(state_dir, kind, oid, pod_id, record, str(why))
+    except OSError as e:  # kept all the same; only the note is missing
+        log.error("%s %s: record unreadable (%s), cannot quarantine it: %s", kind, oid, why, e)
+
+
 def _container_ids(cdir: Path) -> set[str]:
-    return {c.name for c in cdir.iterdir()} if cdir.is_dir() else set()
+    try:
+        return {c.name for c in cdir.iterdir()}
+    except OSError:
+        return set()
 
 
 def _stand_in(pod_id: str, netns: str) -> PodRecord:
