@@ -49,3 +49,21 @@ async def test_hung_call_releases_caller_and_later_calls_queue_then_time_out() -
     assert calls.stuck == 0
     assert await calls.run(lambda: "ok", "after", 5) == "ok"
     assert ran == []
+
+
+async def test_a_hung_libvirtd_releases_the_drivers_caller(monkeypatch: pytest.MonkeyPatch) -> None:
+    from criv.hypervisor.driver import Hypervisor
+
+    hv = Hypervisor("test:///default", call_timeout=0.2)
+    release = threading.Event()
+
+    class HungConnection:
+        def lookupByName(self, name: str) -> None:
+            release.wait(30)
+
+    monkeypatch.setattr(hv, "_connection", HungConnection)
+    try:
+        with pytest.raises(HypervisorTimeout, match="looking up domain criv-x"):
+            await hv.lookup("criv-x")
+    finally:
+        release.set()
