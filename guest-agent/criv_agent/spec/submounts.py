@@ -47,10 +47,11 @@ def parse_mountinfo(text: str) -> list[Submount]:
 def under(source: str, table: list[Submount]) -> list[Submount]:
     """The mounts strictly below ``source`` (resolved), the top one per mount point,
     shallowest first; at most :data:`MAX_SUBMOUNTS`."""
-    base = os.path.realpath(source).rstrip("/") + "/"
+    real = os.path.realpath(source)
+    base = real.rstrip("/") + "/"
     top: dict[str, Submount] = {}
     for m in table:
-        if m.path.startswith(base):
+        if m.path != real and m.path.startswith(base):  # not the source's own mount
             top.pop(m.path, None)  # keep table order for what covers what
             top[m.path] = m
     found = sorted(top.values(), key=lambda m: m.path.count("/"))

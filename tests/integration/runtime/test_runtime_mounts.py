@@ -111,6 +111,12 @@ def test_read_only_volume_sub_mounts_and_recursive_read_only(cri: Cri, tmp_path:
         assert "top=1" in text and "sub=1" in text, text
         assert "Read-only file system" in text
         assert (vol / "sub" / "f").exists() and not (vol / "top").exists()
+        # a read-only volume of "/" (node exporters): read-only, sub-mounts seen
+        root = api_pb2.Mount(container_path="/host", host_path="/", readonly=True)
+        text = _out(cri, pod, "root", f"touch /host{vol}/top; echo top=$?; ls /host{vol}/sub",
+                    mounts=[root])  # fmt: skip
+        assert "top=1" in text and "\nf\n" in text, text
+        assert not (vol / "top").exists()
 
     # as containerd: recursive_read_only only with readonly and private propagation
     for name, m in (

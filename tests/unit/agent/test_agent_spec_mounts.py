@@ -55,6 +55,8 @@ def test_submounts_below_a_source_top_of_each_point_shallowest_first() -> None:
         ("/vol/a", False),  # the later, read-write mount on it
         ("/vol/a/deep", False),
     ]
+    # a volume of "/" (node exporters): not "/" itself again, on top, read-write
+    assert [m.path for m in under("/", parse_mountinfo(TABLE))][:2] == ["/vol", "/volume-not-under"]
     many = "\n".join(_line(100 + i, f"/vol/m{i}") for i in range(MAX_SUBMOUNTS + 5))
     assert len(under("/vol", parse_mountinfo(many))) == MAX_SUBMOUNTS
 
