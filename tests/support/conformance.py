@@ -57,6 +57,10 @@ def exec_identity_log_file_and_exec_timeout(cri: Cri) -> None:
         run_as_group=api_pb2.Int64Value(value=2001),
         supplemental_groups=[3001, 3002],
         no_new_privs=True,
+        capabilities=api_pb2.Capability(
+            drop_capabilities=["ALL"], add_capabilities=["NET_BIND_SERVICE"]
+        ),
+        seccomp=api_pb2.SecurityProfile(profile_type=api_pb2.SecurityProfile.RuntimeDefault),
         # as kubelet sends it: a pid namespace of its own, so /proc/1 is the container's init
         namespace_options=api_pb2.NamespaceOption(pid=api_pb2.CONTAINER),
     )
@@ -69,7 +73,8 @@ def exec_identity_log_file_and_exec_timeout(cri: Cri) -> None:
     assert _out(cri, cid, ["sh", "-c", "echo $GREETING"]) == "from-the-spec\n"
     init = _out(cri, cid, ["grep", "-E", _IDENTITY, "/proc/1/status"])
     mine = _out(cri, cid, ["grep", "-E", _IDENTITY, "/proc/self/status"])
-    assert "NoNewPrivs:\t1" in init, init
+    assert "NoNewPrivs:\t1" in init and "Seccomp:\t2" in init, init
+    assert "CapBnd:\t0000000000000400" in init, init  # NET_BIND_SERVICE only
     assert mine == init, (mine, init)
     # interactive Exec too, with and without a terminal
     r = asyncio.run(spdy_exec(exec_url(cri, cid, ["id", "-u"])))
