@@ -186,7 +186,18 @@ class VmIsolation:
             return False
 
         def check() -> bool:  # reads libvirt's pid file and /proc
-            return qemu_pid(name) > 0 and self._backends.pid(pod.id, _state(pod)) > 0
+            qemu = qemu_pid(name)
+            if qemu <= 0:
+                return False
+            if self._backends.pid(pod.id, _state(pod)) <= 0:
+                # no way back in: QEMU's vhost-user device does not reconnect
+                log.error(
+                    "pod %s: its vsock backend is gone while its VM (QEMU pid %d) runs: "
+                    "the agent cannot be reached; StopPodSandbox destroys the VM",
+                    pod.id[:12], qemu,
+                )  # fmt: skip
+                return False
+            return True
 
         return await asyncio.to_thread(check)
 
