@@ -7,7 +7,8 @@ PVH: 2 s to /init under TCG instead of 5.7 s with the XZ vmlinuz) and ``initramf
 from tests/vm/vsock/guest/).  The hash covers every input, so only the first run builds;
 later runs print the cached directory at once.  Stale ``vsock-*`` builds are removed.
 
-Needs: gcc (static libc: libc6-dev), busybox-static, apt-get (to download the kernel .deb).
+Needs: gcc (static libc: libc6-dev), busybox-static, apt-get (to download the kernel .deb),
+the kernel's headers package (linux-headers-amd64; installed here if missing).
 Usage: build.py [--cache DIR]   (prints the output directory on stdout)
 """
 
@@ -27,6 +28,9 @@ from criv.guestimage.cpio import write_cpio
 
 ROOT = Path(__file__).resolve().parents[2]
 GUEST_SRC = ROOT / "tests" / "vm" / "vsock" / "guest" / "vsock-guest.c"
+# a hostile-guest kernel module (ignores the host's vsock credit), built against the
+# Debian kernel's headers; loaded last
+OVERRUN_SRC = ROOT / "tests" / "vm" / "vsock" / "guest" / "overrun"
 DEFAULT_CACHE = Path(os.environ.get("CRIV_TEST_CACHE", "/var/cache/criv-test"))
 MODULES = (
     "virtio",
@@ -56,6 +60,27 @@ def kernel_package() -> str:
     return os.environ.get("CRIV_TEST_KERNEL_PKG") or debian_kernel.kernel_package()
 
 
+def kernel_release(deb: Path) -> str:
+    """``linux-image-6.1.0-57-amd64-unsigned_….deb`` -> ``6.1.0-57-amd64``."""
+    name = deb.name.split("_", 1)[0].removeprefix("linux-image-")
+    return name.removesuffix("-unsigned")
+
+
+def build_overrun_module(release: str, work: Path) -> Path:
+    """criv_overrun.ko for ``release``; installs the matching headers package if missing."""
+    kbuild = Path(f"/usr/src/linux-headers-{release}")
+    if not kbuild.is_dir():
+        subprocess.run(
+            ["apt-get", "install", "-y", "-q", "--no-install-recommends",
+             f"linux-headers-{release}"],
+            check=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+        )  # fmt: skip
+    src = work / "overrun"
+    shutil.copytree(OVERRUN_SRC, src)
+    subprocess.run(["make", "-s", "-C", str(kbuild), f"M={src}", "modules"], check=True)
+    return src / "criv_overrun.ko"
+
+
 def build(out: Path, deb: Path) -> None:
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(td)
@@ -64,6 +89,8 @@ def build(out: Path, deb: Path) -> None:
         vmlinux = debian_kernel.extract_vmlinux(vmlinuz.read_bytes())
         mods = {p.stem: p for p in (tmp / "k" / "lib" / "modules").rglob("*.ko")}
         order = debian_kernel.module_order(mods, MODULES)
+        mods["criv_overrun"] = build_overrun_module(kernel_release(deb), tmp)
+        order.append("criv_overrun")
         guest = tmp / "vsock-guest"
         subprocess.run(["gcc", "-static", "-O2", "-o", str(guest), str(GUEST_SRC)], check=True)
         root = tmp / "root"
@@ -97,7 +124,9 @@ def main() -> int:
     cache.mkdir(parents=True, exist_ok=True)
     deb = debian_kernel.fetch_deb(kernel_package(), cache / "debs")
     h = hashlib.sha256()
-    for part in (Path(__file__).read_bytes(), GUEST_SRC.read_bytes(), deb.name.encode()):
+    parts = [Path(__file__).read_bytes(), GUEST_SRC.read_bytes(), deb.name.encode()]
+    parts += [p.read_bytes() for p in sorted(OVERRUN_SRC.iterdir())]
+    for part in parts:
         h.update(hashlib.sha256(part).digest())
     h.update(hashlib.sha256(debian_kernel.static_busybox().read_bytes()).digest())
     out = cache / f"vsock-{h.hexdigest()[:16]}"

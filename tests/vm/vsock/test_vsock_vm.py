@@ -24,7 +24,14 @@ from criv.vsock.connector import (
     hybrid_connect,
 )
 from criv.vsock.splice import Forwarder
-from tests.vm.vsock.vsockvm import GUEST_PORT, VM, read_line, recv_all, stream_blocks
+from tests.vm.vsock.vsockvm import (
+    GUEST_PORT,
+    VM,
+    read_line,
+    recv_all,
+    stream_blocks,
+    wait_for_log,
+)
 
 pytestmark = pytest.mark.vm
 
@@ -223,18 +230,6 @@ def test_256mib_each_way_sha256(vm: VM) -> None:
         f"\n256 MiB host->guest {up_mbs:.0f} MB/s (guest sha256 under TCG),"
         f" guest->host {down_mbs:.0f} MB/s"
     )
-
-
-def wait_for_log(vm: VM, start: int, marker: bytes, timeout: float = 60) -> bytes:
-    """The first backend log line after byte ``start`` holding ``marker``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        for line in (vm.dir / "backend.log").read_bytes()[start:].splitlines():
-            if marker in line:
-                return line
-        if time.monotonic() > deadline:
-            pytest.fail(f"no {marker!r} in the backend log:\n{vm.logs()}")
-        time.sleep(0.5)
 
 
 @pytest.mark.timeout(120)

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+import pytest
+
 from criv.vsock.connector import VsockError, hybrid_connect
 from criv.vsock.process import VsockBackendProcess
 
@@ -45,6 +47,18 @@ def stream_blocks(n: int, seed: int) -> Iterator[bytes]:
         yield chunk
         sent += len(chunk)
         k += 1
+
+
+def wait_for_log(vm: VM, start: int, marker: bytes, timeout: float = 60) -> bytes:
+    """The first backend log line after byte ``start`` holding ``marker``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for line in (vm.dir / "backend.log").read_bytes()[start:].splitlines():
+            if marker in line:
+                return line
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {marker!r} in the backend log:\n{vm.logs()}")
+        time.sleep(0.5)
 
 
 class VM:

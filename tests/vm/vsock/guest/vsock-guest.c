@@ -278,6 +278,37 @@ static void handle(int fd) {
         run_mode(s, mode, save, msg, fd, 0);
         close(s);
         dprint(fd, "%s\n", msg);
+    } else if (!strcmp(cmd, "OVERRUN")) {
+        /* Hostile: a child keeps having the criv_overrun module inflate the credit the
+         * kernel believes the host gave (every credit update from the host resets it),
+         * so the writes go past the real credit. The outcome goes to RESULT_FILE (the
+         * host side does not read this connection). */
+        unsigned long long n = rest ? strtoull(rest, NULL, 10) : 0, sent = 0;
+        static uint8_t blk[BLOCK];
+        char fds[16];
+        int fl = snprintf(fds, sizeof fds, "%d", fd), err = 0;
+        int pf = open("/proc/criv_overrun", O_WRONLY);
+        memset(blk, 'o', sizeof blk);
+        unlink(RESULT_FILE);
+        pid_t poker = -1;
+        if (pf < 0 || write(pf, fds, (size_t)fl) != fl) err = errno;
+        else if ((poker = fork()) == 0) {
+            while (write(pf, fds, (size_t)fl) == fl) usleep(500);
+            _exit(0);
+        }
+        while (!err && sent < n) {
+            ssize_t r = write(fd, blk, sizeof blk);
+            if (r < 0) { if (errno != EINTR) err = errno; continue; }
+            sent += (unsigned long long)r;
+        }
+        if (poker > 0) kill(poker, SIGKILL);
+        if (pf >= 0) close(pf);
+        int rf = open(RESULT_FILE ".tmp", O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        if (rf >= 0) {
+            dprint(rf, "OVERRUN sent %llu err %d\n", sent, err);
+            close(rf);
+            rename(RESULT_FILE ".tmp", RESULT_FILE);
+        }
     } else if (!strcmp(cmd, "REBOOT")) {
         dprint(fd, "REBOOTING\n");
         /* Reboot resets the device, dropping tx packets the backend has not taken yet:
