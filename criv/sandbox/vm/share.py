@@ -34,7 +34,7 @@ from pathlib import Path
 
 from criv.commands import run_command
 from criv.errors import Internal, InvalidArgument
-from criv.mounts import is_mounted
+from criv.mounts import is_mounted, mounts_under
 from criv.sandbox.isolation import PodPaths
 from criv.sandbox.mountattr import (
     MOUNT_ATTR_NODEV,
@@ -137,7 +137,10 @@ async def share(
         return agent_path(paths, paths.shared / target.relative_to(paths.share_tree))
     try:
         await _mount("--rbind", str(host_path), str(stage))
+        # before anything is unmounted in the copy: an unmount there would propagate to
+        # the host's mounts while the copy is their peer
         await _mount("--make-rslave" if host_to_container else "--make-rprivate", str(stage))
+        await _prune_pods(paths, host_path, stage)
         every = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | (MOUNT_ATTR_RDONLY if recursive_ro else 0)
         await asyncio.to_thread(set_flags, str(stage), every, True)
         if readonly:
@@ -148,6 +151,21 @@ async def share(
         if await asyncio.to_thread(is_mounted, stage):
             await umount_lazy(stage)
     return agent_path(paths, paths.shared / target.relative_to(paths.share_tree))
+
+
+async def _prune_pods(paths: PodPaths, host_path: Path, stage: Path) -> None:
+    """A volume above criv's pod dirs (a hostPath of ``/``) leaves the pods' own mounts
+    (shares, rootfs overlays, scratch) out of the copy: the guest has no business there,
+    and copies of copies would multiply with every such pod."""
+    pods = await asyncio.to_thread(os.path.realpath, paths.state.parent)
+    src = await asyncio.to_thread(os.path.realpath, host_path)
+    if pods != src and not pods.startswith(src.rstrip("/") + "/"):
+        return
+    inside = stage / os.path.relpath(pods, src) if pods != src else stage
+    for m in await asyncio.to_thread(mounts_under, inside):
+        await umount_lazy(m)
+    if inside != stage and await asyncio.to_thread(is_mounted, inside):
+        await umount_lazy(inside)
 
 
 async def unshare(paths: PodPaths, cid: str) -> None:
