@@ -15,8 +15,10 @@ line boundary, so no CRI record is split across two files.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
+import stat
 import struct
 from pathlib import Path
 
@@ -30,6 +32,20 @@ CONNECT_TIMEOUT = 10.0
 # A dead agent (pod gone) is not retried forever.
 MAX_CONNECT_FAILURES = 20
 STOP_TIMEOUT = 5.0
+
+
+def open_log(path: str | os.PathLike[str]) -> int:
+    """Open a container's CRI log for appending, creating it 0640. A link or a FIFO put
+    where the log goes is refused (ELOOP/ENXIO), never followed or waited on."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+    fd = os.open(path, flags, 0o640)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 class StreamRefused(Exception):
@@ -120,7 +136,7 @@ class LogFollower:
 
     def _open(self) -> int:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        return os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+        return open_log(self.log_path)
 
     def _close(self) -> None:
         if self._fd is not None:

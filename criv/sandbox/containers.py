@@ -19,6 +19,7 @@ from pathlib import Path
 
 from criv import failpoints
 from criv.agent.client import AgentClient
+from criv.agent.logstream import open_log
 from criv.agent.types import CreateContainerArgs, ExecResult, MountSpec
 from criv.errors import AgentError, CrivError, DeadlineExceeded, FailedPrecondition, NotFound
 from criv.sandbox import seccomp_profile
@@ -64,7 +65,7 @@ def create_log_file(path: str) -> None:
     open it as soon as StartContainer returns, before any output reached the host (the
     log follower appends to it)."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+        fd = open_log(path)
     except OSError as e:
         raise FailedPrecondition(f"cannot create the log {path[:200]!r}: {e.strerror}") from e
     os.close(fd)

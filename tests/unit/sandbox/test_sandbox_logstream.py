@@ -4,10 +4,15 @@ from the persisted offset, reopen at a line boundary."""
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
+import stat
 import struct
 from pathlib import Path
 
-from criv.agent.logstream import LogFollower, read_offset
+import pytest
+
+from criv.agent.logstream import LogFollower, open_log, read_offset
 from criv_agent.api.agent.v1 import agent_pb2
 
 LOG = b"".join(b"2026-01-01T00:00:00.000000000Z stdout F line %d\n" % i for i in range(6))
@@ -73,3 +78,21 @@ def test_refused_stream_ends_follower(tmp_path: Path) -> None:
         server.close()
 
     asyncio.run(go())
+
+
+def test_open_log_creates_a_regular_file_and_refuses_links_and_fifos(tmp_path: Path) -> None:
+    log = tmp_path / "0.log"
+    os.close(open_log(log))
+    assert log.is_file() and stat.S_IMODE(log.stat().st_mode) & ~0o640 == 0
+    target = tmp_path / "elsewhere"
+    target.write_text("keep\n")
+    link = tmp_path / "1.log"
+    link.symlink_to(target)
+    with pytest.raises(OSError) as e:
+        open_log(link)
+    assert e.value.errno == errno.ELOOP
+    assert target.read_text() == "keep\n"
+    fifo = tmp_path / "2.log"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError):  # ENXIO: no reader; never blocks waiting for one
+        open_log(fifo)
