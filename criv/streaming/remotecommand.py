@@ -159,7 +159,11 @@ async def _apply_resizes(src: InChannel, proc: ProcessStreams) -> None:
             for w, h in parser.feed(data):
                 await proc.resize(w, h)
     except ValueError as e:
-        log.debug("resize stream ended: %s", e)  # the session goes on without resizes
+        # The session goes on without resizes; what else arrives is read and dropped, so
+        # the connection's reader never waits on a channel nobody empties.
+        log.debug("resize stream ended: %s", e)
+        while await src.read():
+            pass
 
 
 async def run_session(

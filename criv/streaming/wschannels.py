@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
+import collections
 import logging
 import struct
 
@@ -31,6 +31,8 @@ EXEC_PROTOCOLS = (WS_V5, WS_V4, WS_V4_BASE64, WS_V1, WS_V1_BASE64, "")
 PORTFORWARD_PROTOCOLS = (TUNNEL_PORTFORWARD, WS_V4, WS_V4_BASE64, "")
 
 STDIN, STDOUT, STDERR, ERROR, RESIZE = range(5)
+# Unread client bytes held per input channel before the connection's reader waits.
+IN_BUFFER = 1024 * 1024
 CLOSE_SIGNAL = 255
 
 
@@ -82,27 +84,44 @@ class _Out:
 
 
 class _In:
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=64)
+    """One input channel's messages, bounded in bytes: ``put`` waits (and with it the
+    connection's reader) while more than ``limit`` bytes are unread. A channel nobody
+    reads (``discard``) drops what arrives."""
+
+    def __init__(self, limit: int = IN_BUFFER, discard: bool = False) -> None:
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._bytes = 0
+        self._limit = limit
+        self._discard = discard
+        self._readable = asyncio.Event()
+        self._room = asyncio.Event()
         self.eof = False
 
     async def read(self) -> bytes:
-        if self.eof and self.queue.empty():
-            return b""
-        data = await self.queue.get()
-        if not data:
-            self.eof = True
+        while not self._chunks:
+            if self.eof:
+                return b""
+            self._readable.clear()
+            await self._readable.wait()
+        data = self._chunks.popleft()
+        self._bytes -= len(data)
+        self._room.set()
         return data
 
     async def put(self, data: bytes) -> None:
-        if not self.eof and data:
-            await self.queue.put(data)
+        if self.eof or not data or self._discard:
+            return
+        self._chunks.append(data)
+        self._bytes += len(data)
+        self._readable.set()
+        while self._bytes > self._limit and not self.eof:
+            self._room.clear()
+            await self._room.wait()
 
     def end(self) -> None:
-        if not self.eof:
-            self.eof = True
-            with contextlib.suppress(asyncio.QueueFull):
-                self.queue.put_nowait(b"")
+        self.eof = True
+        self._readable.set()
+        self._room.set()
 
 
 async def serve_remotecommand(
@@ -114,7 +133,7 @@ async def serve_remotecommand(
     writer = ChannelWriter(ws, protocol)
     version = remotecommand_version(protocol)
     stdin = _In() if request.stdin else None
-    resize = _In()  # channel 4 is always readable
+    resize = _In(discard=not request.tty)  # channel 4 is always accepted; read under a tty
     inputs = {STDIN: stdin, RESIZE: resize}
     gone = asyncio.Event()
 
@@ -194,6 +213,7 @@ async def serve_legacy_portforward(
         except (CrivError, OSError) as e:
             cause = getattr(e, "message", None) or str(e)
             msg = f"error forwarding port {port} to pod {request.sandbox_id}, uid : {cause}"
+            inputs[i].end()  # nobody will read it: what the client sends there is dropped
             await writer.send(2 * i + 1, msg.encode())
             return
 

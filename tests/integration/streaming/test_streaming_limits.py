@@ -5,6 +5,7 @@ port-forward pairs, idle connections (docs/streaming.md, "Limits")."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import os
@@ -319,3 +320,44 @@ async def test_a_peer_that_stops_reading_is_closed_when_idle(stack_with: MakeSta
     c._task.cancel()  # from now on nobody reads: the server's writes stall
     await eventually(lambda: st.server.limiter.active == 0, timeout=20)
     c.writer.transport.abort()
+
+
+@pytest.mark.timeout(60)
+async def test_websocket_input_is_bounded_in_bytes(stack: Stack) -> None:
+    blob = b"\x04" + os.urandom(1 << 20)  # 1 MiB messages on the resize channel
+    url = stack.service.exec_url("c1", ["sh", "-c", "read x; echo got $x"], stdin=True)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(url, protocols=["v5.channel.k8s.io"]) as ws,
+    ):
+        before = rss()
+        for _ in range(32):  # no terminal: nobody reads channel 4, so it is dropped
+            await asyncio.wait_for(ws.send_bytes(blob), 10)
+        grown = rss() - before
+        assert grown < 24 << 20, f"RSS grew {grown >> 20} MiB"
+        await ws.send_bytes(b"\x00hi\n")
+        got = b""
+        async with asyncio.timeout(10):
+            async for msg in ws:
+                if msg.data[0] == 1:
+                    got += msg.data[1:]
+        assert got == b"got hi\n"
+
+    # stdin to a process that never reads it: the server stops reading, memory stays flat.
+    url = stack.service.exec_url("c1", ["sleep", "30"], stdin=True)
+    blob = b"\x00" + blob[1:]
+    quick = aiohttp.ClientWSTimeout(ws_close=1)  # the server is not reading: do not wait
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(url, protocols=["v5.channel.k8s.io"], timeout=quick) as ws,
+    ):
+        before = rss()
+
+        async def flood() -> None:
+            for _ in range(32):
+                await ws.send_bytes(blob)
+
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(flood(), 5)
+        grown = rss() - before
+        assert grown < 24 << 20, f"RSS grew {grown >> 20} MiB"
