@@ -81,3 +81,18 @@ def test_recursive_read_only_needs_readonly_and_private_propagation() -> None:
     )
     with pytest.raises(InvalidArgument, match="PROPAGATION_BIDIRECTIONAL"):
         check_mount(prop, "config.mounts[0]")
+
+
+def test_the_localhost_path_is_picked_as_the_agent_picks_the_profile() -> None:
+    from criv.cri.runtime_convert import seccomp_localhost
+
+    sc = api_pb2.LinuxContainerSecurityContext
+    local = api_pb2.SecurityProfile(
+        profile_type=api_pb2.SecurityProfile.Localhost, localhost_ref="/p.json"
+    )
+    assert seccomp_localhost(sc(seccomp=local)) == "/p.json"
+    assert seccomp_localhost(sc(seccomp=local, privileged=True)) == ""  # no filter at all
+    assert seccomp_localhost(sc(seccomp_profile_path="localhost//old.json")) == "/old.json"
+    default = api_pb2.SecurityProfile(profile_type=api_pb2.SecurityProfile.RuntimeDefault)
+    # the typed field wins over the deprecated string, as in the agent
+    assert seccomp_localhost(sc(seccomp=default, seccomp_profile_path="localhost//x")) == ""
