@@ -223,6 +223,19 @@ class Hypervisor:
         self._listeners.append(cb)
 
     # --- operations
+    async def probe_capabilities(self, virttype: str = "qemu") -> None:
+        """Have libvirtd probe QEMU's capabilities now (or load its cache of them): after
+        libvirtd starts, the first domain created pays seconds for it otherwise."""
+
+        def caps(c: libvirt.virConnect) -> None:
+            try:
+                c.getDomainCapabilities(None, "x86_64", None, virttype, 0)
+            except libvirt.libvirtError as e:
+                raise translate(e, "probing QEMU's capabilities") from e
+
+        timeout = self.call_timeout * CREATE_TIMEOUT_FACTOR
+        await self._call(caps, "probing QEMU's capabilities", timeout)
+
     async def create(self, domain: Domain) -> DomainInfo:
         """Boot a transient domain from ``domain``; returns once QEMU runs (not the guest)."""
         xml = domain.to_xml()

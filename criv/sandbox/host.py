@@ -85,6 +85,9 @@ class HostIsolation:
             argv = ["nsenter", f"--net={pod.netns}", "--", *argv]
         return argv
 
+    async def prepare(self, pod: PodRecord, paths: PodPaths) -> None:
+        return None  # nothing to do before the pod's network exists
+
     async def boot(self, pod: PodRecord, paths: PodPaths) -> IsolationState:
         for p in (paths.control_socket, paths.data_socket):
             if len(str(p)) > MAX_SOCKET_PATH:

@@ -91,6 +91,11 @@ class Isolation(Protocol):
     mode: str
     containers_die_with_agent: bool
 
+    async def prepare(self, pod: PodRecord, paths: PodPaths) -> None:
+        """Boot work that needs no pod network; runs alongside CNI ADD, before ``boot``.
+        What it leaves after a failure, ``destroy`` undoes."""
+        ...
+
     async def boot(self, pod: PodRecord, paths: PodPaths) -> IsolationState: ...
 
     async def connect(self, pod: PodRecord, paths: PodPaths, timeout: float) -> AgentClient: ...

@@ -1,10 +1,11 @@
 """Pod sandbox operations: run, stop, remove, status, list.
 
 RunPodSandbox: reserve the name, write a PENDING record, create the netns and run
-CNI ADD (result kept in the record), boot the agent (isolation mode), SetupSandbox,
-then READY. The work runs as a task of its own: when the caller gives up (deadline),
-the task finishes anyway and a retry with the same name gets that pod instead of
-booting a second one (DESIGN.md, State and recovery). A failure undoes every step.
+CNI ADD (result kept in the record) while the isolation mode prepares what needs no
+network, boot the agent (isolation mode), SetupSandbox, then READY. The work runs as a
+task of its own: when the caller gives up (deadline), the task finishes anyway and a
+retry with the same name gets that pod instead of booting a second one (DESIGN.md,
+State and recovery). A failure undoes every step.
 
 The pod's isolation mode is its runtime handler's, except for a pod that asks for host
 namespaces under the default handler mapped to ``vm`` (kubelet's system pods): that one
@@ -38,6 +39,7 @@ from criv.sandbox.records import PodRecord
 from criv.sandbox.rootfs import unmount_all_under
 from criv.sandbox.specs import PodFilter, PodSpec, match_pod
 from criv.sandbox.states import ContainerState, PodState
+from criv.sandbox.steps import together
 from criv.sandbox.transitions import apply_info, set_state
 from criv.sandbox.watcher import AgentWatcher
 
@@ -196,16 +198,9 @@ class PodService:
         iso = ctx.isolation(pod)
         paths = ctx.paths(pod_id)
         failpoints.hit("run_pod.after_record")
-        if not pod.host_network:
-            att = await self._network.attach(pod)
-            failpoints.hit("run_pod.after_cni_add")
-            pod = await ctx.pods.update(
-                pod_id,
-                lambda r: dataclasses.replace(
-                    r, cni_network=att.cni_network, cni_result=att.cni_result, ips=att.ips,
-                    network_ready=True,
-                ),
-            )  # fmt: skip
+        # what the isolation can do before the pod has a network runs alongside CNI ADD;
+        # both have finished (either may have failed) before anything is undone
+        _, pod = await together(iso.prepare(pod, paths), self._attach_network(pod))
         failpoints.hit("run_pod.after_network")
         state = await iso.boot(pod, paths)
         failpoints.hit("run_pod.after_boot")
@@ -214,6 +209,7 @@ class PodService:
         client = await iso.connect(pod, paths, AGENT_CONNECT_TIMEOUT)
         ctx.runtime(pod_id).client = client
         failpoints.hit("run_pod.after_connect")
+        t0 = time.monotonic()
         await client.setup_sandbox(
             pod_id,
             pod.config,
@@ -221,11 +217,28 @@ class PodService:
             list(pod.ips),
             iso.guest_network(pod),
         )
+        log.info("pod %s cold path: setup sandbox %.3fs", pod_id[:12], time.monotonic() - t0)
         failpoints.hit("run_pod.after_setup")
         await ctx.pods.update(pod_id, lambda r: dataclasses.replace(r, state=PodState.READY))
         failpoints.hit("run_pod.after_ready")
         self._watcher.start(pod_id)
         return pod_id
+
+    async def _attach_network(self, pod: PodRecord) -> PodRecord:
+        """CNI ADD in the pod's netns, its result recorded; the updated record."""
+        if pod.host_network:
+            return pod
+        t0 = time.monotonic()
+        att = await self._network.attach(pod)
+        log.info("pod %s cold path: cni add %.3fs", pod.id[:12], time.monotonic() - t0)
+        failpoints.hit("run_pod.after_cni_add")
+        return await self._ctx.pods.update(
+            pod.id,
+            lambda r: dataclasses.replace(
+                r, cni_network=att.cni_network, cni_result=att.cni_result, ips=att.ips,
+                network_ready=True,
+            ),
+        )  # fmt: skip
 
     # -- stop / remove -------------------------------------------------------------
 

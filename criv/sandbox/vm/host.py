@@ -1,15 +1,22 @@
 """What vm pods need of the host, found once and shared by every pod: the libvirt
 connection (and why each domain stopped), the guest image, KVM or TCG (a probe that
-boots something), and whether libvirt's qemu.conf is set up for criv."""
+boots something), and whether libvirt's qemu.conf is set up for criv.
+
+The slow findings (the KVM probe, libvirtd's probe of QEMU's capabilities: seconds after
+libvirtd starts) are made at criv's start-up, in the background (:meth:`VmHost.start_probes`),
+so that the first pod does not wait for them unless it comes while they still run.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from pathlib import Path
 
 from criv.config import Config
-from criv.errors import FailedPrecondition
+from criv.errors import CrivError, FailedPrecondition
 from criv.guestimage import DEFAULT_CACHE_ROOT, cached_image
 from criv.hypervisor.driver import Hypervisor
 from criv.hypervisor.hostsetup import host_mount_issues, qemu_conf_issues
@@ -29,15 +36,18 @@ class VmHost:
         self._hv_lock = asyncio.Lock()
         self._accel: AccelChoice | None = None
         self._accel_lock = asyncio.Lock()  # pods booting together probe once
+        self._probes: asyncio.Task[None] | None = None
         self.stops: dict[str, str] = {}  # domain name -> why libvirt saw it stop
         self._publish()
 
     def _publish(self) -> None:
         accel = self._accel
+        probing = self._probes is not None and not self._probes.done()
+        pending = "probing (criv's start-up)" if probing else "not probed yet (at the first vm pod)"
         self._state.publish(
             "vm",
             {
-                "accel": accel.accel if accel else "not probed yet (at the first vm pod)",
+                "accel": accel.accel if accel else pending,
                 "accelReason": accel.reason if accel else "",
                 "vsock": VSOCK_DESCRIPTION,
                 "libvirtUri": self._config.vm.libvirt_uri,
@@ -99,7 +109,58 @@ class VmHost:
                 self._publish()
             return self._accel
 
+    # -- start-up probes ------------------------------------------------------------
+
+    def start_probes(self) -> None:
+        """Start the start-up probes as a background task (needs a running loop; without
+        one, as in tools and unit tests, the first pod probes)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._probes = loop.create_task(self._run_probes(), name="criv-vm-startup-probes")
+        self._publish()
+
+    async def _run_probes(self) -> None:
+        t0 = time.monotonic()
+        found: list[str] = []
+
+        async def libvirt_caps() -> None:
+            try:
+                hv = await self.hypervisor()
+                await hv.probe_capabilities()
+                found.append(f"libvirt's QEMU capabilities {time.monotonic() - t0:.2f}s")
+            except CrivError as e:  # the first pod meets it again, and says so
+                log.warning("start-up probe: libvirt: %s", e)
+
+        async def kvm() -> None:
+            try:
+                kernel, initrd = await asyncio.to_thread(self.guest_image)
+            except FailedPrecondition:
+                return  # no guest image yet: its kernel is part of the probe
+            choice = await self.accel(kernel, initrd)
+            found.append(f"accel={choice.accel} {time.monotonic() - t0:.2f}s")
+
+        # independent: libvirtd works in its own process, the KVM probe in a QEMU of its own
+        try:
+            await asyncio.gather(libvirt_caps(), kvm())
+        except Exception:  # a probe's own bug: the first pod probes again, in its path
+            log.exception("vm start-up probes failed")
+        self._publish()
+        log.info("vm start-up probes done in %.2fs (%s)", time.monotonic() - t0, ", ".join(found))
+
+    async def probed(self) -> None:
+        """Wait for the start-up probes if they still run (only the first pods do)."""
+        task = self._probes
+        if task is not None and not task.done():
+            # shielded: a pod that gives up must not cancel them for the next one
+            with contextlib.suppress(Exception):
+                await asyncio.shield(task)
+
     async def close(self) -> None:
+        if self._probes is not None and not self._probes.done():
+            self._probes.cancel()
+            await asyncio.wait([self._probes])
         if self._hv is not None:
             await self._hv.close()
             self._hv = None

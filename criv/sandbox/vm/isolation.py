@@ -1,11 +1,11 @@
 """``vm`` isolation: each pod is a libvirt/QEMU VM whose guest runs criv-agent.
 
-Boot (docs/vm.md): guest image (or ``vm.kernel``/``vm.initrd``), KVM or TCG from the
-probe (:mod:`.host`), the pod's shared directory (9p; :mod:`.share`), a tap for the
-pod's CNI eth0 (:mod:`criv.network.tap`), the userspace vsock backend (:mod:`.backend`),
-then the transient domain. The agent listens on guest vsock ports 1024 (gRPC, behind the
-guest's splice forwarder) and 1025 (data streams); the backend exposes them as unix
-sockets (:mod:`.layout`), so criv dials them as in host mode. Orphans: :mod:`.sweep`.
+Boot (docs/vm.md): :mod:`.coldpath` prepares what needs no pod network (vsock backend,
+share + virtiofsd, tap, the start-up probes of :mod:`.host`) alongside CNI ADD, then the
+transient domain starts with the pod's MAC and the tap joins the pod netns. The agent
+listens on guest vsock ports 1024 (gRPC, behind the guest's splice forwarder) and 1025
+(data streams); the backend exposes them as unix sockets (:mod:`.layout`), so criv dials
+them as in host mode (:mod:`.ready` tells when). Orphans: :mod:`.sweep`.
 """
 
 from __future__ import annotations
@@ -25,18 +25,17 @@ from criv.config import Config
 from criv.errors import AgentError, CrivError, InvalidArgument
 from criv.hypervisor.driver import qemu_pid
 from criv.hypervisor.hostsetup import QEMU_USER
-from criv.hypervisor.kvm import AccelChoice
 from criv.hypervisor.sizing import PodResources, vm_size
 from criv.hypervisor.spec import PodVm, domain_name, pod_domain
-from criv.network.tap import attach_tap, create_tap, delete_tap, guest_addressing, pod_link
+from criv.network.tap import attach_tap, delete_tap, guest_addressing, pod_link
 from criv.network.tap import tap_name as pod_tap_name
 from criv.sandbox import propagation
 from criv.sandbox.isolation import PodPaths
 from criv.sandbox.isostate import IsolationState, VmState
 from criv.sandbox.records import MountRecord, PodRecord
 from criv.sandbox.states import PodState
+from criv.sandbox.vm import coldpath, virtiofs
 from criv.sandbox.vm import share as shares
-from criv.sandbox.vm import virtiofs
 from criv.sandbox.vm.backend import VsockBackends
 from criv.sandbox.vm.console import console_tail
 from criv.sandbox.vm.host import VmHost
@@ -48,8 +47,8 @@ from criv.sandbox.vm.layout import (
     control_socket,
     data_socket,
     vhost_socket,
-    vsock_cid,
 )
+from criv.sandbox.vm.ready import http2_answers
 from criv.sandbox.vm.sweep import sweep_vm_orphans
 from criv.state.runtime_state import RuntimeState
 
@@ -58,6 +57,9 @@ log = logging.getLogger("criv.sandbox.vm")
 # Boot to the agent's first answer: ~2.5 s under TCG when idle; far more on 2 busy cores.
 VM_CONNECT_TIMEOUT = 90.0
 VM_EXIT_TIMEOUT = 10.0
+# how often a booting VM's agent is checked for (a bare HTTP/2 hello: see .ready)
+READY_POLL_INTERVAL = 0.025
+READY_PROBE_TIMEOUT = 0.5
 
 
 def _open_to_qemu(paths: PodPaths) -> None:
@@ -86,48 +88,47 @@ class VmIsolation:
         self._run_root = Path(config.run_dir) / "p"
         self._host = VmHost(config, runtime_state)
         self._backends = VsockBackends()
+        self._prepared: dict[str, coldpath.Prepared] = {}  # pod id -> its prepared steps
+        if self.mode in config.runtime.handlers.values():
+            self._host.start_probes()  # in the background: not in the first pod's latency
 
     # -- boot ------------------------------------------------------------------------
 
-    async def boot(self, pod: PodRecord, paths: PodPaths) -> IsolationState:
+    async def prepare(self, pod: PodRecord, paths: PodPaths) -> None:
+        """The boot's steps that need no pod network, run alongside CNI ADD (coldpath)."""
         if pod.host_network:
             raise InvalidArgument("a vm pod cannot use the host network; use the host handler")
-        await self._host.preflight()
-        kernel, initrd = await asyncio.to_thread(self._host.guest_image)
-        accel = await self._host.accel(kernel, initrd)
         try:
-            return await self._boot(pod, paths, kernel, initrd, accel)
+            self._prepared[pod.id] = await coldpath.prepare(
+                self._host, self._backends, self._owner, pod, paths
+            )
         except BaseException:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self.destroy(pod, paths))
             raise
 
-    async def _boot(
-        self, pod: PodRecord, paths: PodPaths, kernel: Path, initrd: Path, accel: AccelChoice
-    ) -> VmState:
-        hv = await self._host.hypervisor()
+    async def boot(self, pod: PodRecord, paths: PodPaths) -> IsolationState:
+        prep = self._prepared.pop(pod.id, None)
+        if prep is None:  # not prepared beforehand: the same steps, now
+            await self.prepare(pod, paths)
+            prep = self._prepared.pop(pod.id)
+        try:
+            st = await self._boot(pod, paths, prep)
+            log.info("pod %s cold path: %s", pod.id[:12], prep.clock.line())
+            return st
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.destroy(pod, paths))
+            raise
+
+    async def _boot(self, pod: PodRecord, paths: PodPaths, prep: coldpath.Prepared) -> VmState:
         name = domain_name(pod.id)
-
-        def prepare() -> None:
-            for d in (paths.run, paths.state):
-                d.mkdir(parents=True, exist_ok=True, mode=0o700)
-            for s in paths.run.iterdir():
-                if s.is_socket():
-                    s.unlink()
-
-        await asyncio.to_thread(prepare)
-        await shares.prepare(paths)  # before virtiofsd: it serves the read-only view
-        tap, mac, mtu = "", "", 0
-        if pod.netns:
-            link = await pod_link(Path(pod.netns))
-            tap, mac, mtu = pod_tap_name(pod.id), link.mac, link.mtu
-            await create_tap(tap, self._owner)
-            failpoints.hit("vm_boot.after_tap")
-        cid = vsock_cid(pod.id)
-        backend_pid, backend_start = await self._backends.start(pod.id, paths, cid)
-        failpoints.hit("vm_boot.after_backend")
-        fs_pid, _ = await virtiofs.start(paths, QEMU_USER)
-        failpoints.hit("vm_boot.after_virtiofsd")
+        clock, tap, mac, mtu = prep.clock, prep.tap, "", 0
+        if tap:
+            with clock.step("pod link"):
+                link = await pod_link(Path(pod.netns))  # eth0, made by CNI ADD
+            mac, mtu = link.mac, link.mtu
+        hv = await self._host.hypervisor()  # connected while preparing
         await asyncio.to_thread(_open_to_qemu, paths)
         size = vm_size(
             PodResources(**pod.resources),
@@ -137,10 +138,10 @@ class VmIsolation:
         )
         vm = PodVm(
             sandbox_id=pod.id,
-            kernel=kernel,
-            initrd=initrd,
+            kernel=prep.kernel,
+            initrd=prep.initrd,
             size=size,
-            accel=accel.accel,
+            accel=prep.accel.accel,
             console_log=console_log(paths),
             fs_socket=virtiofs.fs_socket(paths),
             tap=tap,
@@ -155,24 +156,26 @@ class VmIsolation:
             owner=self._owner,
         )  # fmt: skip
         self._host.stops.pop(name, None)
-        info = await hv.create(pod_domain(vm))
+        with clock.step("domain"):
+            info = await hv.create(pod_domain(vm))
         failpoints.hit("vm_boot.after_domain")
         if tap:
             # QEMU holds the tap open now; it keeps working in the pod netns
-            await attach_tap(Path(pod.netns), tap)
+            with clock.step("attach tap"):
+                await attach_tap(Path(pod.netns), tap)
         return VmState(
             domain=name,
             uuid=info.uuid,
-            accel=accel.accel,
-            accel_reason=accel.reason,
+            accel=prep.accel.accel,
+            accel_reason=prep.accel.reason,
             console_log=str(console_log(paths)),
             vcpus=size.vcpus,
             memory_mib=size.memory_mib,
             vsock="backend",
-            cid=cid,
-            backend_pid=backend_pid,
-            backend_start_time=backend_start,
-            virtiofsd_pid=fs_pid,
+            cid=prep.cid,
+            backend_pid=prep.backend_pid,
+            backend_start_time=prep.backend_start,
+            virtiofsd_pid=prep.virtiofsd_pid,
             tap=tap,
             mac=mac,
             mtu=mtu,
@@ -203,27 +206,35 @@ class VmIsolation:
 
     async def connect(self, pod: PodRecord, paths: PodPaths, timeout: float) -> AgentClient:
         control = control_socket(paths)
-        client = AgentClient(f"unix:{control}")
         timeout = max(timeout, VM_CONNECT_TIMEOUT) if pod.state is PodState.PENDING else timeout
-        deadline = time.monotonic() + timeout
+        t0 = time.monotonic()
+        deadline = t0 + timeout
         last: Exception | None = None
         while time.monotonic() < deadline:
             if not await self.alive(pod):
-                await client.close()
                 why = self._host.stops.get(domain_name(pod.id), "gone")
                 tail = await asyncio.to_thread(console_tail, console_log(paths))
                 raise AgentError(
                     f"VM of pod {pod.id[:12]} stopped ({why}); console log "
                     f"{console_log(paths)}:\n{tail}"
                 )
-            if await asyncio.to_thread(control.exists):
+            if await http2_answers(control, READY_PROBE_TIMEOUT):
+                # a fresh channel each time: a failed one would wait out its backoff
+                client = AgentClient(f"unix:{control}")
                 try:
                     await client.health(timeout=max(0.5, min(5.0, deadline - time.monotonic())))
+                    if pod.state is PodState.PENDING:
+                        log.info(
+                            "pod %s cold path: agent %.3fs", pod.id[:12], time.monotonic() - t0
+                        )
                     return client
                 except CrivError as e:
                     last = e
-            await asyncio.sleep(0.1)
-        await client.close()
+                    await client.close()
+                except BaseException:
+                    await client.close()
+                    raise
+            await asyncio.sleep(READY_POLL_INTERVAL)
         raise AgentError(
             f"agent of pod {pod.id[:12]} did not answer in {timeout:.0f}s ({last}); "
             f"console log {console_log(paths)}"
@@ -259,6 +270,7 @@ class VmIsolation:
 
     async def destroy(self, pod: PodRecord, paths: PodPaths) -> None:
         name = domain_name(pod.id)
+        self._prepared.pop(pod.id, None)
         hv = await self._host.hypervisor()
         await hv.destroy(name)
         await hv.wait_stopped(name, VM_EXIT_TIMEOUT)

@@ -123,6 +123,11 @@ class FakeIsolation:
         self.agents: dict[str, FakeAgent] = {}
         self.dead: set[str] = set()
         self.booted: set[str] = set()
+        self.prepared: set[str] = set()  # prepare()d and not yet destroyed
+
+    async def prepare(self, pod: PodRecord, paths: PodPaths) -> None:
+        await self.steps.step("prepare")
+        self.prepared.add(pod.id)
 
     async def boot(self, pod: PodRecord, paths: PodPaths) -> IsolationState:
         await self.steps.step("boot")
@@ -146,6 +151,7 @@ class FakeIsolation:
     async def destroy(self, pod: PodRecord, paths: PodPaths) -> None:
         self.steps.calls.append("destroy")
         self.booted.discard(pod.id)
+        self.prepared.discard(pod.id)
 
     def agent_path(self, paths: PodPaths, host_path: Path) -> str:
         return str(host_path)

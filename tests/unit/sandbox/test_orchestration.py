@@ -28,7 +28,12 @@ from tests.unit.sandbox.fakes import (
     Steps,
 )
 
-POD_STEPS = ["attach", "boot", "connect", "setup_sandbox"]
+# "prepare" and "attach" (CNI ADD) run together: their order between them is not fixed
+POD_STEPS = ["prepare", "attach", "boot", "connect", "setup_sandbox"]
+
+
+def in_pod_order(calls: list[str]) -> bool:
+    return sorted(calls[:2]) == sorted(POD_STEPS[:2]) and calls[2:] == POD_STEPS[2:]
 
 
 @dataclass
@@ -76,7 +81,7 @@ def run(coro: object) -> None:
 def test_run_pod_steps_in_order_then_ready(rig: Rig) -> None:
     async def go() -> None:
         pod_id = await rig.mgr.run_pod(rig.spec())
-        assert rig.steps.calls == POD_STEPS
+        assert in_pod_order(rig.steps.calls), rig.steps.calls
         pod = rig.mgr.pod(pod_id[:8])
         assert pod.state is PodState.READY and pod.network_ready and pod.ips == ("10.0.0.9",)
         assert pod.isolation_state is not None and pod.isolation == "vm"
@@ -96,15 +101,36 @@ def test_a_failing_step_undoes_every_step_before_it(rig: Rig, failing: str) -> N
         assert rig.mgr.pods.all() == []
         assert not rig.network.attached, "CNI DEL after a failed RunPodSandbox"
         assert not rig.network.netns
-        assert not rig.vm.booted
+        assert not rig.vm.booted and not rig.vm.prepared
         assert list((rig.tmp / "state" / "sandboxes").iterdir()) == []
-        if POD_STEPS.index(failing) >= POD_STEPS.index("boot"):
-            assert "destroy" in rig.steps.calls
+        assert "destroy" in rig.steps.calls  # prepare ran alongside CNI ADD in any case
         # the name is free again: a retry boots a new pod
         rig.steps.fail.clear()
         pod_id = await rig.mgr.run_pod(rig.spec())
         assert rig.mgr.pod(pod_id).state is PodState.READY
         await rig.mgr.remove_pod(pod_id)
+        await rig.mgr.close()
+
+    run(go())
+
+
+@pytest.mark.parametrize(("failing", "slow"), [("attach", "prepare"), ("prepare", "attach")])
+def test_cni_add_and_prepare_both_finish_before_the_undo(rig: Rig, failing: str, slow: str) -> None:
+    async def go() -> None:
+        gate = asyncio.Event()
+        rig.steps.fail.add(failing)
+        rig.steps.block[slow] = gate
+        run_pod = asyncio.create_task(rig.mgr.run_pod(rig.spec()))
+        await asyncio.sleep(0.02)
+        assert not run_pod.done() and "destroy" not in rig.steps.calls, "undo waits"
+        assert sorted(rig.steps.calls) == ["attach", "prepare"]
+        gate.set()
+        with pytest.raises(Internal, match=failing):
+            await run_pod
+        assert "boot" not in rig.steps.calls and "destroy" in rig.steps.calls
+        assert not rig.vm.prepared, "what prepare made is undone"
+        assert not rig.network.attached and not rig.network.netns, "and CNI ADD too"
+        assert rig.mgr.pods.all() == []
         await rig.mgr.close()
 
     run(go())
