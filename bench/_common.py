@@ -229,6 +229,9 @@ def bench_env(prefix: str) -> Iterator[BenchEnv]:
     """A temp root with a loopback registry (busybox + pause) and the benches' CNI config;
     removes all of it, and the bench bridge if this run made it."""
     root = Path(tempfile.mkdtemp(prefix=prefix))
+    # QEMU runs unprivileged (docs/security.md) and must reach the pods' vhost-user
+    # sockets under criv's run dir here: others may traverse (not list) the root
+    root.chmod(0o711)
     made_bridge = bridge_missing()
     reg, image, pause = start_registry(root)
     try:

@@ -1,0 +1,243 @@
+"""Density benchmark: how many idle criv `vm` pods this host holds, what each costs, and
+whether CRI calls stay fast with all of them, beside containerd + runc with as many pods.
+
+Starts idle vm pods (one busybox ``sleep`` container each) one after another until the
+next would push the host's MemAvailable under 10% of its memory (judged from what the
+last pod took) or ``--max`` pods (default 150) run. Prints:
+
+- host memory per pod (PSS, /proc/<pid>/smaps_rollup) at 1, 10, 50 and N pods: QEMU split
+  into anonymous memory (TCG's translation cache, QEMU's heap), shared memory (the guest's
+  RAM, a memfd) and file-backed pages (the kernel, initramfs and QEMU's own binary, shared
+  between pods), the vsock backend, virtiofsd and criv's own growth divided by the pods;
+- the time to READY (RunPodSandbox) of the last pod started;
+- that every pod answers ExecSync;
+- CRI ``Status``/``ListPodSandbox``/``ListContainers`` latency p50/p99 with N pods, and
+  the same with containerd holding N pods (skipped if containerd is absent).
+
+All pods are removed at the end. Figures only, never pass/fail. Needs root, libvirtd and
+the guest image. Usage:
+
+    .venv/bin/python bench/density.py [--max 150] [--calls 100] [--skip-containerd]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import Runtime, Samples, bench_env, containerd_samples, criv_runtime, pct
+
+from criv.guestimage import build_guest_image
+from criv.hypervisor.hostsetup import start_libvirtd
+from criv_agent.api.runtime.v1 import api_pb2
+
+FLOOR = 0.10  # of MemTotal: stop before MemAvailable would fall under it
+CHECKPOINTS = (1, 10, 50)
+PARTS = ("qemu anon", "qemu shmem", "qemu file", "backend", "virtiofsd", "criv", "total")
+
+
+@dataclass
+class VmFill:
+    n: int
+    pss: dict[int, dict[str, float]]  # pods -> part -> MiB per pod
+    ready: dict[int, float]  # pod number -> seconds to READY
+    answered: int  # pods whose container answered ExecSync
+    latency: Samples
+
+
+def meminfo() -> dict[str, int]:
+    out = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        k, v = line.split(":", 1)
+        out[k] = int(v.split()[0])  # KiB
+    return out
+
+
+def rollup(pid: int) -> dict[str, int]:
+    """smaps_rollup's Pss lines (KiB); {} when the process is gone."""
+    out: dict[str, int] = {}
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss"):
+                k, v = line.split(":", 1)
+                out[k] = int(v.split()[0])
+    except (OSError, ValueError):
+        return {}
+    return out
+
+
+def start_pod(r: Runtime, image: str, logs: Path) -> tuple[str, str, float]:
+    """(pod id, container id, seconds RunPodSandbox took)."""
+    cfg = r.pod_config(logs)
+    t0 = time.perf_counter()
+    pid = r.rt.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=cfg), timeout=300).pod_sandbox_id
+    ready = time.perf_counter() - t0
+    ctr = api_pb2.ContainerConfig(
+        metadata=api_pb2.ContainerMetadata(name="idle"),
+        image=api_pb2.ImageSpec(image=image),
+        command=["sleep", "1000000"],
+    )
+    req = api_pb2.CreateContainerRequest(pod_sandbox_id=pid, config=ctr, sandbox_config=cfg)
+    cid = r.rt.CreateContainer(req, timeout=300).container_id
+    r.rt.StartContainer(api_pb2.StartContainerRequest(container_id=cid), timeout=300)
+    return pid, cid, ready
+
+
+def remove_all(r: Runtime, pods: list[str]) -> None:
+    for pid in pods:
+        try:
+            r.rt.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=pid), timeout=300)
+            r.rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pid), timeout=300)
+        except Exception as e:  # keep removing the others
+            print(f"  removing {pid[:12]}: {e}", flush=True)
+
+
+def vm_pss(r: Runtime, pods: list[str], criv_base: int) -> dict[str, float]:
+    """MiB per pod, by part."""
+    kib = dict.fromkeys(PARTS, 0)
+    for pid in pods:
+        resp = r.rt.PodSandboxStatus(
+            api_pb2.PodSandboxStatusRequest(pod_sandbox_id=pid, verbose=True), timeout=30
+        )
+        iso = json.loads(resp.info["info"])["isolationState"]
+        qemu = rollup(int(Path(f"/run/libvirt/qemu/{iso['domain']}.pid").read_text()))
+        kib["qemu anon"] += qemu.get("Pss_Anon", 0)
+        kib["qemu shmem"] += qemu.get("Pss_Shmem", 0)
+        kib["qemu file"] += qemu.get("Pss_File", 0)
+        kib["backend"] += rollup(int(iso["backend_pid"])).get("Pss", 0)
+        kib["virtiofsd"] += rollup(int(iso.get("virtiofsd_pid", 0))).get("Pss", 0)
+    assert r.proc is not None and r.proc.proc is not None
+    kib["criv"] = max(rollup(r.proc.proc.pid).get("Pss", 0) - criv_base, 0)
+    kib["total"] = sum(v for k, v in kib.items() if k != "total")
+    return {k: v / len(pods) / 1024 for k, v in kib.items()}
+
+
+def exec_all(r: Runtime, ctrs: list[str]) -> int:
+    """How many containers answer ExecSync ``echo ok``."""
+    ok = 0
+    for cid in ctrs:
+        try:
+            req = api_pb2.ExecSyncRequest(container_id=cid, cmd=["echo", "ok"], timeout=60)
+            resp = r.rt.ExecSync(req, timeout=90)
+            ok += resp.exit_code == 0 and resp.stdout.strip() == b"ok"
+        except Exception as e:
+            print(f"  ExecSync {cid[:12]}: {e}", flush=True)
+    return ok
+
+
+def cri_latency(r: Runtime, calls: int) -> Samples:
+    ops: dict[str, Callable[[], object]] = {
+        "Status": lambda: r.rt.Status(api_pb2.StatusRequest(), timeout=30),
+        "ListPodSandbox": lambda: r.rt.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=30),
+        "ListContainers": lambda: r.rt.ListContainers(api_pb2.ListContainersRequest(), timeout=30),
+    }
+    s: Samples = {}
+    for _ in range(calls):  # interleaved: a slow period hits every call alike
+        for name, call in ops.items():
+            t0 = time.perf_counter()
+            call()
+            s.setdefault(name, []).append(time.perf_counter() - t0)
+    return s
+
+
+def fill_vm(r: Runtime, image: str, logs: Path, cap: int, calls: int) -> VmFill:
+    assert r.proc is not None and r.proc.proc is not None
+    criv_base = rollup(r.proc.proc.pid).get("Pss", 0)
+    total = meminfo()["MemTotal"]
+    pods: list[str] = []
+    ctrs: list[str] = []
+    pss: dict[int, dict[str, float]] = {}
+    ready: dict[int, float] = {}
+    stop_reason = f"--max {cap}"
+    try:
+        while len(pods) < cap:
+            before = meminfo()["MemAvailable"]
+            pid, cid, secs = start_pod(r, image, logs)
+            pods.append(pid)
+            ctrs.append(cid)
+            n = len(pods)
+            ready[n] = secs
+            avail = meminfo()["MemAvailable"]
+            print(f"  pod {n}: READY in {secs:.2f}s, MemAvailable {avail // 1024} MiB", flush=True)
+            if n in CHECKPOINTS:
+                time.sleep(3)  # idle: the guests settle
+                pss[n] = vm_pss(r, pods, criv_base)
+            if avail - max(before - avail, 0) < FLOOR * total:
+                stop_reason = f"MemAvailable would fall under {FLOOR:.0%}"
+                break
+        n = len(pods)
+        if n not in pss:
+            time.sleep(3)
+            pss[n] = vm_pss(r, pods, criv_base)
+        print(f"criv vm: {n} pods ({stop_reason}); ExecSync in each...", flush=True)
+        answered = exec_all(r, ctrs)
+        print(f"criv vm: CRI latency with {n} pods...", flush=True)
+        lat = cri_latency(r, calls)
+    finally:
+        print(f"criv vm: removing {len(pods)} pods...", flush=True)
+        remove_all(r, pods)
+    return VmFill(n, pss, ready, answered, lat)
+
+
+def fill_containerd(r: Runtime, image: str, logs: Path, n: int, calls: int) -> Samples:
+    pods: list[str] = []
+    try:
+        for _ in range(n):
+            pods.append(start_pod(r, image, logs)[0])
+        return cri_latency(r, calls)
+    finally:
+        remove_all(r, pods)
+
+
+def report(vm: VmFill, ctrd: Samples) -> None:
+    n = vm.n
+    print("\nhost memory per idle vm pod, PSS MiB (issue 14's target: total <= 64 with 20 pods)")
+    print(f"{'pods':<6}{'READY s':>9}" + "".join(f"{p:>12}" for p in PARTS))
+    for k, m in sorted(vm.pss.items()):
+        print(f"{k:<6}{vm.ready[k]:>9.2f}" + "".join(f"{m[p]:>12.1f}" for p in PARTS))
+    print(f"\nlast pod (#{n}) READY in {vm.ready[n]:.2f}s; ExecSync answered by {vm.answered}/{n}")
+    print(f"\nCRI latency with {n} pods (ms)   criv p50   p99   containerd p50   p99")
+    for op, xs in vm.latency.items():
+        c = ctrd.get(op)
+        theirs = f"{pct(c, 0.5):>15.1f}{pct(c, 0.99):>6.1f}" if c else f"{'-':>15}{'-':>6}"
+        print(f"{op:<31}{pct(xs, 0.5):>9.1f}{pct(xs, 0.99):>6.1f}{theirs}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--max", type=int, default=150, help="most vm pods to start")
+    ap.add_argument("--calls", type=int, default=100, help="calls per CRI method timed")
+    ap.add_argument("--skip-containerd", action="store_true")
+    args = ap.parse_args()
+    start_libvirtd()
+    img = build_guest_image(progress=lambda line: print(f"[guest-image] {line}", flush=True))
+    vm_cfg = {
+        "vm": {"kernel": str(img.kernel), "initrd": str(img.initrd)},
+        "runtime": {"handlers": {"": "vm", "vm": "vm", "host": "host"}},
+    }
+    with bench_env("criv-bench-dens-") as env:
+        with criv_runtime(env.root, env.registry, env.cni, vm_cfg, name="criv-vm") as r:
+            r.pull(env.image)
+            print(f"criv vm: idle pods, up to {args.max}...", flush=True)
+            vm = fill_vm(r, env.image, env.logs / "vm", args.max, args.calls)
+        ctrd: Samples = {}
+        if not args.skip_containerd:
+            n = vm.n
+            ctrd = containerd_samples(
+                env,
+                f"{n} pods, CRI latency",
+                lambda c: fill_containerd(c, env.image, env.logs / "ctrd", n, args.calls),
+            )
+    report(vm, ctrd)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
