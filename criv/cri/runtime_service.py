@@ -1,7 +1,8 @@
 """CRI RuntimeService: proto <-> domain for pod sandboxes and containers, nothing else.
 
-The sandbox, container and streaming RPCs live in :mod:`criv.cri.runtime_pods`,
-:mod:`criv.cri.runtime_containers` and :mod:`criv.cri.runtime_streaming` (mixins of
+The sandbox, container, metrics and streaming RPCs live in :mod:`criv.cri.runtime_pods`,
+:mod:`criv.cri.runtime_containers`, :mod:`criv.cri.runtime_metrics` and
+:mod:`criv.cri.runtime_streaming` (mixins of
 :class:`RuntimeService`). RPCs criv does
 not implement yet answer UNIMPLEMENTED with the missing part named (see
 ``_MISSING``; docs/architecture.md lists them). Every request is checked by
@@ -18,6 +19,7 @@ import grpc
 from criv import __version__
 from criv.config import Config
 from criv.cri.runtime_containers import ContainerRpcs
+from criv.cri.runtime_metrics import MetricsRpcs
 from criv.cri.runtime_pods import PodSandboxRpcs
 from criv.cri.runtime_streaming import StreamingRpcs
 from criv.cri.validate import validate_rpcs
@@ -38,10 +40,7 @@ _MISSING = {
     "StreamContainerStats": "streaming list RPCs are not supported",
     "StreamPodSandboxStats": "streaming list RPCs are not supported",
     "CheckpointContainer": "container checkpoint/restore is not supported",
-    "ListMetricDescriptors": "pod sandbox metrics are not supported",
-    "ListPodSandboxMetrics": "pod sandbox metrics are not supported",
-    "StreamPodSandboxMetrics": "pod sandbox metrics are not supported",
-    "UpdatePodSandboxResources": "resizing a running pod sandbox is not supported",
+    "StreamPodSandboxMetrics": "streaming list RPCs are not supported (use ListPodSandboxMetrics)",
 }
 
 # isolation modes that make a recursive_read_only mount read-only all the way down:
@@ -50,7 +49,11 @@ _RRO_MODES = frozenset({"host", "vm"})
 
 
 class RuntimeService(
-    PodSandboxRpcs, ContainerRpcs, StreamingRpcs, api_pb2_grpc.RuntimeServiceServicer
+    PodSandboxRpcs,
+    ContainerRpcs,
+    MetricsRpcs,
+    StreamingRpcs,
+    api_pb2_grpc.RuntimeServiceServicer,
 ):
     def __init__(
         self,

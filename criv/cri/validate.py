@@ -208,6 +208,12 @@ def _update_resources(req: api_pb2.UpdateContainerResourcesRequest) -> None:
     check_resources(req.linux, "linux")
 
 
+def _update_pod_resources(req: api_pb2.UpdatePodSandboxResourcesRequest) -> None:
+    require(req.pod_sandbox_id, "pod_sandbox_id")
+    check_resources(req.resources, "resources")
+    check_resources(req.overhead, "overhead", memory_min=0)  # an addition
+
+
 def _exec_sync(req: api_pb2.ExecSyncRequest) -> None:
     require(req.container_id, "container_id")
     if not req.cmd:
@@ -233,6 +239,7 @@ _CHECKS: dict[type[Message], Callable[[Any], None]] = {
     api_pb2.RunPodSandboxRequest: _run_pod_sandbox,
     api_pb2.CreateContainerRequest: _create_container,
     api_pb2.UpdateContainerResourcesRequest: _update_resources,
+    api_pb2.UpdatePodSandboxResourcesRequest: _update_pod_resources,
     api_pb2.ExecSyncRequest: _exec_sync,
     api_pb2.UpdateRuntimeConfigRequest: _update_runtime_config,
     api_pb2.PullImageRequest: _pull_image,
