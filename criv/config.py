@@ -277,6 +277,7 @@ class Config:
     cgroup_driver: CgroupDriver = "cgroupfs"
     log: LogConfig = field(default_factory=LogConfig)
     registries: RegistriesConfig = field(default_factory=RegistriesConfig)
+    image_limits: ImageLimitsConfig = field(default_factory=ImageLimitsConfig)
     cni: CniConfig = field(default_factory=CniConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     vm: VmConfig = field(default_factory=VmConfig)
@@ -300,7 +301,6 @@ class Config:
         return Path(self.socket.removeprefix("unix://"))
 
 
-    image_limits: ImageLimitsConfig = field(default_factory=ImageLimitsConfig)
 T = TypeVar("T")
 
 
