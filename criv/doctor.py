@@ -79,8 +79,8 @@ def check_accel(cfg: Config) -> Check:
 
 
 def check_libvirt(cfg: Config) -> list[Check]:
-    from criv.hypervisor.driver import check_libvirt as probe
     from criv.hypervisor.hostsetup import host_mount_issues, qemu_conf_issues
+    from criv.hypervisor.reachability import check_libvirt as probe
 
     level: Level = "FAIL" if _uses_vm(cfg) else "WARN"
     ok, detail = probe()

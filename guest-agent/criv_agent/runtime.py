@@ -1,10 +1,7 @@
-"""The agent's container runtime: lifecycle through crun, exits, events, logs, stats.
-
-Exit detection: the agent is a child subreaper (main.py), so a container's init, once
-``crun create`` has exited, is the agent's child; a pidfd on it becomes readable at exit
-and ``waitid(P_PIDFD)`` yields the status (signals as 128+N). A container that was
-running when the agent restarted is no longer its child: its exit is still seen through
-the pidfd, but the status is lost (recorded as 255 with a message).
+"""The agent's container runtime: lifecycle through crun, logs, exec and stats, over its
+collaborators: the pod (:mod:`.podsandbox`), exits (:mod:`.exitwatch`: a container whose
+exit status was lost to an agent restart is recorded as 255 with a message) and events
+(:mod:`.events`).
 """
 
 from __future__ import annotations
@@ -17,19 +14,22 @@ import re
 import signal
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from criv_agent import cgroups
 from criv_agent.attach import ContainerIO
 from criv_agent.create import Created, crun_create, mount_sources, resources_json, write_bundle
-from criv_agent.crun import Crun, cgroup_version
+from criv_agent.crun import Crun
 from criv_agent.errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from criv_agent.events import Event, EventHub
 from criv_agent.execstream import ExecRegistry
 from criv_agent.execsync import ExecResult, exec_sync
+from criv_agent.exitwatch import ExitWatcher
+from criv_agent.hostinfo import host_info
+from criv_agent.podsandbox import PodSandbox
 from criv_agent.reaper import Reaper
 from criv_agent.sandbox import Sandbox
-from criv_agent.spec import HostInfo, image_config
+from criv_agent.spec import image_config
 from criv_agent.state import ContainerRecord, ContainerStore, State
 from criv_agent.stdio import LogSink, Pump
 
@@ -43,61 +43,25 @@ _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _EXIT_LOST = 255
 
 
-@dataclass
-class Event:
-    kind: str  # created, started, exited, oom, removed
-    container_id: str
-    timestamp_ns: int
-    record: ContainerRecord
-
-
-def host_info() -> HostInfo:
-    v2 = cgroup_version() == "v2"
-    if v2:
-        swap = _any_swap_v2()
-    else:
-        swap = os.path.exists("/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes")
-    bounding = (1 << 41) - 1
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("CapBnd:"):
-                    bounding = int(line.split()[1], 16)
-    except (OSError, ValueError):
-        pass
-    return HostInfo(cgroup_v2=v2, swap_accounting=swap, cap_bounding=bounding)
-
-
-def _any_swap_v2() -> bool:
-    """memory.swap.max exists only below the root, and only with swap accounting."""
-    try:
-        dirs = [e.path for e in os.scandir("/sys/fs/cgroup") if e.is_dir()]
-    except OSError:
-        return False
-    return any(os.path.exists(os.path.join(d, "memory.swap.max")) for d in dirs)
-
-
 class Runtime:
     def __init__(self, state_dir: str, crun_binary: str) -> None:
         self.state_dir = state_dir
         self.crun = Crun(crun_binary, os.path.join(state_dir, "crun"))
         self.store = ContainerStore(os.path.join(state_dir, "containers"))
         self.host = host_info()
-        self.sandbox: Sandbox | None = None
+        self.pod = PodSandbox(state_dir)
         self.sinks: dict[str, LogSink] = {}
         self._pumps: dict[str, Pump] = {}
         # live stdio for attach; absent after an agent restart (the pipes died with it)
         self.ios: dict[str, ContainerIO] = {}
         self._exited: dict[str, asyncio.Event] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        self._pidfds: dict[str, int] = {}
-        self._subscribers: list[asyncio.Queue[Event]] = []
+        self.exits = ExitWatcher(self._on_exit)
+        self.hub = EventHub()
         self.shutdown_requested = asyncio.Event()
-        self._bg: set[asyncio.Future[None]] = set()
         # inits made by crun create whose record is still being written: not orphans
         self._creating: set[int] = set()
         self.reaper = Reaper(self._container_pids)
-        self._sandbox_lock = asyncio.Lock()
         self._ooms_seen: dict[str, int] = {}
         self.execs = ExecRegistry(self.crun)
 
@@ -105,7 +69,7 @@ class Runtime:
 
     async def load(self) -> None:
         """Reload records after an agent restart and re-watch what still runs."""
-        self.sandbox = Sandbox.load(self.state_dir)
+        self.pod.load()
         for cid in self.store.load():
             log.warning("ignoring unreadable container record %s", cid)
         for rec in self.store.all():
@@ -117,7 +81,7 @@ class Runtime:
             st = await self.crun.state(rec.id)
             alive = st is not None and st.get("status") in ("created", "running")
             if alive and st is not None and int(st.get("pid", 0)) == rec.pid:
-                self._watch(rec.id, rec.pid)
+                self.exits.watch(rec.id, rec.pid)
                 continue
             await self._mark_exited(rec.id, None, "exit status lost: the agent restarted")
         # crun containers without a record: the agent died between crun create and
@@ -142,7 +106,7 @@ class Runtime:
             n = cgroups.oom_kills(rec.cgroups_path)
             if n > self._ooms_seen.get(rec.id, 0):
                 self._ooms_seen[rec.id] = n
-                self._publish("oom", rec)
+                self.hub.publish("oom", rec)
 
     def reap_orphans(self) -> None:
         for pid in self.reaper.reap():
@@ -151,19 +115,13 @@ class Runtime:
     def _lock(self, cid: str) -> asyncio.Lock:
         return self._locks.setdefault(cid, asyncio.Lock())
 
-    def _publish(self, kind: str, rec: ContainerRecord) -> None:
-        ev = Event(kind, rec.id, time.time_ns(), rec)
-        for q in self._subscribers:
-            q.put_nowait(ev)
+    @property
+    def sandbox(self) -> Sandbox | None:
+        return self.pod.current
 
     async def events(self) -> AsyncIterator[Event]:
-        q: asyncio.Queue[Event] = asyncio.Queue()
-        self._subscribers.append(q)
-        try:
-            while True:
-                yield await q.get()
-        finally:
-            self._subscribers.remove(q)
+        async for ev in self.hub.subscribe():
+            yield ev
 
     def get(self, cid: str) -> ContainerRecord:
         return self.store.get(cid)
@@ -180,45 +138,7 @@ class Runtime:
         sandbox_dir: str,
         pod_ips: list[str],
     ) -> Sandbox:
-        async with self._sandbox_lock:
-            return await self._setup_sandbox_locked(sandbox_id, config, sandbox_dir, pod_ips)
-
-    async def _setup_sandbox_locked(
-        self,
-        sandbox_id: str,
-        config: api_pb2.PodSandboxConfig,
-        sandbox_dir: str,
-        pod_ips: list[str],
-    ) -> Sandbox:
-        sb = self.sandbox
-        if sb is not None and sb.sandbox_id != sandbox_id:
-            raise FailedPrecondition(f"this agent serves sandbox {sb.sandbox_id}")
-        if sb is None:
-            sb = Sandbox(sandbox_id, sandbox_dir or os.path.join(self.state_dir, "sandbox"),
-                         config)  # fmt: skip
-        else:
-            sb.config = config
-        await asyncio.to_thread(sb.write_files, pod_ips)
-        await asyncio.to_thread(sb.mount_shm)
-        self.sandbox = sb
-        try:
-            await sb.start_holder()
-        finally:
-            await sb.save(self.state_dir)
-        return sb
-
-    async def _ensure_sandbox(self, sandbox_id: str, config: api_pb2.PodSandboxConfig) -> Sandbox:
-        """The sandbox for CreateContainer: set up now if SetupSandbox never came."""
-        async with self._sandbox_lock:
-            sb = self.sandbox
-            if sb is None:
-                return await self._setup_sandbox_locked(sandbox_id, config, "", [])
-            if sb.sandbox_id != sandbox_id:
-                raise FailedPrecondition(f"this agent serves sandbox {sb.sandbox_id}")
-            if sb.needs_holder() and not sb.holder_alive():
-                await sb.start_holder()  # it died (or the node rebooted): a new one
-                await sb.save(self.state_dir)
-            return sb
+        return await self.pod.setup(sandbox_id, config, sandbox_dir, pod_ips)
 
     async def shutdown_sandbox(self, timeout: int) -> None:
         await asyncio.gather(
@@ -227,9 +147,7 @@ class Runtime:
         )
         for rec in self.store.all():
             await self.crun.delete(rec.id)
-        if self.sandbox is not None:
-            await asyncio.to_thread(self.sandbox.release)
-            await self.sandbox.save(self.state_dir)
+        await self.pod.release()
         self.shutdown_requested.set()
 
     # --- create / start ----------------------------------------------------------------
@@ -242,7 +160,7 @@ class Runtime:
             raise AlreadyExists(f"container {cid} already exists")
         if not req.rootfs or not await asyncio.to_thread(os.path.isdir, req.rootfs):
             raise InvalidArgument(f"rootfs {req.rootfs!r} is not a directory")
-        sb = await self._ensure_sandbox(req.sandbox_id, req.sandbox_config)
+        sb = await self.pod.ensure(req.sandbox_id, req.sandbox_config)
         image = image_config(req.image_config_json)
         sources = await mount_sources(req)
         target = req.config.linux.security_context.namespace_options.target_id
@@ -269,8 +187,8 @@ class Runtime:
             await self.store.add(rec)
         finally:
             self._creating.discard(rec.pid)
-        self._watch(cid, rec.pid)
-        self._publish("created", rec)
+        self.exits.watch(cid, rec.pid)
+        self.hub.publish("created", rec)
         return rec
 
     def _start_pump(self, cid: str, made: Created) -> None:
@@ -299,39 +217,10 @@ class Runtime:
                 x.started_at_ns = time.time_ns()
 
             rec = await self.store.update(cid, started)
-            self._publish("started", rec)
+            self.hub.publish("started", rec)
             return rec
 
     # --- exits -------------------------------------------------------------------------
-
-    def _watch(self, cid: str, pid: int) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            fd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            self._exit_seen(cid, None)
-            return
-        self._pidfds[cid] = fd
-        loop.add_reader(fd, self._pidfd_ready, cid, fd)
-
-    def _pidfd_ready(self, cid: str, fd: int) -> None:
-        asyncio.get_running_loop().remove_reader(fd)
-        status: int | None = None
-        try:
-            res = os.waitid(os.P_PIDFD, fd, os.WEXITED)
-            if res is not None:
-                code, st = res.si_code, res.si_status
-                status = st if code == os.CLD_EXITED else 128 + st
-        except ChildProcessError:
-            status = None  # not our child any more (agent restarted): status lost
-        os.close(fd)
-        self._pidfds.pop(cid, None)
-        self._exit_seen(cid, status)
-
-    def _exit_seen(self, cid: str, status: int | None) -> None:
-        task = asyncio.ensure_future(self._on_exit(cid, status))
-        self._bg.add(task)
-        task.add_done_callback(self._bg.discard)
 
     async def _on_exit(self, cid: str, status: int | None) -> None:
         async with self._lock(cid):
@@ -355,8 +244,8 @@ class Runtime:
         rec = await self.store.update(cid, exited)
         self._exited.setdefault(cid, asyncio.Event()).set()
         if ooms > self._ooms_seen.pop(cid, 0):
-            self._publish("oom", rec)
-        self._publish("exited", rec)
+            self.hub.publish("oom", rec)
+        self.hub.publish("exited", rec)
 
     async def wait(self, cid: str) -> ContainerRecord:
         self.store.get(cid)
@@ -411,10 +300,7 @@ class Runtime:
             except TimeoutError:
                 pump.close()
                 self._pumps.pop(cid, None)
-        fd = self._pidfds.pop(cid, None)
-        if fd is not None:
-            asyncio.get_running_loop().remove_reader(fd)
-            os.close(fd)
+        self.exits.forget(cid)
         sink = self.sinks.pop(cid, None)
         if sink is not None:
             sink.notify()
@@ -425,7 +311,7 @@ class Runtime:
         self._exited.pop(cid, None)
         self._locks.pop(cid, None)
         await asyncio.to_thread(_rmtree, self.store.dir(cid))
-        self._publish("removed", rec)
+        self.hub.publish("removed", rec)
 
     # --- exec, update, stats -----------------------------------------------------------
 
@@ -487,9 +373,7 @@ class Runtime:
         for io in self.ios.values():
             io.close()
         self.ios.clear()
-        for fd in self._pidfds.values():
-            os.close(fd)
-        self._pidfds.clear()
+        self.exits.close()
 
 
 def _rmtree(path: str) -> None:

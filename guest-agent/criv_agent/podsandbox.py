@@ -1,0 +1,76 @@
+"""The one pod an agent serves: set up on SetupSandbox (or on the first CreateContainer
+if SetupSandbox never came), reloaded after an agent restart, released at shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import TYPE_CHECKING
+
+from criv_agent.errors import FailedPrecondition
+from criv_agent.sandbox import Sandbox
+
+if TYPE_CHECKING:
+    from criv_agent.api.runtime.v1 import api_pb2
+
+
+class PodSandbox:
+    def __init__(self, state_dir: str) -> None:
+        self._state_dir = state_dir
+        self.current: Sandbox | None = None
+        self._lock = asyncio.Lock()
+
+    def load(self) -> None:
+        self.current = Sandbox.load(self._state_dir)
+
+    async def setup(
+        self,
+        sandbox_id: str,
+        config: api_pb2.PodSandboxConfig,
+        sandbox_dir: str,
+        pod_ips: list[str],
+    ) -> Sandbox:
+        async with self._lock:
+            return await self._setup_locked(sandbox_id, config, sandbox_dir, pod_ips)
+
+    async def _setup_locked(
+        self,
+        sandbox_id: str,
+        config: api_pb2.PodSandboxConfig,
+        sandbox_dir: str,
+        pod_ips: list[str],
+    ) -> Sandbox:
+        sb = self.current
+        if sb is not None and sb.sandbox_id != sandbox_id:
+            raise FailedPrecondition(f"this agent serves sandbox {sb.sandbox_id}")
+        if sb is None:
+            sb = Sandbox(sandbox_id, sandbox_dir or os.path.join(self._state_dir, "sandbox"),
+                         config)  # fmt: skip
+        else:
+            sb.config = config
+        await asyncio.to_thread(sb.write_files, pod_ips)
+        await asyncio.to_thread(sb.mount_shm)
+        self.current = sb
+        try:
+            await sb.start_holder()
+        finally:
+            await sb.save(self._state_dir)
+        return sb
+
+    async def ensure(self, sandbox_id: str, config: api_pb2.PodSandboxConfig) -> Sandbox:
+        """The sandbox for CreateContainer: set up now if SetupSandbox never came."""
+        async with self._lock:
+            sb = self.current
+            if sb is None:
+                return await self._setup_locked(sandbox_id, config, "", [])
+            if sb.sandbox_id != sandbox_id:
+                raise FailedPrecondition(f"this agent serves sandbox {sb.sandbox_id}")
+            if sb.needs_holder() and not sb.holder_alive():
+                await sb.start_holder()  # it died (or the node rebooted): a new one
+                await sb.save(self._state_dir)
+            return sb
+
+    async def release(self) -> None:
+        if self.current is not None:
+            await asyncio.to_thread(self.current.release)
+            await self.current.save(self._state_dir)
