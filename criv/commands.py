@@ -144,3 +144,19 @@ def run_sync(
     if check:
         done.check_returncode()
     return done
+
+
+def spawn_detached(argv: list[str], log_path: str | os.PathLike[str]) -> subprocess.Popen[bytes]:
+    """Start a long-lived helper (the host agent, virtiofsd) in a session of its own, so it
+    outlives a criv restart and its group can be killed, with its output appended to
+    ``log_path``. No deadline: it runs until criv stops it."""
+    with open(log_path, "ab") as out:
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+            cwd="/",
+        )

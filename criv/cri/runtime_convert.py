@@ -10,6 +10,7 @@ from google.protobuf.json_format import MessageToDict
 from criv.agent.types import AgentStats
 from criv.sandbox import isostate
 from criv.sandbox.isostate import HostState
+from criv.sandbox.podresources import sizing_inputs
 from criv.sandbox.records import ContainerRecord, MountRecord, PodRecord, PortMap
 from criv.sandbox.specs import ContainerFilter, ContainerSpec, PodFilter, PodSpec
 from criv.sandbox.states import ContainerState, PodState
@@ -57,21 +58,8 @@ def pod_spec(req: api_pb2.RunPodSandboxRequest) -> PodSpec:
             )
             for p in cfg.port_mappings
         ),
-        resources=_pod_resources(cfg),
+        resources=sizing_inputs(cfg.linux.resources, cfg.linux.overhead),
     )
-
-
-def _pod_resources(cfg: api_pb2.PodSandboxConfig) -> dict[str, int]:
-    """LinuxPodSandboxConfig's resources + overhead as the sizing inputs (0 = unset)."""
-    res, over = cfg.linux.resources, cfg.linux.overhead
-    out = {
-        "cpu_period": res.cpu_period,
-        "cpu_quota": res.cpu_quota,
-        "memory_limit_bytes": res.memory_limit_in_bytes,
-        "overhead_cpu_quota": over.cpu_quota,
-        "overhead_memory_bytes": over.memory_limit_in_bytes,
-    }
-    return {k: int(v) for k, v in out.items() if v}
 
 
 def container_spec(req: api_pb2.CreateContainerRequest) -> ContainerSpec:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from criv.agent.client import AgentClient
 from criv.agent.types import GuestNetwork
-from criv.commands import run_command
+from criv.commands import run_command, spawn_detached
 from criv.config import Config
 from criv.errors import AgentError, CrivError, Internal
 from criv.procscan import (
@@ -100,16 +100,7 @@ class HostIsolation:
             for s in (paths.control_socket, paths.data_socket):
                 with contextlib.suppress(FileNotFoundError):
                     s.unlink()
-            with open(paths.agent_log, "ab") as out:
-                return subprocess.Popen(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    close_fds=True,
-                    cwd="/",
-                )
+            return spawn_detached(argv, paths.agent_log)
 
         proc = await asyncio.to_thread(spawn)
         self._procs[pod.id] = proc

@@ -13,10 +13,10 @@ from __future__ import annotations
 import asyncio
 import grp
 import os
-import subprocess
 import time
 from pathlib import Path
 
+from criv.commands import spawn_detached
 from criv.errors import Internal
 from criv.procscan import find_processes, kill_group, process_start_time
 from criv.sandbox.isolation import PodPaths
@@ -48,16 +48,7 @@ def spawn(paths: PodPaths, qemu_group: str) -> int:
     log = paths.state / "virtiofsd.log"
     sock = fs_socket(paths)
     sock.unlink(missing_ok=True)
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            argv(paths, qemu_group),
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            close_fds=True,
-            cwd="/",
-        )
+    proc = spawn_detached(argv(paths, qemu_group), log)
     deadline = time.monotonic() + READY_TIMEOUT
     while not sock.exists():
         if proc.poll() is not None:
