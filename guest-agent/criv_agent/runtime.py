@@ -131,15 +131,6 @@ class Runtime:
 
     # --- sandbox -----------------------------------------------------------------------
 
-    async def setup_sandbox(
-        self,
-        sandbox_id: str,
-        config: api_pb2.PodSandboxConfig,
-        sandbox_dir: str,
-        pod_ips: list[str],
-    ) -> Sandbox:
-        return await self.pod.setup(sandbox_id, config, sandbox_dir, pod_ips)
-
     async def shutdown_sandbox(self, timeout: int) -> None:
         await asyncio.gather(
             *(self.stop(r.id, timeout) for r in self.store.all() if r.state != State.EXITED),

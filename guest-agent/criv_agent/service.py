@@ -106,7 +106,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             from criv_agent import network
 
             await network.apply(request.network)
-        await self.rt.setup_sandbox(
+        await self.rt.pod.setup(
             request.sandbox_id, request.config, request.sandbox_dir, list(request.pod_ips)
         )
         return agent_pb2.SetupSandboxResponse()
