@@ -33,3 +33,6 @@ def setup_logging(cfg: LogConfig) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(cfg.level.upper())
+    # grpc's aio layer logs a line per RPC at DEBUG ("Loaded running loop"): noise that
+    # buries criv's own debug lines
+    logging.getLogger("grpc._cython.cygrpc").setLevel(max(root.level, logging.INFO))

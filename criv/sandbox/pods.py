@@ -251,9 +251,17 @@ class PodService:
             pod = ctx.pods.get(full)
             if pod is None:
                 return
-            await self._stop_containers(pod)
+            t0 = time.monotonic()
+            stopped = await self._stop_containers(pod)
             failpoints.hit("stop_pod.after_containers")
-            await self._cleanup.stop_agent(pod, graceful=True)
+            t1 = time.monotonic()
+            # An agent that could not stop its containers gets no second chance to stall
+            # the stop: what runs it is destroyed.
+            await self._cleanup.stop_agent(pod, graceful=stopped)
+            log.info(
+                "pod %s stopped: containers %.1fs, agent %.1fs%s", full[:12], t1 - t0,
+                time.monotonic() - t1, "" if stopped else " (destroyed: containers did not stop)",
+            )  # fmt: skip
             failpoints.hit("stop_pod.after_agent")
             if pod.state is not PodState.NOTREADY:
                 await ctx.pods.update(
@@ -263,10 +271,12 @@ class PodService:
             # Last: a failed CNI DEL raises to kubelet, which retries StopPodSandbox.
             await self._cleanup.release_network(ctx.pods.must(full))
 
-    async def _stop_containers(self, pod: PodRecord) -> None:
+    async def _stop_containers(self, pod: PodRecord) -> bool:
+        """Kill what still runs; False if the agent failed to stop one of them."""
         ctx = self._ctx
         client = ctx.client_of(pod.id)
         live = [c for c in ctx.containers_of(pod.id) if c.state is not ContainerState.EXITED]
+        failed: list[str] = []
 
         async def one(cid: str) -> None:
             if client is not None:
@@ -274,6 +284,7 @@ class PodService:
                     info = await client.stop_container(cid, POD_STOP_CONTAINER_TIMEOUT)
                     await apply_info(ctx, cid, info)
                 except CrivError as e:
+                    failed.append(cid)
                     log.warning("stopping container %s: %s", cid[:12], e)
             c = ctx.containers.get(cid)
             if c is not None and c.state is not ContainerState.EXITED:
@@ -288,6 +299,7 @@ class PodService:
         await asyncio.gather(
             *(self._logs.drain(c, POD_STOP_LOG_DRAIN) for c in ctx.containers_of(pod.id))
         )
+        return not failed
 
     async def remove(self, pod_id: str) -> None:
         ctx = self._ctx

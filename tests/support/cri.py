@@ -242,11 +242,16 @@ class Cri:
             self._exec_channel.close()
         if self.proc._channel is None:
             return
-        for p in self.rt.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=30).items:
-            self.rt.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=p.id), timeout=60)
-            self.rt.RemovePodSandbox(
-                api_pb2.RemovePodSandboxRequest(pod_sandbox_id=p.id), timeout=60
-            )
+        try:
+            for p in self.rt.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=30).items:
+                req = api_pb2.StopPodSandboxRequest(pod_sandbox_id=p.id)
+                self.rt.StopPodSandbox(req, timeout=60)
+                self.rt.RemovePodSandbox(
+                    api_pb2.RemovePodSandboxRequest(pod_sandbox_id=p.id), timeout=60
+                )
+        except grpc.RpcError as e:
+            print(f"teardown failed: {e}\n--- criv's log (tail) ---\n{self.proc.logs()}")
+            raise
 
 
 # criv's default handler is `vm`; these suites test the agent in host isolation unless a
@@ -283,11 +288,7 @@ def cri_factory(
 
     yield make
     for c in made:
-        try:
-            c.teardown()
-        except grpc.RpcError as e:
-            print(f"teardown failed: {e}\n{c.proc.logs()}")
-            raise
+        c.teardown()
 
 
 @pytest.fixture
