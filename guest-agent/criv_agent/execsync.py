@@ -24,6 +24,7 @@ _DRAIN_AFTER_EXIT = 2.0  # background children may hold the pipes; don't wait fo
 # How long a kill waits for crun to name the process it is starting. In a TCG guest
 # crun exec takes seconds to get there; giving up sooner left the process running.
 _PID_WAIT = 30.0
+_CRUN_EXIT_WAIT = 5.0
 
 
 @dataclass
@@ -77,9 +78,14 @@ async def _exec_sync(
     except TimeoutError:
         timed_out = True
         await kill_exec(pidfile, proc)
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
+        try:
+            # crun reaps the process it started and exits with it; killed first, it
+            # would leave a zombie for the agent's reaper (reaper.py)
+            await asyncio.wait_for(proc.wait(), _CRUN_EXIT_WAIT)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
     # on timeout wait_for cancels the readers; what they read is kept
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(readers, _DRAIN_AFTER_EXIT)

@@ -20,11 +20,15 @@ def _own_pidns() -> int:
 
 
 def _children() -> set[int]:
-    out: set[int] = set()
+    """The agent's children: from /proc/self/task/*/children where the kernel has it
+    (CONFIG_PROC_CHILDREN; criv's guest kernel does not), else by a /proc scan."""
     try:
         tids = os.listdir("/proc/self/task")
     except OSError:
-        return out
+        return set()
+    if not os.path.exists(f"/proc/self/task/{tids[0]}/children"):
+        return _children_by_scan(os.getpid())
+    out: set[int] = set()
     for tid in tids:
         try:
             with open(f"/proc/self/task/{tid}/children", encoding="ascii") as f:
@@ -34,13 +38,30 @@ def _children() -> set[int]:
     return out
 
 
-def _is_zombie(pid: int) -> bool:
+def _children_by_scan(parent: int) -> set[int]:
+    out: set[int] = set()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        stat = _stat(int(name))
+        # after "(comm) ": state, then ppid
+        fields = stat[stat.rfind(")") + 2 :].split(" ", 2) if stat else []
+        if len(fields) >= 2 and fields[1] == str(parent):
+            out.add(int(name))
+    return out
+
+
+def _stat(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            stat = f.read()
+            return f.read()
     except OSError:
-        return False
-    return stat[stat.rfind(")") + 2 :].startswith("Z")
+        return ""
+
+
+def _is_zombie(pid: int) -> bool:
+    stat = _stat(pid)
+    return bool(stat) and stat[stat.rfind(")") + 2 :].startswith("Z")
 
 
 def _pidns(pid: int) -> int | None:

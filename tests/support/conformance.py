@@ -28,12 +28,13 @@ def _out(cri: Cri, cid: str, cmd: list[str]) -> str:
 
 
 def _wait_gone(cri: Cri, cid: str, args: str, timeout: float = 20) -> None:
-    """Until no process of the container runs ``args`` (a killed one may linger a moment
-    as a zombie); fails if one still does after ``timeout``."""
+    """Until no process of the container runs ``args``, zombies included: a killed exec
+    whose crun died first is the agent's to reap (else the container's init could never
+    finish exiting); fails if one is still there after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
         ps = _out(cri, cid, ["ps", "-o", "stat,args"]).splitlines()
-        live = [p for p in ps if p.split(None, 1)[-1] == args and not p.startswith("Z")]
+        live = [p for p in ps if p.split(None, 1)[-1] in (args, f"[{args.split()[0]}]")]
         if not live:
             return
         assert time.monotonic() < deadline, f"{args!r} still running: {ps}"
