@@ -109,6 +109,16 @@ def oom_kills(path: str) -> int:
     return _kv(f"{_v1('memory', path)}/memory.oom_control").get("oom_kill", 0)
 
 
+def unlimit_cpu_quota(path: str) -> None:
+    """Lift the container's CFS quota (``max`` in v2, -1 in v1), keeping its period."""
+    if is_v2():
+        target, value = os.path.join(ROOT, path.lstrip("/"), "cpu.max"), "max"
+    else:
+        target, value = f"{_v1('cpu', path)}/cpu.cfs_quota_us", "-1"
+    with open(target, "w", encoding="ascii") as f:
+        f.write(value)
+
+
 def remove_tree_if_empty(path: str) -> None:
     """rmdir ``path`` (a cgroup parent criv created, e.g. /criv/<sandbox>) and then each of
     its ancestors named in ``path`` that is empty, in every hierarchy."""

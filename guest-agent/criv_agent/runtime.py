@@ -20,7 +20,7 @@ from criv_agent import cgroups
 from criv_agent.attach import ContainerIO
 from criv_agent.create import Created, crun_create, mount_sources, resources_json, write_bundle
 from criv_agent.crun import Crun
-from criv_agent.errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from criv_agent.errors import AlreadyExists, FailedPrecondition, InvalidArgument, RuntimeFailure
 from criv_agent.events import Event, EventHub
 from criv_agent.execstream import ExecRegistry
 from criv_agent.execsync import ExecResult, exec_sync
@@ -345,7 +345,16 @@ class Runtime:
         path = os.path.join(self.store.dir(cid), "update.json")
         with open(path, "w", encoding="utf-8") as f:
             json.dump(body, f)
-        await self.crun.check("update", "--resources", path, cid)
+        try:
+            await self.crun.check("update", "--resources", path, cid)
+        except RuntimeFailure as e:
+            # the kernel refused a value (a cpuset it lacks, a limit below usage...)
+            raise FailedPrecondition(f"container {cid}: resources not applied: {e}") from e
+        if resources.cpu_quota < 0:
+            try:
+                await asyncio.to_thread(cgroups.unlimit_cpu_quota, rec.cgroups_path)
+            except OSError as e:
+                raise FailedPrecondition(f"container {cid}: lifting its CPU quota: {e}") from e
         res = resources_json(resources)
         await self.store.update(cid, lambda x: setattr(x, "resources", res))
 

@@ -13,7 +13,10 @@ def resources(r: api_pb2.LinuxContainerResources, swap_accounting: bool) -> dict
     cpu: dict[str, Any] = {}
     if r.cpu_shares:
         cpu["shares"] = r.cpu_shares
-    if r.cpu_quota:
+    # A negative quota is "unlimited" (as in cgroup v1): a new cgroup already is, and
+    # crun 1.8 writes -1 to cpu.cfs_quota_us as 2^64-1 (ERANGE), so it is never passed on;
+    # an update applies it itself (cgroups.unlimit_cpu_quota).
+    if r.cpu_quota > 0:
         cpu["quota"] = r.cpu_quota
     if r.cpu_period:
         cpu["period"] = r.cpu_period

@@ -67,6 +67,23 @@ def test_stats_and_update(agent: Agent) -> None:
     assert info.resources.memory_limit_in_bytes == 128 << 20
     assert info.resources.cpu_shares == 256
 
+    # a CFS quota, then -1 (unlimited) lifts it again (crun alone writes -1 as 2^64-1)
+    v2 = Path("/sys/fs/cgroup/cgroup.controllers").exists()
+    quota = _cgroup_file(agent, "busy", "cpu", "cpu.max" if v2 else "cpu.cfs_quota_us")
+    for q, want in ((50_000, "50000"), (-1, "max" if v2 else "-1")):
+        new = api_pb2.LinuxContainerResources(cpu_quota=q, cpu_shares=512)
+        agent.stub.UpdateContainerResources(
+            agent_pb2.UpdateContainerResourcesRequest(container_id="busy", linux=new), timeout=10
+        )
+        assert quota.read_text().split()[0] == want
+    # a value the kernel refuses is the caller's to fix, not an agent failure
+    bad = api_pb2.LinuxContainerResources(cpuset_cpus="4095")
+    with pytest.raises(grpc.RpcError) as e:
+        agent.stub.UpdateContainerResources(
+            agent_pb2.UpdateContainerResourcesRequest(container_id="busy", linux=bad), timeout=10
+        )
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION, e.value.details()
+
 
 @pytest.mark.timeout(60)
 def test_pod_files_hostname_and_shared_ipc_pid(agent: Agent) -> None:

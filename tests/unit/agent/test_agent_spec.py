@@ -458,6 +458,8 @@ def test_resources() -> None:
     }
     res = spec(cfg, host=HostInfo(cgroup_v2=False))["linux"]["resources"]
     assert res["memory"] == {"limit": 1 << 26}  # no swap accounting: no swap limit
+    r.cpu_quota = -1  # unlimited: what a new cgroup has; crun would write it as 2^64-1
+    assert "quota" not in spec(cfg)["linux"]["resources"]["cpu"]
     assert spec()["linux"]["resources"] == {"devices": [{"allow": False, "access": "rwm"}]}
 
 
