@@ -21,6 +21,8 @@ MAX_TEXT = 4096
 MAX_ID = 256
 # a container's resources as the agent reports them; a real one is a few hundred bytes
 MAX_RESOURCES = 16 * 1024
+# a container's user (uid, gid, groups): the kernel takes at most 65536 groups
+MAX_USER = 64 * 1024
 
 _STATES = {
     agent_pb2.CREATED: AgentContainerState.CREATED,
@@ -67,6 +69,7 @@ def container_info(info: agent_pb2.ContainerInfo, expect_id: str | None) -> Agen
         message=_clip(info.message),
         pid=info.pid,
         resources=_resources(info),
+        user=_user(info),
     )
 
 
@@ -76,6 +79,14 @@ def _resources(info: agent_pb2.ContainerInfo) -> bytes:
         return b""
     raw = info.resources.SerializeToString()
     return raw if len(raw) <= MAX_RESOURCES else b""
+
+
+def _user(info: agent_pb2.ContainerInfo) -> bytes:
+    """As ``_resources``: kept in the record, an oversized answer dropped."""
+    if not info.HasField("user"):
+        return b""
+    raw = info.user.SerializeToString()
+    return raw if len(raw) <= MAX_USER else b""
 
 
 def exec_result(resp: agent_pb2.ExecSyncResponse, limit: int) -> ExecResult:

@@ -39,6 +39,8 @@ class AgentContainerInfo:
     pid: int = 0
     # serialized runtime.v1.LinuxContainerResources, b"" when the agent sent none
     resources: bytes = b""
+    # serialized runtime.v1.ContainerUser (the process's uid, gid, groups), b"": none
+    user: bytes = b""
 
 
 @dataclass(frozen=True)

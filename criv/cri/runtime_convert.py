@@ -233,6 +233,7 @@ def container_status(c: ContainerRecord) -> api_pb2.ContainerStatus:
         ],
         log_path=c.log_path,
         resources=resources,
+        user=api_pb2.ContainerUser.FromString(c.user) if c.user else None,
     )
 
 

@@ -90,7 +90,11 @@ class RuntimeService(
                 type="NetworkReady", status=net.ready, reason=net.reason, message=net.message
             ),
         ]
-        resp = api_pb2.StatusResponse(status=api_pb2.RuntimeStatus(conditions=conditions))
+        resp = api_pb2.StatusResponse(
+            status=api_pb2.RuntimeStatus(conditions=conditions),
+            # Strict leaves out the image's /etc/group (the agent's spec/users.py)
+            features=api_pb2.RuntimeFeatures(supplemental_groups_policy=True),
+        )
         if request.verbose:
             info: dict[str, Any] = {
                 "version": __version__,

@@ -27,6 +27,7 @@ MEMORY_MIN = 6 * 1024 * 1024
 ID_MAX = 2**32 - 2  # uid_t/gid_t; -1 is "unchanged" to the kernel
 _MODES = frozenset(api_pb2.NamespaceMode.values())
 _PROFILE_TYPES = frozenset(api_pb2.SecurityProfile.ProfileType.values())
+_GROUP_POLICIES = frozenset(api_pb2.SupplementalGroupsPolicy.values())
 
 
 def show(value: object, limit: int = 80) -> str:
@@ -113,6 +114,9 @@ def _check_ids(
         _check_id(sc.run_as_group.value, f"{path}.run_as_group")
     for i, g in enumerate(sc.supplemental_groups):
         _check_id(g, f"{path}.supplemental_groups[{i}]")
+    if sc.supplemental_groups_policy not in _GROUP_POLICIES:
+        policy = sc.supplemental_groups_policy
+        raise fail(f"{path}.supplemental_groups_policy", f"unknown policy {policy}")
     _check_namespaces(sc.namespace_options, f"{path}.namespace_options")
     _check_profile(sc.seccomp, f"{path}.seccomp", is_file=True)
     _check_profile(sc.apparmor, f"{path}.apparmor", is_file=False)

@@ -141,12 +141,14 @@ class ContainerRecord:
     pid: int = 0
     resources: bytes = b""  # serialized runtime.v1.LinuxContainerResources
     log_done: bool = False
+    user: bytes = b""  # serialized runtime.v1.ContainerUser, as the agent resolved it
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["state"] = self.state.value
         d["config"] = _b64(self.config)
         d["resources"] = _b64(self.resources)
+        d["user"] = _b64(self.user)
         return d
 
     def reserved_name(self, pod: PodRecord) -> str:
@@ -158,6 +160,7 @@ class ContainerRecord:
         d["state"] = ContainerState(d["state"])
         d["config"] = _unb64(d.get("config"))
         d["resources"] = _unb64(d.get("resources"))
+        d["user"] = _unb64(d.get("user"))
         d["mounts"] = tuple(MountRecord(**m) for m in d.get("mounts", ()))
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})

@@ -37,6 +37,7 @@ def merge_info(rec: ContainerRecord, info: AgentContainerInfo) -> ContainerRecor
         message=info.message or rec.message,
         pid=info.pid,
         resources=info.resources or rec.resources,
+        user=info.user or rec.user,
     )
 
 

@@ -80,7 +80,7 @@ async def write_bundle(
         host=host,
         seccomp_profile=req.seccomp_profile_json,
     )
-    await asyncio.to_thread(_write_spec, inp, bundle)
+    user = await asyncio.to_thread(_write_spec, inp, bundle)
     return ContainerRecord(
         id=cid,
         sandbox_id=sb.sandbox_id,
@@ -91,16 +91,20 @@ async def write_bundle(
         bundle=bundle,
         log_path=os.path.join(cdir, "container.log"),
         resources=resources_json(req.config.linux.resources),
+        user=user,
     )
 
 
-def _write_spec(inp: SpecInput, bundle: str) -> None:
+def _write_spec(inp: SpecInput, bundle: str) -> dict[str, Any]:
+    """Write ``config.json``; returns the spec's process user (ids as resolved)."""
     if inp.config.mounts:
         inp.mountinfo = read_mountinfo()  # the volumes' sub-mounts, as they are now
     spec = build_spec(inp)  # reads the rootfs's /etc/passwd and /etc/group
     os.makedirs(bundle, mode=0o700, exist_ok=True)
     with open(os.path.join(bundle, "config.json"), "w", encoding="utf-8") as f:
         json.dump(spec, f)
+    user: dict[str, Any] = spec["process"]["user"]
+    return user
 
 
 def resources_json(r: api_pb2.LinuxContainerResources) -> dict[str, Any]:

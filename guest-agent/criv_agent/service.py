@@ -7,7 +7,7 @@ import functools
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import NoReturn, Protocol, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import grpc
 from google.protobuf import json_format
@@ -61,6 +61,20 @@ def info(rec: ContainerRecord) -> agent_pb2.ContainerInfo:
         message=rec.message,
         pid=rec.pid if rec.state in (State.CREATED, State.RUNNING) else 0,
         resources=res,
+        user=_user(rec.user),
+    )
+
+
+def _user(user: dict[str, Any]) -> api_pb2.ContainerUser | None:
+    """The record's OCI process user as CRI ContainerUser (None before it has one)."""
+    if "uid" not in user:
+        return None
+    return api_pb2.ContainerUser(
+        linux=api_pb2.LinuxContainerUser(
+            uid=int(user["uid"]),
+            gid=int(user.get("gid", 0)),
+            supplemental_groups=[int(g) for g in user.get("additionalGids") or []],
+        )
     )
 
 

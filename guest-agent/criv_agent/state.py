@@ -71,6 +71,8 @@ class ContainerRecord:
     log_path: str = ""
     # CRI LinuxContainerResources as JSON (proto field names), for ContainerStatus
     resources: dict[str, Any] = field(default_factory=dict)
+    # the OCI process user (uid, gid, additionalGids), for ContainerStatus.user
+    user: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

@@ -41,6 +41,43 @@ def _wait_gone(cri: Cri, cid: str, args: str, timeout: float = 20) -> None:
         time.sleep(0.2)
 
 
+def _wait_log(cri: Cri, pod: str, name: str, timeout: float = 30) -> str:
+    deadline = time.monotonic() + timeout
+    while not (text := cri.log(pod, name)):
+        assert time.monotonic() < deadline, f"{name} wrote no log line"
+        time.sleep(0.1)
+    return text
+
+
+def _groups_line(log: str) -> list[str]:
+    """The groups ``id -G`` printed first in a CRI log (``<time> stdout F <line>``)."""
+    return log.splitlines()[0].split(" ", 3)[3].split()
+
+
+def _supplemental_groups_policy(cri: Cri, pod: str, merge: str) -> None:
+    """Merge (``merge``, the default): the image's /etc/group adds staff (50) to app's
+    groups; Strict: only the primary gid and supplemental_groups. The container's own
+    process, ExecSync and Exec alike; ContainerStatus.user reports them."""
+    assert _groups_line(_wait_log(cri, pod, "app")) == ["1000", "50"]
+    assert _out(cri, merge, ["id", "-G"]).split() == ["1000", "50"]
+    user = cri.status(merge).user.linux
+    assert (user.uid, user.gid, list(user.supplemental_groups)) == (1000, 1000, [1000, 50])
+    sc = api_pb2.LinuxContainerSecurityContext(
+        run_as_username="app",
+        supplemental_groups=[3001],
+        supplemental_groups_policy=api_pb2.SupplementalGroupsPolicy.Strict,
+    )
+    strict = cri.run(pod, "strict", ["sh", "-c", "id -G; exec sleep 3600"], security=sc)
+    assert _groups_line(_wait_log(cri, pod, "strict")) == ["1000", "3001"]
+    assert _out(cri, strict, ["id", "-G"]).split() == ["1000", "3001"]
+    r = asyncio.run(spdy_exec(exec_url(cri, strict, ["id", "-G"])))
+    assert r.stdout.split() == [b"1000", b"3001"], r
+    user = cri.status(strict).user.linux
+    assert (user.uid, user.gid, list(user.supplemental_groups)) == (1000, 1000, [1000, 3001])
+    features = cri.rt.Status(api_pb2.StatusRequest(), timeout=30).features
+    assert features.supplemental_groups_policy
+
+
 def exec_identity_log_file_and_exec_timeout(cri: Cri) -> None:
     pod = cri.run_pod("conform")
 
@@ -90,11 +127,12 @@ def exec_identity_log_file_and_exec_timeout(cri: Cri) -> None:
     app = cri.run(
         pod,
         "app",
-        ["sleep", "3600"],
+        ["sh", "-c", "id -G; exec sleep 3600"],
         security=api_pb2.LinuxContainerSecurityContext(run_as_username="app"),
     )
     assert _out(cri, app, ["whoami"]) == "app\n"
     assert _out(cri, app, ["id", "-u"]) == "1000\n"
+    _supplemental_groups_policy(cri, pod, app)
 
     # ExecSync's timeout kills what it started
     with pytest.raises(grpc.RpcError) as e:

@@ -44,7 +44,8 @@ PASSWD = (
     "nobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
     "app:x:1000:1000:app:/home/app:/bin/sh\n"
 )
-GROUP = "root:x:0:\nnobody:x:65534:\napp:x:1000:\n"
+# app is a member of staff: a group only the image's /etc/group gives (SupplementalGroupsPolicy)
+GROUP = "root:x:0:\nnobody:x:65534:\napp:x:1000:\nstaff:x:50:app\n"
 
 
 def sha256(data: bytes) -> str:

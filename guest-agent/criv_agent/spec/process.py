@@ -71,7 +71,9 @@ def user_string(sc: api_pb2.LinuxContainerSecurityContext, image: dict[str, Any]
 def process_user(
     sc: api_pb2.LinuxContainerSecurityContext, image: dict[str, Any], users: UserDb
 ) -> dict[str, Any]:
-    resolved = users.resolve(user_string(sc, image), [int(g) for g in sc.supplemental_groups])
+    strict = sc.supplemental_groups_policy == api_pb2.SupplementalGroupsPolicy.Strict
+    supplemental = [int(g) for g in sc.supplemental_groups]
+    resolved = users.resolve(user_string(sc, image), supplemental, strict=strict)
     user: dict[str, Any] = {"uid": resolved.uid, "gid": resolved.gid}
     if resolved.additional_gids:
         user["additionalGids"] = list(resolved.additional_gids)

@@ -83,8 +83,10 @@ class UserDb:
     def group_gid(self, name: str) -> int | None:
         return next((g.gid for g in self.group if g.name == name), None)
 
-    def resolve(self, userstr: str, supplemental: list[int]) -> ResolvedUser:
-        """``user[:group]`` where each part is a name or a number."""
+    def resolve(self, userstr: str, supplemental: list[int], strict: bool = False) -> ResolvedUser:
+        """``user[:group]`` where each part is a name or a number. ``strict`` (CRI
+        SupplementalGroupsPolicy Strict): the image's /etc/group adds no groups, only
+        the primary gid and ``supplemental`` remain."""
         user, _, group = userstr.partition(":")
         entry: PasswdEntry | None
         if user == "":
@@ -107,7 +109,7 @@ class UserDb:
                     raise InvalidArgument(f"no such group {group!r} in the image's /etc/group")
                 gid = found
         extra: list[int] = [gid]
-        if entry is not None:
+        if entry is not None and not strict:
             # groups listing the user as a member, except its own-named group
             extra += [g.gid for g in self.group if entry.name in g.members and g.name != entry.name]
         extra += supplemental

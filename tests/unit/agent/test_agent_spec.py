@@ -146,6 +146,17 @@ def test_run_as_username_group_and_supplemental() -> None:
     assert user(cfg) == {"uid": 1000, "gid": 5, "additionalGids": [5, 2000, 7]}
 
 
+def test_supplemental_groups_policy_strict_ignores_the_images_group_file() -> None:
+    cfg = sc_cfg(run_as_username="app")
+    cfg.linux.security_context.supplemental_groups.append(7)
+    # Merge (the default): the image's /etc/group adds 2000 (app is a member)
+    assert user(cfg) == {"uid": 1000, "gid": 1000, "additionalGids": [1000, 2000, 7]}
+    strict = api_pb2.SupplementalGroupsPolicy.Strict
+    cfg.linux.security_context.supplemental_groups_policy = strict
+    assert user(cfg) == {"uid": 1000, "gid": 1000, "additionalGids": [1000, 7]}
+    assert user(sc_cfg(supplemental_groups_policy=strict))["additionalGids"] == [0]
+
+
 def test_unknown_username_is_an_error() -> None:
     with pytest.raises(InvalidArgument):
         user(sc_cfg(run_as_username="ghost"))

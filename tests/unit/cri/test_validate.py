@@ -199,7 +199,7 @@ BAD = [
     (ctr("mounts.0.container_path", ""), "config.mounts[0].container_path:"),
     (ctr("mounts.0.container_path", "x"), "config.mounts[0].container_path:"),
     (ctr("mounts.0.propagation", 9), "config.mounts[0].propagation:"),
-    (ctr("mounts.0.image.image", "i"), "config.mounts[0].image:"),
+    (ctr("mounts.0.image.image", "i"), "config.mounts[0].host_path:"),  # image: no host path
     (ctr("devices.0.host_path", "fuse"), "config.devices[0].host_path:"),
     (ctr("devices.0.permissions", "rwx"), "config.devices[0].permissions:"),
     (ctr("log_path", "../../x.log"), "config.log_path:"),
@@ -222,6 +222,8 @@ BAD = [
     (ctr(f"{SC}.seccomp.localhost_ref", "audit.json"), "seccomp.localhost_ref:"),
     (ctr(f"{SC}.apparmor.localhost_ref", ""), "apparmor.localhost_ref:"),
     (ctr(f"{SC}.run_as_group.value", 2**32 - 1), "run_as_group:"),
+    (ctr(f"{SC}.supplemental_groups_policy", 7), "supplemental_groups_policy:"),
+    (pod(f"{SC}.supplemental_groups_policy", 2), "supplemental_groups_policy:"),
     # others
     (api_pb2.ExecSyncRequest(container_id="c"), "cmd:"),
     (api_pb2.ExecSyncRequest(cmd=["ls"]), "container_id:"),

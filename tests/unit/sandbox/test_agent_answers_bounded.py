@@ -33,3 +33,14 @@ def test_oversized_resources_are_dropped_not_stored() -> None:
     big = agent_pb2.ContainerInfo(container_id="c")
     big.resources.unified.update({f"k{i}": "v" * 100 for i in range(1000)})
     assert convert.container_info(big, "c").resources == b""
+
+
+def test_container_user_is_kept_and_an_oversized_one_dropped() -> None:
+    small = agent_pb2.ContainerInfo(container_id="c")
+    small.user.linux.uid, small.user.linux.gid = 1000, 100
+    small.user.linux.supplemental_groups.extend([100, 2])
+    kept = convert.container_info(small, "c").user
+    assert api_pb2.ContainerUser.FromString(kept) == small.user
+    big = agent_pb2.ContainerInfo(container_id="c")
+    big.user.linux.supplemental_groups.extend(range(1 << 30, (1 << 30) + 20_000))
+    assert convert.container_info(big, "c").user == b""

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from criv_agent.api.runtime.v1 import api_pb2 as runtime_dot_v1_dot_api__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x61gent/v1/agent.proto\x12\x08\x61gent.v1\x1a\x14runtime/v1/api.proto\"\x0f\n\rHealthRequest\"l\n\x0eHealthResponse\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12\x13\n\x0b\x61pi_version\x18\x02 \x01(\r\x12\x16\n\x0ekernel_release\x18\x03 \x01(\t\x12\x16\n\x0e\x63group_version\x18\x04 \x01(\t\"\xa6\x01\n\x13SetupSandboxRequest\x12\x12\n\nsandbox_id\x18\x01 \x01(\t\x12,\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x1c.runtime.v1.PodSandboxConfig\x12\x13\n\x0bsandbox_dir\x18\x03 \x01(\t\x12\x0f\n\x07pod_ips\x18\x04 \x03(\t\x12\'\n\x07network\x18\x05 \x01(\x0b\x32\x16.agent.v1.GuestNetwork\"\x16\n\x14SetupSandboxResponse\"=\n\x0eGuestInterface\x12\x0b\n\x03mac\x18\x01 \x01(\t\x12\x11\n\taddresses\x18\x02 \x03(\t\x12\x0b\n\x03mtu\x18\x03 \x01(\r\"2\n\nGuestRoute\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\x12\x0f\n\x07gateway\x18\x02 \x01(\t\"b\n\x0cGuestNetwork\x12,\n\ninterfaces\x18\x01 \x03(\x0b\x32\x18.agent.v1.GuestInterface\x12$\n\x06routes\x18\x02 \x03(\x0b\x32\x14.agent.v1.GuestRoute\"1\n\x16ShutdownSandboxRequest\x12\x17\n\x0ftimeout_seconds\x18\x01 \x01(\x03\"\x19\n\x17ShutdownSandboxResponse\";\n\rResolvedMount\x12\x16\n\x0e\x63ontainer_path\x18\x01 \x01(\t\x12\x12\n\nagent_path\x18\x02 \x01(\t\"\xb5\x02\n\x16\x43reateContainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x12\n\nsandbox_id\x18\x02 \x01(\t\x12+\n\x06\x63onfig\x18\x03 \x01(\x0b\x32\x1b.runtime.v1.ContainerConfig\x12\x34\n\x0esandbox_config\x18\x04 \x01(\x0b\x32\x1c.runtime.v1.PodSandboxConfig\x12\x19\n\x11image_config_json\x18\x05 \x01(\x0c\x12\x0e\n\x06rootfs\x18\x06 \x01(\t\x12\'\n\x06mounts\x18\x07 \x03(\x0b\x32\x17.agent.v1.ResolvedMount\x12\x1c\n\x14pid_namespace_target\x18\x08 \x01(\t\x12\x1c\n\x14seccomp_profile_json\x18\t \x01(\x0c\"@\n\x17\x43reateContainerResponse\x12%\n\x04info\x18\x01 \x01(\x0b\x32\x17.agent.v1.ContainerInfo\"(\n\x10\x43ontainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\">\n\x16SignalContainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0e\n\x06signal\x18\x02 \x01(\x05\"\x19\n\x17SignalContainerResponse\"E\n\x14StopContainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x02 \x01(\x03\".\n\x16RemoveContainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\"\x19\n\x17RemoveContainerResponse\"\x8d\x02\n\rContainerInfo\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.agent.v1.ContainerState\x12\x15\n\rcreated_at_ns\x18\x03 \x01(\x03\x12\x15\n\rstarted_at_ns\x18\x04 \x01(\x03\x12\x16\n\x0e\x66inished_at_ns\x18\x05 \x01(\x03\x12\x11\n\texit_code\x18\x06 \x01(\x05\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x0f\n\x07message\x18\x08 \x01(\t\x12\x0b\n\x03pid\x18\t \x01(\x05\x12\x36\n\tresources\x18\n \x01(\x0b\x32#.runtime.v1.LinuxContainerResources\"@\n\x17\x43ontainerStatusResponse\x12%\n\x04info\x18\x01 \x01(\x0b\x32\x17.agent.v1.ContainerInfo\"\x17\n\x15ListContainersRequest\"E\n\x16ListContainersResponse\x12+\n\ncontainers\x18\x01 \x03(\x0b\x32\x17.agent.v1.ContainerInfo\"k\n\x1fUpdateContainerResourcesRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x32\n\x05linux\x18\x02 \x01(\x0b\x32#.runtime.v1.LinuxContainerResources\"\"\n UpdateContainerResourcesResponse\"c\n\x0f\x45xecSyncRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0b\n\x03\x63md\x18\x02 \x03(\t\x12\x17\n\x0ftimeout_seconds\x18\x03 \x01(\x03\x12\x14\n\x0coutput_limit\x18\x04 \x01(\x03\"r\n\x10\x45xecSyncResponse\x12\x0e\n\x06stdout\x18\x01 \x01(\x0c\x12\x0e\n\x06stderr\x18\x02 \x01(\x0c\x12\x11\n\texit_code\x18\x03 \x01(\x05\x12\x11\n\ttimed_out\x18\x04 \x01(\x08\x12\x18\n\x10output_truncated\x18\x05 \x01(\x08\"%\n\x0cStatsRequest\x12\x15\n\rcontainer_ids\x18\x01 \x03(\t\"\xea\x02\n\x0e\x43ontainerStats\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x14\n\x0ctimestamp_ns\x18\x02 \x01(\x03\x12\"\n\x1a\x63pu_usage_core_nanoseconds\x18\x03 \x01(\x04\x12 \n\x18memory_working_set_bytes\x18\x04 \x01(\x04\x12\x1a\n\x12memory_usage_bytes\x18\x05 \x01(\x04\x12\x18\n\x10memory_rss_bytes\x18\x06 \x01(\x04\x12\x1a\n\x12memory_page_faults\x18\x07 \x01(\x04\x12 \n\x18memory_major_page_faults\x18\x08 \x01(\x04\x12\x1e\n\x16memory_available_bytes\x18\t \x01(\x04\x12\x1c\n\x14writable_layer_bytes\x18\n \x01(\x04\x12\x1d\n\x15writable_layer_inodes\x18\x0b \x01(\x04\x12\x15\n\rprocess_count\x18\x0c \x01(\x04\"8\n\rStatsResponse\x12\'\n\x05stats\x18\x01 \x03(\x0b\x32\x18.agent.v1.ContainerStats\"\x0f\n\rEventsRequest\"\xc2\x01\n\x05\x45vent\x12\"\n\x04kind\x18\x01 \x01(\x0e\x32\x14.agent.v1.Event.Kind\x12\x14\n\x0c\x63ontainer_id\x18\x02 \x01(\t\x12\x14\n\x0ctimestamp_ns\x18\x03 \x01(\x03\x12%\n\x04info\x18\x04 \x01(\x0b\x32\x17.agent.v1.ContainerInfo\"B\n\x04Kind\x12\x0b\n\x07\x43REATED\x10\x00\x12\x0b\n\x07STARTED\x10\x01\x12\n\n\x06\x45XITED\x10\x02\x12\x07\n\x03OOM\x10\x03\x12\x0b\n\x07REMOVED\x10\x04\"\xa8\x01\n\nStreamOpen\x12\'\n\x04kind\x18\x01 \x01(\x0e\x32\x19.agent.v1.StreamOpen.Kind\x12\x14\n\x0c\x63ontainer_id\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0c\n\x04port\x18\x04 \x01(\r\x12\x0f\n\x07\x65xec_id\x18\x05 \x01(\t\",\n\x04Kind\x12\x07\n\x03LOG\x10\x00\x12\t\n\x05STDIO\x10\x01\x12\x10\n\x0cPORT_FORWARD\x10\x02\"Q\n\x10StartExecRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0b\n\x03\x63md\x18\x02 \x03(\t\x12\x0b\n\x03tty\x18\x03 \x01(\x08\x12\r\n\x05stdin\x18\x04 \x01(\x08\"$\n\x11StartExecResponse\x12\x0f\n\x07\x65xec_id\x18\x01 \x01(\t\")\n\x0cStreamAccept\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t*C\n\x0e\x43ontainerState\x12\x0b\n\x07\x43REATED\x10\x00\x12\x0b\n\x07RUNNING\x10\x01\x12\n\n\x06\x45XITED\x10\x02\x12\x0b\n\x07UNKNOWN\x10\x03\x32\x95\n\n\x05\x41gent\x12=\n\x06Health\x12\x17.agent.v1.HealthRequest\x1a\x18.agent.v1.HealthResponse\"\x00\x12O\n\x0cSetupSandbox\x12\x1d.agent.v1.SetupSandboxRequest\x1a\x1e.agent.v1.SetupSandboxResponse\"\x00\x12X\n\x0fShutdownSandbox\x12 .agent.v1.ShutdownSandboxRequest\x1a!.agent.v1.ShutdownSandboxResponse\"\x00\x12X\n\x0f\x43reateContainer\x12 .agent.v1.CreateContainerRequest\x1a!.agent.v1.CreateContainerResponse\"\x00\x12Q\n\x0eStartContainer\x12\x1a.agent.v1.ContainerRequest\x1a!.agent.v1.ContainerStatusResponse\"\x00\x12X\n\x0fSignalContainer\x12 .agent.v1.SignalContainerRequest\x1a!.agent.v1.SignalContainerResponse\"\x00\x12T\n\rStopContainer\x12\x1e.agent.v1.StopContainerRequest\x1a!.agent.v1.ContainerStatusResponse\"\x00\x12P\n\rWaitContainer\x12\x1a.agent.v1.ContainerRequest\x1a!.agent.v1.ContainerStatusResponse\"\x00\x12R\n\x0fRemoveContainer\x12\x1a.agent.v1.ContainerRequest\x1a!.agent.v1.RemoveContainerResponse\"\x00\x12R\n\x0f\x43ontainerStatus\x12\x1a.agent.v1.ContainerRequest\x1a!.agent.v1.ContainerStatusResponse\"\x00\x12U\n\x0eListContainers\x12\x1f.agent.v1.ListContainersRequest\x1a .agent.v1.ListContainersResponse\"\x00\x12s\n\x18UpdateContainerResources\x12).agent.v1.UpdateContainerResourcesRequest\x1a*.agent.v1.UpdateContainerResourcesResponse\"\x00\x12\x43\n\x08\x45xecSync\x12\x19.agent.v1.ExecSyncRequest\x1a\x1a.agent.v1.ExecSyncResponse\"\x00\x12\x46\n\tStartExec\x12\x1a.agent.v1.StartExecRequest\x1a\x1b.agent.v1.StartExecResponse\"\x00\x12:\n\x05Stats\x12\x16.agent.v1.StatsRequest\x1a\x17.agent.v1.StatsResponse\"\x00\x12\x36\n\x06\x45vents\x12\x17.agent.v1.EventsRequest\x1a\x0f.agent.v1.Event\"\x00\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x61gent/v1/agent.proto\x12\x08\x61gent.v1\x1a\x14runtime/v1/api.proto\"\x0f\n\rHealthRequest\"l\n\x0eHealthResponse\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12\x13\n\x0b\x61pi_version\x18\x02 \x01(\r\x12\x16\n\x0ekernel_release\x18\x03 \x01(\t\x12\x16\n\x0e\x63group_version\x18\x04 \x01(\t\"\xa6\x01\n\x13SetupSandboxRequest\x12\x12\n\nsandbox_id\x18\x01 \x01(\t\x12,\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x1c.runtime.v1.PodSandboxConfig\x12\x13\n\x0bsandbox_dir\x18\x03 \x01(\t\x12\x0f\n\x07pod_ips\x18\x04 \x03(\t\x12\'\n\x07network\x18\x05 \x01(\x0b\x32\x16.agent.v1.GuestNetwork\"\x16\n\x14SetupSandboxResponse\"=\n\x0eGuestInterface\x12\x0b\n\x03mac\x18\x01 \x01(\t\x12\x11\n\taddresses\x18\x02 \x03(\t\x12\x0b\n\x03mtu\x18\x03 \x01(\r\"2\n\nGuestRoute\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\x12\x0f\n\x07gateway\x18\x02 \x01(\t\"b\n\x0cGuestNetwork\x12,\n\ninterfaces\x18\x01 \x03(\x0b\x32\x18.agent.v1.GuestInterface\x12$\n\x06routes\x18\x02 \x03(\x0b\x32\x14.agent.v1.GuestRoute\"1\n\x16ShutdownSandboxRequest\x12\x17\n\x0ftimeout_seconds\x18\x01 \x01(\x03\"\x19\n\x17ShutdownSandboxResponse\";\n\rResolvedMount\x12\x16\n\x0e\x63ontainer_path\x18\x01 \x01(\t\x12\x12\n\nagent_path\x18\x02 \x01(\t\"\xb5\x02\n\x16\x43reateContainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x12\n\nsandbox_id\x18\x02 \x01(\t\x12+\n\x06\x63onfig\x18\x03 \x01(\x0b\x32\x1b.runtime.v1.ContainerConfig\x12\x34\n\x0esandbox_config\x18\x04 \x01(\x0b\x32\x1c.runtime.v1.PodSandboxConfig\x12\x19\n\x11image_config_json\x18\x05 \x01(\x0c\x12\x0e\n\x06rootfs\x18\x06 \x01(\t\x12\'\n\x06mounts\x18\x07 \x03(\x0b\x32\x17.agent.v1.ResolvedMount\x12\x1c\n\x14pid_namespace_target\x18\x08 \x01(\t\x12\x1c\n\x14seccomp_profile_json\x18\t \x01(\x0c\"@\n\x17\x43reateContainerResponse\x12%\n\x04info\x18\x01 \x01(\x0b\x32\x17.agent.v1.ContainerInfo\"(\n\x10\x43ontainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\">\n\x16SignalContainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0e\n\x06signal\x18\x02 \x01(\x05\"\x19\n\x17SignalContainerResponse\"E\n\x14StopContainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x02 \x01(\x03\".\n\x16RemoveContainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\"\x19\n\x17RemoveContainerResponse\"\xb6\x02\n\rContainerInfo\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.agent.v1.ContainerState\x12\x15\n\rcreated_at_ns\x18\x03 \x01(\x03\x12\x15\n\rstarted_at_ns\x18\x04 \x01(\x03\x12\x16\n\x0e\x66inished_at_ns\x18\x05 \x01(\x03\x12\x11\n\texit_code\x18\x06 \x01(\x05\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x0f\n\x07message\x18\x08 \x01(\t\x12\x0b\n\x03pid\x18\t \x01(\x05\x12\x36\n\tresources\x18\n \x01(\x0b\x32#.runtime.v1.LinuxContainerResources\x12\'\n\x04user\x18\x0b \x01(\x0b\x32\x19.runtime.v1.ContainerUser\"@\n\x17\x43ontainerStatusResponse\x12%\n\x04info\x18\x01 \x01(\x0b\x32\x17.agent.v1.ContainerInfo\"\x17\n\x15ListContainersRequest\"E\n\x16ListContainersResponse\x12+\n\ncontainers\x18\x01 \x03(\x0b\x32\x17.agent.v1.ContainerInfo\"k\n\x1fUpdateContainerResourcesRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x32\n\x05linux\x18\x02 \x01(\x0b\x32#.runtime.v1.LinuxContainerResources\"\"\n UpdateContainerResourcesResponse\"c\n\x0f\x45xecSyncRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0b\n\x03\x63md\x18\x02 \x03(\t\x12\x17\n\x0ftimeout_seconds\x18\x03 \x01(\x03\x12\x14\n\x0coutput_limit\x18\x04 \x01(\x03\"r\n\x10\x45xecSyncResponse\x12\x0e\n\x06stdout\x18\x01 \x01(\x0c\x12\x0e\n\x06stderr\x18\x02 \x01(\x0c\x12\x11\n\texit_code\x18\x03 \x01(\x05\x12\x11\n\ttimed_out\x18\x04 \x01(\x08\x12\x18\n\x10output_truncated\x18\x05 \x01(\x08\"%\n\x0cStatsRequest\x12\x15\n\rcontainer_ids\x18\x01 \x03(\t\"\xea\x02\n\x0e\x43ontainerStats\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x14\n\x0ctimestamp_ns\x18\x02 \x01(\x03\x12\"\n\x1a\x63pu_usage_core_nanoseconds\x18\x03 \x01(\x04\x12 \n\x18memory_working_set_bytes\x18\x04 \x01(\x04\x12\x1a\n\x12memory_usage_bytes\x18\x05 \x01(\x04\x12\x18\n\x10memory_rss_bytes\x18\x06 \x01(\x04\x12\x1a\n\x12memory_page_faults\x18\x07 \x01(\x04\x12 \n\x18memory_major_page_faults\x18\x08 \x01(\x04\x12\x1e\n\x16memory_available_bytes\x18\t \x01(\x04\x12\x1c\n\x14writable_layer_bytes\x18\n \x01(\x04\x12\x1d\n\x15writable_layer_inodes\x18\x0b \x01(\x04\x12\x15\n\rprocess_count\x18\x0c \x01(\x04\"8\n\rStatsResponse\x12\'\n\x05stats\x18\x01 \x03(\x0b\x32\x18.agent.v1.ContainerStats\"\x0f\n\rEventsRequest\"\xc2\x01\n\x05\x45vent\x12\"\n\x04kind\x18\x01 \x01(\x0e\x32\x14.agent.v1.Event.Kind\x12\x14\n\x0c\x63ontainer_id\x18\x02 \x01(\t\x12\x14\n\x0ctimestamp_ns\x18\x03 \x01(\x03\x12%\n\x04info\x18\x04 \x01(\x0b\x32\x17.agent.v1.ContainerInfo\"B\n\x04Kind\x12\x0b\n\x07\x43REATED\x10\x00\x12\x0b\n\x07STARTED\x10\x01\x12\n\n\x06\x45XITED\x10\x02\x12\x07\n\x03OOM\x10\x03\x12\x0b\n\x07REMOVED\x10\x04\"\xa8\x01\n\nStreamOpen\x12\'\n\x04kind\x18\x01 \x01(\x0e\x32\x19.agent.v1.StreamOpen.Kind\x12\x14\n\x0c\x63ontainer_id\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0c\n\x04port\x18\x04 \x01(\r\x12\x0f\n\x07\x65xec_id\x18\x05 \x01(\t\",\n\x04Kind\x12\x07\n\x03LOG\x10\x00\x12\t\n\x05STDIO\x10\x01\x12\x10\n\x0cPORT_FORWARD\x10\x02\"Q\n\x10StartExecRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0b\n\x03\x63md\x18\x02 \x03(\t\x12\x0b\n\x03tty\x18\x03 \x01(\x08\x12\r\n\x05stdin\x18\x04 \x01(\x08\"$\n\x11StartExecResponse\x12\x0f\n\x07\x65xec_id\x18\x01 \x01(\t\")\n\x0cStreamAccept\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t*C\n\x0e\x43ontainerState\x12\x0b\n\x07\x43REATED\x10\x00\x12\x0b\n\x07RUNNING\x10\x01\x12\n\n\x06\x45XITED\x10\x02\x12\x0b\n\x07UNKNOWN\x10\x03\x32\x95\n\n\x05\x41gent\x12=\n\x06Health\x12\x17.agent.v1.HealthRequest\x1a\x18.agent.v1.HealthResponse\"\x00\x12O\n\x0cSetupSandbox\x12\x1d.agent.v1.SetupSandboxRequest\x1a\x1e.agent.v1.SetupSandboxResponse\"\x00\x12X\n\x0fShutdownSandbox\x12 .agent.v1.ShutdownSandboxRequest\x1a!.agent.v1.ShutdownSandboxResponse\"\x00\x12X\n\x0f\x43reateContainer\x12 .agent.v1.CreateContainerRequest\x1a!.agent.v1.CreateContainerResponse\"\x00\x12Q\n\x0eStartContainer\x12\x1a.agent.v1.ContainerRequest\x1a!.agent.v1.ContainerStatusResponse\"\x00\x12X\n\x0fSignalContainer\x12 .agent.v1.SignalContainerRequest\x1a!.agent.v1.SignalContainerResponse\"\x00\x12T\n\rStopContainer\x12\x1e.agent.v1.StopContainerRequest\x1a!.agent.v1.ContainerStatusResponse\"\x00\x12P\n\rWaitContainer\x12\x1a.agent.v1.ContainerRequest\x1a!.agent.v1.ContainerStatusResponse\"\x00\x12R\n\x0fRemoveContainer\x12\x1a.agent.v1.ContainerRequest\x1a!.agent.v1.RemoveContainerResponse\"\x00\x12R\n\x0f\x43ontainerStatus\x12\x1a.agent.v1.ContainerRequest\x1a!.agent.v1.ContainerStatusResponse\"\x00\x12U\n\x0eListContainers\x12\x1f.agent.v1.ListContainersRequest\x1a .agent.v1.ListContainersResponse\"\x00\x12s\n\x18UpdateContainerResources\x12).agent.v1.UpdateContainerResourcesRequest\x1a*.agent.v1.UpdateContainerResourcesResponse\"\x00\x12\x43\n\x08\x45xecSync\x12\x19.agent.v1.ExecSyncRequest\x1a\x1a.agent.v1.ExecSyncResponse\"\x00\x12\x46\n\tStartExec\x12\x1a.agent.v1.StartExecRequest\x1a\x1b.agent.v1.StartExecResponse\"\x00\x12:\n\x05Stats\x12\x16.agent.v1.StatsRequest\x1a\x17.agent.v1.StatsResponse\"\x00\x12\x36\n\x06\x45vents\x12\x17.agent.v1.EventsRequest\x1a\x0f.agent.v1.Event\"\x00\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agent.v1.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CONTAINERSTATE']._serialized_start=3194
-  _globals['_CONTAINERSTATE']._serialized_end=3261
+  _globals['_CONTAINERSTATE']._serialized_start=3235
+  _globals['_CONTAINERSTATE']._serialized_end=3302
   _globals['_HEALTHREQUEST']._serialized_start=56
   _globals['_HEALTHREQUEST']._serialized_end=71
   _globals['_HEALTHRESPONSE']._serialized_start=73
@@ -71,43 +71,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REMOVECONTAINERRESPONSE']._serialized_start=1360
   _globals['_REMOVECONTAINERRESPONSE']._serialized_end=1385
   _globals['_CONTAINERINFO']._serialized_start=1388
-  _globals['_CONTAINERINFO']._serialized_end=1657
-  _globals['_CONTAINERSTATUSRESPONSE']._serialized_start=1659
-  _globals['_CONTAINERSTATUSRESPONSE']._serialized_end=1723
-  _globals['_LISTCONTAINERSREQUEST']._serialized_start=1725
-  _globals['_LISTCONTAINERSREQUEST']._serialized_end=1748
-  _globals['_LISTCONTAINERSRESPONSE']._serialized_start=1750
-  _globals['_LISTCONTAINERSRESPONSE']._serialized_end=1819
-  _globals['_UPDATECONTAINERRESOURCESREQUEST']._serialized_start=1821
-  _globals['_UPDATECONTAINERRESOURCESREQUEST']._serialized_end=1928
-  _globals['_UPDATECONTAINERRESOURCESRESPONSE']._serialized_start=1930
-  _globals['_UPDATECONTAINERRESOURCESRESPONSE']._serialized_end=1964
-  _globals['_EXECSYNCREQUEST']._serialized_start=1966
-  _globals['_EXECSYNCREQUEST']._serialized_end=2065
-  _globals['_EXECSYNCRESPONSE']._serialized_start=2067
-  _globals['_EXECSYNCRESPONSE']._serialized_end=2181
-  _globals['_STATSREQUEST']._serialized_start=2183
-  _globals['_STATSREQUEST']._serialized_end=2220
-  _globals['_CONTAINERSTATS']._serialized_start=2223
-  _globals['_CONTAINERSTATS']._serialized_end=2585
-  _globals['_STATSRESPONSE']._serialized_start=2587
-  _globals['_STATSRESPONSE']._serialized_end=2643
-  _globals['_EVENTSREQUEST']._serialized_start=2645
-  _globals['_EVENTSREQUEST']._serialized_end=2660
-  _globals['_EVENT']._serialized_start=2663
-  _globals['_EVENT']._serialized_end=2857
-  _globals['_EVENT_KIND']._serialized_start=2791
-  _globals['_EVENT_KIND']._serialized_end=2857
-  _globals['_STREAMOPEN']._serialized_start=2860
-  _globals['_STREAMOPEN']._serialized_end=3028
-  _globals['_STREAMOPEN_KIND']._serialized_start=2984
-  _globals['_STREAMOPEN_KIND']._serialized_end=3028
-  _globals['_STARTEXECREQUEST']._serialized_start=3030
-  _globals['_STARTEXECREQUEST']._serialized_end=3111
-  _globals['_STARTEXECRESPONSE']._serialized_start=3113
-  _globals['_STARTEXECRESPONSE']._serialized_end=3149
-  _globals['_STREAMACCEPT']._serialized_start=3151
-  _globals['_STREAMACCEPT']._serialized_end=3192
-  _globals['_AGENT']._serialized_start=3264
-  _globals['_AGENT']._serialized_end=4565
+  _globals['_CONTAINERINFO']._serialized_end=1698
+  _globals['_CONTAINERSTATUSRESPONSE']._serialized_start=1700
+  _globals['_CONTAINERSTATUSRESPONSE']._serialized_end=1764
+  _globals['_LISTCONTAINERSREQUEST']._serialized_start=1766
+  _globals['_LISTCONTAINERSREQUEST']._serialized_end=1789
+  _globals['_LISTCONTAINERSRESPONSE']._serialized_start=1791
+  _globals['_LISTCONTAINERSRESPONSE']._serialized_end=1860
+  _globals['_UPDATECONTAINERRESOURCESREQUEST']._serialized_start=1862
+  _globals['_UPDATECONTAINERRESOURCESREQUEST']._serialized_end=1969
+  _globals['_UPDATECONTAINERRESOURCESRESPONSE']._serialized_start=1971
+  _globals['_UPDATECONTAINERRESOURCESRESPONSE']._serialized_end=2005
+  _globals['_EXECSYNCREQUEST']._serialized_start=2007
+  _globals['_EXECSYNCREQUEST']._serialized_end=2106
+  _globals['_EXECSYNCRESPONSE']._serialized_start=2108
+  _globals['_EXECSYNCRESPONSE']._serialized_end=2222
+  _globals['_STATSREQUEST']._serialized_start=2224
+  _globals['_STATSREQUEST']._serialized_end=2261
+  _globals['_CONTAINERSTATS']._serialized_start=2264
+  _globals['_CONTAINERSTATS']._serialized_end=2626
+  _globals['_STATSRESPONSE']._serialized_start=2628
+  _globals['_STATSRESPONSE']._serialized_end=2684
+  _globals['_EVENTSREQUEST']._serialized_start=2686
+  _globals['_EVENTSREQUEST']._serialized_end=2701
+  _globals['_EVENT']._serialized_start=2704
+  _globals['_EVENT']._serialized_end=2898
+  _globals['_EVENT_KIND']._serialized_start=2832
+  _globals['_EVENT_KIND']._serialized_end=2898
+  _globals['_STREAMOPEN']._serialized_start=2901
+  _globals['_STREAMOPEN']._serialized_end=3069
+  _globals['_STREAMOPEN_KIND']._serialized_start=3025
+  _globals['_STREAMOPEN_KIND']._serialized_end=3069
+  _globals['_STARTEXECREQUEST']._serialized_start=3071
+  _globals['_STARTEXECREQUEST']._serialized_end=3152
+  _globals['_STARTEXECRESPONSE']._serialized_start=3154
+  _globals['_STARTEXECRESPONSE']._serialized_end=3190
+  _globals['_STREAMACCEPT']._serialized_start=3192
+  _globals['_STREAMACCEPT']._serialized_end=3233
+  _globals['_AGENT']._serialized_start=3305
+  _globals['_AGENT']._serialized_end=4606
 # @@protoc_insertion_point(module_scope)

@@ -484,6 +484,7 @@ class ContainerInfo(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     PID_FIELD_NUMBER: _builtins.int
     RESOURCES_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
     container_id: _builtins.str
     state: Global___ContainerState.ValueType
     created_at_ns: _builtins.int
@@ -496,6 +497,12 @@ class ContainerInfo(_message.Message):
     pid: _builtins.int
     @_builtins.property
     def resources(self) -> _api_pb2.LinuxContainerResources: ...
+    @_builtins.property
+    def user(self) -> _api_pb2.ContainerUser:
+        """The identity the container's process (and its execs) run as, in the container's
+        user namespace: uid, gid and the supplemental groups (primary gid first).
+        """
+
     def __init__(
         self,
         *,
@@ -509,10 +516,11 @@ class ContainerInfo(_message.Message):
         message: _builtins.str = ...,
         pid: _builtins.int = ...,
         resources: _api_pb2.LinuxContainerResources | None = ...,
+        user: _api_pb2.ContainerUser | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["resources", b"resources"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["resources", b"resources", "user", b"user"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["container_id", b"container_id", "created_at_ns", b"created_at_ns", "exit_code", b"exit_code", "finished_at_ns", b"finished_at_ns", "message", b"message", "pid", b"pid", "reason", b"reason", "resources", b"resources", "started_at_ns", b"started_at_ns", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["container_id", b"container_id", "created_at_ns", b"created_at_ns", "exit_code", b"exit_code", "finished_at_ns", b"finished_at_ns", "message", b"message", "pid", b"pid", "reason", b"reason", "resources", b"resources", "started_at_ns", b"started_at_ns", "state", b"state", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
