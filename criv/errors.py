@@ -146,3 +146,14 @@ class CommandTimeout(DeadlineExceeded):
 class HypervisorTimeout(Unavailable):
     """A libvirt call did not answer within its deadline (libvirtd hung or overloaded);
     the caller is released, the call's thread is left to finish or hang."""
+
+
+# VM-image pods: the SSH session to the guest (criv.vmimage.ssh).
+class SSHUnavailable(Unavailable):
+    """The guest's SSH server did not answer within the connect timeout, refused the
+    connection or the key, or the session broke; the message names the address."""
+
+
+class HostKeyMismatch(FailedPrecondition):
+    """The guest's SSH host key is not the one pinned for the pod; criv refuses to talk
+    to it (a guest must not swap its key after the first pin)."""
