@@ -1,0 +1,1 @@
+"""Booting VM disk images as pods (the `vm-image` isolation mode): seeds, containerDisks."""
