@@ -8,6 +8,7 @@ from typing import Any
 from google.protobuf.json_format import MessageToDict
 
 from criv.agent.types import AgentStats
+from criv.cri.imagevolume import for_agent, image_fields, status_image
 from criv.sandbox import isostate
 from criv.sandbox.isostate import HostState
 from criv.sandbox.podresources import sizing_inputs
@@ -67,7 +68,7 @@ def container_spec(req: api_pb2.CreateContainerRequest) -> ContainerSpec:
     return ContainerSpec(
         name=cfg.metadata.name,
         attempt=cfg.metadata.attempt,
-        config=cfg.SerializeToString(),
+        config=for_agent(cfg),
         image=cfg.image.image,
         labels=dict(cfg.labels),
         annotations=dict(cfg.annotations),
@@ -80,6 +81,7 @@ def container_spec(req: api_pb2.CreateContainerRequest) -> ContainerSpec:
                 selinux_relabel=m.selinux_relabel,
                 propagation=int(m.propagation),
                 recursive_read_only=m.recursive_read_only,
+                **image_fields(m),
             )
             for m in cfg.mounts
         ),
@@ -228,6 +230,8 @@ def container_status(c: ContainerRecord) -> api_pb2.ContainerStatus:
                 selinux_relabel=m.selinux_relabel,
                 propagation=m.propagation,  # type: ignore[arg-type]
                 recursive_read_only=m.recursive_read_only,
+                image=status_image(m),
+                image_sub_path=m.image_sub_path,
             )
             for m in c.mounts
         ],

@@ -27,6 +27,7 @@ from typing import Any
 
 from google.protobuf.message import Message
 
+from criv.cri.imagevolume import check_image_mount
 from criv.cri.validate_linux import (
     check_mount,
     check_pod_linux,
@@ -185,10 +186,11 @@ def _create_container(req: api_pb2.CreateContainerRequest) -> None:
             raise fail(f"config.envs[{i}].key", f"{show(kv.key)} is not a variable name")
     for i, m in enumerate(cfg.mounts):
         p = f"config.mounts[{i}]"
-        if m.image.image:
-            raise fail(f"{p}.image", "image volumes are not supported by criv")
         check_abs_path(m.container_path, f"{p}.container_path")
-        check_abs_path(m.host_path, f"{p}.host_path")
+        if m.image.image:
+            check_image_mount(m, p)
+        else:
+            check_abs_path(m.host_path, f"{p}.host_path")
         check_enum(m.propagation, _PROPAGATIONS, f"{p}.propagation")
         check_mount(m, p)
     for i, d in enumerate(cfg.devices):

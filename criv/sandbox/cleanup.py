@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 
 from criv.mounts import mounts_under
+from criv.sandbox import imagevol
 from criv.sandbox.cnidel import PendingDels
 from criv.sandbox.context import SandboxContext
 from criv.sandbox.logs import LogFollowers
@@ -88,16 +89,17 @@ class PodCleanup:
         cdir = await self.unmount_rootfs(c.sandbox_id, c.id)
         # Only now that the overlay is off may its layers go (if their image was removed).
         # Before the record: if this fails, RemoveContainer fails and is retried.
-        await ctx.images.release(c.id)
+        await ctx.images.release_many(imagevol.holders_of(ctx.images.lease_holders(), c.id))
         await ctx.containers.delete(c.id, remove_dir=cdir)
         if pod is not None:
             ctx.container_names.release(c.reserved_name(pod), c.id)
 
     async def unmount_rootfs(self, pod_id: str, cid: str) -> Path:
-        """Unmount and delete the container's rootfs and writable layer, wherever that
-        is (a pod's scratch filesystem may postdate its older containers); returns the
-        container dir."""
+        """Unmount and delete the container's image volumes, rootfs and writable layer,
+        wherever that is (a pod's scratch filesystem may postdate its older containers);
+        returns the container dir."""
         cdir = self._ctx.container_dir(pod_id, cid)
+        await imagevol.unmount(cdir)
         writable = await self._scratch.locate(self._ctx.paths(pod_id).state, cid)
         await self._rootfs.unmount(cdir, writable or cdir)
         return cdir

@@ -22,7 +22,7 @@ from criv.agent.client import AgentClient
 from criv.agent.logstream import open_log
 from criv.agent.types import CreateContainerArgs, ExecResult, MountSpec
 from criv.errors import AgentError, CrivError, DeadlineExceeded, FailedPrecondition, NotFound
-from criv.sandbox import seccomp_profile
+from criv.sandbox import imagevol, seccomp_profile
 from criv.sandbox.cleanup import PodCleanup
 from criv.sandbox.context import SandboxContext
 from criv.sandbox.events import EventKind
@@ -117,6 +117,7 @@ class ContainerService:
         # which recovery releases.
         seccomp_json = await seccomp_profile.load(spec.seccomp_localhost)
         image = await ctx.images.acquire(spec.image, cid)
+        vols = await imagevol.acquire(ctx.images, cid, spec.mounts)
         failpoints.hit("create_container.after_lease")
         iso = ctx.isolation(pod)
         paths = ctx.paths(pod.id)
@@ -135,7 +136,7 @@ class ContainerService:
             labels=dict(spec.labels),
             annotations=dict(spec.annotations),
             log_path=host_log_path(pod.log_directory, spec.log_path),
-            mounts=spec.mounts,
+            mounts=imagevol.with_volumes(spec.mounts, vols),
             rootfs=str(cdir / "rootfs"),
             resources=spec.resources,
         )
@@ -155,10 +156,17 @@ class ContainerService:
                     await asyncio.to_thread(
                         Path(rec.log_path).parent.mkdir, parents=True, exist_ok=True
                     )
+                # image volumes: mounted read-only on the host, then shared as any
+                sources = list(rec.mounts)
+                for v in vols:
+                    host = await imagevol.mount(cdir, v)
+                    sources[v.index] = dataclasses.replace(
+                        v.mount, host_path=str(host), propagation=0
+                    )
                 # vm pods: bind mounts into the pod's share; host pods: as they are
                 mounts = [
                     MountSpec(m.container_path, await iso.share(paths, cid, m, f"m{i}"))
-                    for i, m in enumerate(spec.mounts)
+                    for i, m in enumerate(sources)
                 ]
                 args = CreateContainerArgs(
                     container_id=cid,
@@ -194,12 +202,15 @@ class ContainerService:
         await ctx.containers.delete(rec.id, remove_dir=cdir)
 
     async def _release_image_if_unmounted(self, pod_id: str, cid: str) -> None:
-        """A failed create's lease goes, unless undoing it left the rootfs mounted: its
-        layers are that overlay's lowerdirs (recovery's sweep unmounts it and releases)."""
-        if await self._rootfs.is_mounted(self._ctx.container_dir(pod_id, cid)):
-            log.error("container %s: rootfs still mounted, image lease kept", cid[:12])
+        """A failed create's leases go, unless undoing it left the rootfs or an image
+        volume mounted: their layers are its lowerdirs (recovery's sweep unmounts it and
+        releases)."""
+        cdir = self._ctx.container_dir(pod_id, cid)
+        if await self._rootfs.is_mounted(cdir) or await imagevol.any_mounted(cdir):
+            log.error("container %s: rootfs or image volume still mounted, leases kept", cid[:12])
             return
-        await self._ctx.images.release(cid)
+        images = self._ctx.images
+        await images.release_many(imagevol.holders_of(images.lease_holders(), cid))
 
     async def start(self, cid: str) -> None:
         ctx = self._ctx

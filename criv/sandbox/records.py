@@ -114,6 +114,12 @@ class MountRecord:
     selinux_relabel: bool = False
     propagation: int = 0  # runtime.v1.MountPropagation value
     recursive_read_only: bool = False
+    # an image volume (host_path ""): the image as the caller named it, the sub-path,
+    # and what it resolved to at create time (id, digested reference)
+    image: str = ""
+    image_sub_path: str = ""
+    image_id: str = ""
+    image_ref: str = ""
 
 
 @dataclass(frozen=True)

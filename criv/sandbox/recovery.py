@@ -38,7 +38,7 @@ from pathlib import Path
 from criv import metrics
 from criv.errors import CrivError, ImageNotFound
 from criv.mounts import mounts_under
-from criv.sandbox import quarantine
+from criv.sandbox import imagevol, quarantine
 from criv.sandbox.cleanup import PodCleanup
 from criv.sandbox.context import SandboxContext
 from criv.sandbox.logs import LogFollowers
@@ -223,14 +223,19 @@ class RecoveryService:
         ctx = self._ctx
         known = {c.id for c in ctx.containers.all()}
         leased = ctx.images.lease_holders()
-        stale = leased - known - keep
+        # a container's image volumes hold leases of their own (imagevol.holder)
+        stale = {h for h in leased if imagevol.owner(h) not in known | keep}
         if stale:
-            log.warning("releasing image leases of %d removed container(s)", len(stale))
+            log.warning("releasing %d image lease(s) of removed containers", len(stale))
             await ctx.images.release_many(stale)  # collects what they alone kept
         for c in ctx.containers.all():
-            if c.id not in leased:
-                with contextlib.suppress(ImageNotFound):
-                    await ctx.images.acquire(c.image_id, c.id)
+            wanted = [(c.image_id, c.id)] + [
+                (m.image_id, imagevol.holder(c.id, i)) for i, m in enumerate(c.mounts) if m.image
+            ]
+            for image_id, h in wanted:
+                if h not in leased:
+                    with contextlib.suppress(ImageNotFound):
+                        await ctx.images.acquire(image_id, h)
 
     # -- the orphan sweep ----------------------------------------------------------
 
