@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -123,10 +125,14 @@ def criv_factory(tmp_path: Path) -> Iterator[Any]:
     """criv_factory(config_overrides) -> a started CrivProcess; all stopped at teardown."""
     started: list[CrivProcess] = []
 
+    run_dirs: list[Path] = []
+
     def make(overrides: dict[str, Any] | None = None, start: bool = True) -> CrivProcess:
         root = tmp_path / f"criv{len(started)}"
         root.mkdir()
-        cp = CrivProcess(root, merge(default_config(root), overrides or {}))
+        run_dirs.append(_run_dir())
+        base = {**default_config(root), "run_dir": str(run_dirs[-1])}
+        cp = CrivProcess(root, merge(base, overrides or {}))
         started.append(cp)
         if start:
             cp.start()
@@ -138,7 +144,23 @@ def criv_factory(tmp_path: Path) -> Iterator[Any]:
         rc = cp.stop()
         if rc not in (0, None):
             errors.append(f"criv exited {rc}:\n{cp.logs()}")
+    for d in run_dirs:
+        shutil.rmtree(d, ignore_errors=True)
     assert not errors, "\n".join(errors)
+
+
+RUN_ROOT = Path("/run/criv-test")
+
+
+def _run_dir() -> Path:
+    """A daemon's run dir (its agents' and VMs' sockets) outside pytest's temp tree:
+    QEMU runs unprivileged and must traverse to its sockets, and every pytest session
+    resets /tmp/pytest-of-<user> to 0700 when it starts, so a second session (a unit
+    run beside a VM run) would cut QEMU off."""
+    RUN_ROOT.mkdir(mode=0o711, exist_ok=True)
+    d = Path(tempfile.mkdtemp(prefix="r", dir=RUN_ROOT))
+    d.chmod(0o711)
+    return d
 
 
 @pytest.fixture
