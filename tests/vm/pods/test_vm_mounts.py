@@ -1,6 +1,7 @@
 """vm pods: a seccomp Localhost profile (a host path the guest cannot read), read-only
-and recursive read-only volumes with a sub-mount, host-to-container propagation, and
-bidirectional propagation refused. One pod for all of it (TCG boots are slow)."""
+and recursive read-only volumes with a sub-mount, an image volume with a sub-path,
+host-to-container propagation, and bidirectional propagation refused. One pod for all
+of it (TCG boots are slow)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import pytest
 
 from criv_agent.api.runtime.v1 import api_pb2
 from tests.support.cri import Cri
+from tests.support.fixtures import TestRegistry
+from tests.support.images import LayerBuilder, build_image, build_layer
 
 pytestmark = pytest.mark.vm
 
@@ -42,7 +45,7 @@ def _rc(cri: Cri, cid: str, cmd: str) -> tuple[int, str]:
 
 @pytest.mark.timeout(600)
 def test_vm_pod_seccomp_profile_read_only_volumes_and_propagation(
-    vm_cri: Cri, tmp_path: Path
+    vm_cri: Cri, tmp_path: Path, registry: TestRegistry
 ) -> None:
     vol, shared = tmp_path / "vol", tmp_path / "shared"
     (vol / "sub").mkdir(parents=True)
@@ -56,6 +59,16 @@ def test_vm_pod_seccomp_profile_read_only_volumes_and_propagation(
     )
     free = api_pb2.LinuxContainerSecurityContext(capabilities=cap)
     sleep = ["sleep", "3600"]
+    # an image volume: two layers (an overlay on the host), only data/sub mounted
+    l1 = LayerBuilder().dir("data").file("data/top.txt", "top\n").dir("data/sub")
+    l2 = LayerBuilder().dir("data").dir("data/sub").file("data/sub/b.txt", "from the image\n")
+    registry.push_image(
+        "criv-test/vm-imagevol", "1", build_image([build_layer(l1), build_layer(l2)])
+    )
+    data_ref = registry.ref("criv-test/vm-imagevol", "1")
+    vm_cri.proc.images.PullImage(
+        api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=data_ref)), timeout=120
+    )
     with _mounted(vol / "sub", shared):
         _sh("mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(vol / "sub"))
         _sh("mount", "--bind", str(shared), str(shared))
@@ -72,6 +85,11 @@ def test_vm_pod_seccomp_profile_read_only_volumes_and_propagation(
                 host_path=str(shared),
                 propagation=api_pb2.PROPAGATION_HOST_TO_CONTAINER,
             ),
+            api_pb2.Mount(
+                container_path="/img",
+                image=api_pb2.ImageSpec(image=data_ref),
+                image_sub_path="data/sub",
+            ),
         ]
         cid = vm_cri.run(pod, "confined", sleep, security=confined, mounts=mounts)
         other = vm_cri.run(pod, "free", sleep, security=free)
@@ -80,6 +98,13 @@ def test_vm_pod_seccomp_profile_read_only_volumes_and_propagation(
         rc, out = _rc(vm_cri, cid, "hostname foo")
         assert rc != 0 and "Operation not permitted" in out, out
         assert _rc(vm_cri, other, "hostname foo")[0] == 0
+
+        # the image volume: the sub-path only, read-only in the guest container
+        assert _rc(vm_cri, cid, "cat /img/b.txt; ls /img") == (0, "from the image\nb.txt\n")
+        rc, out = _rc(vm_cri, cid, "touch /img/new")
+        assert rc != 0 and "Read-only file system" in out, out
+        image = {m.container_path: m for m in vm_cri.status(cid).mounts}["/img"].image
+        assert image.image == data_ref and "@sha256:" in image.image_ref, image
 
         # read-only top; the sub-mount reached the guest; recursive: read-only all down
         rc, out = _rc(vm_cri, cid, "touch /ro/top")
