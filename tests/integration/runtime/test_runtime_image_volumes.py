@@ -121,3 +121,22 @@ def test_bad_image_volumes_are_refused_and_leave_nothing(cri: Cri, data_ref: str
     cri.rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod), timeout=60)
     assert _volume_mounts(cri) == []
     assert list(leases.iterdir()) == []
+
+
+@pytest.mark.timeout(180)
+def test_image_volume_survives_a_restart_and_its_lease_with_it(cri: Cri, data_ref: str) -> None:
+    pod = cri.run_pod("imagevol-restart")
+    cid = cri.run(pod, "reader", SLEEP, mounts=[vol(data_ref, "/vol", "data")])
+    leases = cri.proc.state_dir / "images/leases"
+    assert sorted(p.name for p in leases.iterdir()) == [f"{cid}.json", f"{cid}.v0.json"]
+    cri.proc.images.RemoveImage(
+        api_pb2.RemoveImageRequest(image=api_pb2.ImageSpec(image=data_ref)), timeout=30
+    )
+    cri.proc.stop()
+    cri.proc.start()
+    # recovery keeps a live container's volume lease (and its mount): the layers stay
+    assert sorted(p.name for p in leases.iterdir()) == [f"{cid}.json", f"{cid}.v0.json"]
+    assert _sh(cri, cid, "cat /vol/c.txt") == (0, "layer two\n")
+    cri.rt.RemoveContainer(api_pb2.RemoveContainerRequest(container_id=cid), timeout=60)
+    assert _volume_mounts(cri) == []
+    assert list(leases.iterdir()) == []
