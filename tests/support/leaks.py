@@ -11,6 +11,7 @@ from pathlib import Path
 # Processes criv starts on behalf of pods; none may survive the test that made them.
 WATCHED_PROCESSES = (
     "criv-agent", "criv_agent", "crun", "qemu-system", "criv.vsock", "virtiofsd", "cni",
+    "sshd",
 )  # fmt: skip
 
 
