@@ -191,6 +191,7 @@ def iso_tool() -> list[str]:
 
 def write_iso(files: dict[str, str], out: Path) -> Path:
     """Write ``files`` (name -> text) as an ISO9660 image (Rock Ridge + Joliet) at ``out``."""
+    out = out.absolute()  # the tool runs in a scratch directory
     with tempfile.TemporaryDirectory(prefix="criv-seed-") as tmp:
         names = []
         for name, text in files.items():
