@@ -15,6 +15,7 @@ from criv.sandbox.podresources import sizing_inputs
 from criv.sandbox.records import ContainerRecord, MountRecord, PodRecord, PortMap
 from criv.sandbox.specs import ContainerFilter, ContainerSpec, PodFilter, PodSpec
 from criv.sandbox.states import ContainerState, PodState
+from criv.sandbox.userns import IdMapping, UserNs
 from criv_agent.api.runtime.v1 import api_pb2
 
 _PROTOCOLS = {api_pb2.TCP: "tcp", api_pb2.UDP: "udp", api_pb2.SCTP: "sctp"}
@@ -60,6 +61,7 @@ def pod_spec(req: api_pb2.RunPodSandboxRequest) -> PodSpec:
             for p in cfg.port_mappings
         ),
         resources=sizing_inputs(cfg.linux.resources, cfg.linux.overhead),
+        userns=userns_of(ns),
     )
 
 
@@ -88,7 +90,19 @@ def container_spec(req: api_pb2.CreateContainerRequest) -> ContainerSpec:
         resources=cfg.linux.resources.SerializeToString() if cfg.linux.HasField("resources")
         else b"",
         seccomp_localhost=seccomp_localhost(cfg.linux.security_context),
+        userns=userns_of(cfg.linux.security_context.namespace_options),
     )  # fmt: skip
+
+
+def userns_of(ns: api_pb2.NamespaceOption) -> UserNs | None:
+    """userns_options mode POD as the sandbox layer takes it (validated: POD or NODE)."""
+    u = ns.userns_options
+    if not ns.HasField("userns_options") or u.mode != api_pb2.POD:
+        return None
+    return UserNs(
+        uids=tuple(IdMapping(m.container_id, m.host_id, m.length) for m in u.uids),
+        gids=tuple(IdMapping(m.container_id, m.host_id, m.length) for m in u.gids),
+    )
 
 
 def seccomp_localhost(sc: api_pb2.LinuxContainerSecurityContext) -> str:

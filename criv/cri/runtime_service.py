@@ -27,6 +27,7 @@ from criv.cri.wire import fill_unimplemented
 from criv.network.readiness import network_readiness
 from criv.sandbox.manager import SandboxManager
 from criv.sandbox.readiness import runtime_readiness
+from criv.sandbox.userns import SUPPORTED_MODES as USERNS_MODES
 from criv.state.runtime_state import RuntimeState
 from criv.streaming.service import StreamingService
 from criv_agent.api.runtime.v1 import api_pb2, api_pb2_grpc
@@ -109,7 +110,8 @@ class RuntimeService(
                 api_pb2.RuntimeHandler(
                     name=handler,
                     features=api_pb2.RuntimeHandlerFeatures(
-                        recursive_read_only_mounts=mode in _RRO_MODES, user_namespaces=False
+                        recursive_read_only_mounts=mode in _RRO_MODES,
+                        user_namespaces=mode in USERNS_MODES,
                     ),
                 )
             )

@@ -4,6 +4,7 @@ namespace modes, ids and security profiles."""
 
 from __future__ import annotations
 
+import itertools
 import re
 
 from criv.errors import InvalidArgument
@@ -86,8 +87,43 @@ def _check_namespaces(ns: api_pb2.NamespaceOption, path: str) -> None:
             raise fail(f"{path}.{name}", f"unknown namespace mode {value}")
     if ns.pid == api_pb2.TARGET and not ns.target_id:
         raise fail(f"{path}.target_id", "is required with pid mode TARGET")
-    if ns.HasField("userns_options") and ns.userns_options.mode != api_pb2.NODE:
-        raise fail(f"{path}.userns_options.mode", "user namespaces are not supported by criv")
+    if ns.HasField("userns_options"):
+        _check_userns(ns.userns_options, f"{path}.userns_options")
+
+
+# the kernel takes at most 340 lines in a uid_map/gid_map
+MAX_ID_MAPPINGS = 340
+
+
+def _check_mappings(ms: list[api_pb2.IDMapping], path: str) -> None:
+    """Non-empty, each range non-empty and within 32-bit ids, no two overlapping on
+    either side (the kernel refuses overlaps in a map)."""
+    if not ms:
+        raise fail(path, "a user namespace of mode POD needs at least one mapping")
+    if len(ms) > MAX_ID_MAPPINGS:
+        raise fail(path, f"{len(ms)} mappings (at most {MAX_ID_MAPPINGS})")
+    for i, m in enumerate(ms):
+        if m.length == 0:
+            raise fail(f"{path}[{i}].length", "is 0")
+        for side in ("container_id", "host_id"):
+            if getattr(m, side) + m.length > 1 << 32:
+                raise fail(f"{path}[{i}]", f"{side} {getattr(m, side)} + length {m.length} "
+                           "is beyond the 32-bit id range")  # fmt: skip
+    for side in ("container_id", "host_id"):
+        spans = sorted((getattr(m, side), getattr(m, side) + m.length, i) for i, m in enumerate(ms))
+        for (_, end, a), (start, _, b) in itertools.pairwise(spans):
+            if start < end:
+                raise fail(f"{path}[{b}]", f"{side} range overlaps mapping [{a}]")
+
+
+def _check_userns(u: api_pb2.UserNamespace, path: str) -> None:
+    if u.mode == api_pb2.NODE:
+        return
+    if u.mode != api_pb2.POD:
+        name = api_pb2.NamespaceMode.Name(u.mode) if u.mode in _MODES else str(u.mode)
+        raise fail(f"{path}.mode", f"{name} is not supported (POD or NODE)")
+    _check_mappings(list(u.uids), f"{path}.uids")
+    _check_mappings(list(u.gids), f"{path}.gids")
 
 
 def _check_id(value: int, path: str) -> None:

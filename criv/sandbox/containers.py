@@ -22,7 +22,7 @@ from criv.agent.client import AgentClient
 from criv.agent.logstream import open_log
 from criv.agent.types import CreateContainerArgs, ExecResult, MountSpec
 from criv.errors import AgentError, CrivError, DeadlineExceeded, FailedPrecondition, NotFound
-from criv.sandbox import imagevol, seccomp_profile
+from criv.sandbox import imagevol, seccomp_profile, userns
 from criv.sandbox.cleanup import PodCleanup
 from criv.sandbox.context import SandboxContext
 from criv.sandbox.events import EventKind
@@ -112,6 +112,7 @@ class ContainerService:
         self, pod: PodRecord, client: AgentClient, spec: ContainerSpec, cid: str
     ) -> str:
         ctx = self._ctx
+        userns.refuse_unless_supported(pod.isolation, pod.handler, spec.userns)
         # Lease before anything is mounted: from here a RemoveImage leaves the layers
         # alone. A crash before the record is written leaves a lease with no container,
         # which recovery releases.
@@ -150,7 +151,9 @@ class ContainerService:
                 # container: the bound on its disk use), if there is one
                 writable = await self._scratch.prepare(paths.state, cid) or cdir
                 failpoints.hit("create_container.after_scratch")
-                rootfs = await self._rootfs.mount(list(image.layer_dirs), cdir, writable)
+                rootfs = await self._rootfs.mount(
+                    list(image.layer_dirs), cdir, writable, userns=spec.userns
+                )
                 failpoints.hit("create_container.after_rootfs")
                 if rec.log_path:
                     await asyncio.to_thread(

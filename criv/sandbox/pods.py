@@ -30,6 +30,7 @@ from criv.errors import (
     NotFound,
     PermissionDenied,
 )
+from criv.sandbox import userns
 from criv.sandbox.cleanup import PodCleanup
 from criv.sandbox.context import SandboxContext
 from criv.sandbox.events import EventKind
@@ -115,6 +116,7 @@ class PodService:
 
     async def run(self, spec: PodSpec) -> str:
         mode, reason = self.route(spec)
+        userns.refuse_unless_supported(mode, spec.handler, spec.userns)
         name = spec.reserved_name
         undelivered = self._undelivered.pop(name, None)
         if undelivered is not None and self._ctx.pods.get(undelivered) is not None:

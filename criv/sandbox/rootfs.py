@@ -18,6 +18,8 @@ from typing import Protocol
 from criv.commands import run_command
 from criv.errors import Internal, InvalidArgument
 from criv.mounts import is_mounted, mounts_under
+from criv.sandbox import userns as _userns
+from criv.sandbox.userns import UserNs
 
 log = logging.getLogger("criv.sandbox.rootfs")
 
@@ -38,19 +40,37 @@ def overlay_options(layer_dirs: list[Path], upper: Path, work: Path) -> str:
     return opts
 
 
-async def mount_rootfs(layer_dirs: list[Path], container_dir: Path, writable_dir: Path) -> Path:
+async def mount_rootfs(
+    layer_dirs: list[Path], container_dir: Path, writable_dir: Path, userns: UserNs | None = None
+) -> Path:
+    """``userns``: the layers are idmapped to its mappings, the upper dir owned by its
+    root (see :mod:`criv.sandbox.userns`)."""
     rootfs = container_dir / "rootfs"
     upper, work = writable_dir / "upper", writable_dir / "work"
-    opts = overlay_options(layer_dirs, upper, work)
+    overlay_options(layer_dirs, upper, work)  # checks before anything is mounted
 
     def prepare() -> None:
         for d in (rootfs, upper, work):
             d.mkdir(parents=True, exist_ok=True)
+        if userns is not None:
+            _userns.own_upper(upper, userns)
+            # the rootfs path: <pod>/containers/<cid>/rootfs (crun resolves it as the
+            # container's mapped root); the sandboxes dir is searchable already
+            _userns.searchable([container_dir.parent.parent, container_dir.parent, container_dir])
 
     await asyncio.to_thread(prepare)
     if await asyncio.to_thread(is_mounted, rootfs):
         return rootfs
-    rc, out = await run_command("mount", "-t", "overlay", "overlay", "-o", opts, str(rootfs))
+    idmapped = container_dir / "idmap"
+    lower = layer_dirs
+    if userns is not None:
+        lower = await asyncio.to_thread(_userns.idmapped_layers, layer_dirs, idmapped, userns)
+    try:
+        opts = overlay_options(lower, upper, work)
+        rc, out = await run_command("mount", "-t", "overlay", "overlay", "-o", opts, str(rootfs))
+    finally:
+        if userns is not None:  # overlayfs holds clones of its layers
+            await asyncio.to_thread(_userns.detach_layers, idmapped)
     if rc != 0:
         raise Internal(f"cannot mount container rootfs at {rootfs}: {out}")
     return rootfs
@@ -92,7 +112,11 @@ class RootfsMounter(Protocol):
     """How the container service gets a container's rootfs (a unit test fakes it)."""
 
     async def mount(
-        self, layer_dirs: list[Path], container_dir: Path, writable_dir: Path
+        self,
+        layer_dirs: list[Path],
+        container_dir: Path,
+        writable_dir: Path,
+        userns: UserNs | None = None,
     ) -> Path: ...
 
     async def unmount(self, container_dir: Path, writable_dir: Path) -> None: ...
@@ -101,8 +125,14 @@ class RootfsMounter(Protocol):
 
 
 class OverlayRootfs:
-    async def mount(self, layer_dirs: list[Path], container_dir: Path, writable_dir: Path) -> Path:
-        return await mount_rootfs(layer_dirs, container_dir, writable_dir)
+    async def mount(
+        self,
+        layer_dirs: list[Path],
+        container_dir: Path,
+        writable_dir: Path,
+        userns: UserNs | None = None,
+    ) -> Path:
+        return await mount_rootfs(layer_dirs, container_dir, writable_dir, userns)
 
     async def unmount(self, container_dir: Path, writable_dir: Path) -> None:
         await unmount_rootfs(container_dir, writable_dir)

@@ -18,6 +18,7 @@ from criv.sandbox.records import (
     pod_reserved_name,
 )
 from criv.sandbox.states import ContainerState, PodState
+from criv.sandbox.userns import UserNs
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,8 @@ class PodSpec:
     # pod-level resources + overhead (LinuxPodSandboxConfig), as plain integers keyed like
     # criv.hypervisor.sizing.PodResources: what sizes a vm pod's VM
     resources: dict[str, int] = field(default_factory=dict)
+    # userns_options mode POD: the pod's mappings (None: the node's user namespace)
+    userns: UserNs | None = None
 
     @property
     def reserved_name(self) -> str:
@@ -58,6 +61,8 @@ class ContainerSpec:
     resources: bytes = b""
     # the seccomp Localhost profile's host path ("" for none): criv reads it for the agent
     seccomp_localhost: str = ""
+    # userns_options mode POD: the container's mappings (kubelet sends the pod's)
+    userns: UserNs | None = None
 
 
 @dataclass(frozen=True)

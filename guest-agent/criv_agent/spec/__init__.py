@@ -22,6 +22,7 @@ from criv_agent.spec.namespaces import PodNamespaces, namespaces
 from criv_agent.spec.process import build_process
 from criv_agent.spec.resources import resources
 from criv_agent.spec.submounts import parse_mountinfo
+from criv_agent.spec.userns import user_namespace
 from criv_agent.spec.users import UserDb
 
 __all__ = ["HostInfo", "PodNamespaces", "SpecInput", "build_spec", "image_config"]
@@ -121,6 +122,10 @@ def build_spec(inp: SpecInput) -> dict[str, Any]:
     }
     if devs:
         linux["devices"] = devs
+    userns = user_namespace(sc.namespace_options)
+    if userns is not None:
+        ns.append({"type": "user"})
+        linux.update(userns)
     sysctls = dict(inp.sandbox_config.linux.sysctls)
     if sysctls:
         linux["sysctl"] = sysctls

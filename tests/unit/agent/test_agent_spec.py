@@ -514,3 +514,21 @@ def test_seccomp_localhost_docker_format(tmp_path: Path) -> None:
         "syscalls": [{"names": ["read"], "action": "SCMP_ACT_ALLOW"},
                      {"names": ["write"], "action": "SCMP_ACT_ALLOW"}],
     }  # fmt: skip
+
+
+def test_userns_pod_mode_gives_a_user_namespace_with_the_mappings() -> None:
+    cfg = sc_cfg()
+    u = cfg.linux.security_context.namespace_options.userns_options
+    u.mode = api_pb2.NamespaceMode.POD
+    u.uids.add(container_id=0, host_id=65536, length=65536)
+    u.gids.add(container_id=0, host_id=131072, length=65536)
+    s = spec(cfg)
+    assert {"type": "user"} in s["linux"]["namespaces"]
+    assert s["linux"]["uidMappings"] == [{"containerID": 0, "hostID": 65536, "size": 65536}]
+    assert s["linux"]["gidMappings"] == [{"containerID": 0, "hostID": 131072, "size": 65536}]
+    u.mode = api_pb2.NamespaceMode.NODE
+    assert "uidMappings" not in spec(cfg)["linux"]
+    u.mode = api_pb2.NamespaceMode.POD
+    del u.gids[:]
+    with pytest.raises(InvalidArgument, match="gids"):
+        spec(cfg)

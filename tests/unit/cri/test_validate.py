@@ -95,6 +95,31 @@ def kubelet_container() -> api_pb2.CreateContainerRequest:
 def test_what_kubelet_sends_passes() -> None:
     validate.check(kubelet_pod())
     validate.check(kubelet_container())
+    # hostUsers: false, as kubelet sends it (the same mappings to the pod and each container)
+    pod, ctr = kubelet_pod(), kubelet_container()
+    _userns(pod.config.linux.security_context)
+    _userns(ctr.config.linux.security_context)
+    validate.check(pod)
+    validate.check(ctr)
+
+
+def _userns(
+    sc: api_pb2.LinuxSandboxSecurityContext | api_pb2.LinuxContainerSecurityContext,
+    mode: int = api_pb2.POD,
+    gids: list[api_pb2.IDMapping] | None = None,
+    length: int = 65536,
+    host: int = 65536 * 10,
+    overlap: str = "",
+) -> None:
+    u = sc.namespace_options.userns_options
+    u.mode = mode  # type: ignore[assignment]
+    u.uids.add(container_id=0, host_id=host, length=length)
+    if overlap:  # a second range overlapping the first on one side
+        cid = 100 if overlap == "container" else 70000
+        u.uids.add(container_id=cid, host_id=host + 100 if overlap == "host" else 1, length=10)
+    u.gids.extend(
+        [api_pb2.IDMapping(container_id=0, host_id=host, length=length)] if gids is None else gids
+    )
     slice_pod = kubelet_pod()
     slice_pod.config.linux.cgroup_parent = "kubepods-burstable-pod1234.slice"
     slice_pod.config.hostname = "Node-1.example.com"  # host network: the node's name
@@ -175,7 +200,13 @@ BAD = [
     (_pod(lambda c: c.linux.security_context.supplemental_groups.append(2**32)), "groups[2]:"),
     (pod(f"{NS}.network", 9), "namespace_options.network:"),
     (pod(f"{NS}.pid", api_pb2.TARGET), "namespace_options.target_id:"),
-    (pod(f"{NS}.userns_options.mode", api_pb2.POD), "userns_options.mode:"),
+    (pod(f"{NS}.userns_options.mode", api_pb2.POD), "userns_options.uids:"),
+    (_pod(lambda c: _userns(c.linux.security_context, mode=api_pb2.CONTAINER)), "ns.mode:"),
+    (_pod(lambda c: _userns(c.linux.security_context, gids=[])), "userns_options.gids:"),
+    (_pod(lambda c: _userns(c.linux.security_context, length=0)), "uids[0].length:"),
+    (_pod(lambda c: _userns(c.linux.security_context, host=2**32 - 10)), "userns_options.uids[0]:"),
+    (_ctr(lambda c: _userns(c.linux.security_context, overlap="container")), "uids[1]: container"),
+    (_ctr(lambda c: _userns(c.linux.security_context, overlap="host")), "uids[1]: host_id"),
     (pod(f"{SC}.seccomp.profile_type", 5), "seccomp.profile_type:"),
     (pod(f"{RES}.cpu_quota", 10), "config.linux.resources.cpu_quota:"),
     (pod("linux.overhead.cpu_period", 10**7), "config.linux.overhead.cpu_period:"),

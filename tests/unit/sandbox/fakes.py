@@ -214,7 +214,9 @@ class FakeRootfs:
         self.writable: dict[Path, Path] = {}  # container dir -> where upper/work went
         self.unmounted_writable: list[Path] = []
 
-    async def mount(self, layer_dirs: list[Path], container_dir: Path, writable_dir: Path) -> Path:
+    async def mount(
+        self, layer_dirs: list[Path], container_dir: Path, writable_dir: Path, userns: Any = None
+    ) -> Path:
         await self.steps.step("rootfs.mount")
         self.mounted.add(container_dir)
         self.writable[container_dir] = writable_dir

@@ -1,0 +1,229 @@
+"""User namespaces (CRI ``userns_options`` mode POD) on the host side.
+
+The agent gives the container a user namespace with the pod's mappings (OCI
+``uidMappings``/``gidMappings``, crun writes them). What criv does here is make the
+container's rootfs usable by the mapped ids, in ``host`` isolation:
+
+- an overlayfs mount cannot itself be idmapped (``mount_setattr`` refuses it; 6.18 too),
+  but its lower layers can (5.19+). Each image layer gets an idmapped clone
+  (``open_tree`` + ``mount_setattr(MOUNT_ATTR_IDMAP)`` with a user namespace holding the
+  mappings), attached under the container dir just long enough to mount the overlay on
+  them: overlayfs keeps private clones of its layers, so the attached ones are detached
+  right after. A file the image owns as uid 0 shows as the mapped host uid, to the
+  container as its root; the shared layers on disk stay as they are.
+- the upper dir (the container's writable layer) is a plain directory owned by the host
+  ids container root maps to: what the container writes lands on disk with its mapped
+  host ids, as in a CRI-O or containerd pod with user namespaces.
+
+Volumes are bind-mounted as they are (no idmap; ``Mount.uidMappings`` is not applied):
+a file the container's root writes to a host directory belongs to the mapped host uid.
+``vm`` isolation refuses user namespaces (:func:`refuse_unless_supported`): the guest
+reaches the rootfs over virtio-fs, which the guest kernel (6.1) cannot idmap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import platform
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from criv.errors import FailedPrecondition, Internal, InvalidArgument
+
+# isolation modes whose containers can get a user namespace
+SUPPORTED_MODES = frozenset({"host"})
+
+# the generic syscall table's numbers; the same on x86_64 and aarch64
+_NR_OPEN_TREE, _NR_MOVE_MOUNT, _NR_MOUNT_SETATTR = 428, 429, 442
+_OPEN_TREE_CLONE, _O_CLOEXEC = 1, 0o2000000
+_AT_EMPTY_PATH, _AT_FDCWD = 0x1000, -100
+_MOVE_MOUNT_F_EMPTY_PATH = 4
+_MOUNT_ATTR_IDMAP = 0x100000
+_MNT_DETACH = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
+
+
+@dataclass(frozen=True)
+class IdMapping:
+    container_id: int
+    host_id: int
+    length: int
+
+
+@dataclass(frozen=True)
+class UserNs:
+    """A pod's user namespace mappings (CRI UserNamespace, mode POD)."""
+
+    uids: tuple[IdMapping, ...]
+    gids: tuple[IdMapping, ...]
+
+    def host_root(self) -> tuple[int, int] | None:
+        """The host uid and gid container root maps to (None: root is not mapped)."""
+        uid, gid = _to_host(self.uids, 0), _to_host(self.gids, 0)
+        return None if uid is None or gid is None else (uid, gid)
+
+
+def _to_host(ms: tuple[IdMapping, ...], cid: int) -> int | None:
+    for m in ms:
+        if m.container_id <= cid < m.container_id + m.length:
+            return m.host_id + cid - m.container_id
+    return None
+
+
+def refuse_unless_supported(mode: str, handler: str, userns: UserNs | None) -> None:
+    if userns is not None and mode not in SUPPORTED_MODES:
+        raise InvalidArgument(
+            f"runtime handler {handler!r} runs pods in {mode} isolation, which does not "
+            "support user namespaces (userns_options mode POD): the guest reaches the "
+            "container rootfs over virtio-fs, which its kernel cannot idmap; use a "
+            "handler mapped to host isolation or hostUsers: true"
+        )
+
+
+def _map_text(ms: tuple[IdMapping, ...]) -> str:
+    return "".join(f"{m.container_id} {m.host_id} {m.length}\n" for m in ms)
+
+
+def open_userns(userns: UserNs, timeout: float = 5.0) -> int:
+    """An fd of a new user namespace with ``userns``'s mappings (blocking): a helper
+    process unshares one, criv writes its maps (as root, any mapping goes) and keeps the
+    namespace by fd; the helper is killed."""
+    helper = subprocess.Popen(
+        ["unshare", "--user", "--", "sleep", "60"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        mine = os.readlink("/proc/self/ns/user")
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if os.readlink(f"/proc/{helper.pid}/ns/user") != mine:
+                    break
+            except OSError:
+                pass
+            if helper.poll() is not None or time.monotonic() > deadline:
+                raise Internal("cannot create a user namespace (unshare --user failed)")
+            time.sleep(0.005)
+        try:
+            with open(f"/proc/{helper.pid}/uid_map", "w", encoding="ascii") as f:
+                f.write(_map_text(userns.uids))
+            with open(f"/proc/{helper.pid}/gid_map", "w", encoding="ascii") as f:
+                f.write(_map_text(userns.gids))
+        except OSError as e:
+            raise InvalidArgument(f"userns_options: the kernel refused the mappings: {e}") from e
+        return os.open(f"/proc/{helper.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        helper.kill()
+        helper.wait()
+
+
+def _syscall_error(what: str, path: Path) -> OSError:
+    err = ctypes.get_errno()
+    return OSError(err, f"{what} {path}: {os.strerror(err)}")
+
+
+def attach_idmapped(src: Path, dst: Path, userns_fd: int) -> None:
+    """An idmapped clone of the mount tree at ``src``, attached at ``dst`` (blocking)."""
+    if platform.machine() not in ("x86_64", "aarch64"):
+        raise Internal(f"idmapped mounts: unknown syscall numbers on {platform.machine()}")
+    fd = _libc.syscall(
+        _NR_OPEN_TREE, ctypes.c_int(_AT_FDCWD), os.fsencode(src),
+        ctypes.c_uint(_OPEN_TREE_CLONE | _O_CLOEXEC),
+    )  # fmt: skip
+    if fd < 0:
+        raise _syscall_error("open_tree", src)
+    try:
+        attr = _MountAttr(attr_set=_MOUNT_ATTR_IDMAP, userns_fd=userns_fd)
+        rc = _libc.syscall(
+            _NR_MOUNT_SETATTR, ctypes.c_int(fd), b"", ctypes.c_uint(_AT_EMPTY_PATH),
+            ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)),
+        )  # fmt: skip
+        if rc != 0:
+            raise _syscall_error("mount_setattr(MOUNT_ATTR_IDMAP)", src)
+        rc = _libc.syscall(
+            _NR_MOVE_MOUNT, ctypes.c_int(fd), b"", ctypes.c_int(_AT_FDCWD), os.fsencode(dst),
+            ctypes.c_uint(_MOVE_MOUNT_F_EMPTY_PATH),
+        )  # fmt: skip
+        if rc != 0:
+            raise _syscall_error("move_mount", dst)
+    finally:
+        os.close(fd)
+
+
+def detach(path: Path) -> None:
+    """Lazily unmount ``path`` (blocking); a path with no mount is left as it is."""
+    if _libc.umount2(os.fsencode(path), ctypes.c_int(_MNT_DETACH)) != 0:
+        err = ctypes.get_errno()
+        if err not in (22, 2):  # EINVAL: not a mount point; ENOENT
+            raise OSError(err, f"umount {path}: {os.strerror(err)}")
+
+
+def idmapped_layers(layer_dirs: list[Path], into: Path, userns: UserNs) -> list[Path]:
+    """Attach an idmapped clone of each layer under ``into`` (blocking); the caller
+    mounts the overlay on them, then calls :func:`detach_layers`."""
+    into.mkdir(mode=0o700, parents=True, exist_ok=True)
+    nsfd = open_userns(userns)
+    out: list[Path] = []
+    try:
+        for i, d in enumerate(layer_dirs):
+            dst = into / str(i)
+            dst.mkdir(exist_ok=True)
+            try:
+                attach_idmapped(d, dst, nsfd)
+            except OSError as e:
+                raise FailedPrecondition(
+                    f"user namespace: cannot idmap image layer {d} ({e.strerror}); "
+                    "the image store's filesystem must support idmapped mounts (Linux 5.19+)"
+                ) from e
+            out.append(dst)
+    except BaseException:
+        detach_layers(into)
+        raise
+    finally:
+        os.close(nsfd)
+    return out
+
+
+def detach_layers(into: Path) -> None:
+    """Detach and remove what :func:`idmapped_layers` attached (blocking, idempotent)."""
+    if not into.is_dir():
+        return
+    for d in into.iterdir():
+        detach(d)
+        with contextlib.suppress(OSError):
+            d.rmdir()
+    with contextlib.suppress(OSError):
+        into.rmdir()
+
+
+def own_upper(upper: Path, userns: UserNs) -> None:
+    """The writable layer's top belongs to the host ids container root maps to."""
+    root = userns.host_root()
+    if root is not None:
+        os.chown(upper, *root)
+
+
+def searchable(dirs: list[Path]) -> None:
+    """Let others search (not list) ``dirs`` (blocking): crun resolves the rootfs path
+    inside the container's user namespace, as its mapped root, which gets no DAC
+    override on host-owned directories (containerd makes its task dirs 0711 likewise).
+    The state dir itself is 0711 already (criv/daemon.py); its parents must be too."""
+    for d in dirs:
+        mode = d.stat().st_mode & 0o7777
+        if mode & 0o011 != 0o011:
+            d.chmod(mode | 0o011)
