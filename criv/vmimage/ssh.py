@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import queue
+import secrets
 import shlex
 import threading
 import time
@@ -46,6 +47,14 @@ SIGNALS = {
     "KILL": 9, "USR1": 10, "SEGV": 11, "USR2": 12, "PIPE": 13, "ALRM": 14, "TERM": 15,
 }  # fmt: skip
 UNKNOWN_SIGNAL_EXIT = 255
+# An ExecSync's command carries this variable (a random value per call) so that a
+# timed-out one, with everything it started, can be found and killed.
+MARKER_VAR = "CRIV_EXEC_ID"
+KILL_BY_MARKER = (
+    'for p in /proc/[0-9]*; do tr "\\000" "\\n" 2>/dev/null <"$p/environ"'
+    ' | grep -qx "{marker}" && kill -KILL "${{p#/proc/}}" 2>/dev/null; done; true'
+)
+KILL_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)
@@ -94,6 +103,33 @@ def exit_code(chan: Channel, where: str) -> int:
     if status == -1:
         raise SSHUnavailable(f"ssh {where}: the session ended without an exit status")
     raise SSHUnavailable(f"ssh {where}: the server sent exit status {status} (not 0-255)")
+
+
+def marked(line: str, marker: str) -> str:
+    """``line`` run with ``MARKER_VAR=marker`` in its environment (and its children's)."""
+    return f"{MARKER_VAR}={marker}; export {MARKER_VAR}; exec {line}"
+
+
+def kill_marked(conn: _Connection, marker: str) -> None:
+    """Kill every guest process that carries ``marker`` (blocking, bounded).
+
+    OpenSSH refuses ``signal`` requests on root sessions (there is no privilege
+    separated child to send them), and closing a session without a tty leaves its
+    command running; so a command criv gives up on is found by its marker variable."""
+    script = KILL_BY_MARKER.format(marker=f"{MARKER_VAR}={marker}")
+    try:
+        chan = conn.open_channel()
+    except SSHUnavailable:
+        return
+    try:
+        chan.settimeout(KILL_TIMEOUT)
+        chan.exec_command(command_line(["sh", "-c", script]))
+        chan.shutdown_write()
+        chan.status_event.wait(KILL_TIMEOUT)
+    except (OSError, EOFError, paramiko.SSHException):
+        pass
+    finally:
+        chan.close()
 
 
 def send_signal(chan: Channel, name: str) -> None:
@@ -175,6 +211,8 @@ class _ExecCall:
         self._lock = threading.Lock()
         self._chan: Channel | None = None
         self._stopped = False
+        self._started = False
+        self._marker = secrets.token_hex(8)
         self.timed_out = False
 
     def _stop(self, timed_out: bool) -> None:
@@ -182,13 +220,16 @@ class _ExecCall:
             self._stopped = True
             self.timed_out = self.timed_out or timed_out
             chan = self._chan
-        if chan is not None:
-            # the signal is sent before the close; a guest that stopped reading its
-            # socket cannot hold this thread (the close releases every waiter first)
-            kill = threading.Thread(target=send_signal, args=(chan, "KILL"), daemon=True)
-            kill.start()
-            kill.join(2.0)
-            chan.close()
+        if chan is None:
+            return
+        # the signal goes before the close; a guest that stopped reading its socket
+        # holds this thread 2 s at most (the close releases every waiter first)
+        kill = threading.Thread(target=send_signal, args=(chan, "KILL"), daemon=True)
+        kill.start()
+        kill.join(2.0)
+        chan.close()
+        if self._started:
+            kill_marked(self._conn, self._marker)
 
     def cancel(self) -> None:
         self._stop(False)
@@ -210,7 +251,8 @@ class _ExecCall:
             timer.start()
         try:
             try:
-                chan.exec_command(self._line)
+                self._started = True  # from here on, a stop kills by the marker
+                chan.exec_command(marked(self._line, self._marker))
             except (paramiko.SSHException, OSError, EOFError) as e:
                 if self.timed_out:
                     return ExecResult(b"", b"", None, True, False)
@@ -322,7 +364,8 @@ class SSHClient:
         term: str = "xterm",
     ) -> SSHStream:
         """Start ``cmd`` (None: the user's login shell) for an interactive session."""
-        line = None if cmd is None else command_line(cmd)
+        marker = secrets.token_hex(8)
+        line = None if cmd is None else marked(command_line(cmd), marker)
         holder: list[Channel] = []
 
         def start() -> Channel:
@@ -355,7 +398,14 @@ class SSHClient:
             for c in holder:
                 c.close()
             raise
-        return SSHStream(chan, tty, self.target.where, asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        conn = self._conn
+
+        def kill() -> None:
+            if line is not None:
+                kill_marked(conn, marker)
+
+        return SSHStream(chan, tty, self.target.where, loop, kill)
 
     async def close(self) -> None:
         await _in_thread(self._conn.close, "criv-ssh-close")
@@ -417,9 +467,15 @@ class SSHStream:
     reader slows the command down (flow control), it never drops output."""
 
     def __init__(
-        self, chan: Channel, tty: bool, where: str, loop: asyncio.AbstractEventLoop
+        self,
+        chan: Channel,
+        tty: bool,
+        where: str,
+        loop: asyncio.AbstractEventLoop,
+        kill: Callable[[], None] = lambda: None,
     ) -> None:
         self.tty = tty
+        self._kill = kill
         self._chan = chan
         self._where = where
         self._loop = loop
@@ -514,11 +570,17 @@ class SSHStream:
         return self._done.done()
 
     async def close(self) -> None:
-        """Close the channel (the server hangs up the command); idempotent."""
+        """Close the channel; a command still running is killed (a tty's is hung up,
+        the rest found by the marker); idempotent."""
+        if self._closed:
+            return
         self._closed = True
         self._writes.put(None)
         self._stdout.close()
         if self._stderr is not None:
             self._stderr.close()
         chan = self._chan
+        ended = exit_signal(chan) is not None or chan.exit_status != -1
         await _in_thread(chan.close, "criv-ssh-close")
+        if not ended:
+            await _in_thread(self._kill, "criv-ssh-kill")
