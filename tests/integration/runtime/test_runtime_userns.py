@@ -5,6 +5,9 @@ its root is not the host's, and its image and writable layer still work for it
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -39,22 +42,30 @@ def _out(cri: Cri, cid: str, cmd: list[str]) -> str:
     return r.stdout.decode()
 
 
+@pytest.fixture
+def state_outside_pytest() -> Iterator[Path]:
+    """criv's state dir outside pytest's temp tree: crun resolves the rootfs path as the
+    container's mapped root, so the state dir's parents must be searchable by others
+    (as /var/lib is), and every pytest session resets /tmp/pytest-of-<user> to 0700.
+    Set up before criv, so removed after criv stopped."""
+    d = Path(tempfile.mkdtemp(prefix="criv-test-userns-", dir="/var/tmp"))
+    d.chmod(0o711)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.mark.timeout(120)
-def test_userns_pod_maps_ids_and_keeps_the_rootfs_usable(cri: Cri, tmp_path: Path) -> None:
+def test_userns_pod_maps_ids_and_keeps_the_rootfs_usable(
+    state_outside_pytest: Path, cri_factory: Callable[..., Cri], tmp_path: Path
+) -> None:
+    cri = cri_factory(state_dir=str(state_outside_pytest / "state"))
     handlers = {h.name: h.features.user_namespaces for h in cri.rt.Status(
         api_pb2.StatusRequest(), timeout=30).runtime_handlers}  # fmt: skip
     assert handlers == {"": True, "host": True, "vm": False}
 
-    # crun resolves the rootfs path as the container's mapped root: the state dir's
-    # parents must be searchable by others, as /var/lib is (pytest's dirs are 0700)
-    base = next(p for p in tmp_path.parents if p.name.startswith("pytest-of-"))
-    for d in [tmp_path, *tmp_path.parents]:
-        d.chmod(d.stat().st_mode | 0o011)
-        if d == base:
-            break
     vol = tmp_path / "vol"
     vol.mkdir()
-    vol.chmod(0o777)  # as kubelet makes an emptyDir
+    vol.chmod(0o777)  # as kubelet makes an emptyDir (its parents may stay 0700)
     pod = cri.run_pod("userns", linux=_pod_linux())
     sc = api_pb2.LinuxContainerSecurityContext(namespace_options=_userns())
     cid = cri.run(
