@@ -1,5 +1,5 @@
 """The `criv` command line: serve (or --daemon) / stop, config, doctor, image build / pull,
-kubelet-config, version."""
+kubelet-config, vm-image import, version."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from criv.config import Config, load_config
 from criv.errors import CrivError
 from criv.logsetup import setup_logging
 from criv.ops.cli import register as register_ops
+from criv.vmimage.cli import register as register_vmimage
 
 
 def _load(path: str | None) -> Config:
@@ -172,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_image_pull)
 
     register_ops(sub)  # pods, containers, inspect, console, debug: criv/ops/cli.py
+    register_vmimage(sub)  # vm-image import: criv/vmimage/cli.py
 
     args = ap.parse_args(argv)
     try:

@@ -23,6 +23,7 @@ import grpc
 
 from criv import __version__
 from criv.config import Config
+from criv.cri.admin import images_handler
 from criv.cri.image_service import ImageService
 from criv.cri.runtime_service import RuntimeService
 from criv.cri.wire import ErrorInterceptor
@@ -154,6 +155,7 @@ class Daemon:
         )
         api_pb2_grpc.add_RuntimeServiceServicer_to_server(runtime, server)
         api_pb2_grpc.add_ImageServiceServicer_to_server(ImageService(images), server)
+        server.add_generic_rpc_handlers((images_handler(images),))  # criv's CLI
         listen_unix(server, sock)
         await server.start()
         log.info("criv %s serving CRI v1 on unix://%s", __version__, sock)

@@ -1,0 +1,67 @@
+"""`criv vm-image import FILE REF` against a real daemon: the containerDisk image lands in
+the daemon's store, ListImages / ImageStatus show it at once, RemoveImage removes it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from criv_agent.api.runtime.v1 import api_pb2
+from tests.support.daemon import CrivProcess
+
+pytestmark = pytest.mark.integration
+
+CRIV = Path(sys.executable).parent / "criv"
+
+
+def run_cli(c: CrivProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(CRIV), "vm-image", "import", *args, "--config", str(c.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_import_shows_in_list_images(criv: CrivProcess, tmp_path: Path) -> None:
+    disk = tmp_path / "base.qcow2"
+    disk.write_bytes(b"QFI\xfb" + os.urandom(64 << 10))
+    ref = "registry.example/vm/base:1"
+    r = run_cli(criv, str(disk), ref)
+    assert r.returncode == 0, r.stderr + criv.logs()
+    assert ref in r.stdout and "/disk/base.qcow2" in r.stdout
+    image_id = r.stdout.split()[1]
+    listed = criv.images.ListImages(api_pb2.ListImagesRequest()).images
+    assert [(i.id, list(i.repo_tags)) for i in listed] == [(image_id, [ref])]
+    st = criv.images.ImageStatus(
+        api_pb2.ImageStatusRequest(image=api_pb2.ImageSpec(image=ref))
+    ).image
+    assert st.id == image_id and st.size > 64 << 10
+    # no scratch layout is left in the state dir
+    assert not list(criv.state_dir.glob(".vm-image-import-*"))
+    criv.images.RemoveImage(api_pb2.RemoveImageRequest(image=api_pb2.ImageSpec(image=ref)))
+    assert not criv.images.ListImages(api_pb2.ListImagesRequest()).images
+
+
+def test_import_refusals(criv: CrivProcess, tmp_path: Path) -> None:
+    r = run_cli(criv, str(tmp_path / "missing.qcow2"), "registry.example/vm/x:1")
+    assert r.returncode == 1 and "no such file" in r.stderr
+    disk = tmp_path / "d.raw"
+    disk.write_bytes(b"\0" * 4096)
+    r = run_cli(criv, str(disk), "Not A Ref")
+    assert r.returncode == 1 and r.stderr.startswith("criv: ")
+    r = run_cli(criv, str(disk), "registry.example/vm/x@sha256:" + "a" * 64)
+    assert r.returncode == 1 and "not a digest" in r.stderr
+    assert not criv.images.ListImages(api_pb2.ListImagesRequest()).images
+
+
+def test_import_without_daemon_says_so(criv: CrivProcess, tmp_path: Path) -> None:
+    criv.stop()
+    disk = tmp_path / "d.raw"
+    disk.write_bytes(b"\0" * 4096)
+    r = run_cli(criv, str(disk), "registry.example/vm/x:1")
+    assert r.returncode == 1 and "nothing serves" in r.stderr
