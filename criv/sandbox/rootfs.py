@@ -80,6 +80,9 @@ async def unmount_rootfs(container_dir: Path, writable_dir: Path) -> None:
     """Unmount (lazily, if busy) and delete the container's rootfs, upper and work (and
     ``writable_dir`` itself when it is not the container dir)."""
     rootfs = container_dir / "rootfs"
+    # idmapped layer clones a crash left attached (normally detached at mount time):
+    # off before anything below is deleted, or rmtree would reach into an image layer
+    await asyncio.to_thread(_userns.detach_layers, container_dir / "idmap")
     for _ in range(8):  # stacked mounts, if any, come off one by one
         if not await asyncio.to_thread(is_mounted, rootfs):
             break
