@@ -1,6 +1,11 @@
-"""A real OpenSSH server for the SSH layer's tests: ``sshd -D -e -f CONFIG`` on
-127.0.0.1 at a free port, with its own host key and an authorized_keys holding the
-test's pod key; killed at teardown."""
+"""Real SSH servers for the SSH layer's tests, on 127.0.0.1 at a free port, each with its
+own host key and an authorized key that is the test's pod key; killed at teardown.
+
+- OpenSSH: ``sshd -D -e -f CONFIG`` (``AuthorizedKeysFile`` in the test's directory);
+- dropbear (what the VM test disk runs): ``dropbear -F -E``, in a mount namespace of
+  its own where the test's directory is bind-mounted on /root (dropbear reads only
+  ``~/.ssh/authorized_keys``); the host's /root is untouched.
+"""
 
 from __future__ import annotations
 
@@ -15,47 +20,35 @@ from pathlib import Path
 import pytest
 from sshd_support import SSHD, Sshd, free_port
 
-from criv.vmimage.sshkeys import HostKeyPin, ensure_pod_key
+from criv.vmimage.sshkeys import HostKeyPin, PodKey, ensure_pod_key, pin_from_console
+
+DROPBEAR = "/usr/sbin/dropbear"
 
 
-@pytest.fixture
-def sshd(tmp_path: Path) -> Iterator[Sshd]:
-    if not os.path.exists(SSHD) or shutil.which("ssh-keygen") is None:
-        pytest.skip("openssh-server is not installed (make apt)")
-    d = tmp_path / "sshd"
-    d.mkdir(mode=0o700)
+@pytest.fixture(params=["openssh", "dropbear"])
+def sshd(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Sshd]:
     key = ensure_pod_key(tmp_path / "keys", "criv-test")
-    (d / "authorized_keys").write_text(key.public_line + "\n")
-    hostkey = d / "host_ed25519"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(hostkey)], check=True)
-    printed = subprocess.run(
-        ["ssh-keygen", "-l", "-f", f"{hostkey}.pub"], check=True, capture_output=True, text=True
-    ).stdout
-    pin = HostKeyPin.parse(printed)
+    d = tmp_path / "server"
+    d.mkdir(mode=0o700)
     port = free_port()
-    cfg = d / "sshd_config"
-    cfg.write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {hostkey}\nPidFile none\n"
-        f"AuthorizedKeysFile {d}/authorized_keys\nPermitRootLogin prohibit-password\n"
-        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
-        "StrictModes no\nPrintMotd no\nPrintLastLog no\nPermitTTY yes\nLogLevel ERROR\n"
-    )
-    os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # privilege separation dir
-    proc = subprocess.Popen(
-        [SSHD, "-D", "-e", "-f", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
+    log = d / "server.log"
+    if request.param == "openssh":
+        cmd, pin = _openssh(d, key, port)
+    else:
+        cmd, pin = _dropbear(d, key, port)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
     try:
         deadline = time.monotonic() + 10
         while True:
             if proc.poll() is not None:
-                err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-                pytest.fail(f"sshd exited {proc.returncode}: {err}")
+                pytest.fail(f"{cmd[0]} exited {proc.returncode}: {log.read_text()[-2000:]}")
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 break
             except OSError:
                 if time.monotonic() > deadline:
-                    pytest.fail("sshd did not listen within 10s")
+                    pytest.fail(f"{cmd[0]} did not listen within 10s")
                 time.sleep(0.05)
         yield Sshd(port, d, key, pin, proc)
     finally:
@@ -65,5 +58,47 @@ def sshd(tmp_path: Path) -> Iterator[Sshd]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
+
+
+def _openssh(d: Path, key: PodKey, port: int) -> tuple[list[str], HostKeyPin]:
+    if not os.path.exists(SSHD) or shutil.which("ssh-keygen") is None:
+        pytest.skip("openssh-server is not installed (make apt)")
+    (d / "authorized_keys").write_text(key.public_line + "\n")
+    hostkey = d / "host_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(hostkey)], check=True)
+    printed = subprocess.run(
+        ["ssh-keygen", "-l", "-f", f"{hostkey}.pub"], check=True, capture_output=True, text=True
+    ).stdout
+    cfg = d / "sshd_config"
+    cfg.write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {hostkey}\nPidFile none\n"
+        f"AuthorizedKeysFile {d}/authorized_keys\nPermitRootLogin prohibit-password\n"
+        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
+        "StrictModes no\nPrintMotd no\nPrintLastLog no\nPermitTTY yes\nLogLevel ERROR\n"
+    )
+    os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # privilege separation dir
+    return [SSHD, "-D", "-e", "-f", str(cfg)], HostKeyPin.parse(printed)
+
+
+def _dropbear(d: Path, key: PodKey, port: int) -> tuple[list[str], HostKeyPin]:
+    if not os.path.exists(DROPBEAR) or shutil.which("dropbearkey") is None:
+        pytest.skip("dropbear is not installed (make apt)")
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare(1)")
+    home = d / "home"
+    (home / ".ssh").mkdir(parents=True, mode=0o700)
+    os.chmod(home, 0o700)
+    (home / ".ssh" / "authorized_keys").write_text(key.public_line + "\n")
+    hostkey = d / "host_ed25519"
+    # dropbearkey prints what dropbear prints at first start: "Public key portion is:",
+    # the public key line, "Fingerprint: SHA256:..."
+    printed = subprocess.run(
+        ["dropbearkey", "-t", "ed25519", "-f", str(hostkey)], check=True, capture_output=True
+    ).stdout
+    pin = pin_from_console(printed)
+    assert pin is not None, printed
+    server = (
+        f"mount --bind {home} /root && exec {DROPBEAR} -F -E -s -m -j -k"
+        f" -p 127.0.0.1:{port} -r {hostkey} -P {d}/dropbear.pid"
+    )
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", server], pin
