@@ -343,11 +343,15 @@ class SSHClient:
         stdin: bytes | None = None,
         output_limit: int = DEFAULT_OUTPUT_LIMIT,
     ) -> ExecResult:
-        """Run ``cmd`` to its end. ``timeout`` (None: none) counts from this call (a
+        """Run ``cmd`` to its end. ``timeout`` (None or <= 0: none) counts from this call (a
         connect is bounded by the connect timeout besides); at the deadline the command
         gets SIGKILL (where the server honours the ``signal`` request) and its channel
         is closed: ``timed_out`` and the output so far come back. ``stdin`` is sent,
         then EOF (EOF at once when None)."""
+        if timeout is not None and timeout <= 0:
+            timeout = None  # CRI: 0 is no timeout
+        if output_limit < 0:
+            raise InvalidArgument(f"exec: output limit {output_limit} < 0")
         call = _ExecCall(self._conn, command_line(cmd), timeout, stdin, output_limit)
         try:
             return await _in_thread(call.run, "criv-ssh-exec")
