@@ -16,7 +16,9 @@ holds the bzImage. Default cache /var/lib/criv/cache/vm-test-disk (CRIV_VM_TEST_
 
 Needs (Debian): syslinux syslinux-common mtools dosfstools fdisk e2fsprogs dropbear-bin
 busybox-static gcc libc6-dev qemu-utils, and linux-source-6.1 (when the kernel is not built).
-Usage: build.py [--cache DIR]   (prints the disk path on stdout; progress on stderr)
+Usage: build.py [--cache DIR] [--push REF [--insecure]]
+  prints the disk path on stdout (progress on stderr); --push also pushes the disk to REF as
+  a containerDisk image (/disk/criv-test.qcow2, 107:107 0440) with skopeo
 """
 
 from __future__ import annotations
@@ -209,11 +211,28 @@ def ensure_disk(cache: Path = DEFAULT_CACHE) -> Path:
         return out / "disk.qcow2"
 
 
+def push(disk: Path, ref: str, insecure: bool) -> None:
+    """Push ``disk`` to ``ref`` as a containerDisk image (/disk/criv-test.qcow2; skopeo)."""
+    from criv.vmimage.cli import push_layout
+    from criv.vmimage.containerdisk import write_layout
+
+    with tempfile.TemporaryDirectory(prefix="criv-vm-test-disk-push-") as td:
+        tag = ref.rsplit(":", 1)[1] if ":" in ref.rsplit("/", 1)[-1] else "latest"
+        layout = write_layout(disk, Path(td) / "layout", tag=tag, name="criv-test")
+        push_layout(layout, ref, tls_verify=not insecure)
+    log(f"pushed {ref}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    ap.add_argument("--push", metavar="REF", help="also push it as a containerDisk image REF")
+    ap.add_argument("--insecure", action="store_true", help="with --push: plain HTTP registry")
     args = ap.parse_args()
-    print(ensure_disk(args.cache))
+    disk = ensure_disk(args.cache)
+    if args.push:
+        push(disk, args.push, args.insecure)
+    print(disk)
     return 0
 
 
