@@ -19,7 +19,7 @@ from criv.image.limits import ExpandBudget, check_blob_size, check_manifest
 from criv.image.media import INDEX_TYPES, LAYER_TYPES, Descriptor, manifest_kind, parse_json
 from criv.image.pull import PullResult
 from criv.image.records import LayerRef
-from criv.image.reference import parse_reference
+from criv.image.reference import Reference, parse_reference
 
 if TYPE_CHECKING:
     from criv.image.manager import ImageManager
@@ -66,6 +66,14 @@ async def import_layout(m: ImageManager, layout: Path, ref: str) -> str:
         raise InvalidArgument(f"image layout path {str(layout)!r} is not absolute")
     named = parse_reference(ref)
     what = f"image layout {layout}"
+    try:
+        return await _import(m, layout, named, what)
+    except Exception:
+        await m.gc()  # once the scope dropped its refs: a refused import keeps nothing
+        raise
+
+
+async def _import(m: ImageManager, layout: Path, named: Reference, what: str) -> str:
     limits = m.config.image_limits
     async with m._pull_scope():
         raw_index = await asyncio.to_thread(_read_small, layout / "index.json", _MAX_INDEX, what)

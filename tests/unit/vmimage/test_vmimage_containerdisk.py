@@ -160,6 +160,7 @@ async def test_import_refuses_a_tampered_layout(tmp_path: Path) -> None:
         with pytest.raises(ImageError):
             await import_layout(m, lay.path, "registry.example/vm/bad:1")
         assert m.list() == []
+        assert not list((tmp_path / "state/images/blobs/sha256").iterdir())  # collected
         with pytest.raises(InvalidArgument):
             await import_layout(m, Path("relative/layout"), "registry.example/vm/bad:1")
     finally:
