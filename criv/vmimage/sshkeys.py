@@ -30,6 +30,7 @@ import binascii
 import hashlib
 import os
 import re
+import secrets
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,31 +83,38 @@ def ensure_pod_key(directory: Path, comment: str) -> PodKey:
         raise InvalidArgument(f"SSH key comment {comment!r}: 1-64 of [A-Za-z0-9._@+:-]")
     _own_dir(directory)
     path = directory / KEY_FILE
-    try:
-        data = _read_private(path)
-    except FileNotFoundError:
-        data = None
-    except OSError as e:  # ELOOP: a link where the key should be
-        raise FailedPrecondition(f"pod SSH key {path}: {e.strerror}") from e
-    if data is not None:
-        try:
-            key = serialization.load_ssh_private_key(data, password=None)
-        except (ValueError, TypeError) as e:
-            raise FailedPrecondition(f"pod SSH key {path}: unreadable ({e})") from e
-        if not isinstance(key, ed25519.Ed25519PrivateKey):
-            raise FailedPrecondition(f"pod SSH key {path}: not an ed25519 key")
-    else:
-        key = ed25519.Ed25519PrivateKey.generate()
-        pem = key.private_bytes(
+    key = _load_private(path)
+    if key is None:
+        new = ed25519.Ed25519PrivateKey.generate()
+        pem = new.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.OpenSSH,
             serialization.NoEncryption(),
         )
-        _write_private(path, pem)
+        # a concurrent caller that wrote first wins: both return its key
+        key = new if _write_private(path, pem) else _load_private(path)
+        if key is None:
+            raise FailedPrecondition(f"pod SSH key {path}: vanished while written")
     pub = key.public_key().public_bytes(
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
     )
     return PodKey(path, f"{pub.decode()} {comment}")
+
+
+def _load_private(path: Path) -> ed25519.Ed25519PrivateKey | None:
+    try:
+        data = _read_private(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:  # ELOOP: a link where the key should be
+        raise FailedPrecondition(f"pod SSH key {path}: {e.strerror}") from e
+    try:
+        key = serialization.load_ssh_private_key(data, password=None)
+    except (ValueError, TypeError) as e:
+        raise FailedPrecondition(f"pod SSH key {path}: unreadable ({e})") from e
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise FailedPrecondition(f"pod SSH key {path}: not an ed25519 key")
+    return key
 
 
 def _own_dir(directory: Path) -> None:
@@ -129,18 +137,22 @@ def _read_private(path: Path) -> bytes:
         return f.read()
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def _write_private(path: Path, data: bytes) -> bool:
+    """Write the key file whole (fsync'd) where none is; False where one already is."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.rename(tmp, path)
-    except BaseException:
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        return True
+    finally:
         tmp.unlink(missing_ok=True)
-        raise
 
 
 # ---- host keys ----

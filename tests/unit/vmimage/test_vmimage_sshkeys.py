@@ -7,6 +7,7 @@ import io
 import os
 import stat
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import paramiko
@@ -37,6 +38,14 @@ def test_pod_key_is_private_and_stable(tmp_path: Path) -> None:
     assert base64.b64decode(b64) == loaded.asbytes()
     again = ensure_pod_key(d, "criv-pod-abc")
     assert again.public_line == key.public_line  # loaded, not regenerated
+
+
+def test_pod_key_concurrent_callers_agree(tmp_path: Path) -> None:
+    d = tmp_path / "keys"
+    with ThreadPoolExecutor(8) as pool:
+        lines = set(pool.map(lambda _: ensure_pod_key(d, "c").public_line, range(16)))
+    assert len(lines) == 1
+    assert sorted(p.name for p in d.iterdir()) == ["id_ed25519"]  # no temp files left
 
 
 def test_pod_key_refuses_bad_comment_and_foreign_file(tmp_path: Path) -> None:
