@@ -172,6 +172,9 @@ class RuntimeConfig:
 class VmConfig:
     vcpus: int = 1
     memory_mib: int = 256
+    # most vCPUs a pod VM may get live (UpdatePodSandboxResources): 0 = the host's CPU
+    # count, at most 16; up to 64 (the guest kernel's NR_CPUS)
+    max_vcpus: int = 0
     accel: Accel = "auto"
     vsock: VsockTransport = "auto"
     machine: MachineType = "q35"
@@ -195,6 +198,8 @@ class VmConfig:
             raise ConfigError(f"{key}.vcpus", "must be >= 1")
         if self.memory_mib < 64:
             raise ConfigError(f"{key}.memory_mib", "must be >= 64")
+        if not 0 <= self.max_vcpus <= 64:
+            raise ConfigError(f"{key}.max_vcpus", "must be 0 (host CPUs, at most 16) .. 64")
 
 
 @dataclass(frozen=True)

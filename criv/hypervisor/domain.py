@@ -153,6 +153,8 @@ class Domain:
     uuid: str
     boot: DirectBoot
     vcpus: int = 1
+    # most vCPUs: above ``vcpus``, the rest are hot-pluggable slots (``<vcpu current=…>``)
+    max_vcpus: int = 0
     memory_mib: int = 256
     type: DomainType = "qemu"
     machine: Machine = "q35"
@@ -180,7 +182,10 @@ class Domain:
             mb = _sub(dom, "memoryBacking")
             _sub(mb, "source", type="memfd")
             _sub(mb, "access", mode="shared")
-        _sub(dom, "vcpu", str(self.vcpus), placement="static")
+        if self.max_vcpus > self.vcpus:
+            _sub(dom, "vcpu", str(self.max_vcpus), placement="static", current=str(self.vcpus))
+        else:
+            _sub(dom, "vcpu", str(self.vcpus), placement="static")
         os_el = _sub(dom, "os")
         _sub(os_el, "type", "hvm", arch="x86_64", machine=self.machine)
         _sub(os_el, "kernel", str(self.boot.kernel))

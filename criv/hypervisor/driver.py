@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import libvirt
 
 from criv.errors import CrivError, FailedPrecondition, Internal, NotFound, Unavailable
+from criv.hypervisor import live
 from criv.hypervisor.calls import DeadlineCalls
 from criv.hypervisor.domain import CRIV_NS, DOMAIN_PREFIX, Domain
 from criv.procscan import process_start_time
@@ -350,6 +351,15 @@ class Hypervisor:
         await self.destroy(name)
         return "destroyed"
 
+    async def vcpus(self, name: str) -> tuple[int, int]:
+        """(live vCPUs, most vCPUs) of a running domain."""
+        return await self._call(lambda c: _live(live.vcpus, c, name), f"vCPUs of {name}")
+
+    async def set_vcpus(self, name: str, count: int) -> int:
+        """Hot-plug or unplug vCPUs of a running domain to ``count`` (:mod:`.live`)."""
+        what = f"setting domain {name} to {count} vCPUs"
+        return await self._call(lambda c: _live(live.set_vcpus, c, name, count), what)
+
     async def wait_stopped(
         self, name: str, timeout: float | None = None, poll: float = 0.5
     ) -> bool:
@@ -366,6 +376,13 @@ class Hypervisor:
                 return False
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(ev.wait(), wait)
+
+
+def _live(fn: Callable[..., T], c: libvirt.virConnect, name: str, *args: int) -> T:
+    try:
+        return fn(c, name, *args)
+    except libvirt.libvirtError as e:
+        raise translate(e, f"domain {name}") from e
 
 
 def _info(dom: libvirt.virDomain) -> DomainInfo:

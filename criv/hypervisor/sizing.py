@@ -11,6 +11,12 @@ Rules:
 - memory: the config default, raised to the memory limit + ``GUEST_OVERHEAD_MIB`` (guest
   kernel, init, agent, page cache for the shared directory), rounded up to ``MEMORY_ALIGN_MIB``,
   capped at ``MAX_MEMORY_MIB``. A limit below what the guest itself needs still gets the default.
+- most vCPUs (what a live resize may hot-plug up to): ``vm.max_vcpus``, 0 meaning the host's
+  CPU count bounded by ``DEFAULT_MAX_VCPUS``; never above the guest kernel's ``NR_CPUS``
+  (``GUEST_NR_CPUS``) nor below the boot vCPUs.
+- resize (:func:`resize_refusal`): the same rules give the new size; vCPUs may grow up to
+  the VM's most vCPUs but not shrink (``VCPU_UNPLUG``); memory stays at its boot size (the
+  guest kernel has neither a balloon driver nor memory hotplug: ``GUEST_MEMORY_RESIZE``).
 """
 
 from __future__ import annotations
@@ -23,6 +29,26 @@ GUEST_OVERHEAD_MIB = 160
 MEMORY_ALIGN_MIB = 16
 MAX_MEMORY_MIB = 64 * 1024
 MIB = 1 << 20
+# images/kernel/criv.config: CONFIG_NR_CPUS=64 (a vCPU above it would stay unusable)
+GUEST_NR_CPUS = 64
+# default most vCPUs on a big host: each possible CPU costs the guest per-CPU memory at boot
+DEFAULT_MAX_VCPUS = 16
+# Why a VM's memory cannot change live ("" once the guest kernel can): the guest kernel
+# (images/kernel/criv.config, built on tinyconfig) has CONFIG_VIRTIO_BALLOON and
+# CONFIG_MEMORY_HOTPLUG (virtio-mem, DIMMs) unset, so neither a balloon nor added memory
+# would reach the guest.
+GUEST_MEMORY_RESIZE = (
+    "the guest kernel has no CONFIG_VIRTIO_BALLOON (balloon) and no CONFIG_MEMORY_HOTPLUG "
+    "(virtio-mem or DIMM hotplug), so a VM's memory is fixed at boot"
+)
+# Why a VM's vCPUs cannot shrink live ("" once they can). Measured (QEMU 7.2, TCG, libvirt
+# 9.0): the guest ejects the vCPU within ~0.1 s, but QEMU sends DEVICE_DELETED only for the
+# vCPU's lapic child, never for the vCPU, so libvirt's unplug times out after 5 s and keeps
+# counting the vCPU (later setVcpus calls then fail or do nothing): libvirt loses track.
+VCPU_UNPLUG = (
+    "QEMU 7.2 does not report an unplugged vCPU as deleted (no DEVICE_DELETED), so libvirt "
+    "times out and loses count of the VM's vCPUs: vCPUs can be added live, not removed"
+)
 
 
 @dataclass(frozen=True)
@@ -67,6 +93,36 @@ def vm_size(
     res: PodResources, default_vcpus: int, default_memory_mib: int, host_cpus: int
 ) -> VmSize:
     return VmSize(vcpus_for(res, default_vcpus, host_cpus), memory_for(res, default_memory_mib))
+
+
+def max_vcpus_for(boot_vcpus: int, configured: int, host_cpus: int) -> int:
+    """The most vCPUs a VM booted with ``boot_vcpus`` may be given live."""
+    most = configured or min(max(host_cpus, 1), DEFAULT_MAX_VCPUS)
+    return max(boot_vcpus, min(most, GUEST_NR_CPUS))
+
+
+def resize_refusal(current: VmSize, max_vcpus: int, new: VmSize) -> str:
+    """Why a running VM of ``current`` size (at most ``max_vcpus``) cannot take ``new``
+    ("" when it can: only the vCPUs change, within bounds). Memory is checked first, so a
+    refused resize changes nothing."""
+    if new.memory_mib != current.memory_mib:
+        return (
+            f"resources.memory_limit_in_bytes (+ overhead): the VM would need "
+            f"{new.memory_mib} MiB but has {current.memory_mib} MiB: {GUEST_MEMORY_RESIZE}; "
+            "recreate the pod to resize it"
+        )
+    most = max(max_vcpus, current.vcpus)
+    if new.vcpus < current.vcpus and VCPU_UNPLUG:
+        return (
+            f"resources.cpu_quota (+ overhead): the VM would go from {current.vcpus} to "
+            f"{new.vcpus} vCPUs: {VCPU_UNPLUG}; recreate the pod to shrink it"
+        )
+    if new.vcpus > most:
+        return (
+            f"resources.cpu_quota (+ overhead): the VM would need {new.vcpus} vCPUs but "
+            f"was booted with at most {most} (vm.max_vcpus); recreate the pod to resize it"
+        )
+    return ""
 
 
 def tb_cache_mib(memory_mib: int) -> int:

@@ -68,6 +68,7 @@ class PodVm:
     size: VmSize
     accel: Accel
     console_log: Path
+    max_vcpus: int = 0  # above size.vcpus: hot-pluggable vCPU slots (sizing.max_vcpus_for)
     fs_socket: Path | None = None  # virtiofsd serving the pod's share
     tap: str = ""
     mac: str = ""
@@ -116,6 +117,8 @@ def pod_domain(vm: PodVm) -> Domain:
         uuid=vm.uuid or str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, "criv:" + vm.sandbox_id)),
         boot=DirectBoot(vm.kernel, vm.initrd, " ".join(cmdline)),
         vcpus=vm.size.vcpus,
+        # microvm has no ACPI here (acpi=off): nothing could announce a hot-plugged vCPU
+        max_vcpus=vm.max_vcpus if vm.machine != "microvm" else 0,
         memory_mib=vm.size.memory_mib,
         type="kvm" if vm.accel == "kvm" else "qemu",
         machine=vm.machine,

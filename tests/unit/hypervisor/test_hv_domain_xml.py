@@ -38,11 +38,15 @@ def _pod(**kw: object) -> PodVm:
 
 
 CASES: dict[str, Domain] = {
-    "q35-tcg-backend": pod_domain(_pod()),
+    # 1 vCPU booted, 2 hot-pluggable (UpdatePodSandboxResources)
+    "q35-tcg-backend": pod_domain(_pod(max_vcpus=2)),
     "q35-kvm-kernel-vsock": pod_domain(
         _pod(accel="kvm", vsock_socket=None, vsock_cid=42, size=VmSize(2, 512))
     ),
-    "microvm-tcg": pod_domain(_pod(machine="microvm", tsc_khz=2_000_000, fs_socket=None)),
+    # no ACPI on microvm: no hot-pluggable vCPUs whatever is asked
+    "microvm-tcg": pod_domain(
+        _pod(machine="microvm", tsc_khz=2_000_000, fs_socket=None, max_vcpus=4)
+    ),
     "minimal": Domain(
         name="criv-minimal",
         uuid="00000000-0000-0000-0000-000000000001",
@@ -76,6 +80,11 @@ def test_policy_choices() -> None:
     assert "tsc_early_khz" not in cmdline
     for ev in ("on_poweroff", "on_reboot", "on_crash"):
         assert tcg.findtext(ev) == "destroy"
+    vcpu = pod_domain(_pod(size=VmSize(2, 256), max_vcpus=8)).to_element().find("vcpu")
+    assert vcpu is not None and (vcpu.text, vcpu.get("current")) == ("8", "2")
+    # no more than booted: a plain <vcpu> (libvirt then has no hot-pluggable slot)
+    vcpu = pod_domain(_pod(size=VmSize(2, 256), max_vcpus=2)).to_element().find("vcpu")
+    assert vcpu is not None and (vcpu.text, vcpu.get("current")) == ("2", None)
     kvm = pod_domain(_pod(accel="kvm")).to_element()
     assert kvm.get("type") == "kvm" and kvm.find("features/tcg") is None
     micro = pod_domain(_pod(machine="microvm", tsc_khz=1234, fs_socket=None)).to_element()

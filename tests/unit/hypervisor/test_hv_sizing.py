@@ -3,10 +3,14 @@ from __future__ import annotations
 import pytest
 
 from criv.hypervisor.sizing import (
+    DEFAULT_MAX_VCPUS,
+    GUEST_NR_CPUS,
     GUEST_OVERHEAD_MIB,
     MAX_MEMORY_MIB,
     PodResources,
     VmSize,
+    max_vcpus_for,
+    resize_refusal,
     tb_cache_mib,
     vm_size,
 )
@@ -47,3 +51,47 @@ def test_memory_limit_plus_overhead_aligned() -> None:
 def test_tb_cache() -> None:
     assert tb_cache_mib(256) == 64
     assert tb_cache_mib(8192) == 128
+
+
+@pytest.mark.timeout(10)
+def test_max_vcpus_default_bound_and_config() -> None:
+    assert max_vcpus_for(1, 0, host_cpus=2) == 2  # the host's CPUs
+    assert max_vcpus_for(1, 0, host_cpus=128) == DEFAULT_MAX_VCPUS  # bounded by default
+    assert max_vcpus_for(1, 128, host_cpus=128) == GUEST_NR_CPUS  # the guest kernel's NR_CPUS
+    assert max_vcpus_for(1, 4, host_cpus=128) == 4
+    assert max_vcpus_for(6, 4, host_cpus=128) == 6  # never below what it boots with
+
+
+@pytest.mark.timeout(10)
+def test_resize_uses_the_boot_policy() -> None:
+    cur = vm_size(PodResources(), 1, 256, host_cpus=8)
+    # 1.5 CPUs of quota: 2 vCPUs, as RunPodSandbox would give; memory unchanged: taken
+    new = vm_size(PodResources(cpu_period=100_000, cpu_quota=150_000), 1, 256, host_cpus=8)
+    assert new == VmSize(2, 256) and resize_refusal(cur, 4, new) == ""
+    # back down: an unplug, which libvirt + QEMU 7.2 cannot track
+    why = resize_refusal(new, 4, cur)
+    assert "cpu_quota" in why and "from 2 to 1 vCPUs" in why and "DEVICE_DELETED" in why
+    # beyond the most it booted with
+    big = vm_size(PodResources(cpu_period=100_000, cpu_quota=600_000), 1, 256, host_cpus=8)
+    why = resize_refusal(cur, 4, big)
+    assert "cpu_quota" in why and "6 vCPUs" in why and "at most 4" in why
+    # beyond the host: capped as at boot, so within the VM's slots it is taken
+    huge = vm_size(PodResources(cpu_quota=9_900_000), 1, 256, host_cpus=2)
+    assert huge.vcpus == 2 and resize_refusal(VmSize(1, 256), 2, huge) == ""
+
+
+@pytest.mark.timeout(10)
+def test_resize_memory_is_refused_before_anything_changes() -> None:
+    cur = vm_size(PodResources(memory_limit_bytes=512 * MIB), 1, 256, 8)
+    assert cur == VmSize(1, 512 + GUEST_OVERHEAD_MIB)
+    for mem in (1024 * MIB, 256 * MIB):  # up, down
+        new = vm_size(PodResources(memory_limit_bytes=mem), 1, 256, 8)
+        why = resize_refusal(cur, 4, new)
+        assert why.startswith("resources.memory_limit_in_bytes"), why
+        assert "CONFIG_VIRTIO_BALLOON" in why and "CONFIG_MEMORY_HOTPLUG" in why
+        assert f"{new.memory_mib} MiB but has {cur.memory_mib} MiB" in why
+    # a limit that keeps the VM's memory (within its rounding) is taken
+    same = vm_size(PodResources(memory_limit_bytes=510 * MIB), 1, 256, 8)
+    assert resize_refusal(cur, 4, same) == ""
+    # memory and vCPUs together: refused on memory, before any vCPU is plugged
+    assert resize_refusal(cur, 4, VmSize(2, 1024)).startswith("resources.memory_limit")

@@ -1,0 +1,31 @@
+"""Live changes to a running domain's size (UpdatePodSandboxResources). Blocking libvirt
+calls: the driver (:class:`~criv.hypervisor.driver.Hypervisor`) runs them on its worker
+threads with deadlines and translates their errors.
+
+vCPUs: ``setVcpusFlags(n, VIR_DOMAIN_AFFECT_LIVE)`` hot-plugs (QEMU ``device_add`` of a CPU,
+announced to the guest through ACPI). Only the slots above ``<vcpu current=…>`` exist, so
+a domain booted without them cannot grow. A hot-plugged vCPU comes up offline in the guest;
+the guest agent onlines it (guest-agent/criv_agent/cpuonline.py). Unplugging works in the
+guest but libvirt cannot track it with QEMU 7.2 (:data:`criv.hypervisor.sizing.VCPU_UNPLUG`),
+so the sizing policy never asks for fewer vCPUs.
+"""
+
+from __future__ import annotations
+
+import libvirt
+
+
+def vcpus(conn: libvirt.virConnect, name: str) -> tuple[int, int]:
+    """(live vCPUs, most vCPUs) of the running domain."""
+    dom = conn.lookupByName(name)
+    live = dom.vcpusFlags(libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    most = dom.vcpusFlags(libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_VCPU_MAXIMUM)
+    return int(live), int(most)
+
+
+def set_vcpus(conn: libvirt.virConnect, name: str, count: int) -> int:
+    """Plug or unplug vCPUs until the domain has ``count``; returns the live count."""
+    dom = conn.lookupByName(name)
+    if dom.vcpusFlags(libvirt.VIR_DOMAIN_AFFECT_LIVE) != count:
+        dom.setVcpusFlags(count, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    return int(dom.vcpusFlags(libvirt.VIR_DOMAIN_AFFECT_LIVE))
