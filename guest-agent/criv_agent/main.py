@@ -51,6 +51,7 @@ async def serve(args: argparse.Namespace) -> None:
 
     from criv_agent import address
     from criv_agent.api.agent.v1 import agent_pb2_grpc
+    from criv_agent.cpuonline import CpuOnliner
     from criv_agent.datastream import DataServer
     from criv_agent.runtime import Runtime
     from criv_agent.service import AgentService
@@ -89,6 +90,10 @@ async def serve(args: argparse.Namespace) -> None:
         listener.setblocking(True)  # the forwarder's accept thread blocks
         forwarder = Forwarder(listener, dial)
         forwarder.start()
+    # in a VM (vsock) only: vCPUs the host hot-plugs come up offline (cpuonline.py)
+    onliner = CpuOnliner()
+    if public.scheme == "vsock":
+        onliner.start()
     log.info("criv-agent serving control=%s data=%s", public, data)
 
     stop = asyncio.Event()
@@ -105,6 +110,7 @@ async def serve(args: argparse.Namespace) -> None:
     # let the ShutdownSandbox answer (or other in-flight calls) go out first
     if forwarder is not None:
         forwarder.close()
+    onliner.close()
     await server.stop(grace=2)
     data_listener.close()
     await data_server.close()
