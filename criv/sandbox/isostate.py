@@ -31,7 +31,8 @@ class VmState:
     accel: str = ""
     accel_reason: str = ""
     console_log: str = ""
-    vcpus: int = 0
+    vcpus: int = 0  # now (UpdatePodSandboxResources may have hot-plugged some)
+    max_vcpus: int = 0  # what the domain can grow to (0: its boot vCPUs, an older record)
     memory_mib: int = 0
     vsock: str = "backend"
     cid: int = 0

@@ -2,14 +2,17 @@
 plus the overhead), after kubelet resized the pod.
 
 - ``host``: the pod's cgroup on the host (:mod:`.podcgroup`) gets the new limits.
-- ``vm``: the VM's shape is fixed at boot: its domain has no memory balloon
-  (``<memballoon model='none'/>``), no virtio-mem device and no vCPUs beyond those it
-  booted with, so nothing is resized live. A change that would give the VM another size
-  (vm sizing, :mod:`criv.hypervisor.sizing`) is refused with FAILED_PRECONDITION naming
-  the field; one that keeps its size is recorded. The containers' own limits in the guest
-  follow UpdateContainerResources.
+- ``vm``: the VM is resized live where it can be. The new size comes from the same policy
+  as at boot (:func:`criv.hypervisor.sizing.vm_size`); vCPUs are hot-plugged or unplugged
+  through libvirt up to the most the domain was booted with (``max_vcpus``, the slots of
+  ``<vcpu current=…>``); memory cannot change (the guest kernel has no balloon driver and
+  no memory hotplug: :data:`~criv.hypervisor.sizing.GUEST_MEMORY_RESIZE`), nor cpusets or
+  hugepages. What cannot be done is FAILED_PRECONDITION naming the field, checked before
+  anything changes. The guest has no pod-level cgroup criv could update (the agent has no
+  call for one): the containers' own limits in the guest follow UpdateContainerResources.
 
-Either way the pod record keeps the new numbers (``PodRecord.resources``).
+Either way the pod record keeps the new numbers (``PodRecord.resources``), and a vm pod's
+``isolation_state.vcpus`` the vCPUs its VM has now.
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ import asyncio
 import dataclasses
 import logging
 import os
+from typing import Protocol, runtime_checkable
 
 from criv.config import Config
-from criv.errors import FailedPrecondition
-from criv.hypervisor.sizing import PodResources, vm_size
+from criv.errors import CrivError, FailedPrecondition, Unavailable
+from criv.hypervisor.sizing import PodResources, VmSize, resize_refusal, vm_size
 from criv.sandbox import podcgroup
 from criv.sandbox.context import SandboxContext
 from criv.sandbox.isostate import VmState
@@ -30,6 +34,15 @@ from criv.sandbox.states import PodState
 from criv_agent.api.runtime.v1 import api_pb2
 
 log = logging.getLogger("criv.sandbox.podresources")
+
+
+@runtime_checkable
+class VcpuHotplug(Protocol):
+    """What an isolation mode offers to change a running VM's vCPUs (vm: VmIsolation)."""
+
+    async def vcpus(self, pod: PodRecord) -> tuple[int, int]: ...
+
+    async def set_vcpus(self, pod: PodRecord, count: int) -> int: ...
 
 
 def sizing_inputs(
@@ -46,33 +59,58 @@ def sizing_inputs(
     return {k: int(v) for k, v in out.items() if v}
 
 
-def _vm_refusal(
+def vm_target(
     config: Config,
     st: VmState,
     new: dict[str, int],
     res: api_pb2.LinuxContainerResources,
     over: api_pb2.LinuxContainerResources,
-) -> str:
-    """Why this resize cannot be done to a running VM ("" when it keeps the VM's size)."""
+) -> VmSize:
+    """The VM's size after this resize, or FailedPrecondition naming what cannot be done
+    to a running VM (nothing is changed before this has passed)."""
     for name, r in (("resources", res), ("overhead", over)):
         for f in ("cpuset_cpus", "cpuset_mems"):
             if getattr(r, f):
-                return f"{name}.{f}: a VM's vCPUs are not pinned by criv"
+                raise FailedPrecondition(f"{name}.{f}: a VM's vCPUs are not pinned by criv")
         if r.hugepage_limits:
-            return f"{name}.hugepage_limits: a VM's memory is not backed by hugepages"
+            raise FailedPrecondition(
+                f"{name}.hugepage_limits: a VM's memory is not backed by hugepages"
+            )
     size = vm_size(PodResources(**new), config.vm.vcpus, config.vm.memory_mib, os.cpu_count() or 1)
-    if st.memory_mib and size.memory_mib != st.memory_mib:
-        return (
-            f"resources.memory_limit_in_bytes (+ overhead): the VM would need "
-            f"{size.memory_mib} MiB but has {st.memory_mib} MiB, fixed at boot (its domain "
-            "has no balloon or virtio-mem device); recreate the pod to resize it"
-        )
-    if st.vcpus and size.vcpus != st.vcpus:
-        return (
-            f"resources.cpu_quota (+ overhead): the VM would need {size.vcpus} vCPUs but "
-            f"has {st.vcpus}, fixed at boot (no vCPU hotplug); recreate the pod to resize it"
-        )
-    return ""
+    current = VmSize(st.vcpus or size.vcpus, st.memory_mib or size.memory_mib)
+    why = resize_refusal(current, st.max_vcpus or current.vcpus, size)
+    if why:
+        raise FailedPrecondition(why)
+    return size
+
+
+async def _set_vcpus(ctx: SandboxContext, pod: PodRecord, st: VmState, want: int) -> VmState:
+    """Plug or unplug the VM's vCPUs; on failure, record what the VM has now and say so."""
+    iso = ctx.isolation(pod)
+    if not isinstance(iso, VcpuHotplug):
+        raise FailedPrecondition(f"resources.cpu_quota: {pod.isolation} cannot change vCPUs")
+    try:
+        got = await iso.set_vcpus(pod, want)
+        if got != want:
+            raise FailedPrecondition(f"libvirt left the VM with {got} vCPUs")
+        return dataclasses.replace(st, vcpus=got)
+    except CrivError as e:
+        now = ""
+        try:
+            live, _most = await iso.vcpus(pod)
+        except CrivError:
+            live = 0
+        if live and live != st.vcpus:  # partly done: the record says what the VM has
+            await ctx.pods.update(
+                pod.id,
+                lambda r: dataclasses.replace(
+                    r, isolation_state=dataclasses.replace(st, vcpus=live)
+                ),
+            )
+        if live:
+            now = f"; the VM has {live} vCPUs now"
+        msg = f"resources.cpu_quota: changing the VM from {st.vcpus} to {want} vCPUs: {e}{now}"
+        raise (Unavailable if isinstance(e, Unavailable) else FailedPrecondition)(msg) from e
 
 
 async def update_pod_resources(
@@ -89,15 +127,21 @@ async def update_pod_resources(
         new = sizing_inputs(res, over)
         st = pod.isolation_state
         if isinstance(st, VmState):
-            why = _vm_refusal(ctx.config, st, new, res, over)
-            if why:
-                raise FailedPrecondition(f"pod {pod.id[:12]} (vm): {why}")
+            try:
+                size = vm_target(ctx.config, st, new, res, over)
+                if size.vcpus != st.vcpus:
+                    before = st.vcpus
+                    st = await _set_vcpus(ctx, pod, st, size.vcpus)
+                    log.info("pod %s: vCPUs %d -> %d", pod.id[:12], before, st.vcpus)
+            except CrivError as e:
+                raise type(e)(f"pod {pod.id[:12]} (vm): {e}") from e
         else:
             path = podcgroup.pod_cgroup(pod)
             done = await asyncio.to_thread(podcgroup.apply_limits, path, res, over)
             log.info("pod %s: pod cgroup %s: %s", pod.id[:12], path, done)
+        state = st
 
         def keep(r: PodRecord) -> PodRecord:
-            return dataclasses.replace(r, resources=new)
+            return dataclasses.replace(r, resources=new, isolation_state=state)
 
         await ctx.pods.update(pod.id, keep)

@@ -25,7 +25,7 @@ from criv.config import Config
 from criv.errors import AgentError, CrivError, InvalidArgument
 from criv.hypervisor.driver import qemu_pid
 from criv.hypervisor.hostsetup import QEMU_USER
-from criv.hypervisor.sizing import PodResources, vm_size
+from criv.hypervisor.sizing import PodResources, max_vcpus_for, vm_size
 from criv.hypervisor.spec import PodVm, domain_name, pod_domain
 from criv.network.tap import attach_tap, delete_tap, guest_addressing, pod_link
 from criv.network.tap import tap_name as pod_tap_name
@@ -136,6 +136,8 @@ class VmIsolation:
             self._config.vm.memory_mib,
             os.cpu_count() or 1,
         )
+        # the slots above size.vcpus let UpdatePodSandboxResources hot-plug vCPUs
+        most = max_vcpus_for(size.vcpus, self._config.vm.max_vcpus, os.cpu_count() or 1)
         vm = PodVm(
             sandbox_id=pod.id,
             kernel=prep.kernel,
@@ -143,6 +145,7 @@ class VmIsolation:
             size=size,
             accel=prep.accel.accel,
             console_log=console_log(paths),
+            max_vcpus=most,
             fs_socket=virtiofs.fs_socket(paths),
             tap=tap,
             mac=mac,
@@ -156,8 +159,9 @@ class VmIsolation:
             owner=self._owner,
         )  # fmt: skip
         self._host.stops.pop(name, None)
+        domain = pod_domain(vm)
         with clock.step("domain"):
-            info = await hv.create(pod_domain(vm))
+            info = await hv.create(domain)
         failpoints.hit("vm_boot.after_domain")
         if tap:
             # QEMU holds the tap open now; it keeps working in the pod netns
@@ -170,6 +174,7 @@ class VmIsolation:
             accel_reason=prep.accel.reason,
             console_log=str(console_log(paths)),
             vcpus=size.vcpus,
+            max_vcpus=max(domain.max_vcpus, size.vcpus),
             memory_mib=size.memory_mib,
             vsock="backend",
             cid=prep.cid,
@@ -239,6 +244,16 @@ class VmIsolation:
             f"agent of pod {pod.id[:12]} did not answer in {timeout:.0f}s ({last}); "
             f"console log {console_log(paths)}"
         )
+
+    async def vcpus(self, pod: PodRecord) -> tuple[int, int]:
+        """(live vCPUs, most vCPUs) of the pod's VM, as libvirt sees them."""
+        hv = await self._host.hypervisor()
+        return await hv.vcpus(domain_name(pod.id))
+
+    async def set_vcpus(self, pod: PodRecord, count: int) -> int:
+        """Hot-plug or unplug the pod VM's vCPUs (UpdatePodSandboxResources); the live count."""
+        hv = await self._host.hypervisor()
+        return await hv.set_vcpus(domain_name(pod.id), count)
 
     def guest_network(self, pod: PodRecord) -> GuestNetwork | None:
         st = _state(pod)
