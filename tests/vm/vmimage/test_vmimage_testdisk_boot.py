@@ -56,6 +56,7 @@ class Vm:
     port: int
     key: paramiko.Ed25519Key
     hostname: str
+    user: str
     started: float
 
     def console_text(self) -> str:
@@ -130,8 +131,12 @@ def run_cmd(client: paramiko.SSHClient, cmd: str) -> tuple[int, str]:
     return out.channel.recv_exit_status(), text
 
 
+MAC = "52:54:00:c0:ff:ee"
+
+
 @pytest.fixture
-def boot(test_disk: Path, tmp_path: Path) -> Iterator[Vm]:
+def boot(test_disk: Path, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Vm]:
+    user = getattr(request, "param", "root")
     overlay = tmp_path / "overlay.qcow2"
     subprocess.run(
         ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(test_disk),
@@ -158,6 +163,8 @@ def boot(test_disk: Path, tmp_path: Path) -> Iterator[Vm]:
         dns_servers=("10.0.2.3",),
         dns_searches=("vmtest.example",),
         ssh_public_key=pub.decode() + " criv-test",
+        user=user,
+        mac=MAC,  # the init finds the interface by MAC
     )
     iso = seed.build_seed(cfg, tmp_path / "seed.iso")
     port = free_port()
@@ -170,14 +177,14 @@ def boot(test_disk: Path, tmp_path: Path) -> Iterator[Vm]:
         "-drive", f"file={overlay},if=virtio,format=qcow2",
         "-drive", f"file={iso},if=virtio,format=raw,readonly=on",
         "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:22",
-        "-device", "virtio-net-pci,netdev=n0",
+        "-device", f"virtio-net-pci,netdev=n0,mac={MAC}",
         "-device", "virtio-rng-pci",
     ]  # fmt: skip
     proc = subprocess.Popen(
         cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         start_new_session=True,
     )  # fmt: skip
-    vm = Vm(proc, console, monitor, port, key, hostname, time.monotonic())
+    vm = Vm(proc, console, monitor, port, key, hostname, user, time.monotonic())
     try:
         yield vm
     finally:
@@ -210,10 +217,16 @@ def test_boot_ssh_poweroff(boot: Vm) -> None:
     assert "criv-test-disk: poweroff" in boot.console_text()
 
 
-def test_acpi_power_button_powers_off(boot: Vm) -> None:
+@pytest.mark.parametrize("boot", ["builder"], indirect=True)
+def test_seed_user_and_acpi_power_button(boot: Vm) -> None:
+    """A user other than root (the seed's ``users:`` entry) gets the key; the ACPI power
+    button (what criv's StopContainer will press) powers the VM off."""
     host_key = boot.wait_host_key(BOOT_TIMEOUT)
-    client = boot.ssh(host_key, "root", 60)
-    client.close()  # dropbear answers: the init is past the point where it listens for ACPI
+    client = boot.ssh(host_key, "builder", 60)
+    try:
+        assert run_cmd(client, "id -un; id -u; echo $HOME") == (0, "builder\n1000\n/home/builder\n")
+    finally:
+        client.close()
     boot.monitor_command("system_powerdown")
     assert boot.wait_exit(60) == 0
     assert "criv-test-disk: poweroff" in boot.console_text()
