@@ -92,6 +92,17 @@ def test_find_disk_upper_layer_wins_and_whiteouts_hide(tmp_path: Path) -> None:
     assert cd.find_disk([low, up]) == up / "disk" / "new.img"
 
 
+def test_find_disk_opaque_upper_dir_hides_lower(tmp_path: Path) -> None:
+    low, up = layer(tmp_path, 0), layer(tmp_path, 1)
+    (low / "disk" / "old.qcow2").write_bytes(QCOW2)
+    (up / "disk" / "new.raw").write_bytes(b"\0" * 512)
+    try:
+        os.setxattr(up / "disk", "trusted.overlay.opaque", b"y")
+    except OSError as e:
+        pytest.skip(f"cannot set trusted xattrs here: {e}")
+    assert cd.find_disk([low, up]) == up / "disk" / "new.raw"
+
+
 @pytest.mark.parametrize("case", ["none", "symlink-file", "symlink-dir", "dir-is-file", "fifo"])
 def test_find_disk_refusals(tmp_path: Path, case: str) -> None:
     low = tmp_path / "l0"
