@@ -9,9 +9,12 @@ deadline or is released by closing the channel. paramiko blocks: it runs on thre
 its own (never the default executor, which a hung guest could fill), behind coroutines.
 
 Commands are argv lists, quoted for the remote shell with :func:`shlex.join`, so an
-argument is never parsed as shell syntax. Exit codes: the command's status, 128+N for a
-command killed by signal N (the server's ``exit-signal``), a clear SSHUnavailable for a
-session that ended without either.
+argument is never parsed as shell syntax, and run as ``CRIV_EXEC_ID=<random>; export
+CRIV_EXEC_ID; exec <command>`` so that one criv gives up on (timeout, cancel, closed
+stream) is found and killed with everything it started (:func:`kill_marked`; the remote
+login shell must be POSIX-like). Exit codes: the command's status, 128+N for a command
+killed by signal N (the server's ``exit-signal``), a clear SSHUnavailable for a session
+that ended without either.
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import queue
+import re
 import secrets
 import shlex
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple, TypeVar
 
 import paramiko
@@ -47,6 +52,9 @@ SIGNALS = {
     "KILL": 9, "USR1": 10, "SEGV": 11, "USR2": 12, "PIPE": 13, "ALRM": 14, "TERM": 15,
 }  # fmt: skip
 UNKNOWN_SIGNAL_EXIT = 255
+# Connections being made at once to one pod: dropbear drops a client's sixth
+# unauthenticated connection (MAX_UNAUTH_PER_IP 5).
+MAX_HANDSHAKES = 4
 # An ExecSync's command carries this variable (a random value per call) so that a
 # timed-out one, with everything it started, can be found and killed.
 MARKER_VAR = "CRIV_EXEC_ID"
@@ -65,6 +73,7 @@ class SSHTarget:
     key: paramiko.PKey  # the pod key (sshkeys.PodKey.load())
     pin: HostKeyPin
     connect_timeout: float = 10.0
+    netns: Path | None = None  # connect from this network namespace (the pod's)
 
     @property
     def where(self) -> str:
@@ -121,15 +130,18 @@ def kill_marked(conn: _Connection, marker: str) -> None:
         chan = conn.open_channel()
     except SSHUnavailable:
         return
+    guard = threading.Timer(KILL_TIMEOUT, chan.close)  # a guest that never answers
+    guard.daemon = True
+    guard.start()
     try:
-        chan.settimeout(KILL_TIMEOUT)
         chan.exec_command(command_line(["sh", "-c", script]))
         chan.shutdown_write()
         chan.status_event.wait(KILL_TIMEOUT)
     except (OSError, EOFError, paramiko.SSHException):
         pass
     finally:
-        chan.close()
+        guard.cancel()
+        conn.release(chan)
 
 
 def send_signal(chan: Channel, name: str) -> None:
@@ -160,41 +172,103 @@ def _drain(recv: Callable[[int], bytes], limit: int) -> tuple[bytes, bool]:
     return bytes(buf), truncated
 
 
+def one_command_per_connection(server_version: str) -> bool:
+    """dropbear 2022.82 to 2024.85 can abort a whole connection when one session's
+    command exits while another channel waits for its exec request (mkj/dropbear#321,
+    fixed in 2024.86): with those, each command gets a connection of its own."""
+    m = re.match(r"SSH-2\.0-dropbear_(\d{4})\.(\d{1,4})", server_version)
+    return m is not None and (int(m[1]), int(m[2])) < (2024, 86)
+
+
 class _Connection:
-    """The blocking half: one transport, reconnected on demand; thread-safe."""
+    """The blocking half: one transport, reconnected on demand (or one per command for
+    servers that need it); thread-safe."""
 
     def __init__(self, target: SSHTarget) -> None:
         self.target = target
         self._lock = threading.Lock()
         self._transport: paramiko.Transport | None = None
+        self._dedicated = False  # one connection per command
+        self._live: set[paramiko.Transport] = set()  # dedicated ones in use
+        self._handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
         self._closed = False
 
-    def transport(self) -> paramiko.Transport:
+    def _connect(self) -> paramiko.Transport:
         t = self.target
+        if not self._handshakes.acquire(timeout=t.connect_timeout):
+            raise SSHUnavailable(
+                f"ssh {t.where}: {MAX_HANDSHAKES} connections still being made after"
+                f" {t.connect_timeout:g}s"
+            )
+        try:
+            return connect(t.host, t.port, t.user, t.key, t.pin, t.connect_timeout, t.netns)
+        finally:
+            self._handshakes.release()
+
+    def _closed_error(self) -> SSHUnavailable:
+        return SSHUnavailable(f"ssh {self.target.where}: the client is closed")
+
+    def transport(self) -> tuple[paramiko.Transport, bool]:
+        """A transport for one command, and whether it is the command's own (closed by
+        :meth:`release`)."""
         with self._lock:
             if self._closed:
-                raise SSHUnavailable(f"ssh {t.where}: the client is closed")
-            if self._transport is None or not self._transport.is_active():
-                if self._transport is not None:
-                    self._transport.close()
-                self._transport = None
-                self._transport = connect(t.host, t.port, t.user, t.key, t.pin, t.connect_timeout)
-            return self._transport
+                raise self._closed_error()
+            if not self._dedicated:
+                if self._transport is None or not self._transport.is_active():
+                    if self._transport is not None:
+                        self._transport.close()
+                    self._transport = None
+                    self._transport = self._connect()
+                    if one_command_per_connection(self._transport.remote_version):
+                        self._dedicated = True
+                        own, self._transport = self._transport, None
+                        self._live.add(own)
+                        return own, True
+                return self._transport, False
+        own = self._connect()
+        with self._lock:
+            if self._closed:
+                own.close()
+                raise self._closed_error()
+            self._live.add(own)
+        return own, True
 
     def open_channel(self) -> Channel:
-        transport = self.transport()
+        transport, _ = self.transport()
         try:
             return transport.open_session(timeout=self.target.connect_timeout)
         except (paramiko.SSHException, OSError, EOFError) as e:
             transport.close()  # the next call reconnects
+            with self._lock:
+                self._live.discard(transport)
             raise SSHUnavailable(f"ssh {self.target.where}: cannot open a session: {e}") from e
+
+    def release(self, chan: Channel) -> None:
+        """Close a command's channel (and its connection where it had its own)."""
+        chan.close()
+        transport = chan.get_transport()
+        with self._lock:
+            own = transport in self._live
+            self._live.discard(transport)
+        if own and transport is not None:
+            transport.close()
+
+    def connect_now(self) -> None:
+        transport, own = self.transport()
+        if own:
+            with self._lock:
+                self._live.discard(transport)
+            transport.close()
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            if self._transport is not None:
-                self._transport.close()
-                self._transport = None
+            transports = [*self._live, *([self._transport] if self._transport else [])]
+            self._live.clear()
+            self._transport = None
+        for transport in transports:
+            transport.close()
 
 
 class _ExecCall:
@@ -232,7 +306,10 @@ class _ExecCall:
             kill_marked(self._conn, self._marker)
 
     def cancel(self) -> None:
-        self._stop(False)
+        """From any thread, the event loop's too: the stop runs on a thread."""
+        threading.Thread(
+            target=self._stop, args=(False,), name="criv-ssh-stop", daemon=True
+        ).start()
 
     def run(self) -> ExecResult:
         where = self._conn.target.where
@@ -242,7 +319,7 @@ class _ExecCall:
             self._chan = chan
             stopped = self._stopped
         if stopped or (deadline is not None and time.monotonic() >= deadline):
-            chan.close()
+            self._conn.release(chan)
             return ExecResult(b"", b"", None, True, False)
         timer = None
         if deadline is not None:
@@ -281,7 +358,7 @@ class _ExecCall:
         finally:
             if timer is not None:
                 timer.cancel()
-            chan.close()
+            self._conn.release(chan)
 
 
 def _send_and_close(chan: Channel, data: bytes) -> None:
@@ -289,6 +366,19 @@ def _send_and_close(chan: Channel, data: bytes) -> None:
         if data:
             chan.sendall(data)
         chan.shutdown_write()
+
+
+def _check_size(width: int, height: int) -> None:
+    if not (0 < width <= 65535 and 0 < height <= 65535):
+        raise InvalidArgument(f"terminal size {width}x{height} out of range")
+
+
+def _close_later(conn: _Connection, chans: list[Channel]) -> None:
+    """Release channels off the event loop (a close sends, and a guest may not read)."""
+    for chan in chans:
+        threading.Thread(
+            target=conn.release, args=(chan,), name="criv-ssh-close", daemon=True
+        ).start()
 
 
 async def _in_thread(fn: Callable[[], T], name: str) -> T:
@@ -334,7 +424,7 @@ class SSHClient:
     async def connect(self) -> None:
         """Connect now (else the first command does): SSHUnavailable within the
         connect timeout, HostKeyMismatch for a key that is not the pin."""
-        await _in_thread(self._conn.transport, "criv-ssh-connect")
+        await _in_thread(self._conn.connect_now, "criv-ssh-connect")
 
     async def exec_sync(
         self,
@@ -343,11 +433,12 @@ class SSHClient:
         stdin: bytes | None = None,
         output_limit: int = DEFAULT_OUTPUT_LIMIT,
     ) -> ExecResult:
-        """Run ``cmd`` to its end. ``timeout`` (None or <= 0: none) counts from this call (a
-        connect is bounded by the connect timeout besides); at the deadline the command
-        gets SIGKILL (where the server honours the ``signal`` request) and its channel
-        is closed: ``timed_out`` and the output so far come back. ``stdin`` is sent,
-        then EOF (EOF at once when None)."""
+        """Run ``cmd`` to its end. ``timeout`` (None or <= 0: none) counts from this
+        call (a connect is bounded by the connect timeout besides); at the deadline the
+        channel is closed and the command killed (``signal`` request, then the marker:
+        see :func:`kill_marked`), and ``timed_out`` comes back with the output so far.
+        ``stdin`` is sent, then EOF (EOF at once when None). Cancelling the caller
+        kills the command the same way."""
         if timeout is not None and timeout <= 0:
             timeout = None  # CRI: 0 is no timeout
         if output_limit < 0:
@@ -368,13 +459,18 @@ class SSHClient:
         term: str = "xterm",
     ) -> SSHStream:
         """Start ``cmd`` (None: the user's login shell) for an interactive session."""
+        _check_size(width, height)
         marker = secrets.token_hex(8)
         line = None if cmd is None else marked(command_line(cmd), marker)
         holder: list[Channel] = []
+        gave_up = threading.Event()
 
         def start() -> Channel:
             chan = self._conn.open_channel()
             holder.append(chan)
+            if gave_up.is_set():
+                self._conn.release(chan)
+                raise SSHUnavailable(f"ssh {self.target.where}: given up")
             if tty:
                 chan.get_pty(term=term, width=width, height=height)
             if line is None:
@@ -393,14 +489,14 @@ class SSHClient:
             # connecting has its own timeout; the requests get one more connect timeout
             chan = await asyncio.wait_for(start_bounded(), 2 * self.target.connect_timeout)
         except TimeoutError:
-            for c in holder:
-                c.close()
+            gave_up.set()
+            _close_later(self._conn, holder)
             raise SSHUnavailable(
                 f"ssh {self.target.where}: the server did not start the command"
             ) from None
         except BaseException:
-            for c in holder:
-                c.close()
+            gave_up.set()
+            _close_later(self._conn, holder)
             raise
         loop = asyncio.get_running_loop()
         conn = self._conn
@@ -409,7 +505,7 @@ class SSHClient:
             if line is not None:
                 kill_marked(conn, marker)
 
-        return SSHStream(chan, tty, self.target.where, loop, kill)
+        return SSHStream(chan, tty, self.target.where, loop, kill, conn.release)
 
     async def close(self) -> None:
         await _in_thread(self._conn.close, "criv-ssh-close")
@@ -477,9 +573,11 @@ class SSHStream:
         where: str,
         loop: asyncio.AbstractEventLoop,
         kill: Callable[[], None] = lambda: None,
+        release: Callable[[Channel], None] = Channel.close,
     ) -> None:
         self.tty = tty
         self._kill = kill
+        self._release = release
         self._chan = chan
         self._where = where
         self._loop = loop
@@ -547,8 +645,7 @@ class SSHStream:
         """Change the PTY's window size (a no-op without a tty)."""
         if not self.tty:
             return
-        if not (0 < width <= 65535 and 0 < height <= 65535):
-            raise InvalidArgument(f"resize: {width}x{height} out of range")
+        _check_size(width, height)
         chan = self._chan
         with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
             await asyncio.wait_for(
@@ -585,6 +682,6 @@ class SSHStream:
             self._stderr.close()
         chan = self._chan
         ended = exit_signal(chan) is not None or chan.exit_status != -1
-        await _in_thread(chan.close, "criv-ssh-close")
+        await _in_thread(lambda: self._release(chan), "criv-ssh-close")
         if not ended:
             await _in_thread(self._kill, "criv-ssh-kill")

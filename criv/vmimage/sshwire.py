@@ -18,9 +18,13 @@ in with the pod key, all within one connect timeout.
 
 from __future__ import annotations
 
+import ctypes
+import os
 import socket
+import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, cast
 
 import paramiko
@@ -37,6 +41,7 @@ MAX_PACKET = 256 * 1024
 WINDOW = 1 << 20
 MAX_PACKET_DATA = 32 * 1024
 MAX_SIGNAL_NAME = 32
+KEEPALIVE = 15
 
 _HOSTKEY_ALGORITHMS = {
     "ssh-ed25519": ("ssh-ed25519",),
@@ -118,17 +123,22 @@ def connect(
     key: paramiko.PKey,
     pin: HostKeyPin,
     timeout: float,
+    netns: Path | None = None,
 ) -> paramiko.Transport:
     """A logged-in transport to ``host:port``, or SSHUnavailable (HostKeyMismatch for a
-    key that is not the pin) within ``timeout`` seconds."""
-    where = f"{host}:{port}"
+    key that is not the pin) within ``timeout`` seconds. ``netns``: connect from that
+    network namespace (a pod's, where the VM's address is)."""
+    where = f"{host}:{port}" + (f" (netns {netns})" if netns else "")
     deadline = time.monotonic() + timeout
 
     def left() -> float:
         return max(0.1, deadline - time.monotonic())
 
     try:
-        sock = socket.create_connection((host, port), timeout=timeout)
+        if netns is None:
+            sock = socket.create_connection((host, port), timeout=timeout)
+        else:
+            sock = connect_in_netns(netns, host, port, timeout)
     except OSError as e:
         raise SSHUnavailable(f"ssh {where}: cannot connect within {timeout:g}s: {e}") from e
     transport: paramiko.Transport | None = None
@@ -149,6 +159,7 @@ def connect(
         transport.auth_publickey(user, key)
         if not transport.is_authenticated():
             raise paramiko.AuthenticationException("not authenticated")
+        transport.set_keepalive(KEEPALIVE)  # a VM that vanished is noticed
         return transport
     except CrivError:
         _close(transport, sock)
@@ -161,6 +172,39 @@ def connect(
         if time.monotonic() >= deadline:
             raise SSHUnavailable(f"ssh {where}: no SSH session within {timeout:g}s ({e})") from e
         raise SSHUnavailable(f"ssh {where}: {type(e).__name__}: {e}") from e
+
+
+_CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)  # os.setns is Python 3.12+
+
+
+def connect_in_netns(netns: Path, host: str, port: int, timeout: float) -> socket.socket:
+    """A TCP connection made from network namespace ``netns`` (a socket keeps the
+    namespace it was made in). The setns happens on a throwaway thread, so no thread
+    of criv's ever changes namespace."""
+    result: list[socket.socket | BaseException] = []
+
+    def work() -> None:
+        try:
+            fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if _libc.setns(fd, _CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns {netns}: {os.strerror(err)}")
+            finally:
+                os.close(fd)
+            result.append(socket.create_connection((host, port), timeout=timeout))
+        except BaseException as e:
+            result.append(e)
+
+    t = threading.Thread(target=work, name="criv-ssh-netns", daemon=True)
+    t.start()
+    t.join(timeout + 5)
+    if not result:
+        raise TimeoutError(f"no connection within {timeout:g}s")
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
 
 
 def _close(transport: paramiko.Transport | None, sock: socket.socket) -> None:

@@ -4,11 +4,13 @@ own host key and an authorized key that is the test's pod key; killed at teardow
 - OpenSSH: ``sshd -D -e -f CONFIG`` (``AuthorizedKeysFile`` in the test's directory);
 - dropbear (what the VM test disk runs): ``dropbear -F -E``, in a mount namespace of
   its own where the test's directory is bind-mounted on /root (dropbear reads only
-  ``~/.ssh/authorized_keys``); the host's /root is untouched.
+  ``~/.ssh/authorized_keys``); the host's /root is untouched;
+- ``sshd_in_netns``: OpenSSH inside a network namespace of its own (a pod's, for criv).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -21,6 +23,7 @@ import pytest
 from sshd_support import SSHD, Sshd, free_port
 
 from criv.vmimage.sshkeys import HostKeyPin, PodKey, ensure_pod_key, pin_from_console
+from criv.vmimage.sshwire import connect_in_netns
 
 DROPBEAR = "/usr/sbin/dropbear"
 
@@ -31,11 +34,37 @@ def sshd(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Sshd]:
     d = tmp_path / "server"
     d.mkdir(mode=0o700)
     port = free_port()
-    log = d / "server.log"
     if request.param == "openssh":
         cmd, pin = _openssh(d, key, port)
     else:
         cmd, pin = _dropbear(d, key, port)
+    with _serve(cmd, d / "server.log", port, None) as proc:
+        yield Sshd(port, d, key, pin, proc)
+
+
+@pytest.fixture
+def sshd_in_netns(tmp_path: Path) -> Iterator[tuple[Sshd, Path]]:
+    """OpenSSH listening on 127.0.0.1 inside a network namespace of its own."""
+    name = f"criv-sshtest-{os.getpid()}-{tmp_path.name[-20:]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        key = ensure_pod_key(tmp_path / "keys", "criv-test")
+        d = tmp_path / "server"
+        d.mkdir(mode=0o700)
+        port = free_port()
+        cmd, pin = _openssh(d, key, port)
+        netns = Path("/run/netns") / name
+        with _serve(["ip", "netns", "exec", name, *cmd], d / "server.log", port, netns) as proc:
+            yield Sshd(port, d, key, pin, proc), netns
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False)
+
+
+@contextlib.contextmanager
+def _serve(
+    cmd: list[str], log: Path, port: int, netns: Path | None
+) -> Iterator[subprocess.Popen[bytes]]:
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
     try:
@@ -44,13 +73,16 @@ def sshd(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Sshd]:
             if proc.poll() is not None:
                 pytest.fail(f"{cmd[0]} exited {proc.returncode}: {log.read_text()[-2000:]}")
             try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                if netns is None:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                else:
+                    connect_in_netns(netns, "127.0.0.1", port, 1).close()
                 break
             except OSError:
                 if time.monotonic() > deadline:
                     pytest.fail(f"{cmd[0]} did not listen within 10s")
                 time.sleep(0.05)
-        yield Sshd(port, d, key, pin, proc)
+        yield proc
     finally:
         proc.terminate()
         try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import threading
 import time
@@ -60,10 +59,10 @@ async def test_output_capped_without_hanging(client: SSHClient) -> None:
 
 def _pid_alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
         return False
-    return not Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
+    return not stat.split(") ")[1].startswith("Z")
 
 
 async def test_timeout_reports_and_kills(client: SSHClient, tmp_path: Path) -> None:
@@ -82,6 +81,26 @@ async def test_timeout_reports_and_kills(client: SSHClient, tmp_path: Path) -> N
         await asyncio.sleep(0.1)
     # the connection is still good for the next command
     assert (await client.exec_sync(["echo", "ok"], timeout=20)).stdout == b"ok\n"
+
+
+async def test_cancelled_exec_kills(client: SSHClient, tmp_path: Path) -> None:
+    pidfile = tmp_path / "pid"
+    task = asyncio.create_task(
+        client.exec_sync(
+            ["sh", "-c", f"echo $$ > {pidfile}.tmp; mv {pidfile}.tmp {pidfile}; exec sleep 60"]
+        )
+    )
+    async with asyncio.timeout(20):
+        while not pidfile.exists():
+            await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    pid = int(pidfile.read_text())
+    deadline = time.monotonic() + 10
+    while _pid_alive(pid):
+        assert time.monotonic() < deadline, "the cancelled command still runs"
+        await asyncio.sleep(0.1)
 
 
 async def test_quoting_is_not_injection(client: SSHClient, tmp_path: Path) -> None:
@@ -232,3 +251,16 @@ async def test_one_connection_many_commands(client: SSHClient) -> None:
         *(client.exec_sync(["sh", "-c", f"echo {i}; exit {i}"], timeout=30) for i in range(8))
     )
     assert [(r.stdout, r.exit_code) for r in results] == [(f"{i}\n".encode(), i) for i in range(8)]
+
+
+async def test_connect_from_the_pods_netns(sshd_in_netns: tuple[Sshd, Path]) -> None:
+    server, netns = sshd_in_netns
+    c = SSHClient(server.target(netns=netns))
+    r = await c.exec_sync(["sh", "-c", "echo in-ns"], timeout=20)
+    assert (r.stdout, r.exit_code) == (b"in-ns\n", 0)
+    await c.close()
+    # the same address from criv's own namespace is another host: nothing listens there
+    outside = SSHClient(server.target(connect_timeout=2.0))
+    with pytest.raises(SSHUnavailable):
+        await outside.connect()
+    await outside.close()

@@ -13,7 +13,7 @@ from paramiko.message import Message
 
 from criv.errors import SSHUnavailable
 from criv.vmimage import sshwire
-from criv.vmimage.ssh import exit_code
+from criv.vmimage.ssh import exit_code, one_command_per_connection
 
 
 def _exit_signal(name: str) -> Message:
@@ -99,3 +99,11 @@ def test_packet_and_banner_bounds() -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_dropbear_versions_that_get_a_connection_per_command() -> None:
+    assert one_command_per_connection("SSH-2.0-dropbear_2022.83")
+    assert one_command_per_connection("SSH-2.0-dropbear_2024.85")
+    assert not one_command_per_connection("SSH-2.0-dropbear_2024.86")
+    assert not one_command_per_connection("SSH-2.0-dropbear_2025.88")
+    assert not one_command_per_connection("SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3")
