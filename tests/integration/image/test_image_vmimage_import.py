@@ -3,7 +3,9 @@ the daemon's store, ListImages / ImageStatus show it at once, RemoveImage remove
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,7 @@ import pytest
 
 from criv_agent.api.runtime.v1 import api_pb2
 from tests.support.daemon import CrivProcess
+from tests.support.fixtures import TestRegistry
 
 pytestmark = pytest.mark.integration
 
@@ -65,3 +68,24 @@ def test_import_without_daemon_says_so(criv: CrivProcess, tmp_path: Path) -> Non
     disk.write_bytes(b"\0" * 4096)
     r = run_cli(criv, str(disk), "registry.example/vm/x:1")
     assert r.returncode == 1 and "nothing serves" in r.stderr
+
+
+def test_import_and_push(criv: CrivProcess, tmp_path: Path, registry: TestRegistry) -> None:
+    if shutil.which("skopeo") is None:
+        pytest.skip("skopeo not installed (make install)")
+    disk = tmp_path / "pushed.qcow2"
+    disk.write_bytes(b"QFI\xfb" + os.urandom(16 << 10))
+    ref = registry.ref("vm/imported", "1")
+    r = run_cli(criv, str(disk), ref, "--push", "--insecure", "--name", "root")
+    assert r.returncode == 0, r.stderr + criv.logs()
+    assert f"pushed {ref}" in r.stdout and "/disk/root.qcow2" in r.stdout
+    image_id = r.stdout.split()[1]
+    raw = subprocess.run(
+        ["skopeo", "inspect", "--tls-verify=false", "--raw", f"docker://{ref}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    manifest = json.loads(raw)
+    assert manifest["config"]["digest"] == image_id  # the same image as the local one
