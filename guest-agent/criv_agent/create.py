@@ -15,12 +15,14 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from criv_agent import podsysctl
 from criv_agent.attach import ContainerIO
 from criv_agent.crun import Crun
 from criv_agent.errors import FailedPrecondition
 from criv_agent.sandbox import Sandbox
 from criv_agent.spec import HostInfo, SpecInput, build_spec, stop_signal
 from criv_agent.spec.submounts import read_mountinfo
+from criv_agent.spec.userns import user_namespace
 from criv_agent.state import ContainerRecord
 from criv_agent.stdio import LogSink, Stdio
 
@@ -81,6 +83,9 @@ async def write_bundle(
         seccomp_profile=req.seccomp_profile_json,
     )
     user = await asyncio.to_thread(_write_spec, inp, bundle)
+    opts = req.config.linux.security_context.namespace_options
+    if user_namespace(opts) is not None:  # crun could not write them from inside it
+        await podsysctl.apply(dict(sb.config.linux.sysctls), opts, inp.pod_ns)
     return ContainerRecord(
         id=cid,
         sandbox_id=sb.sandbox_id,

@@ -127,7 +127,7 @@ def build_spec(inp: SpecInput) -> dict[str, Any]:
         ns.append({"type": "user"})
         linux.update(userns)
     sysctls = dict(inp.sandbox_config.linux.sysctls)
-    if sysctls:
+    if sysctls and userns is None:  # in a user namespace: the agent's (podsysctl.py)
         linux["sysctl"] = sysctls
     seccomp = _security.seccomp(sc, caps["bounding"], profile=inp.seccomp_profile)
     if seccomp is not None:

@@ -32,7 +32,10 @@ def _userns() -> api_pb2.NamespaceOption:
 
 def _pod_linux() -> api_pb2.LinuxPodSandboxConfig:
     return api_pb2.LinuxPodSandboxConfig(
-        security_context=api_pb2.LinuxSandboxSecurityContext(namespace_options=_userns())
+        security_context=api_pb2.LinuxSandboxSecurityContext(namespace_options=_userns()),
+        # namespaced sysctls: crun cannot write them from inside the user namespace,
+        # the agent writes them into the pod's namespaces (podsysctl.py)
+        sysctls={"net.ipv4.ip_unprivileged_port_start": "0", "kernel.shm_rmid_forced": "1"},
     )
 
 
@@ -79,6 +82,8 @@ def test_userns_pod_maps_ids_and_keeps_the_rootfs_usable(
     assert _out(cri, cid, ["cat", "/proc/self/uid_map"]).split() == ["0", str(HOST_ID), "65536"]
     assert _out(cri, cid, ["cat", "/proc/self/gid_map"]).split() == ["0", str(HOST_ID), "65536"]
     assert _out(cri, cid, ["id", "-u"]) == "0\n"
+    sysctls = ["/proc/sys/net/ipv4/ip_unprivileged_port_start", "/proc/sys/kernel/shm_rmid_forced"]
+    assert _out(cri, cid, ["cat", *sysctls]).split() == ["0", "1"]
     assert cri.status(cid).user.linux.uid == 0
     # the image's files are root's to it (idmapped layers): readable, and writable
     # through its own upper layer, root-owned directories included

@@ -532,3 +532,26 @@ def test_userns_pod_mode_gives_a_user_namespace_with_the_mappings() -> None:
     del u.gids[:]
     with pytest.raises(InvalidArgument, match="gids"):
         spec(cfg)
+
+
+def test_userns_container_gets_no_sysctls_from_crun_and_the_agent_writes_pod_ones() -> None:
+    from criv_agent.podsysctl import nsenter_argv
+
+    cfg = sc_cfg()
+    opts = cfg.linux.security_context.namespace_options
+    opts.userns_options.mode = api_pb2.NamespaceMode.POD
+    opts.userns_options.uids.add(container_id=0, host_id=65536, length=65536)
+    opts.userns_options.gids.add(container_id=0, host_id=65536, length=65536)
+    sb = api_pb2.PodSandboxConfig(hostname="h")
+    sb.linux.sysctls.update({"net.ipv4.ip_forward": "1", "kernel.shm_rmid_forced": "1"})
+    assert "sysctl" not in spec(cfg, sandbox=sb)["linux"]
+    pod = PodNamespaces(net="/proc/1/ns/net", ipc="/proc/2/ns/ipc")
+    argv = nsenter_argv(dict(sb.linux.sysctls), opts, pod)
+    assert argv[:4] == ["nsenter", "--net=/proc/1/ns/net", "--ipc=/proc/2/ns/ipc", "--"]
+    assert argv[-2:] == ["kernel/shm_rmid_forced=1", "net/ipv4/ip_forward=1"]
+    for bad in ({"vm.swappiness": "1"}, {"kernel.hostname": "x"}, {"net/../x": "1"}):
+        with pytest.raises(InvalidArgument):
+            nsenter_argv(bad, opts, pod)
+    opts.network = api_pb2.NamespaceMode.NODE  # the node's network: refused, not written
+    with pytest.raises(InvalidArgument, match="no pod network"):
+        nsenter_argv({"net.ipv4.ip_forward": "1"}, opts, pod)
