@@ -234,13 +234,15 @@ def main() -> int:
     ap.add_argument("--skip-pss", action="store_true")
     ap.add_argument("--skip-host", action="store_true")
     ap.add_argument("--pss-pods", type=int, default=10)
+    # 1: no hot-pluggable vCPU slot (as before UpdatePodSandboxResources could add vCPUs)
+    ap.add_argument("--max-vcpus", type=int, default=0, help="vm.max_vcpus (0: criv's default)")
     args = ap.parse_args()
     start_libvirtd()
     img = build_guest_image(progress=lambda line: print(f"[guest-image] {line}", flush=True))
     results: dict[str, Samples] = {}
     pss: dict[int, dict[str, float]] = {}
     vm_cfg = {
-        "vm": {"kernel": str(img.kernel), "initrd": str(img.initrd)},
+        "vm": {"kernel": str(img.kernel), "initrd": str(img.initrd), "max_vcpus": args.max_vcpus},
         "runtime": {"handlers": {"": "vm", "vm": "vm", "host": "host"}},
     }
     with bench_env("criv-bench-ps-") as env:
