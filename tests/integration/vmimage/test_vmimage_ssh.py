@@ -57,6 +57,13 @@ async def test_output_capped_without_hanging(client: SSHClient) -> None:
     assert time.monotonic() - t0 < 30
 
 
+async def test_big_stdin_and_big_output_at_once(client: SSHClient) -> None:
+    # stdin is written while output is read: neither side waits on the other's window
+    data = b"0123456789abcdef" * (512 * 1024)  # 8 MiB
+    r = await client.exec_sync(["cat"], timeout=60, stdin=data, output_limit=1 << 20)
+    assert (r.stdout, r.truncated, r.exit_code) == (data[: 1 << 20], True, 0)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
