@@ -130,7 +130,7 @@ def kill_marked(conn: _Connection, marker: str) -> None:
         chan = conn.open_channel()
     except SSHUnavailable:
         return
-    guard = threading.Timer(KILL_TIMEOUT, chan.close)  # a guest that never answers
+    guard = threading.Timer(KILL_TIMEOUT, close_quietly, (chan,))  # a guest that never answers
     guard.daemon = True
     guard.start()
     try:
@@ -142,6 +142,13 @@ def kill_marked(conn: _Connection, marker: str) -> None:
     finally:
         guard.cancel()
         conn.release(chan)
+
+
+def close_quietly(chan: Channel) -> None:
+    """Close a channel; a connection that already died is no error (the close of a
+    channel sends, and runs on threads nobody waits on)."""
+    with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+        chan.close()
 
 
 def send_signal(chan: Channel, name: str) -> None:
@@ -246,13 +253,14 @@ class _Connection:
 
     def release(self, chan: Channel) -> None:
         """Close a command's channel (and its connection where it had its own)."""
-        chan.close()
+        close_quietly(chan)
         transport = chan.get_transport()
         with self._lock:
             own = transport in self._live
             self._live.discard(transport)
         if own and transport is not None:
-            transport.close()
+            with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+                transport.close()
 
     def connect_now(self) -> None:
         transport, own = self.transport()
@@ -301,7 +309,7 @@ class _ExecCall:
         kill = threading.Thread(target=send_signal, args=(chan, "KILL"), daemon=True)
         kill.start()
         kill.join(2.0)
-        chan.close()
+        close_quietly(chan)
         if self._started:
             kill_marked(self._conn, self._marker)
 
@@ -573,7 +581,7 @@ class SSHStream:
         where: str,
         loop: asyncio.AbstractEventLoop,
         kill: Callable[[], None] = lambda: None,
-        release: Callable[[Channel], None] = Channel.close,
+        release: Callable[[Channel], None] = close_quietly,
     ) -> None:
         self.tty = tty
         self._kill = kill
