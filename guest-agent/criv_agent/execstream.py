@@ -51,6 +51,7 @@ PENDING_TTL = 30.0
 _CHUNK = 256 * 1024
 _PIPE_SIZE = 1 << 20
 _BATCH_PAUSE = 0.002
+_LATE_CONSOLE = 5.0  # how long a finished crun exec's pty may take to arrive
 
 
 @dataclass
@@ -132,6 +133,10 @@ class ExecRegistry:
                 console = asyncio.ensure_future(stdio.receive_console(30))
                 early = asyncio.ensure_future(proc.wait())
                 await asyncio.wait([console, early], return_when=asyncio.FIRST_COMPLETED)
+                if not console.done():
+                    # a quick command may be over (and crun gone) before the pty it sent
+                    # is received: the pty still holds its output
+                    await asyncio.wait([console], timeout=_LATE_CONSOLE)
                 if not console.done():
                     console.cancel()
                     code = proc.returncode if proc.returncode is not None else 1

@@ -150,6 +150,21 @@ async def test_agent_exec_tty_resize_and_websocket(agent_stack: AgentStack) -> N
     assert b'"message":"3"' in got[3]
 
 
+@pytest.mark.timeout(120)
+async def test_agent_exec_tty_quick_commands_keep_their_output(agent_stack: AgentStack) -> None:
+    # a command that is over before the agent has received crun's pty: its output is
+    # still in the pty (it was lost when crun's exit was taken for a failed start)
+    svc = agent_stack.service
+
+    async def one(i: int) -> None:
+        url = svc.exec_url("ctr", ["echo", f"line-{i}"], tty=True, stdin=False, stderr=False)
+        r = await spdy_exec(url, tty=True, stderr=False)
+        assert r.stdout == f"line-{i}\r\n".encode(), (i, r)
+
+    for batch in range(5):  # several at once: the agent's loop is busy, as under load
+        await asyncio.gather(*(one(batch * 8 + i) for i in range(8)))
+
+
 @pytest.mark.timeout(60)
 async def test_agent_exec_client_gone_kills_process(agent_stack: AgentStack) -> None:
     svc = agent_stack.service
