@@ -1,0 +1,114 @@
+"""A `vm-image` pod through the real daemon and CRI: the VM test disk pushed to the test
+registry as a containerDisk, pulled, booted as the pod's one container (one VM boot for
+the whole module: TCG boots cost), exec'd into over SSH, logged from its console,
+stopped by the ACPI button with a clean power-off (exit 0, Completed). Refusals: an
+image without a disk, and a second container in the pod."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+
+from criv.vmimage.containerdisk import write_layout
+from criv_agent.api.runtime.v1 import api_pb2
+from tests.support.cri import Cri
+from tests.support.fixtures import TestRegistry
+from tests.support.spdy_client import spdy_exec
+from tests.support.streaming import exec_url
+
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(900)]
+
+REPO = "vm/testdisk"
+HANDLERS = {"": "vm", "vm": "vm", "host": "host", "vm-image": "vm-image"}
+
+
+def push_containerdisk(registry: TestRegistry, disk: Path, tmp: Path) -> str:
+    """The disk as a containerDisk OCI image in the registry; returns its reference."""
+    layout = write_layout(disk, tmp / "layout", tag="1")
+    blobs = layout.path / "blobs" / "sha256"
+    manifest = (blobs / layout.manifest_digest[7:]).read_bytes()
+    for desc in [json.loads(manifest)["config"], *json.loads(manifest)["layers"]]:
+        registry.push_blob(REPO, (blobs / desc["digest"][7:]).read_bytes())
+    registry.push_manifest(REPO, "1", manifest, json.loads(manifest)["mediaType"])
+    return registry.ref(REPO, "1")
+
+
+def create(cri: Cri, pod: str, name: str, image: str) -> str:
+    cfg = api_pb2.ContainerConfig(
+        metadata=api_pb2.ContainerMetadata(name=name),
+        image=api_pb2.ImageSpec(image=image),
+        log_path=f"{name}.log",
+    )
+    resp = cri.rt.CreateContainer(
+        api_pb2.CreateContainerRequest(
+            pod_sandbox_id=pod, config=cfg, sandbox_config=cri._pods[pod]
+        ),
+        timeout=120,
+    )
+    return str(resp.container_id)
+
+
+def test_vmimage_pod_lifecycle(
+    vm_cri_factory: Callable[..., Cri],
+    registry: TestRegistry,
+    test_disk: Path,
+    tmp_path: Path,
+) -> None:
+    cri = vm_cri_factory(runtime={"handlers": HANDLERS})
+    ref = push_containerdisk(registry, test_disk, tmp_path)
+    cri.proc.images.PullImage(
+        api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=ref)), timeout=300
+    )
+    t0 = time.monotonic()
+    pod = cri.run_pod("vmi", handler="vm-image")
+    assert cri.pod_status(pod).state == api_pb2.SANDBOX_READY
+
+    # an image without a disk is refused, naming why
+    with pytest.raises(grpc.RpcError) as e:
+        create(cri, pod, "plain", cri.image)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "containerDisk" in str(e.value.details()), e.value.details()
+
+    cid = create(cri, pod, "vm", ref)
+    # one container per pod
+    with pytest.raises(grpc.RpcError) as e:
+        create(cri, pod, "second", ref)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "one container" in str(e.value.details()), e.value.details()
+
+    cri.start(cid)
+    assert cri.status(cid).state == api_pb2.CONTAINER_RUNNING
+    # the first exec waits (bounded) for the host key on the console and SSH
+    r = cri.exec(cid, ["hostname"], timeout=180)
+    boot_to_exec = time.monotonic() - t0
+    print(f"[vm-image] RunPodSandbox to first ExecSync answer: {boot_to_exec:.1f} s")
+    assert (r.exit_code, r.stdout) == (0, b"vmi\n"), (r, cri.proc.logs())
+    r = cri.exec(cid, ["sh", "-c", "echo out; echo err >&2; exit 3"])
+    assert (r.exit_code, r.stdout, r.stderr) == (3, b"out\n", b"err\n")
+    ip = cri.pod_status(pod).network.ip
+    r = cri.exec(cid, ["ip", "-o", "-4", "addr", "show", "eth0"])
+    assert r.exit_code == 0 and f" {ip}/".encode() in r.stdout, r
+
+    # interactive exec with stdin, over the streaming server
+    res = asyncio.run(spdy_exec(exec_url(cri, cid, ["cat"], stdin=True), stdin=b"via ssh\n"))
+    assert res.stdout == b"via ssh\n" and res.status["status"] == "Success", res.status
+    res = asyncio.run(spdy_exec(exec_url(cri, cid, ["sh", "-c", "exit 7"])))
+    assert res.status["details"] == {"causes": [{"reason": "ExitCode", "message": "7"}]}
+
+    # the console is the container's log
+    log = cri.log(pod, "vm")
+    assert "criv-test-disk: ready" in log and " stdout F " in log, log[-2000:]
+
+    # StopContainer: the ACPI power button, a clean power-off
+    cri.rt.StopContainer(api_pb2.StopContainerRequest(container_id=cid, timeout=120), timeout=200)
+    st = cri.status(cid)
+    assert (st.state, st.exit_code, st.reason) == (api_pb2.CONTAINER_EXITED, 0, "Completed")
+    with pytest.raises(grpc.RpcError) as e:
+        cri.exec(cid, ["true"])
+    cri.rt.RemoveContainer(api_pb2.RemoveContainerRequest(container_id=cid), timeout=60)
