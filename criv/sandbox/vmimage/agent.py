@@ -227,7 +227,7 @@ class VmImageAgent(AgentClient):
 
     async def _watch(self, box: _Box) -> None:
         why = await self._vms.wait_stopped(self._pod)
-        if box.state is AgentContainerState.RUNNING:
+        if box.state is AgentContainerState.RUNNING and not box.stopping:
             self._exited(box, why)
 
     def _exited(self, box: _Box, why: str) -> None:

@@ -43,6 +43,8 @@ from criv.vmimage.containerdisk import disk_format
 
 log = logging.getLogger("criv.sandbox.vmimage")
 
+STOP_EVENT_WAIT = 40  # x 50 ms
+
 
 @dataclass(frozen=True)
 class BaseDisk:
@@ -169,8 +171,11 @@ class Machines:
         name = domain_name(pod.id)
         hv = await self.host.hypervisor()
         await hv.wait_stopped(name)
-        await asyncio.sleep(0)  # let the lifecycle event land first
-        return self.host.stops.get(name, "shutdown")
+        for _ in range(STOP_EVENT_WAIT):  # the lifecycle event may come after the lookup
+            if name in self.host.stops:
+                break
+            await asyncio.sleep(0.05)
+        return self.host.stops.get(name, "gone")
 
     async def shutdown(self, pod: PodRecord, timeout: float) -> str:
         """ACPI power button, ``timeout`` s, then destroy: "gone", "shutdown", "destroyed"."""

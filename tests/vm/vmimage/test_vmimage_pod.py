@@ -19,8 +19,8 @@ from criv.vmimage.containerdisk import write_layout
 from criv_agent.api.runtime.v1 import api_pb2
 from tests.support.cri import Cri
 from tests.support.fixtures import TestRegistry
-from tests.support.spdy_client import spdy_exec
-from tests.support.streaming import exec_url
+from tests.support.spdy_client import SpdyClient, forward_one, spdy_exec
+from tests.support.streaming import exec_url, port_forward_url
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(900)]
 
@@ -101,9 +101,22 @@ def test_vmimage_pod_lifecycle(
     res = asyncio.run(spdy_exec(exec_url(cri, cid, ["sh", "-c", "exit 7"])))
     assert res.status["details"] == {"causes": [{"reason": "ExitCode", "message": "7"}]}
 
-    # the console is the container's log
+    # port-forward reaches the VM's port (its SSH server) at the pod IP
+    banner = asyncio.run(forward(cri, pod, 22, b"SSH-2.0-criv-test\r\n"))
+    assert banner.startswith(b"SSH-2.0-"), banner
+
+    # the console is the container's log, followed live and reopened on request
     log = cri.log(pod, "vm")
     assert "criv-test-disk: ready" in log and " stdout F " in log, log[-2000:]
+    path = cri.logs / "vmi" / "vm.log"
+    path.rename(path.with_name("vm.log.1"))
+    cri.rt.ReopenContainerLog(api_pb2.ReopenContainerLogRequest(container_id=cid), timeout=30)
+    r = cri.exec(cid, ["sh", "-c", "echo console-marker-42 >/dev/console"])
+    assert r.exit_code == 0, r
+    deadline = time.monotonic() + 30
+    while "console-marker-42" not in (path.read_text() if path.exists() else ""):
+        assert time.monotonic() < deadline, "the console line never reached the reopened log"
+        time.sleep(0.2)
 
     # StopContainer: the ACPI power button, a clean power-off
     cri.rt.StopContainer(api_pb2.StopContainerRequest(container_id=cid, timeout=120), timeout=200)
@@ -111,4 +124,23 @@ def test_vmimage_pod_lifecycle(
     assert (st.state, st.exit_code, st.reason) == (api_pb2.CONTAINER_EXITED, 0, "Completed")
     with pytest.raises(grpc.RpcError) as e:
         cri.exec(cid, ["true"])
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     cri.rt.RemoveContainer(api_pb2.RemoveContainerRequest(container_id=cid), timeout=60)
+
+    # the pod's next container (kubelet's restart) boots a fresh overlay; a stop with no
+    # time to power off destroys it: Killed, 137
+    cid2 = create(cri, pod, "vm2", ref)
+    cri.start(cid2)
+    cri.rt.StopContainer(api_pb2.StopContainerRequest(container_id=cid2, timeout=0), timeout=60)
+    st = cri.status(cid2)
+    assert (st.state, st.exit_code, st.reason) == (api_pb2.CONTAINER_EXITED, 137, "Killed"), st
+
+
+async def forward(cri: Cri, pod: str, port: int, payload: bytes) -> bytes:
+    _resp, c = await SpdyClient.connect(port_forward_url(cri, pod), ["portforward.k8s.io"])
+    assert c is not None
+    try:
+        async with asyncio.timeout(60):
+            return await forward_one(c, port, 1, payload)
+    finally:
+        await c.close()
