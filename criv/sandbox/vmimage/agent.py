@@ -305,7 +305,16 @@ class VmImageAgent(AgentClient):
         box = self._box
         if box is None or box.cid not in cids or box.state is not AgentContainerState.RUNNING:
             return []
-        return [AgentStats(box.cid, time.time_ns())]
+        st = await self._vms.stats(self._pod)
+        if st is None:
+            return []
+        return [
+            AgentStats(
+                box.cid, time.time_ns(), cpu_usage_core_nanoseconds=st.cpu_ns,
+                memory_working_set_bytes=st.memory_bytes, memory_usage_bytes=st.memory_bytes,
+                memory_rss_bytes=st.memory_bytes,
+            )
+        ]  # fmt: skip
 
     async def events(self) -> AsyncIterator[AgentEvent]:
         q: asyncio.Queue[AgentEvent | None] = asyncio.Queue()

@@ -33,6 +33,7 @@ from pathlib import Path
 from criv.commands import run_command
 from criv.config import Config
 from criv.errors import Internal
+from criv.hypervisor.driver import DomainStats
 from criv.hypervisor.hostsetup import QEMU_USER
 from criv.hypervisor.sizing import PodResources, vm_size
 from criv.hypervisor.spec import ImageVm, domain_name, image_domain
@@ -181,6 +182,10 @@ class Machines:
         """ACPI power button, ``timeout`` s, then destroy: "gone", "shutdown", "destroyed"."""
         hv = await self.host.hypervisor()
         return await hv.shutdown(domain_name(pod.id), timeout)
+
+    async def stats(self, pod: PodRecord) -> DomainStats | None:
+        hv = await self.host.hypervisor()
+        return await hv.stats(domain_name(pod.id))
 
     async def destroy(self, pod: PodRecord) -> None:
         hv = await self.host.hypervisor()
