@@ -83,6 +83,7 @@ class _Box:
     console: ConsoleLog | None = None
     ssh: SSHClient | None = None
     watch: asyncio.Task[None] | None = None
+    after: asyncio.Task[None] | None = None  # held: the loop keeps only weak references
     stopping: bool = False
     ready: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -241,7 +242,7 @@ class VmImageAgent(AgentClient):
             box.exit_code, box.reason = 137 if why == "destroyed" else 255, "VMExited"
             box.message = f"the VM stopped: {why}"
         box.state = AgentContainerState.EXITED
-        asyncio.get_running_loop().create_task(self._after_exit(box))
+        box.after = asyncio.get_running_loop().create_task(self._after_exit(box))
 
     async def _after_exit(self, box: _Box) -> None:
         if box.console is not None:
