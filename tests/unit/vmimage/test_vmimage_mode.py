@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -13,11 +14,12 @@ import pytest
 from criv.agent.datastream import open_data_stream
 from criv.agent.hostdata import HostDataServer, LogSource
 from criv.agent.logstream import StreamRefused, open_stream
-from criv.errors import InvalidArgument
+from criv.agent.types import AgentContainerState
+from criv.errors import InvalidArgument, Unavailable
 from criv.sandbox.records import PodRecord
 from criv.sandbox.states import PodState
 from criv.sandbox.vmimage import machine
-from criv.sandbox.vmimage.agent import VmImageAgent, _Box
+from criv.sandbox.vmimage.agent import SSH_READY_TIMEOUT, VmImageAgent, _Box
 from criv.sandbox.vmimage.console import ConsoleLog
 from criv.vmimage.sshkeys import generate_host_key
 from criv_agent.api.agent.v1 import agent_pb2
@@ -122,3 +124,21 @@ async def test_one_container_per_pod_and_the_seed(tmp_path: Path) -> None:
     info = await agent.stop_container("c1", 0)  # never started: no VM to stop
     assert (info.state.value, info.exit_code) == ("exited", 137)
     agent.reserve("c2", disk)  # the first one exited: kubelet's next attempt may come
+
+
+async def test_exec_without_a_host_key_is_unavailable_not_a_hang(tmp_path: Path) -> None:
+    agent = VmImageAgent(_pod(), tmp_path / "state", tmp_path / "root", None)  # type: ignore[arg-type]
+    (tmp_path / "console.log").write_bytes(b"SeaBIOS\nno key here\n")
+    console = ConsoleLog(tmp_path / "console.log", tmp_path / "serial.log")
+    agent._box = _Box(
+        cid="c1", base=machine.BaseDisk(tmp_path / "b", "qcow2"), dir=tmp_path,
+        overlay=tmp_path / "o", seed=tmp_path / "s", user="root", created_at_ns=1,
+        state=AgentContainerState.RUNNING, console=console,
+        started_at_ns=time.time_ns() - int((SSH_READY_TIMEOUT - 0.3) * 1e9),
+    )  # fmt: skip
+    t0 = time.monotonic()
+    with pytest.raises(Unavailable, match="no SSH host key") as e:
+        await agent.exec_sync("c1", ["true"], 0)
+    assert time.monotonic() - t0 < 5
+    assert "no key here" in str(e.value)  # the console tail says why
+    await console.finish()
