@@ -160,3 +160,16 @@ def guest_network(n: GuestNetwork) -> agent_pb2.GuestNetwork:
             agent_pb2.GuestRoute(destination=r.destination, gateway=r.gateway) for r in n.routes
         ],
     )
+
+
+def pod_identity(raw: bytes) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
+    """(hostname, DNS servers, DNS searches) of a serialized PodSandboxConfig: what an
+    in-process agent (vm-image pods) needs of it without touching protobuf itself."""
+    cfg = pod_config(raw)
+    dns = cfg.dns_config
+    return cfg.hostname, tuple(dns.servers), tuple(dns.searches)
+
+
+def container_annotations(raw: bytes) -> dict[str, str]:
+    """The annotations of a serialized ContainerConfig."""
+    return dict(api_pb2.ContainerConfig.FromString(raw).annotations)

@@ -45,6 +45,32 @@ class DirectBoot:
 
 
 @dataclass(frozen=True)
+class FirmwareBoot:
+    """Boot from the first disk through the firmware (SeaBIOS, libvirt's default), as a
+    disk image with its own bootloader needs."""
+
+
+@dataclass(frozen=True)
+class Disk:
+    """A virtio disk backed by a host file (``format``: qcow2 or raw); ``readonly`` for a
+    seed the guest must not change."""
+
+    path: Path
+    target: str
+    format: str = "qcow2"
+    readonly: bool = False
+
+    def to_element(self, parent: ET.Element, machine: Machine) -> None:
+        disk = _sub(parent, "disk", type="file", device="disk")
+        _sub(disk, "driver", name="qemu", type=self.format)
+        _sub(disk, "source", file=str(self.path))
+        _sub(disk, "target", dev=self.target, bus="virtio")
+        if self.readonly:
+            _sub(disk, "readonly")
+        _mmio(disk, machine)
+
+
+@dataclass(frozen=True)
 class SerialLog:
     """The serial console (ttyS0) on a pty (``virsh console``), logged to a file on the
     host through virtlogd, which caps it (rotates at its ``max_size``, keeps
@@ -144,14 +170,14 @@ class VhostUserVsock:
         ]
 
 
-Device = SerialLog | Rng | VirtioFs | TapInterface | KernelVsock
+Device = SerialLog | Rng | VirtioFs | TapInterface | KernelVsock | Disk
 
 
 @dataclass(frozen=True)
 class Domain:
     name: str
     uuid: str
-    boot: DirectBoot
+    boot: DirectBoot | FirmwareBoot
     vcpus: int = 1
     # most vCPUs: above ``vcpus``, the rest are hot-pluggable slots (``<vcpu current=…>``)
     max_vcpus: int = 0
@@ -188,11 +214,14 @@ class Domain:
             _sub(dom, "vcpu", str(self.vcpus), placement="static")
         os_el = _sub(dom, "os")
         _sub(os_el, "type", "hvm", arch="x86_64", machine=self.machine)
-        _sub(os_el, "kernel", str(self.boot.kernel))
-        if self.boot.initrd is not None:
-            _sub(os_el, "initrd", str(self.boot.initrd))
-        if self.boot.cmdline:
-            _sub(os_el, "cmdline", self.boot.cmdline)
+        if isinstance(self.boot, FirmwareBoot):
+            _sub(os_el, "boot", dev="hd")
+        else:
+            _sub(os_el, "kernel", str(self.boot.kernel))
+            if self.boot.initrd is not None:
+                _sub(os_el, "initrd", str(self.boot.initrd))
+            if self.boot.cmdline:
+                _sub(os_el, "cmdline", self.boot.cmdline)
         feats = _sub(dom, "features")
         if self.machine != "microvm":
             _sub(feats, "acpi")

@@ -112,6 +112,15 @@ class DomainInfo:
         return self.state in ALIVE
 
 
+@dataclass(frozen=True)
+class DomainStats:
+    """A running domain's counters: vCPU time, and QEMU's resident memory (the guest's
+    RAM as the host pays for it: there is no balloon to ask the guest)."""
+
+    cpu_ns: int
+    memory_bytes: int
+
+
 StopCallback = Callable[[str, str], None]
 
 
@@ -273,6 +282,26 @@ class Hypervisor:
                 raise translate(e, f"looking up domain {name or uuid}") from e
 
         return await self._call(find, f"looking up domain {name or uuid}")
+
+    async def stats(self, name: str) -> DomainStats | None:
+        """The domain's counters, or None when it is not running."""
+
+        def get(c: libvirt.virConnect) -> DomainStats | None:
+            try:
+                dom = c.lookupByName(name)
+                info = dom.info()  # [state, max KiB, KiB, vcpus, cpu time ns]
+                mem = dom.memoryStats()
+            except libvirt.libvirtError as e:
+                if e.get_error_code() in (
+                    libvirt.VIR_ERR_NO_DOMAIN,
+                    libvirt.VIR_ERR_OPERATION_INVALID,
+                ):
+                    return None
+                raise translate(e, f"domain {name} stats") from e
+            kib = int(mem.get("rss") or info[2])
+            return DomainStats(cpu_ns=int(info[4]), memory_bytes=kib * 1024)
+
+        return await self._call(get, f"domain {name} stats")
 
     async def list_domains(self) -> list[DomainInfo]:
         """criv's domains (name prefix ``criv-``), sorted by name."""

@@ -15,7 +15,9 @@ from criv.errors import InvalidArgument
 from criv.hypervisor.domain import (
     DOMAIN_PREFIX,
     DirectBoot,
+    Disk,
     Domain,
+    FirmwareBoot,
     KernelVsock,
     Machine,
     Rng,
@@ -134,3 +136,45 @@ def mac_for(sandbox_id: str) -> str:
     """A stable locally administered MAC (52:54:00 is QEMU's OUI) from the sandbox id."""
     h = uuidlib.uuid5(uuidlib.NAMESPACE_URL, "criv-mac:" + sandbox_id).bytes
     return f"52:54:00:{h[0]:02x}:{h[1]:02x}:{h[2]:02x}"
+
+
+@dataclass(frozen=True)
+class ImageVm:
+    """A ``vm-image`` pod's VM: its own disk (a per-pod overlay) booted by the firmware,
+    a NoCloud seed as a second, read-only disk, the pod's tap; no agent, no share."""
+
+    sandbox_id: str
+    disk: Path
+    seed: Path
+    size: VmSize
+    accel: Accel
+    console_log: Path
+    tap: str = ""
+    mac: str = ""
+    mtu: int = 0
+    machine: Machine = "q35"
+    owner: str = ""
+
+
+def image_domain(vm: ImageVm) -> Domain:
+    devices: tuple[SerialLog | Rng | TapInterface | Disk, ...] = (
+        SerialLog(vm.console_log),
+        Rng(),
+        Disk(vm.disk, "vda", "qcow2"),
+        Disk(vm.seed, "vdb", "raw", readonly=True),
+    )
+    if vm.tap:
+        devices += (TapInterface(vm.tap, vm.mac or mac_for(vm.sandbox_id), vm.mtu),)
+    return Domain(
+        name=domain_name(vm.sandbox_id),
+        uuid=str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, "criv:" + vm.sandbox_id)),
+        boot=FirmwareBoot(),
+        vcpus=vm.size.vcpus,
+        memory_mib=vm.size.memory_mib,
+        type="kvm" if vm.accel == "kvm" else "qemu",
+        machine=vm.machine if vm.machine != "microvm" else "q35",  # SeaBIOS needs a PC
+        devices=devices,
+        tb_cache_mib=tb_cache_mib(vm.size.memory_mib) if vm.accel == "tcg" else 0,
+        shared_memory=False,  # no vhost-user device maps its memory
+        metadata={"sandbox": vm.sandbox_id, **({"owner": vm.owner} if vm.owner else {})},
+    )

@@ -122,6 +122,7 @@ class ContainerService:
         failpoints.hit("create_container.after_lease")
         iso = ctx.isolation(pod)
         paths = ctx.paths(pod.id)
+        await iso.check_image(pod, paths, cid, image.id, list(image.layer_dirs))
         cdir = ctx.container_dir(pod.id, cid)
         rec = ContainerRecord(
             id=cid,

@@ -199,6 +199,11 @@ class HostIsolation:
     def pod_files_dir(self, paths: PodPaths) -> str:
         return str(paths.shared)
 
+    async def check_image(
+        self, pod: PodRecord, paths: PodPaths, cid: str, image_id: str, layer_dirs: list[Path]
+    ) -> None:
+        pass  # any image runs
+
     async def unshare(self, paths: PodPaths, cid: str) -> None:
         pass  # nothing was shared
 

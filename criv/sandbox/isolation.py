@@ -18,6 +18,8 @@ sandbox layer only ever calls the :class:`Isolation` methods, so a mode is one c
   pod's share, :mod:`criv.sandbox.vm.share`); ``unshare`` undoes a container's shares;
 - ``pod_files_dir``: where the agent keeps the pod's hostname/hosts/resolv.conf/shm
   ("": a place of its own, guest-local for vm pods);
+- ``check_image``: CreateContainer's check of the image (vm-image: it must carry a disk;
+  one container per pod);
 - ``guest_network``: the network SetupSandbox hands the agent (vm: from the CNI result);
 - ``containers_die_with_agent``: a lost agent means lost containers (vm: the VM is gone);
 - ``sweep`` / ``close``: start-up garbage collection, and letting go at criv stop.
@@ -115,6 +117,13 @@ class Isolation(Protocol):
     async def share(self, paths: PodPaths, cid: str, mount: MountRecord, name: str) -> str: ...
 
     def pod_files_dir(self, paths: PodPaths) -> str: ...
+
+    async def check_image(
+        self, pod: PodRecord, paths: PodPaths, cid: str, image_id: str, layer_dirs: list[Path]
+    ) -> None:
+        """CreateContainer, once the image is leased and before anything is made: refuse
+        an image the mode cannot run (vm-image: no disk; a second container)."""
+        ...
 
     async def unshare(self, paths: PodPaths, cid: str) -> None: ...
 

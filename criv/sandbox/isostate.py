@@ -44,12 +44,22 @@ class VmState:
     mtu: int = 0
 
 
-IsolationState = HostState | VmState
+@dataclass(frozen=True)
+class VmImageState:
+    """A vm-image pod: no agent to find; its VM is its container's (booted at
+    StartContainer), named ``domain``."""
+
+    mode: ClassVar[str] = "vm-image"
+    domain: str = ""
+
+
+IsolationState = HostState | VmState | VmImageState
 
 # mode name -> its state type; a new isolation mode adds one line here
-STATE_TYPES: dict[str, type[HostState] | type[VmState]] = {
+STATE_TYPES: dict[str, type[HostState] | type[VmState] | type[VmImageState]] = {
     HostState.mode: HostState,
     VmState.mode: VmState,
+    VmImageState.mode: VmImageState,
 }
 
 

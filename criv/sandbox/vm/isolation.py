@@ -87,6 +87,7 @@ class VmIsolation:
         self._owner = str(Path(config.state_dir).resolve())
         self._run_root = Path(config.run_dir) / "p"
         self._host = VmHost(config, runtime_state)
+        self.host = self._host  # shared with vm-image isolation (criv.sandbox.modes)
         self._backends = VsockBackends()
         self._prepared: dict[str, coldpath.Prepared] = {}  # pod id -> its prepared steps
         if self.mode in config.runtime.handlers.values():
@@ -322,6 +323,11 @@ class VmIsolation:
 
     def pod_files_dir(self, paths: PodPaths) -> str:
         return ""  # the agent keeps them guest-local: the share is read-only to it
+
+    async def check_image(
+        self, pod: PodRecord, paths: PodPaths, cid: str, image_id: str, layer_dirs: list[Path]
+    ) -> None:
+        pass  # any image runs
 
     async def unshare(self, paths: PodPaths, cid: str) -> None:
         await shares.unshare(paths, cid)

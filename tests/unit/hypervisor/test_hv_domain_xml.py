@@ -14,7 +14,15 @@ import pytest
 from criv.errors import InvalidArgument
 from criv.hypervisor.domain import DirectBoot, Domain, Rng, SerialLog
 from criv.hypervisor.sizing import VmSize
-from criv.hypervisor.spec import PodVm, agent_cmdline, domain_name, mac_for, pod_domain
+from criv.hypervisor.spec import (
+    ImageVm,
+    PodVm,
+    agent_cmdline,
+    domain_name,
+    image_domain,
+    mac_for,
+    pod_domain,
+)
 
 GOLDEN = Path(__file__).parent / "golden"
 IMG = Path("/var/lib/criv/cache/guest-image/image-0123456789abcdef")
@@ -53,6 +61,20 @@ CASES: dict[str, Domain] = {
         boot=DirectBoot(Path("/k/vmlinux"), None, "console=ttyS0"),
         devices=(SerialLog(Path("/tmp/c.log")), Rng()),
         shared_memory=False,
+    ),
+    "vm-image-tcg": image_domain(
+        ImageVm(
+            sandbox_id="e" * 64,
+            disk=Path("/var/lib/criv/vmimage/pods/eeee/overlay-eeee.qcow2"),
+            seed=Path("/var/lib/criv/vmimage/pods/eeee/seed-eeee.iso"),
+            size=VmSize(1, 256),
+            accel="tcg",
+            console_log=Path("/var/lib/criv/sandboxes/eeee/vmimage/eeee/console.log"),
+            tap="crivteeeeeeeeee",
+            mac="02:00:00:00:00:01",
+            mtu=1500,
+            owner="/var/lib/criv#vm-image",
+        )
     ),
 }
 
@@ -108,3 +130,22 @@ def test_names_and_args() -> None:
         agent_cmdline(["a,b"])
     with pytest.raises(InvalidArgument):
         pod_domain(_pod(vsock_cid=3))
+
+
+@pytest.mark.timeout(10)
+def test_vm_image_domain_boots_its_disk_through_the_firmware() -> None:
+    vm = ImageVm(
+        sandbox_id="d" * 64, disk=Path("/o.qcow2"), seed=Path("/s.iso"), size=VmSize(2, 512),
+        accel="kvm", console_log=Path("/c.log"), machine="microvm",
+    )  # fmt: skip
+    el = image_domain(vm).to_element()
+    assert el.find("os/kernel") is None and el.find("os/boot").get("dev") == "hd"  # type: ignore[union-attr]
+    assert el.find("memoryBacking") is None  # no vhost-user device to share memory with
+    assert el.find("os/type").get("machine") == "q35"  # type: ignore[union-attr]
+    disks = el.findall("devices/disk")
+    assert [(d.find("source").get("file"), d.find("driver").get("type")) for d in disks] == [  # type: ignore[union-attr]
+        ("/o.qcow2", "qcow2"),
+        ("/s.iso", "raw"),
+    ]
+    assert disks[0].find("readonly") is None and disks[1].find("readonly") is not None
+    assert el.find("devices/interface") is None  # no pod netns, no tap

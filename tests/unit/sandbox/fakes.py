@@ -166,6 +166,11 @@ class FakeIsolation:
     def pod_files_dir(self, paths: PodPaths) -> str:
         return ""
 
+    async def check_image(
+        self, pod: PodRecord, paths: PodPaths, cid: str, image_id: str, layer_dirs: list[Path]
+    ) -> None:
+        pass
+
     async def unshare(self, paths: PodPaths, cid: str) -> None:
         self.steps.calls.append("unshare")
 

@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import base64
 import os
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -31,21 +29,6 @@ ROOT = Path(__file__).resolve().parents[3]
 BUILD = ROOT / "images" / "vm-test-disk" / "build.py"
 BOOT_TIMEOUT = 180.0  # TCG on a loaded 2-core machine; ~5 s when idle
 KEY_BEGIN, KEY_END = "-----BEGIN SSH HOST KEY KEYS-----", "-----END SSH HOST KEY KEYS-----"
-
-
-@pytest.fixture(scope="session")
-def test_disk() -> Path:
-    for tool in ("qemu-system-x86_64", "qemu-img", "syslinux", "mcopy", "mkfs.vfat", "sfdisk"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} not installed (make install)")
-    t0 = time.monotonic()
-    r = subprocess.run(
-        [sys.executable, str(BUILD)], capture_output=True, text=True, timeout=900, check=False
-    )
-    if r.returncode != 0:
-        pytest.fail(f"building the VM test disk failed:\n{r.stderr[-3000:]}")
-    print(f"[vm-test-disk] {time.monotonic() - t0:.1f} s: {r.stdout.strip()}")
-    return Path(r.stdout.strip().splitlines()[-1])
 
 
 @dataclass

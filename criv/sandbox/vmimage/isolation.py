@@ -1,0 +1,168 @@
+"""``vm-image`` isolation: the pod's container image carries a bootable disk (KubeVirt's
+containerDisk layout) that boots as the pod's VM; docs/vm-images.md.
+
+RunPodSandbox makes the netns and runs CNI as for any pod, and starts the pod's
+in-process agent (:class:`.agent.VmImageAgent`) with its data endpoint
+(:class:`criv.agent.hostdata.HostDataServer` on the pod's ``d.sock``): no VM yet.
+CreateContainer's :meth:`check_image` finds the disk in the image's layers
+(:func:`criv.vmimage.containerdisk.find_disk`, INVALID_ARGUMENT naming why) and refuses
+a second container; StartContainer boots it (:mod:`.machine`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+from pathlib import Path
+
+from criv.agent.client import AgentClient
+from criv.agent.hostdata import HostDataServer
+from criv.agent.types import GuestNetwork
+from criv.config import Config
+from criv.errors import AgentError, CrivError, InvalidArgument
+from criv.hypervisor.spec import domain_name
+from criv.sandbox.isolation import PodPaths
+from criv.sandbox.isostate import IsolationState, VmImageState
+from criv.sandbox.records import MountRecord, PodRecord
+from criv.sandbox.vm.host import VmHost
+from criv.sandbox.vmimage import machine
+from criv.sandbox.vmimage.agent import VmImageAgent
+from criv.vmimage.containerdisk import find_disk
+
+log = logging.getLogger("criv.sandbox.vmimage")
+
+
+class VmImageIsolation:
+    mode = "vm-image"
+    # the VM is the container, not the agent: a VM that stops is a container that exited
+    containers_die_with_agent = False
+
+    def __init__(self, config: Config, host: VmHost) -> None:
+        self._config = config
+        owner = str(Path(config.state_dir).resolve())
+        self._root = Path(config.state_dir) / "vmimage"
+        self._host = host
+        self._vms = machine.Machines(config, self._host, owner)
+        self._agents: dict[str, VmImageAgent] = {}
+        self._servers: dict[str, HostDataServer] = {}
+
+    async def prepare(self, pod: PodRecord, paths: PodPaths) -> None:
+        if pod.host_network:
+            raise InvalidArgument(
+                "a vm-image pod cannot use the host network; its VM takes the pod's IP"
+            )
+
+    async def boot(self, pod: PodRecord, paths: PodPaths) -> IsolationState:
+        await self._serve(pod, paths)
+        return VmImageState(domain=domain_name(pod.id))
+
+    async def _serve(self, pod: PodRecord, paths: PodPaths) -> VmImageAgent:
+        agent = self._agents.get(pod.id)
+        if agent is not None:
+            return agent
+        for d in (paths.run, paths.state):
+            await asyncio.to_thread(d.mkdir, parents=True, exist_ok=True, mode=0o700)
+        agent = VmImageAgent(pod, paths.state, self._root, self._vms)
+        server = HostDataServer(paths.data_socket, agent)
+        await server.start()
+        self._agents[pod.id] = agent
+        self._servers[pod.id] = server
+        return agent
+
+    async def connect(self, pod: PodRecord, paths: PodPaths, timeout: float) -> AgentClient:
+        agent = self._agents.get(pod.id)
+        if agent is None:
+            # after a criv restart: a fresh agent that knows no container (not re-adopted)
+            agent = await self._serve(pod, paths)
+        return agent
+
+    async def alive(self, pod: PodRecord) -> bool:
+        return pod.id in self._agents
+
+    async def check_image(
+        self, pod: PodRecord, paths: PodPaths, cid: str, image_id: str, layer_dirs: list[Path]
+    ) -> None:
+        agent = self._agents.get(pod.id)
+        if agent is None:
+            raise AgentError(f"vm-image pod {pod.id[:12]} has no agent")
+        try:
+            disk = await asyncio.to_thread(find_disk, layer_dirs)
+        except InvalidArgument as e:
+            raise InvalidArgument(
+                f"a vm-image pod's container image must be a containerDisk: {e}"
+            ) from None
+        base = await asyncio.to_thread(machine.link_base, self._root, disk, image_id)
+        agent.reserve(cid, base)
+
+    async def stop(
+        self, pod: PodRecord, paths: PodPaths, client: AgentClient | None, timeout: int
+    ) -> None:
+        agent = self._agents.get(pod.id)
+        if agent is not None:
+            try:
+                await agent.shutdown(timeout)
+            except CrivError as e:
+                log.warning("pod %s: VM shutdown failed: %s", pod.id[:12], e)
+        await self.destroy(pod, paths)
+
+    async def destroy(self, pod: PodRecord, paths: PodPaths) -> None:
+        with contextlib.suppress(CrivError):
+            await self._vms.destroy(pod)
+        agent = self._agents.pop(pod.id, None)
+        if agent is not None:
+            agent.end_events()
+        server = self._servers.pop(pod.id, None)
+        if server is not None:
+            await server.close()
+
+        def clean() -> None:
+            shutil.rmtree(machine.pod_dir(self._root, pod.id), ignore_errors=True)
+            with contextlib.suppress(OSError):
+                paths.run.rmdir()
+
+        await asyncio.to_thread(clean)
+        self._host.stops.pop(domain_name(pod.id), None)
+
+    def agent_path(self, paths: PodPaths, host_path: Path) -> str:
+        return str(host_path)
+
+    def data_endpoint(self, paths: PodPaths) -> str:
+        return str(paths.data_socket)
+
+    async def share(self, paths: PodPaths, cid: str, mount: MountRecord, name: str) -> str:
+        return mount.host_path  # nothing reaches the VM but its disks (volumes: not built)
+
+    def pod_files_dir(self, paths: PodPaths) -> str:
+        return str(paths.shared)
+
+    async def unshare(self, paths: PodPaths, cid: str) -> None:
+        pass
+
+    def guest_network(self, pod: PodRecord) -> GuestNetwork | None:
+        return None  # the NoCloud seed carries it, per container
+
+    async def sweep(self, pods: list[PodRecord]) -> None:
+        """Domains of vm-image pods this criv no longer serves (not re-adopted after a
+        restart: their pods' containers are lost) are destroyed."""
+        if self.mode not in self._config.runtime.handlers.values():
+            return  # not configured: no libvirt connection for it
+        live = {domain_name(p.id) for p in pods if p.id in self._agents}
+        owner = f"{Path(self._config.state_dir).resolve()}#vm-image"
+        try:
+            hv = await self._host.hypervisor()
+            domains = await hv.list_domains()
+        except CrivError as e:
+            log.warning("cannot list libvirt domains (%s); skipping the vm-image sweep", e)
+            return
+        for d in domains:
+            if d.owner == owner and d.name not in live:
+                log.warning("destroying orphan vm-image domain %s", d.name)
+                with contextlib.suppress(CrivError):
+                    await hv.destroy(d.name)
+
+    async def close(self) -> None:
+        for server in list(self._servers.values()):
+            await server.close()
+        self._servers.clear()  # the VmHost is the vm mode's to close

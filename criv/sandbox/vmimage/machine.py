@@ -1,0 +1,203 @@
+"""A vm-image pod's VM on the host: its disks and its libvirt domain.
+
+QEMU runs unprivileged (``criv-qemu``, libvirt's ``dynamic_ownership`` off: docs/vm.md)
+and criv's image store is private (0700), so what QEMU opens lives under
+``<state_dir>/vmimage`` (0711):
+
+- ``bases/<image id>-<disk name>``: the pulled disk, a hard link to the store's unpacked
+  file (one copy on disk, shared read-only by every pod of that image; a copy only where
+  the store is on another filesystem), group ``criv-qemu``, 0440;
+- ``pods/<pod id>/`` (root:criv-qemu 0750): ``overlay-<cid>.qcow2`` (the container's
+  writable disk, ``qemu-img create -f qcow2 -F <fmt> -b <base>``, owned by criv-qemu) and
+  ``seed-<cid>.iso`` (the NoCloud seed, read-only to QEMU).
+
+The domain (:func:`criv.hypervisor.spec.image_domain`) boots the overlay through the
+firmware (SeaBIOS), with the seed as a second virtio disk, the serial console logged
+to the container's ``console.log`` and the pod's tap joined to its CNI veth with tc
+mirroring exactly as for ``vm`` pods (:mod:`criv.network.tap`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import hashlib
+import logging
+import os
+import pwd
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from criv.commands import run_command
+from criv.config import Config
+from criv.errors import Internal
+from criv.hypervisor.driver import DomainStats
+from criv.hypervisor.hostsetup import QEMU_USER
+from criv.hypervisor.sizing import PodResources, vm_size
+from criv.hypervisor.spec import ImageVm, domain_name, image_domain
+from criv.network.tap import attach_tap, create_tap, delete_tap, pod_link, tap_name
+from criv.sandbox.records import PodRecord
+from criv.sandbox.vm.host import VmHost
+from criv.vmimage.containerdisk import disk_format
+
+log = logging.getLogger("criv.sandbox.vmimage")
+
+STOP_EVENT_WAIT = 40  # x 50 ms
+
+
+@dataclass(frozen=True)
+class BaseDisk:
+    path: Path
+    format: str  # "qcow2" | "raw"
+
+
+def _qemu_ids() -> tuple[int, int]:
+    return pwd.getpwnam(QEMU_USER).pw_uid, grp.getgrnam(QEMU_USER).gr_gid
+
+
+def _dir(path: Path, mode: int, gid: int = 0) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    os.chown(path, 0, gid)
+    os.chmod(path, mode)
+
+
+def link_base(root: Path, disk: Path, image_id: str) -> BaseDisk:
+    """The store's disk file, reachable by QEMU (blocking: run in a thread)."""
+    _, gid = _qemu_ids()
+    _dir(root, 0o711)
+    _dir(root / "bases", 0o750, gid)
+    key = hashlib.sha256(f"{image_id}\0{disk}".encode()).hexdigest()[:32]
+    fmt = disk_format(disk)
+    dst = root / "bases" / f"{key}.{fmt}"
+    if not dst.exists():
+        tmp = dst.with_name(f".{dst.name}.{os.getpid()}")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        try:
+            os.link(disk, tmp, follow_symlinks=False)
+        except OSError:
+            shutil.copyfile(disk, tmp, follow_symlinks=False)
+        os.chown(tmp, -1, gid)
+        os.chmod(tmp, 0o440)
+        os.replace(tmp, dst)
+    return BaseDisk(dst, fmt)
+
+
+def pod_dir(root: Path, pod_id: str) -> Path:
+    return root / "pods" / pod_id[:32]
+
+
+def make_pod_dir(root: Path, pod_id: str) -> Path:
+    _, gid = _qemu_ids()
+    _dir(root, 0o711)
+    _dir(root / "pods", 0o711)
+    d = pod_dir(root, pod_id)
+    _dir(d, 0o750, gid)
+    return d
+
+
+async def make_overlay(base: BaseDisk, overlay: Path) -> None:
+    """A qcow2 overlay of ``base`` that QEMU may write; the base stays read-only."""
+    with contextlib.suppress(FileNotFoundError):
+        overlay.unlink()
+    rc, out = await run_command(
+        "qemu-img", "create", "-q", "-f", "qcow2", "-F", base.format, "-b", str(base.path),
+        str(overlay),
+    )  # fmt: skip
+    if rc != 0:
+        raise Internal(f"qemu-img create {overlay}: {out.strip()[-500:]}")
+    uid, gid = _qemu_ids()
+    await asyncio.to_thread(os.chown, overlay, uid, gid)
+    await asyncio.to_thread(os.chmod, overlay, 0o600)
+
+
+def seed_readable(seed: Path) -> None:
+    _, gid = _qemu_ids()
+    os.chown(seed, 0, gid)
+    os.chmod(seed, 0o440)
+
+
+class Machines:
+    """Boots and stops vm-image VMs through the ``vm`` mode's host pieces (libvirt
+    connection, KVM probe / TCG fallback, sizing)."""
+
+    def __init__(self, config: Config, host: VmHost, owner: str) -> None:
+        self._config = config
+        self.host = host
+        self._owner = owner
+
+    async def boot(self, pod: PodRecord, disk: Path, seed: Path, console: Path) -> tuple[str, str]:
+        """Start the domain; returns (domain name, accel)."""
+        name = domain_name(pod.id)
+        accel = self._config.vm.accel
+        if accel == "auto":
+            await self.host.probed()
+            kernel, initrd = await asyncio.to_thread(self.host.guest_image)
+            accel = (await self.host.accel(kernel, initrd)).accel
+        hv = await self.host.hypervisor()
+        tap, mac, mtu = "", "", 0
+        if pod.netns:
+            tap = tap_name(pod.id)
+            await self._delete_pod_tap(pod)  # a previous container's
+            await create_tap(tap, self._owner)
+            link = await pod_link(Path(pod.netns))
+            mac, mtu = link.mac, link.mtu
+        size = vm_size(
+            PodResources(**pod.resources),
+            self._config.vm.vcpus,
+            self._config.vm.memory_mib,
+            os.cpu_count() or 1,
+        )
+        vm = ImageVm(
+            sandbox_id=pod.id, disk=disk, seed=seed, size=size,
+            accel="kvm" if accel == "kvm" else "tcg", console_log=console, tap=tap, mac=mac,
+            mtu=mtu, machine=self._config.vm.machine, owner=f"{self._owner}#vm-image",
+        )  # fmt: skip
+        self.host.stops.pop(name, None)
+        try:
+            await hv.create(image_domain(vm))
+            if tap:
+                await attach_tap(Path(pod.netns), tap)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.destroy(pod))
+            raise
+        return name, vm.accel
+
+    async def wait_stopped(self, pod: PodRecord) -> str:
+        """Wait until the VM is gone; why libvirt saw it stop ("shutdown", "destroyed",
+        "crashed", ...)."""
+        name = domain_name(pod.id)
+        hv = await self.host.hypervisor()
+        await hv.wait_stopped(name)
+        for _ in range(STOP_EVENT_WAIT):  # the lifecycle event may come after the lookup
+            if name in self.host.stops:
+                break
+            await asyncio.sleep(0.05)
+        return self.host.stops.get(name, "gone")
+
+    async def shutdown(self, pod: PodRecord, timeout: float) -> str:
+        """ACPI power button, ``timeout`` s, then destroy: "gone", "shutdown", "destroyed"."""
+        hv = await self.host.hypervisor()
+        return await hv.shutdown(domain_name(pod.id), timeout)
+
+    async def stats(self, pod: PodRecord) -> DomainStats | None:
+        hv = await self.host.hypervisor()
+        return await hv.stats(domain_name(pod.id))
+
+    async def destroy(self, pod: PodRecord) -> None:
+        hv = await self.host.hypervisor()
+        name = domain_name(pod.id)
+        await hv.destroy(name)
+        await hv.wait_stopped(name, 10.0)
+        await delete_tap(tap_name(pod.id))  # only if it never reached the pod netns
+        await self._delete_pod_tap(pod)
+
+    async def _delete_pod_tap(self, pod: PodRecord) -> None:
+        """A stopped VM's tap stays in the pod netns (persistent): the next boot remakes it."""
+        if pod.netns and Path(pod.netns).exists():
+            await run_command(
+                "nsenter", f"--net={pod.netns}", "ip", "link", "del", "dev", tap_name(pod.id)
+            )
