@@ -130,8 +130,10 @@ def criv_factory(tmp_path: Path) -> Iterator[Any]:
     def make(overrides: dict[str, Any] | None = None, start: bool = True) -> CrivProcess:
         root = tmp_path / f"criv{len(started)}"
         root.mkdir()
-        run_dirs.append(_run_dir())
-        base = {**default_config(root), "run_dir": str(run_dirs[-1])}
+        run_dirs.append(_outside_pytest(RUN_ROOT))
+        run_dirs.append(_outside_pytest(STATE_ROOT))
+        base = {**default_config(root), "run_dir": str(run_dirs[-2]),
+                "state_dir": str(run_dirs[-1])}  # fmt: skip
         cp = CrivProcess(root, merge(base, overrides or {}))
         started.append(cp)
         if start:
@@ -145,22 +147,32 @@ def criv_factory(tmp_path: Path) -> Iterator[Any]:
         if rc not in (0, None):
             errors.append(f"criv exited {rc}:\n{cp.logs()}")
     for d in run_dirs:
-        shutil.rmtree(d, ignore_errors=True)
+        if not _mounts_under(
+            d
+        ):  # a leaked mount is the leak check's to report, not ours to delete through
+            shutil.rmtree(d, ignore_errors=True)
     assert not errors, "\n".join(errors)
 
 
+# A daemon's run dir (agent and VM sockets) and state dir (pod files QEMU opens, rootfs
+# paths crun resolves as a user namespace's root) live outside pytest's temp tree:
+# unprivileged QEMU and mapped roots must traverse to them, and every new pytest session
+# resets /tmp/pytest-of-<user> to 0700 (a unit run beside a VM run would cut them off).
 RUN_ROOT = Path("/run/criv-test")
+STATE_ROOT = Path("/var/tmp/criv-test")
 
 
-def _run_dir() -> Path:
-    """A daemon's run dir (its agents' and VMs' sockets) outside pytest's temp tree:
-    QEMU runs unprivileged and must traverse to its sockets, and every pytest session
-    resets /tmp/pytest-of-<user> to 0700 when it starts, so a second session (a unit
-    run beside a VM run) would cut QEMU off."""
-    RUN_ROOT.mkdir(mode=0o711, exist_ok=True)
-    d = Path(tempfile.mkdtemp(prefix="r", dir=RUN_ROOT))
+def _outside_pytest(parent: Path) -> Path:
+    parent.mkdir(mode=0o711, exist_ok=True)
+    d = Path(tempfile.mkdtemp(prefix="c", dir=parent))
     d.chmod(0o711)
     return d
+
+
+def _mounts_under(d: Path) -> bool:
+    prefix = f"{d}/"
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        return any(line.split()[4].startswith(prefix) for line in f)
 
 
 @pytest.fixture

@@ -5,9 +5,7 @@ its root is not the host's, and its image and writable layer still work for it
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -45,23 +43,13 @@ def _out(cri: Cri, cid: str, cmd: list[str]) -> str:
     return r.stdout.decode()
 
 
-@pytest.fixture
-def state_outside_pytest() -> Iterator[Path]:
-    """criv's state dir outside pytest's temp tree: crun resolves the rootfs path as the
-    container's mapped root, so the state dir's parents must be searchable by others
-    (as /var/lib is), and every pytest session resets /tmp/pytest-of-<user> to 0700.
-    Set up before criv, so removed after criv stopped."""
-    d = Path(tempfile.mkdtemp(prefix="criv-test-userns-", dir="/var/tmp"))
-    d.chmod(0o711)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
 @pytest.mark.timeout(120)
 def test_userns_pod_maps_ids_and_keeps_the_rootfs_usable(
-    state_outside_pytest: Path, cri_factory: Callable[..., Cri], tmp_path: Path
+    cri_factory: Callable[..., Cri], tmp_path: Path
 ) -> None:
-    cri = cri_factory(state_dir=str(state_outside_pytest / "state"))
+    # criv's state dir is outside pytest's tree (tests/support/daemon.py): crun resolves
+    # the rootfs path as the container's mapped root, so its parents must be searchable
+    cri = cri_factory()
     handlers = {h.name: h.features.user_namespaces for h in cri.rt.Status(
         api_pb2.StatusRequest(), timeout=30).runtime_handlers}  # fmt: skip
     assert handlers == {"": True, "host": True, "vm": False}

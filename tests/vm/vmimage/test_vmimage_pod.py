@@ -21,7 +21,6 @@ from tests.support.cri import Cri
 from tests.support.fixtures import TestRegistry
 from tests.support.spdy_client import SpdyClient, forward_one, spdy_exec
 from tests.support.streaming import exec_url, port_forward_url
-from tests.support.vm import qemu_traversable
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(900)]
 
@@ -83,9 +82,6 @@ def test_vmimage_pod_lifecycle(
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "one container" in str(e.value.details()), e.value.details()
 
-    # QEMU (criv-qemu) opens the overlay under the test's state dir; a pytest session
-    # starting elsewhere on this machine resets /tmp/pytest-of-root to 0700 meanwhile
-    qemu_traversable(tmp_path)
     cri.start(cid)
     assert cri.status(cid).state == api_pb2.CONTAINER_RUNNING
     # the first exec waits (bounded) for the host key on the console and SSH
@@ -139,7 +135,6 @@ def test_vmimage_pod_lifecycle(
     # the pod's next container (kubelet's restart) boots a fresh overlay; a stop with no
     # time to power off destroys it: Killed, 137
     cid2 = create(cri, pod, "vm2", ref)
-    qemu_traversable(tmp_path)  # see above
     cri.start(cid2)
     cri.rt.StopContainer(api_pb2.StopContainerRequest(container_id=cid2, timeout=0), timeout=60)
     st = cri.status(cid2)
