@@ -50,8 +50,10 @@ from criv.sandbox.vmimage import machine
 from criv.sandbox.vmimage.console import ConsoleLog
 from criv.sandbox.vmimage.execstream import PendingExec, run_exec
 from criv.vmimage.seed import Route, SeedConfig, build_seed
-from criv.vmimage.ssh import SSHClient, SSHStream, SSHTarget
+from criv.vmimage.ssh import SSHClient
+from criv.vmimage.sshconn import SSHTarget
 from criv.vmimage.sshkeys import ensure_pod_key
+from criv.vmimage.sshstream import SSHStream
 
 log = logging.getLogger("criv.sandbox.vmimage")
 

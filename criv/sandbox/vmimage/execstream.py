@@ -1,5 +1,5 @@
 """Interactive exec in a vm-image VM: a STDIO data stream (``criv_agent.execframes``)
-joined to an SSH session (:class:`criv.vmimage.ssh.SSHStream`).
+joined to an SSH session (:class:`criv.vmimage.sshstream.SSHStream`).
 
 Host -> here: STDIN bytes, CLOSE 0 (stdin EOF), RESIZE (tty). Here -> host: STDOUT and
 STDERR bytes, CLOSE 1/2 at their end, then EXIT with the command's status; the
@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from criv.errors import CrivError
-from criv.vmimage.ssh import SSHStream
+from criv.vmimage.sshstream import SSHStream
 from criv_agent import execframes as fr
 
 log = logging.getLogger("criv.sandbox.vmimage")

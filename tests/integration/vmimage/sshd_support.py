@@ -7,7 +7,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from criv.vmimage.ssh import SSHTarget
+from criv.vmimage.sshconn import SSHTarget
 from criv.vmimage.sshkeys import HostKeyPin, PodKey
 
 SSHD = "/usr/sbin/sshd"

@@ -13,8 +13,9 @@ import pytest
 from sshd_support import Sshd
 
 from criv.errors import HostKeyMismatch, SSHUnavailable
-from criv.vmimage.ssh import SSHClient, SSHStream
+from criv.vmimage.ssh import SSHClient
 from criv.vmimage.sshkeys import ensure_pod_key, generate_host_key
+from criv.vmimage.sshstream import SSHStream
 
 pytestmark = pytest.mark.integration
 

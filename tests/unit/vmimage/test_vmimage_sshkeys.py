@@ -14,7 +14,7 @@ import paramiko
 import pytest
 
 from criv.errors import FailedPrecondition, HostKeyMismatch, InvalidArgument
-from criv.vmimage.ssh import command_line
+from criv.vmimage.sshcommand import command_line
 from criv.vmimage.sshkeys import (
     HostKeyPin,
     ensure_pod_key,

@@ -13,7 +13,8 @@ from paramiko.message import Message
 
 from criv.errors import SSHUnavailable
 from criv.vmimage import sshwire
-from criv.vmimage.ssh import exit_code, one_command_per_connection
+from criv.vmimage.sshcommand import exit_code
+from criv.vmimage.sshconn import one_command_per_connection
 
 
 def _exit_signal(name: str) -> Message:
