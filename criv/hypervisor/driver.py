@@ -18,9 +18,7 @@ import contextlib
 import logging
 import threading
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,7 +27,8 @@ import libvirt
 from criv.errors import CrivError, FailedPrecondition, Internal, NotFound, Unavailable
 from criv.hypervisor import live
 from criv.hypervisor.calls import DeadlineCalls
-from criv.hypervisor.domain import CRIV_NS, DOMAIN_PREFIX, Domain
+from criv.hypervisor.domain import DOMAIN_PREFIX, Domain
+from criv.hypervisor.domaininfo import DomainInfo, DomainStats, domain_info
 from criv.procscan import process_start_time
 
 log = logging.getLogger(__name__)
@@ -43,16 +42,6 @@ QEMU_PID_DIR = Path("/run/libvirt/qemu")
 CALL_TIMEOUT = 60.0
 CREATE_TIMEOUT_FACTOR = 2
 
-_STATES = {
-    libvirt.VIR_DOMAIN_NOSTATE: "nostate",
-    libvirt.VIR_DOMAIN_RUNNING: "running",
-    libvirt.VIR_DOMAIN_BLOCKED: "blocked",
-    libvirt.VIR_DOMAIN_PAUSED: "paused",
-    libvirt.VIR_DOMAIN_SHUTDOWN: "shutting-down",
-    libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
-    libvirt.VIR_DOMAIN_CRASHED: "crashed",
-    libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended",
-}
 _STOP_DETAILS = {
     libvirt.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN: "shutdown",
     libvirt.VIR_DOMAIN_EVENT_STOPPED_DESTROYED: "destroyed",
@@ -62,7 +51,6 @@ _STOP_DETAILS = {
     libvirt.VIR_DOMAIN_EVENT_STOPPED_FAILED: "failed",
     libvirt.VIR_DOMAIN_EVENT_STOPPED_FROM_SNAPSHOT: "snapshot",
 }
-ALIVE = frozenset({"running", "blocked", "paused", "shutting-down", "suspended", "nostate"})
 
 _event_loop_lock = threading.Lock()
 _event_loop_started = False
@@ -97,28 +85,6 @@ def translate(e: libvirt.libvirtError, what: str) -> CrivError:
     if code in (libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_RPC):
         return Unavailable(msg)
     return Internal(msg)
-
-
-@dataclass(frozen=True)
-class DomainInfo:
-    name: str
-    uuid: str
-    state: str
-    sandbox_id: str = ""
-    owner: str = ""
-
-    @property
-    def alive(self) -> bool:
-        return self.state in ALIVE
-
-
-@dataclass(frozen=True)
-class DomainStats:
-    """A running domain's counters: vCPU time, and QEMU's resident memory (the guest's
-    RAM as the host pays for it: there is no balloon to ask the guest)."""
-
-    cpu_ns: int
-    memory_bytes: int
 
 
 StopCallback = Callable[[str, str], None]
@@ -257,7 +223,7 @@ class Hypervisor:
                 dom = c.createXML(xml, libvirt.VIR_DOMAIN_START_VALIDATE)
             except libvirt.libvirtError as e:
                 raise translate(e, f"creating domain {domain.name}") from e
-            return _info(dom)
+            return domain_info(dom)
 
         try:
             info = await self._call(
@@ -275,7 +241,7 @@ class Hypervisor:
         def find(c: libvirt.virConnect) -> DomainInfo | None:
             try:
                 dom = c.lookupByName(name) if name else c.lookupByUUIDString(uuid)
-                return _info(dom)
+                return domain_info(dom)
             except libvirt.libvirtError as e:
                 if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                     return None
@@ -315,7 +281,7 @@ class Hypervisor:
             for dom in doms:
                 try:
                     if dom.name().startswith(DOMAIN_PREFIX):
-                        out.append(_info(dom))
+                        out.append(domain_info(dom))
                 except libvirt.libvirtError:
                     continue  # vanished while we looked
             return sorted(out, key=lambda d: d.name)
@@ -412,17 +378,3 @@ def _live(fn: Callable[..., T], c: libvirt.virConnect, name: str, *args: int) ->
         return fn(c, name, *args)
     except libvirt.libvirtError as e:
         raise translate(e, f"domain {name}") from e
-
-
-def _info(dom: libvirt.virDomain) -> DomainInfo:
-    state, _reason = dom.state()
-    sandbox = owner = ""
-    try:
-        md = ET.fromstring(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, CRIV_NS))
-        el = md.find("{*}sandbox")
-        sandbox = (el.text or "") if el is not None else ""
-        el = md.find("{*}owner")
-        owner = (el.text or "") if el is not None else ""
-    except (libvirt.libvirtError, ET.ParseError):
-        pass
-    return DomainInfo(dom.name(), dom.UUIDString(), _STATES.get(state, str(state)), sandbox, owner)

@@ -33,7 +33,7 @@ from pathlib import Path
 from criv.commands import run_command
 from criv.config import Config
 from criv.errors import Internal
-from criv.hypervisor.driver import DomainStats
+from criv.hypervisor.domaininfo import DomainStats
 from criv.hypervisor.hostsetup import QEMU_USER
 from criv.hypervisor.sizing import PodResources, vm_size
 from criv.hypervisor.spec import ImageVm, domain_name, image_domain

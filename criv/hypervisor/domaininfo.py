@@ -1,0 +1,62 @@
+"""What criv reads about one of its domains: libvirt's state for it, criv's metadata in it
+(:data:`criv.hypervisor.domain.CRIV_NS`), and its counters. Blocking reads of a
+``virDomain``: the driver (:class:`~criv.hypervisor.driver.Hypervisor`) calls them on its
+worker threads.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+
+import libvirt
+
+from criv.hypervisor.domain import CRIV_NS
+
+_STATES = {
+    libvirt.VIR_DOMAIN_NOSTATE: "nostate",
+    libvirt.VIR_DOMAIN_RUNNING: "running",
+    libvirt.VIR_DOMAIN_BLOCKED: "blocked",
+    libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_SHUTDOWN: "shutting-down",
+    libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
+    libvirt.VIR_DOMAIN_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended",
+}
+ALIVE = frozenset({"running", "blocked", "paused", "shutting-down", "suspended", "nostate"})
+
+
+@dataclass(frozen=True)
+class DomainInfo:
+    name: str
+    uuid: str
+    state: str
+    sandbox_id: str = ""
+    owner: str = ""
+
+    @property
+    def alive(self) -> bool:
+        return self.state in ALIVE
+
+
+@dataclass(frozen=True)
+class DomainStats:
+    """A running domain's counters: vCPU time, and QEMU's resident memory (the guest's
+    RAM as the host pays for it: there is no balloon to ask the guest)."""
+
+    cpu_ns: int
+    memory_bytes: int
+
+
+def domain_info(dom: libvirt.virDomain) -> DomainInfo:
+    state, _reason = dom.state()
+    sandbox = owner = ""
+    try:
+        md = ET.fromstring(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, CRIV_NS))
+        el = md.find("{*}sandbox")
+        sandbox = (el.text or "") if el is not None else ""
+        el = md.find("{*}owner")
+        owner = (el.text or "") if el is not None else ""
+    except (libvirt.libvirtError, ET.ParseError):
+        pass
+    return DomainInfo(dom.name(), dom.UUIDString(), _STATES.get(state, str(state)), sandbox, owner)
