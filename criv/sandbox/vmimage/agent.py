@@ -23,10 +23,8 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import shutil
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from criv.agent import convert
@@ -48,6 +46,7 @@ from criv.network.tap import guest_addressing
 from criv.sandbox.records import PodRecord
 from criv.sandbox.vmimage import machine
 from criv.sandbox.vmimage.console import ConsoleLog
+from criv.sandbox.vmimage.container import VmContainer
 from criv.sandbox.vmimage.execstream import PendingExec, run_exec
 from criv.vmimage.seed import Route, SeedConfig, build_seed
 from criv.vmimage.ssh import SSHClient
@@ -65,38 +64,6 @@ SSH_RETRY = 0.5
 MAX_PENDING_EXECS = 64
 
 
-@dataclass
-class _Box:
-    """The pod's container: its VM."""
-
-    cid: str
-    base: machine.BaseDisk
-    dir: Path  # criv-private: console, CRI log
-    overlay: Path
-    seed: Path
-    user: str
-    created_at_ns: int
-    state: AgentContainerState = AgentContainerState.CREATED
-    started_at_ns: int = 0
-    finished_at_ns: int = 0
-    exit_code: int = 0
-    reason: str = ""
-    message: str = ""
-    console: ConsoleLog | None = None
-    ssh: SSHClient | None = None
-    watch: asyncio.Task[None] | None = None
-    after: asyncio.Task[None] | None = None  # held: the loop keeps only weak references
-    stopping: bool = False
-    ready: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-    def info(self) -> AgentContainerInfo:
-        return AgentContainerInfo(
-            container_id=self.cid, state=self.state, created_at_ns=self.created_at_ns,
-            started_at_ns=self.started_at_ns, finished_at_ns=self.finished_at_ns,
-            exit_code=self.exit_code, reason=self.reason, message=self.message,
-        )  # fmt: skip
-
-
 class VmImageAgent(AgentClient):
     """One vm-image pod's agent, in criv's process (see the module docstring)."""
 
@@ -107,7 +74,7 @@ class VmImageAgent(AgentClient):
         self._state_dir = state_dir  # the pod's state dir (criv-private)
         self._root = root  # <state_dir>/vmimage: what QEMU may open
         self._vms = vms
-        self._box: _Box | None = None
+        self._box: VmContainer | None = None
         self._disks: dict[str, machine.BaseDisk] = {}  # cid -> disk, from prepare_container
         self._execs: dict[str, tuple[str, PendingExec]] = {}
         self._subscribers: set[asyncio.Queue[AgentEvent | None]] = set()
@@ -181,7 +148,7 @@ class VmImageAgent(AgentClient):
         user = convert.container_annotations(args.config).get(SSH_USER_ANNOTATION, "root")
         d = self._state_dir / "vmimage" / cid[:12]
         qdir = await asyncio.to_thread(machine.make_pod_dir, self._root, self._pod.id)
-        box = _Box(
+        box = VmContainer(
             cid=cid, base=base, dir=d, overlay=qdir / f"overlay-{cid[:12]}.qcow2",
             seed=qdir / f"seed-{cid[:12]}.iso", user=user, created_at_ns=time.time_ns(),
         )  # fmt: skip
@@ -228,25 +195,16 @@ class VmImageAgent(AgentClient):
         self._publish(AgentEventKind.STARTED, box)
         return box.info()
 
-    async def _watch(self, box: _Box) -> None:
+    async def _watch(self, box: VmContainer) -> None:
         why = await self._vms.wait_stopped(self._pod)
         if box.state is AgentContainerState.RUNNING and not box.stopping:
             self._exited(box, why)
 
-    def _exited(self, box: _Box, why: str) -> None:
-        box.finished_at_ns = time.time_ns()
-        if why == "shutdown":
-            box.exit_code, box.reason, box.message = 0, "Completed", "the VM powered off"
-        elif box.stopping and why == "destroyed":
-            box.exit_code, box.reason = 137, "Killed"
-            box.message = "the VM did not power off in time and was destroyed"
-        else:
-            box.exit_code, box.reason = 137 if why == "destroyed" else 255, "VMExited"
-            box.message = f"the VM stopped: {why}"
-        box.state = AgentContainerState.EXITED
+    def _exited(self, box: VmContainer, why: str) -> None:
+        box.exited(why)
         box.after = asyncio.get_running_loop().create_task(self._after_exit(box))
 
-    async def _after_exit(self, box: _Box) -> None:
+    async def _after_exit(self, box: VmContainer) -> None:
         if box.console is not None:
             await box.console.finish()
         if box.ssh is not None:
@@ -277,7 +235,7 @@ class VmImageAgent(AgentClient):
             box.watch.cancel()
         if box.console is not None:
             await box.console.finish()
-        await asyncio.to_thread(_remove_files, box)
+        await asyncio.to_thread(box.remove_files)
         self._box = None
         self._publish(AgentEventKind.REMOVED, box)
 
@@ -330,7 +288,7 @@ class VmImageAgent(AgentClient):
 
     # -- helpers ------------------------------------------------------------------------
 
-    def _publish(self, kind: AgentEventKind, box: _Box) -> None:
+    def _publish(self, kind: AgentEventKind, box: VmContainer) -> None:
         ev = AgentEvent(kind, box.cid, time.time_ns(), box.info())
         for q in self._subscribers:
             q.put_nowait(ev)
@@ -339,13 +297,13 @@ class VmImageAgent(AgentClient):
         for q in self._subscribers:
             q.put_nowait(None)
 
-    def _get(self, cid: str) -> _Box:
+    def _get(self, cid: str) -> VmContainer:
         box = self._box
         if box is None or box.cid != cid:
             raise NotFound(f"container {cid[:12]} not found in vm-image pod {self._pod.id[:12]}")
         return box
 
-    def _running(self, cid: str) -> _Box:
+    def _running(self, cid: str) -> VmContainer:
         box = self._get(cid)
         if box.state is not AgentContainerState.RUNNING:
             raise FailedPrecondition(f"container {cid[:12]} is {box.state.value}, not running")
@@ -357,7 +315,7 @@ class VmImageAgent(AgentClient):
             return a.split("/")[0]
         raise Unavailable(f"pod {self._pod.id[:12]} has no IP address to reach its VM at")
 
-    async def _ssh_ready(self, box: _Box) -> SSHClient:
+    async def _ssh_ready(self, box: VmContainer) -> SSHClient:
         """The container's SSH client, connected: waits for the console's host key line
         and the server, at most SSH_READY_TIMEOUT from the VM's start."""
         async with box.ready:
@@ -396,10 +354,3 @@ class VmImageAgent(AgentClient):
                     await asyncio.sleep(SSH_RETRY)
             box.ssh = ssh
             return ssh
-
-
-def _remove_files(box: _Box) -> None:
-    for p in (box.overlay, box.seed):
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
-    shutil.rmtree(box.dir, ignore_errors=True)

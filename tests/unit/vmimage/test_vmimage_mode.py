@@ -19,8 +19,9 @@ from criv.errors import InvalidArgument, Unavailable
 from criv.sandbox.records import PodRecord
 from criv.sandbox.states import PodState
 from criv.sandbox.vmimage import machine
-from criv.sandbox.vmimage.agent import SSH_READY_TIMEOUT, VmImageAgent, _Box
+from criv.sandbox.vmimage.agent import SSH_READY_TIMEOUT, VmImageAgent
 from criv.sandbox.vmimage.console import ConsoleLog
+from criv.sandbox.vmimage.container import VmContainer
 from criv.vmimage.sshkeys import generate_host_key
 from criv_agent.api.agent.v1 import agent_pb2
 
@@ -114,7 +115,7 @@ async def test_one_container_per_pod_and_the_seed(tmp_path: Path) -> None:
     assert cfg.hostname == "web" and cfg.instance_id == "criv-" + "c" * 32
     assert agent._pod_ip() == "10.88.0.7"
 
-    agent._box = _Box(
+    agent._box = VmContainer(
         cid="c1", base=disk, dir=tmp_path, overlay=tmp_path / "o", seed=tmp_path / "s",
         user="root", created_at_ns=1,
     )  # fmt: skip
@@ -130,7 +131,7 @@ async def test_exec_without_a_host_key_is_unavailable_not_a_hang(tmp_path: Path)
     agent = VmImageAgent(_pod(), tmp_path / "state", tmp_path / "root", None)  # type: ignore[arg-type]
     (tmp_path / "console.log").write_bytes(b"SeaBIOS\nno key here\n")
     console = ConsoleLog(tmp_path / "console.log", tmp_path / "serial.log")
-    agent._box = _Box(
+    agent._box = VmContainer(
         cid="c1", base=machine.BaseDisk(tmp_path / "b", "qcow2"), dir=tmp_path,
         overlay=tmp_path / "o", seed=tmp_path / "s", user="root", created_at_ns=1,
         state=AgentContainerState.RUNNING, console=console,

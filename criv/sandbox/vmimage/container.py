@@ -1,0 +1,71 @@
+"""A vm-image pod's one container: its VM, as :class:`~.agent.VmImageAgent` keeps it, and
+how it ended: 0 (``Completed``) when the guest powered off, 137 (``Killed``) when criv
+stopped it by destroying it, ``VMExited`` when the VM stopped any other way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from criv.agent.types import AgentContainerInfo, AgentContainerState
+from criv.sandbox.vmimage import machine
+from criv.sandbox.vmimage.console import ConsoleLog
+from criv.vmimage.ssh import SSHClient
+
+
+@dataclass
+class VmContainer:
+    """The pod's container: its VM."""
+
+    cid: str
+    base: machine.BaseDisk
+    dir: Path  # criv-private: console, CRI log
+    overlay: Path
+    seed: Path
+    user: str
+    created_at_ns: int
+    state: AgentContainerState = AgentContainerState.CREATED
+    started_at_ns: int = 0
+    finished_at_ns: int = 0
+    exit_code: int = 0
+    reason: str = ""
+    message: str = ""
+    console: ConsoleLog | None = None
+    ssh: SSHClient | None = None
+    watch: asyncio.Task[None] | None = None
+    after: asyncio.Task[None] | None = None  # held: the loop keeps only weak references
+    stopping: bool = False
+    ready: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def info(self) -> AgentContainerInfo:
+        return AgentContainerInfo(
+            container_id=self.cid, state=self.state, created_at_ns=self.created_at_ns,
+            started_at_ns=self.started_at_ns, finished_at_ns=self.finished_at_ns,
+            exit_code=self.exit_code, reason=self.reason, message=self.message,
+        )  # fmt: skip
+
+    def exited(self, why: str) -> None:
+        """The VM stopped (``why``: the driver's stop reason, or how criv stopped it):
+        the container's exit code, reason and message say how."""
+        self.finished_at_ns = time.time_ns()
+        if why == "shutdown":
+            self.exit_code, self.reason, self.message = 0, "Completed", "the VM powered off"
+        elif self.stopping and why == "destroyed":
+            self.exit_code, self.reason = 137, "Killed"
+            self.message = "the VM did not power off in time and was destroyed"
+        else:
+            self.exit_code, self.reason = 137 if why == "destroyed" else 255, "VMExited"
+            self.message = f"the VM stopped: {why}"
+        self.state = AgentContainerState.EXITED
+
+    def remove_files(self) -> None:
+        """Its overlay, seed and private directory (blocking)."""
+        for p in (self.overlay, self.seed):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        shutil.rmtree(self.dir, ignore_errors=True)
