@@ -31,6 +31,7 @@ from criv.image.content import BlobWriter
 from criv.image.limits import exceeded
 from criv.image.media import ACCEPT, sha256_digest
 from criv.image.reference import Reference
+from criv.image.responses import Failures, error_text, read_at_most
 
 log = logging.getLogger(__name__)
 
@@ -59,64 +60,12 @@ def _is_loopback(host: str) -> bool:
     return name in ("localhost", "::1") or name.startswith("127.")
 
 
-def _fmt_errors(body: bytes) -> str:
-    """The registry's own message: ``CODE: message`` from its error JSON, else the text."""
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return body.decode(errors="replace").strip()[:500]
-    errs = doc.get("errors") if isinstance(doc, dict) else None
-    if isinstance(errs, list) and errs:
-        parts = []
-        for e in errs:
-            if isinstance(e, dict):
-                parts.append(f"{e.get('code', '')}: {e.get('message', '')}".strip(": "))
-        return "; ".join(parts)
-    if isinstance(doc, dict):
-        for key in ("message", "error", "details"):
-            if isinstance(doc.get(key), str):
-                return str(doc[key])
-    return body.decode(errors="replace").strip()[:500]
-
-
-async def _read_at_most(resp: aiohttp.ClientResponse, limit: int) -> bytes:
-    """The body, up to ``limit`` bytes (one read() returns only what has arrived)."""
-    chunks: list[bytes] = []
-    n = 0
-    while n < limit:
-        chunk = await resp.content.read(limit - n)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        n += len(chunk)
-    return b"".join(chunks)
-
-
 def _fingerprint(creds: Credentials) -> str:
     """Which credentials an auth header was made from: never reuse one for others."""
     if creds.is_empty():
         return ""
     fields = (creds.username, creds.password, creds.auth, creds.identity_token)
     return hashlib.sha256("\0".join((*fields, creds.registry_token)).encode()).hexdigest()
-
-
-class _Failure:
-    """Errors met across endpoints; the most telling one is raised at the end."""
-
-    def __init__(self) -> None:
-        self.errors: list[Exception] = []
-
-    def add(self, e: Exception) -> None:
-        self.errors.append(e)
-
-    def raise_best(self, what: str) -> None:
-        for cls in (RegistryAuthError, DigestMismatch, ImageNotFound, ImageError):
-            for e in self.errors:
-                if isinstance(e, cls):
-                    others = [str(x) for x in self.errors if x is not e]
-                    msg = str(e) + (f" (also tried: {'; '.join(others)})" if others else "")
-                    raise type(e)(msg) from e
-        raise RegistryError(f"{what}: no registry endpoint answered")
 
 
 class RegistryClient:
@@ -228,16 +177,16 @@ class RegistryClient:
                 auth = aiohttp.BasicAuth(up[0], up[1]) if up else None
                 req = self.session.get(realm, params=params, auth=auth, ssl=ssl)
             async with req as resp:
-                body = await _read_at_most(resp, 1 << 20)
+                body = await read_at_most(resp, 1 << 20)
                 if resp.status in (401, 403):
                     raise RegistryAuthError(
                         f"registry {ep.host}: token service {realm} refused the credentials: "
-                        f"{resp.status} {resp.reason}: {_fmt_errors(body)}"
+                        f"{resp.status} {resp.reason}: {error_text(body)}"
                     )
                 if resp.status != 200:
                     raise RegistryError(
                         f"registry {ep.host}: token service {realm} answered "
-                        f"{resp.status} {resp.reason}: {_fmt_errors(body)}"
+                        f"{resp.status} {resp.reason}: {error_text(body)}"
                     )
         except (aiohttp.ClientError, TimeoutError) as e:
             raise RegistryError(f"registry {ep.host}: token service {realm}: {e}") from e
@@ -277,21 +226,21 @@ class RegistryClient:
                         auth_header = await self._authorize(ep, scope, challenges, creds)
                         continue
                     if resp.status in (401, 403):
-                        body = await _read_at_most(resp, 1 << 16)
+                        body = await read_at_most(resp, 1 << 16)
                         raise RegistryAuthError(
                             f"registry {ep.host}: authentication failed for {what}: "
-                            f"{resp.status} {resp.reason}: {_fmt_errors(body)}"
+                            f"{resp.status} {resp.reason}: {error_text(body)}"
                         )
                     if resp.status == 404:
-                        body = await _read_at_most(resp, 1 << 16)
+                        body = await read_at_most(resp, 1 << 16)
                         raise ImageNotFound(
-                            f"{what} not found at {ep}: {_fmt_errors(body) or '404 Not Found'}"
+                            f"{what} not found at {ep}: {error_text(body) or '404 Not Found'}"
                         )
                     if resp.status != 200:
-                        body = await _read_at_most(resp, 1 << 16)
+                        body = await read_at_most(resp, 1 << 16)
                         raise RegistryError(
                             f"{ep} answered {resp.status} {resp.reason} for {what}: "
-                            f"{_fmt_errors(body)}"
+                            f"{error_text(body)}"
                         )
                     return await handle(resp)
             except (aiohttp.ClientError, TimeoutError, ConnectionError) as e:
@@ -310,7 +259,7 @@ class RegistryClient:
         """(body, content type, digest, endpoint) of a manifest or index, verified."""
         what = f"manifest {ref.repository}:{reference}".replace(":sha256:", "@sha256:")
         scope = f"repository:{ref.path}:pull"
-        failures = _Failure()
+        failures = Failures()
         for ep in endpoints or self.endpoints(ref.domain):
             cred = self._credentials(ep, ref, creds)
 
@@ -318,7 +267,7 @@ class RegistryClient:
                 limit = self.limits.max_manifest_bytes
                 n = resp.content_length
                 if n is None or n <= limit:
-                    body = await _read_at_most(resp, limit + 1)  # never more than the limit
+                    body = await read_at_most(resp, limit + 1)  # never more than the limit
                     n = len(body)
                 if n > limit:
                     raise exceeded(
@@ -356,7 +305,7 @@ class RegistryClient:
         """Stream blob ``digest`` into a new writer and commit it (verified)."""
         what = f"blob {digest} of {ref.repository}"
         scope = f"repository:{ref.path}:pull"
-        failures = _Failure()
+        failures = Failures()
         for ep in endpoints or self.endpoints(ref.domain):
             cred = self._credentials(ep, ref, creds)
             writer = await asyncio.to_thread(open_writer)
