@@ -49,6 +49,9 @@ log = logging.getLogger("criv.sandbox.pods")
 AGENT_CONNECT_TIMEOUT = 20.0
 # StopPodSandbox kills what kubelet left running: no grace (kubelet gave it already).
 POD_STOP_CONTAINER_TIMEOUT = 0
+# A SIGKILLed container is gone in well under a second; an agent that has not said so by
+# then is stuck (or lying), and what runs it is destroyed instead.
+POD_STOP_KILL_WAIT = 10.0
 POD_STOP_LOG_DRAIN = 5.0
 
 
@@ -283,11 +286,13 @@ class PodService:
         async def one(cid: str) -> None:
             if client is not None:
                 try:
-                    info = await client.stop_container(cid, POD_STOP_CONTAINER_TIMEOUT)
+                    info = await asyncio.wait_for(
+                        client.stop_container(cid, POD_STOP_CONTAINER_TIMEOUT), POD_STOP_KILL_WAIT
+                    )
                     await apply_info(ctx, cid, info)
-                except CrivError as e:
+                except (CrivError, TimeoutError) as e:
                     failed.append(cid)
-                    log.warning("stopping container %s: %s", cid[:12], e)
+                    log.warning("stopping container %s: %s", cid[:12], e or "no answer")
             c = ctx.containers.get(cid)
             if c is not None and c.state is not ContainerState.EXITED:
                 await set_state(
