@@ -25,4 +25,4 @@ def test_userns_pod_maps_ids_and_keeps_the_rootfs_usable(
     assert userns.handlers_advertise(cri) == {"": True, "host": True, "vm": True}
     vol = tmp_path / "vol"
     vol.mkdir()
-    userns.pod_maps_ids_and_keeps_the_rootfs_usable(cri, vol)
+    userns.pod_maps_ids_and_keeps_the_rootfs_usable(cri, vol, create_as_dac_override=True)

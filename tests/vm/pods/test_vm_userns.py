@@ -20,4 +20,4 @@ def test_vm_userns_pod_maps_ids_and_keeps_the_rootfs_usable(vm_cri: Cri, tmp_pat
     assert userns.handlers_advertise(vm_cri) == {"": True, "host": True, "vm": True}
     vol = tmp_path / "vol"
     vol.mkdir()
-    userns.pod_maps_ids_and_keeps_the_rootfs_usable(vm_cri, vol)
+    userns.pod_maps_ids_and_keeps_the_rootfs_usable(vm_cri, vol, create_as_dac_override=False)
