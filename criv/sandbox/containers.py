@@ -153,7 +153,11 @@ class ContainerService:
                 writable = await self._scratch.prepare(paths.state, cid) or cdir
                 failpoints.hit("create_container.after_scratch")
                 rootfs = await self._rootfs.mount(
-                    list(image.layer_dirs), cdir, writable, userns=spec.userns
+                    list(image.layer_dirs),
+                    cdir,
+                    writable,
+                    userns=spec.userns,
+                    searchable=pod.isolation in userns.ROOTFS_BY_HOST_PATH,
                 )
                 failpoints.hit("create_container.after_rootfs")
                 if rec.log_path:

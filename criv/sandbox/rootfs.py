@@ -41,10 +41,16 @@ def overlay_options(layer_dirs: list[Path], upper: Path, work: Path) -> str:
 
 
 async def mount_rootfs(
-    layer_dirs: list[Path], container_dir: Path, writable_dir: Path, userns: UserNs | None = None
+    layer_dirs: list[Path],
+    container_dir: Path,
+    writable_dir: Path,
+    userns: UserNs | None = None,
+    searchable: bool = True,
 ) -> Path:
     """``userns``: the layers are idmapped to its mappings, the upper dir owned by its
-    root (see :mod:`criv.sandbox.userns`)."""
+    root (see :mod:`criv.sandbox.userns`); with ``searchable``, the rootfs path's
+    parents up to the pod's state dir become searchable by others (crun opens that path
+    as the mapped root; a vm pod's crun does not, its state dir stays 0700)."""
     rootfs = container_dir / "rootfs"
     upper, work = writable_dir / "upper", writable_dir / "work"
     overlay_options(layer_dirs, upper, work)  # checks before anything is mounted
@@ -54,6 +60,7 @@ async def mount_rootfs(
             d.mkdir(parents=True, exist_ok=True)
         if userns is not None:
             _userns.own_upper(upper, userns)
+        if userns is not None and searchable:
             # the rootfs path: <pod>/containers/<cid>/rootfs (crun resolves it as the
             # container's mapped root); the sandboxes dir is searchable already
             _userns.searchable([container_dir.parent.parent, container_dir.parent, container_dir])
@@ -120,6 +127,7 @@ class RootfsMounter(Protocol):
         container_dir: Path,
         writable_dir: Path,
         userns: UserNs | None = None,
+        searchable: bool = True,
     ) -> Path: ...
 
     async def unmount(self, container_dir: Path, writable_dir: Path) -> None: ...
@@ -134,8 +142,9 @@ class OverlayRootfs:
         container_dir: Path,
         writable_dir: Path,
         userns: UserNs | None = None,
+        searchable: bool = True,
     ) -> Path:
-        return await mount_rootfs(layer_dirs, container_dir, writable_dir, userns)
+        return await mount_rootfs(layer_dirs, container_dir, writable_dir, userns, searchable)
 
     async def unmount(self, container_dir: Path, writable_dir: Path) -> None:
         await unmount_rootfs(container_dir, writable_dir)

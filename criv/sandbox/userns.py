@@ -2,7 +2,8 @@
 
 The agent gives the container a user namespace with the pod's mappings (OCI
 ``uidMappings``/``gidMappings``, crun writes them). What criv does here is make the
-container's rootfs usable by the mapped ids, in ``host`` isolation:
+container's rootfs usable by the mapped ids, on the host, in ``host`` and ``vm``
+isolation alike:
 
 - an overlayfs mount cannot itself be idmapped (``mount_setattr`` refuses it; 6.18 too),
   but its lower layers can (5.19+). Each image layer gets an idmapped clone
@@ -17,8 +18,16 @@ container's rootfs usable by the mapped ids, in ``host`` isolation:
 
 Volumes are bind-mounted as they are (no idmap; ``Mount.uidMappings`` is not applied):
 a file the container's root writes to a host directory belongs to the mapped host uid.
-``vm`` isolation refuses user namespaces (:func:`refuse_unless_supported`): the guest
-reaches the rootfs over virtio-fs, which the guest kernel (6.1) cannot idmap.
+
+In ``vm`` isolation the guest kernel never idmaps anything: the overlay is built on the
+host exactly as above and reaches the guest through the pod's virtio-fs share, so the
+guest already sees the image's files owned by the mapped ids (virtiofsd reports the
+host's); the agent gives the container the same user namespace in the guest, and
+virtiofsd creates files with the guest caller's ids (the mapped ones). crun resolves
+paths there as the mapped root too: the share's skeleton is searchable
+(criv/sandbox/vm/share.py), while on the host the pod's state dir stays 0700 (crun does
+not open the host path: :data:`ROOTFS_BY_HOST_PATH`). ``vm-image`` pods have no
+container to give one (:func:`refuse_unless_supported`).
 """
 
 from __future__ import annotations
@@ -35,7 +44,10 @@ from pathlib import Path
 from criv.errors import FailedPrecondition, Internal, InvalidArgument
 
 # isolation modes whose containers can get a user namespace
-SUPPORTED_MODES = frozenset({"host"})
+SUPPORTED_MODES = frozenset({"host", "vm"})
+# modes whose crun opens the container's rootfs by its host path, as the mapped root
+# (its parents on the host must be searchable); a vm guest reaches it through its share
+ROOTFS_BY_HOST_PATH = frozenset({"host"})
 
 # the generic syscall table's numbers; the same on x86_64 and aarch64
 _NR_OPEN_TREE, _NR_MOVE_MOUNT, _NR_MOUNT_SETATTR = 428, 429, 442
@@ -87,9 +99,9 @@ def refuse_unless_supported(mode: str, handler: str, userns: UserNs | None) -> N
     if userns is not None and mode not in SUPPORTED_MODES:
         raise InvalidArgument(
             f"runtime handler {handler!r} runs pods in {mode} isolation, which does not "
-            "support user namespaces (userns_options mode POD): the guest reaches the "
-            "container rootfs over virtio-fs, which its kernel cannot idmap; use a "
-            "handler mapped to host isolation or hostUsers: true"
+            "support user namespaces (userns_options mode POD): its pod is a VM booted "
+            "from a disk image, with no container to give one; use a handler mapped to "
+            "host or vm isolation, or hostUsers: true"
         )
 
 

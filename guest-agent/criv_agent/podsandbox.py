@@ -5,13 +5,27 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import TYPE_CHECKING
 
+from criv_agent.api.runtime.v1 import api_pb2
 from criv_agent.errors import FailedPrecondition
 from criv_agent.sandbox import Sandbox
 
-if TYPE_CHECKING:
-    from criv_agent.api.runtime.v1 import api_pb2
+POD = api_pb2.NamespaceMode.POD
+
+
+def userns_pod(config: api_pb2.PodSandboxConfig) -> bool:
+    """The pod asks for a user namespace (``hostUsers: false``: mode POD)."""
+    opts = config.linux.security_context.namespace_options
+    return opts.HasField("userns_options") and opts.userns_options.mode == POD
+
+
+def searchable(state_dir: str) -> None:
+    """Let others search (not list) the agent's state dir (made 0700): the pod files
+    kept under it (a vm guest's, guest-local) are bound into a container by crun as the
+    mapped root of its user namespace, which gets no DAC override there."""
+    mode = os.stat(state_dir).st_mode & 0o7777
+    if mode & 0o011 != 0o011:
+        os.chmod(state_dir, mode | 0o011)
 
 
 class PodSandbox:
@@ -48,6 +62,8 @@ class PodSandbox:
                          config)  # fmt: skip
         else:
             sb.config = config
+        if not sandbox_dir and userns_pod(config):
+            await asyncio.to_thread(searchable, self._state_dir)
         await asyncio.to_thread(sb.write_files, pod_ips)
         await asyncio.to_thread(sb.mount_shm)
         self.current = sb

@@ -22,6 +22,12 @@ directory the guest can write:
   following links and never entering a mount (a volume's content is never deleted).
 
 Only the 9p export (``shared``) is given to QEMU.
+
+The skeleton's directories (the tree's top, ``c``, ``c/<cid>``) are searchable by
+others (0711, no listing): in the guest, crun resolves a container's rootfs and volume
+paths as the mapped root of its user namespace (``hostUsers: false``), which gets no DAC
+override on them. On the host they sit under the pod's 0700 state dir, so no host user
+reaches them.
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ async def prepare(paths: PodPaths) -> None:
         for d in (tree, paths.share_stage):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
         shared.mkdir(exist_ok=True, mode=0o755)
+        searchable(tree)
 
     await asyncio.to_thread(dirs)
     if not await asyncio.to_thread(is_mounted, tree):
@@ -89,6 +96,11 @@ async def _private_stage(paths: PodPaths) -> None:
 
 def container_dir(paths: PodPaths, cid: str) -> Path:
     return paths.share_tree / "c" / cid
+
+
+def searchable(d: Path) -> None:
+    """0711: others may traverse ``d`` (a skeleton dir), not list it."""
+    d.chmod(0o711)
 
 
 def _entry(parent: Path, name: str, is_dir: bool) -> Path:
@@ -129,6 +141,8 @@ async def share(
         is_dir = host_path.is_dir()
         stage = _entry(paths.share_stage / cid, name, is_dir)
         target = _entry(container_dir(paths, cid), name, is_dir)
+        for d in (target.parent.parent, target.parent):  # c, c/<cid>
+            searchable(d)
         return stage, target
 
     await _private_stage(paths)  # pods prepared before it was a mount have it now

@@ -4,9 +4,10 @@ Mode POD (what kubelet sends for ``hostUsers: false``): the container gets a use
 namespace of its own with the pod's uid/gid mappings (kubelet sends every container of a
 pod the same ones), as OCI ``linux.namespaces`` ``user`` plus ``uidMappings`` and
 ``gidMappings``; crun writes the maps. Mode NODE: the agent's own (no user namespace).
-Whoever provides the rootfs makes it usable by the mapped ids (criv, in ``host``
-isolation: idmapped image layers, see criv/sandbox/userns.py); criv refuses the other
-modes and checks the mappings before they get here, the agent checks them again.
+Whoever provides the rootfs makes it usable by the mapped ids (criv, in ``host`` and
+``vm`` isolation alike: an overlay on idmapped image layers, built on the host, which a
+vm guest reaches through virtio-fs; see criv/sandbox/userns.py); criv refuses
+``vm-image`` and checks the mappings before they get here, the agent checks them again.
 """
 
 from __future__ import annotations

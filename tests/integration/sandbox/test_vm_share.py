@@ -50,6 +50,10 @@ def test_guest_sees_binds_at_guest_paths_with_their_flags(pod: PodPaths, tmp_pat
     assert asyncio.run(shares.share(pod, CID, rw, "m0", False)) == f"{GUEST_SHARED}/c/{CID}/m0"
     asyncio.run(shares.share(pod, CID, ro, "m1", True))
     guest = pod.shared / "c" / CID
+    # the skeleton is searchable, not listable: a user namespace's root in the guest
+    # resolves the container's paths through it (on the host, the pod dir is 0700)
+    for d in (pod.shared, pod.shared / "c", guest):
+        assert d.stat().st_mode & 0o777 == 0o711, d
     assert (guest / "m0" / "data").read_text() == "original\n"  # propagated into the view
     (guest / "m0" / "new").write_text("from the guest\n")  # rw volume: writable
     assert (rw / "new").read_text() == "from the guest\n"

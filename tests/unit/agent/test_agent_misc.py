@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from criv_agent import address, cgroups
+from criv_agent import address, cgroups, podsandbox
 from criv_agent.api.runtime.v1 import api_pb2
 from criv_agent.sandbox import Sandbox, hosts_file, resolv_conf
 from criv_agent.spec.rootfs import read_rootfs_file, resolve_in_root
@@ -120,3 +120,23 @@ def test_cgroup_v2_stats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
         5000, 2000, 1500, 1500, 0)  # fmt: skip
     assert cgroups.oom_kills("/criv/sb/c") == 1
     assert os.path.isdir(d)
+
+
+def test_a_userns_pods_guest_local_files_are_reachable_by_its_mapped_root(tmp_path: Path) -> None:
+    """A vm guest keeps the pod files under the agent's 0700 state dir; crun binds them
+    as a user namespace's mapped root, so for such a pod the dir becomes searchable."""
+    m = api_pb2.IDMapping(container_id=0, host_id=1 << 20, length=65536)
+    opts = api_pb2.NamespaceOption(
+        userns_options=api_pb2.UserNamespace(mode=api_pb2.POD, uids=[m], gids=[m])
+    )
+    cfg = api_pb2.PodSandboxConfig()
+    assert not podsandbox.userns_pod(cfg)
+    cfg.linux.security_context.namespace_options.CopyFrom(opts)
+    assert podsandbox.userns_pod(cfg)
+    opts.userns_options.mode = api_pb2.NODE
+    cfg.linux.security_context.namespace_options.CopyFrom(opts)
+    assert not podsandbox.userns_pod(cfg)
+    d = tmp_path / "agent"
+    d.mkdir(mode=0o700)
+    podsandbox.searchable(str(d))
+    assert d.stat().st_mode & 0o777 == 0o711  # searchable, not listable

@@ -218,13 +218,20 @@ class FakeRootfs:
         self.mounted: set[Path] = set()
         self.writable: dict[Path, Path] = {}  # container dir -> where upper/work went
         self.unmounted_writable: list[Path] = []
+        self.userns: dict[Path, tuple[Any, bool]] = {}  # container dir -> (userns, searchable)
 
     async def mount(
-        self, layer_dirs: list[Path], container_dir: Path, writable_dir: Path, userns: Any = None
+        self,
+        layer_dirs: list[Path],
+        container_dir: Path,
+        writable_dir: Path,
+        userns: Any = None,
+        searchable: bool = True,
     ) -> Path:
         await self.steps.step("rootfs.mount")
         self.mounted.add(container_dir)
         self.writable[container_dir] = writable_dir
+        self.userns[container_dir] = (userns, searchable)
         (container_dir / "rootfs").mkdir(parents=True, exist_ok=True)
         return container_dir / "rootfs"
 

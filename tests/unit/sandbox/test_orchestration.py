@@ -5,6 +5,7 @@ gave up, a lost agent or VM, a guest speaking for another pod, overlapping remov
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from criv.sandbox.manager import SandboxManager
 from criv.sandbox.records import MountRecord
 from criv.sandbox.specs import ContainerSpec, PodSpec
 from criv.sandbox.states import ContainerState, PodState
+from criv.sandbox.userns import IdMapping, UserNs
 from criv.state.runtime_state import RuntimeState
 from tests.unit.sandbox.fakes import (
     FakeImages,
@@ -228,6 +230,28 @@ def test_layers_made_with_the_limit_off_are_found_after_it_is_turned_on(rig: Rig
         assert rig.rootfs.writable[rig.mgr.ctx.container_dir(pod_id, new)] == scratch / new
         await rig.mgr.remove_pod(pod_id)
         assert sorted(rig.rootfs.unmounted_writable) == sorted([old_dir, scratch / new])
+        await rig.mgr.close()
+
+    run(go())
+
+
+def test_a_user_namespace_idmaps_the_rootfs_in_both_modes_searchable_on_host_only(
+    rig: Rig,
+) -> None:
+    """vm and host pods alike get their overlay on idmapped layers; only crun on the host
+    opens the rootfs by its host path, so only there its parents become searchable (a
+    vm pod's state dir stays 0700: its guest reaches the rootfs through the share)."""
+    ns = UserNs(uids=(IdMapping(0, 1 << 20, 65536),), gids=(IdMapping(0, 1 << 20, 65536),))
+
+    async def go() -> None:
+        got = {}
+        for handler in ("vm", "host"):
+            spec = dataclasses.replace(rig.spec(name=handler, handler=handler), userns=ns)
+            pod_id = await rig.mgr.run_pod(spec)
+            cid = await rig.mgr.create_container(pod_id, dataclasses.replace(rig.ctr(), userns=ns))
+            got[handler] = rig.rootfs.userns[rig.mgr.ctx.container_dir(pod_id, cid)]
+            await rig.mgr.remove_pod(pod_id)
+        assert got == {"vm": (ns, False), "host": (ns, True)}
         await rig.mgr.close()
 
     run(go())
