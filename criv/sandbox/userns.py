@@ -33,39 +33,20 @@ container to give one (:func:`refuse_unless_supported`).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
-import platform
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from criv.errors import FailedPrecondition, Internal, InvalidArgument
+from criv.sandbox.mountattr import attach_idmapped, detach
 
 # isolation modes whose containers can get a user namespace
 SUPPORTED_MODES = frozenset({"host", "vm"})
 # modes whose crun opens the container's rootfs by its host path, as the mapped root
 # (its parents on the host must be searchable); a vm guest reaches it through its share
 ROOTFS_BY_HOST_PATH = frozenset({"host"})
-
-# the generic syscall table's numbers; the same on x86_64 and aarch64
-_NR_OPEN_TREE, _NR_MOVE_MOUNT, _NR_MOUNT_SETATTR = 428, 429, 442
-_OPEN_TREE_CLONE, _O_CLOEXEC = 1, 0o2000000
-_AT_EMPTY_PATH, _AT_FDCWD = 0x1000, -100
-_MOVE_MOUNT_F_EMPTY_PATH = 4
-_MOUNT_ATTR_IDMAP = 0x100000
-_MNT_DETACH = 2
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-class _MountAttr(ctypes.Structure):
-    _fields_ = [
-        ("attr_set", ctypes.c_uint64),
-        ("attr_clr", ctypes.c_uint64),
-        ("propagation", ctypes.c_uint64),
-        ("userns_fd", ctypes.c_uint64),
-    ]
 
 
 @dataclass(frozen=True)
@@ -142,47 +123,6 @@ def open_userns(userns: UserNs, timeout: float = 5.0) -> int:
     finally:
         helper.kill()
         helper.wait()
-
-
-def _syscall_error(what: str, path: Path) -> OSError:
-    err = ctypes.get_errno()
-    return OSError(err, f"{what} {path}: {os.strerror(err)}")
-
-
-def attach_idmapped(src: Path, dst: Path, userns_fd: int) -> None:
-    """An idmapped clone of the mount tree at ``src``, attached at ``dst`` (blocking)."""
-    if platform.machine() not in ("x86_64", "aarch64"):
-        raise Internal(f"idmapped mounts: unknown syscall numbers on {platform.machine()}")
-    fd = _libc.syscall(
-        _NR_OPEN_TREE, ctypes.c_int(_AT_FDCWD), os.fsencode(src),
-        ctypes.c_uint(_OPEN_TREE_CLONE | _O_CLOEXEC),
-    )  # fmt: skip
-    if fd < 0:
-        raise _syscall_error("open_tree", src)
-    try:
-        attr = _MountAttr(attr_set=_MOUNT_ATTR_IDMAP, userns_fd=userns_fd)
-        rc = _libc.syscall(
-            _NR_MOUNT_SETATTR, ctypes.c_int(fd), b"", ctypes.c_uint(_AT_EMPTY_PATH),
-            ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)),
-        )  # fmt: skip
-        if rc != 0:
-            raise _syscall_error("mount_setattr(MOUNT_ATTR_IDMAP)", src)
-        rc = _libc.syscall(
-            _NR_MOVE_MOUNT, ctypes.c_int(fd), b"", ctypes.c_int(_AT_FDCWD), os.fsencode(dst),
-            ctypes.c_uint(_MOVE_MOUNT_F_EMPTY_PATH),
-        )  # fmt: skip
-        if rc != 0:
-            raise _syscall_error("move_mount", dst)
-    finally:
-        os.close(fd)
-
-
-def detach(path: Path) -> None:
-    """Lazily unmount ``path`` (blocking); a path with no mount is left as it is."""
-    if _libc.umount2(os.fsencode(path), ctypes.c_int(_MNT_DETACH)) != 0:
-        err = ctypes.get_errno()
-        if err not in (22, 2):  # EINVAL: not a mount point; ENOENT
-            raise OSError(err, f"umount {path}: {os.strerror(err)}")
 
 
 def idmapped_layers(layer_dirs: list[Path], into: Path, userns: UserNs) -> list[Path]:
