@@ -7,7 +7,7 @@ data connections to the pod's data socket exactly as for any agent
 socket with the agent's handshake (``StreamOpen`` / ``StreamAccept``, as
 ``criv_agent.datastream``) and hands each stream to a :class:`DataHandler`:
 
-- LOG: a :class:`LogSource` (a CRI log file, followed from ``offset`` until complete);
+- LOG: a ``FollowedLog`` (a CRI log file, followed from ``offset`` until complete);
 - STDIO: ``run_exec(exec_id, reader, writer)`` speaks the STDIO frames
   (``criv_agent.execframes``) itself;
 - PORT_FORWARD: ``dial(port)`` gives the upstream connection.
@@ -31,9 +31,6 @@ from criv_agent.datastream import (
     serve_log,
     serve_port_forward,
 )
-
-# what an in-process agent hands out for a container's log
-LogSource = FollowedLog
 
 
 class DataHandler(Protocol):

@@ -29,7 +29,6 @@ from pathlib import Path
 
 from criv.agent import convert
 from criv.agent.client import AgentClient
-from criv.agent.hostdata import LogSource
 from criv.agent.types import (
     AgentContainerInfo,
     AgentContainerState,
@@ -53,6 +52,7 @@ from criv.vmimage.ssh import SSHClient
 from criv.vmimage.sshconn import SSHTarget
 from criv.vmimage.sshkeys import ensure_pod_key
 from criv.vmimage.sshstream import SSHStream
+from criv_agent.datastream import FollowedLog
 
 log = logging.getLogger("criv.sandbox.vmimage")
 
@@ -95,7 +95,7 @@ class VmImageAgent(AgentClient):
             )
         self._disks = {cid: disk}
 
-    def log_source(self, cid: str) -> LogSource | None:
+    def log_source(self, cid: str) -> FollowedLog | None:
         box = self._box
         return box.console if box is not None and box.cid == cid else None
 

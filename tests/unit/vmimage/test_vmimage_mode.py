@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from criv.agent.datastream import open_data_stream
-from criv.agent.hostdata import HostDataServer, LogSource
+from criv.agent.hostdata import HostDataServer
 from criv.agent.logstream import StreamRefused, open_stream
 from criv.agent.types import AgentContainerState
 from criv.errors import InvalidArgument, Unavailable
@@ -24,6 +24,7 @@ from criv.sandbox.vmimage.console import ConsoleLog
 from criv.sandbox.vmimage.container import VmContainer
 from criv.vmimage.sshkeys import generate_host_key
 from criv_agent.api.agent.v1 import agent_pb2
+from criv_agent.datastream import FollowedLog
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -35,11 +36,11 @@ CNI = {
 
 
 class Handler:
-    def __init__(self, src: LogSource | None) -> None:
+    def __init__(self, src: FollowedLog | None) -> None:
         self.src = src
         self.dialled: list[int] = []
 
-    def log_source(self, container_id: str) -> LogSource | None:
+    def log_source(self, container_id: str) -> FollowedLog | None:
         return self.src if container_id == "c1" else None
 
     def has_exec(self, exec_id: str) -> bool:
