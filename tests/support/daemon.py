@@ -125,15 +125,14 @@ def criv_factory(tmp_path: Path) -> Iterator[Any]:
     """criv_factory(config_overrides) -> a started CrivProcess; all stopped at teardown."""
     started: list[CrivProcess] = []
 
-    run_dirs: list[Path] = []
+    outside: list[Path] = []  # run and state dirs
 
     def make(overrides: dict[str, Any] | None = None, start: bool = True) -> CrivProcess:
         root = tmp_path / f"criv{len(started)}"
         root.mkdir()
-        run_dirs.append(_outside_pytest(RUN_ROOT))
-        run_dirs.append(_outside_pytest(STATE_ROOT))
-        base = {**default_config(root), "run_dir": str(run_dirs[-2]),
-                "state_dir": str(run_dirs[-1])}  # fmt: skip
+        run_dir, state_dir = _outside_pytest(RUN_ROOT), _outside_pytest(STATE_ROOT)
+        outside.extend((run_dir, state_dir))
+        base = {**default_config(root), "run_dir": str(run_dir), "state_dir": str(state_dir)}
         cp = CrivProcess(root, merge(base, overrides or {}))
         started.append(cp)
         if start:
@@ -146,7 +145,7 @@ def criv_factory(tmp_path: Path) -> Iterator[Any]:
         rc = cp.stop()
         if rc not in (0, None):
             errors.append(f"criv exited {rc}:\n{cp.logs()}")
-    for d in run_dirs:
+    for d in outside:
         if not _mounts_under(
             d
         ):  # a leaked mount is the leak check's to report, not ours to delete through
