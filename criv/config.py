@@ -188,10 +188,15 @@ class VmConfig:
     initrd: str = ""
     # a libvirt call that does not answer within this releases its caller (UNAVAILABLE)
     libvirt_call_timeout_seconds: int = 60
+    # vm-image pods: how long after a VM's start the first exec waits for its SSH host
+    # key on the console and its SSH server (then UNAVAILABLE with the console tail)
+    image_ssh_wait_seconds: int = 120
 
     def validate(self, key: str) -> None:
         if self.libvirt_call_timeout_seconds < 1:
             raise ConfigError(f"{key}.libvirt_call_timeout_seconds", "must be >= 1")
+        if self.image_ssh_wait_seconds < 1:
+            raise ConfigError(f"{key}.image_ssh_wait_seconds", "must be >= 1")
         if bool(self.kernel) != bool(self.initrd):
             raise ConfigError(f"{key}.kernel", "kernel and initrd go together")
         if self.vcpus < 1:

@@ -47,7 +47,12 @@ class DirectBoot:
 @dataclass(frozen=True)
 class FirmwareBoot:
     """Boot from the first disk through the firmware (SeaBIOS, libvirt's default), as a
-    disk image with its own bootloader needs."""
+    disk image with its own bootloader needs. The firmware speaks on the serial console
+    (``-machine graphics=off``: SeaBIOS's sercon; there is no display), so a disk that does
+    not boot says so in the console log, and a failed boot resets at once
+    (``rebootTimeout='0'``), which ends the domain (``on_reboot=destroy``)."""
+
+    QEMU_ARGS = ("-machine", "graphics=off")
 
 
 @dataclass(frozen=True)
@@ -216,6 +221,7 @@ class Domain:
         _sub(os_el, "type", "hvm", arch="x86_64", machine=self.machine)
         if isinstance(self.boot, FirmwareBoot):
             _sub(os_el, "boot", dev="hd")
+            _sub(os_el, "bios", rebootTimeout="0")
         else:
             _sub(os_el, "kernel", str(self.boot.kernel))
             if self.boot.initrd is not None:
@@ -242,9 +248,14 @@ class Domain:
         for d in self.devices:
             d.to_element(devs, self.machine)
         _sub(devs, "memballoon", model="none")
-        if self.vhost_user_vsock is not None:
+        args = (
+            [] if self.vhost_user_vsock is None else self.vhost_user_vsock.qemu_args(self.machine)
+        )
+        if isinstance(self.boot, FirmwareBoot):
+            args += FirmwareBoot.QEMU_ARGS
+        if args:
             cl = _sub(dom, f"{{{QEMU_NS}}}commandline")
-            for arg in self.vhost_user_vsock.qemu_args(self.machine):
+            for arg in args:
                 _sub(cl, f"{{{QEMU_NS}}}arg", value=arg)
         return dom
 

@@ -11,7 +11,8 @@ pod's one container is its VM.
 - StartContainer: boots the domain (:mod:`.machine`), follows the console into the
   container's CRI log (:mod:`.console`), where the SSH host key is pinned at first boot.
 - ExecSync / Exec: SSH (:mod:`criv.vmimage.ssh`) to the pod IP with the pod key,
-  after waiting (bounded: :data:`SSH_READY_TIMEOUT`) for the pin and the server.
+  after waiting (bounded: ``vm.image_ssh_wait_seconds``) for the pin and the server
+  (:mod:`.sshready`).
 - StopContainer: ACPI power button, the timeout, then destroy. The container exits 0
   (``Completed``) when the guest powered off, 137 (``Killed``) when criv destroyed it,
   and as ``VMExited`` when the VM stopped any other way.
@@ -47,9 +48,9 @@ from criv.sandbox.vmimage import machine
 from criv.sandbox.vmimage.console import ConsoleLog
 from criv.sandbox.vmimage.container import VmContainer
 from criv.sandbox.vmimage.execstream import PendingExec, run_exec
+from criv.sandbox.vmimage.sshready import DEFAULT_WAIT, SshAccess, ssh_ready
 from criv.vmimage.seed import Route, SeedConfig, build_seed
 from criv.vmimage.ssh import SSHClient
-from criv.vmimage.sshconn import SSHTarget
 from criv.vmimage.sshkeys import ensure_pod_key
 from criv.vmimage.sshstream import SSHStream
 from criv_agent.datastream import FollowedLog
@@ -57,23 +58,27 @@ from criv_agent.datastream import FollowedLog
 log = logging.getLogger("criv.sandbox.vmimage")
 
 SSH_USER_ANNOTATION = "criv.dev/ssh-user"
-SSH_PORT = 22
-# boot to SSH answering: ~5 s under TCG when idle, far more on a loaded 2-core machine
-SSH_READY_TIMEOUT = 120.0
-SSH_RETRY = 0.5
 MAX_PENDING_EXECS = 64
 
 
 class VmImageAgent(AgentClient):
     """One vm-image pod's agent, in criv's process (see the module docstring)."""
 
-    def __init__(self, pod: PodRecord, state_dir: Path, root: Path, vms: machine.Machines) -> None:
+    def __init__(
+        self,
+        pod: PodRecord,
+        state_dir: Path,
+        root: Path,
+        vms: machine.Machines,
+        ssh_wait: float = DEFAULT_WAIT,
+    ) -> None:
         # no gRPC channel: nothing of AgentClient's transport is used
         self.target = f"in-process:vm-image/{pod.id[:12]}"
         self._pod = pod
         self._state_dir = state_dir  # the pod's state dir (criv-private)
         self._root = root  # <state_dir>/vmimage: what QEMU may open
         self._vms = vms
+        self._ssh_wait = ssh_wait
         self._box: VmContainer | None = None
         self._disks: dict[str, machine.BaseDisk] = {}  # cid -> disk, from prepare_container
         self._execs: dict[str, tuple[str, PendingExec]] = {}
@@ -198,10 +203,13 @@ class VmImageAgent(AgentClient):
     async def _watch(self, box: VmContainer) -> None:
         why = await self._vms.wait_stopped(self._pod)
         if box.state is AgentContainerState.RUNNING and not box.stopping:
-            self._exited(box, why)
+            tail = "" if box.console is None else await asyncio.to_thread(box.console.tail)
+            if box.state is AgentContainerState.RUNNING and not box.stopping:
+                self._exited(box, why, tail)
 
-    def _exited(self, box: VmContainer, why: str) -> None:
-        box.exited(why)
+    def _exited(self, box: VmContainer, why: str, console_tail: str = "") -> None:
+        booted = box.console is not None and box.console.pin is not None
+        box.exited(why, console_tail, booted)
         box.after = asyncio.get_running_loop().create_task(self._after_exit(box))
 
     async def _after_exit(self, box: VmContainer) -> None:
@@ -316,41 +324,7 @@ class VmImageAgent(AgentClient):
         raise Unavailable(f"pod {self._pod.id[:12]} has no IP address to reach its VM at")
 
     async def _ssh_ready(self, box: VmContainer) -> SSHClient:
-        """The container's SSH client, connected: waits for the console's host key line
-        and the server, at most SSH_READY_TIMEOUT from the VM's start."""
-        async with box.ready:
-            if box.ssh is not None:
-                return box.ssh
-            console = box.console
-            assert console is not None
-            left = box.started_at_ns / 1e9 + SSH_READY_TIMEOUT - time.time()
-            deadline = time.monotonic() + max(left, 0)
-            try:
-                await asyncio.wait_for(console.pinned.wait(), max(left, 0.01))
-            except TimeoutError:
-                raise Unavailable(
-                    f"vm-image container {box.cid[:12]}: no SSH host key on its console "
-                    f"{SSH_READY_TIMEOUT:.0f}s after boot; console tail:\n{console.tail()}"
-                ) from None
-            assert console.pin is not None
-            key = await asyncio.to_thread(
-                ensure_pod_key, self._state_dir / "vmimage" / "ssh", f"criv-{self._pod.id[:12]}"
-            )
-            pkey = await asyncio.to_thread(key.load)
-            target = SSHTarget(self._pod_ip(), SSH_PORT, box.user, pkey, console.pin)
-            ssh = SSHClient(target)
-            while True:
-                try:
-                    await ssh.connect()
-                    break
-                except Unavailable as e:
-                    if box.state is not AgentContainerState.RUNNING:
-                        raise
-                    if time.monotonic() + SSH_RETRY > deadline:
-                        raise Unavailable(
-                            f"vm-image container {box.cid[:12]}: SSH not reachable "
-                            f"{SSH_READY_TIMEOUT:.0f}s after boot: {e}"
-                        ) from None
-                    await asyncio.sleep(SSH_RETRY)
-            box.ssh = ssh
-            return ssh
+        return await ssh_ready(box, SshAccess(
+            self._pod_ip(), self._state_dir / "vmimage" / "ssh", f"criv-{self._pod.id[:12]}",
+            self._ssh_wait,
+        ))  # fmt: skip

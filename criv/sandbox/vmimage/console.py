@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 from pathlib import Path
 
 from criv.errors import CrivError
@@ -23,6 +24,8 @@ log = logging.getLogger("criv.sandbox.vmimage")
 
 POLL = 0.2
 CHUNK = 256 * 1024
+_ESCAPES = re.compile(rb"\x1b(\[[0-9;?]*[ -/]*[@-~]|[@-_c])")
+_CONTROL = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]")
 
 
 class ConsoleLog:
@@ -73,13 +76,17 @@ class ConsoleLog:
             self._changed.set()
 
     def tail(self, n: int = 2000) -> str:
-        """The console's last ``n`` bytes, for error messages."""
+        """The console's last ``n`` bytes, for error messages: terminal escapes dropped,
+        other control bytes but newline and tab shown as ``\\xNN`` (the guest wrote it)."""
         try:
             with open(self.console, "rb") as f:
                 f.seek(max(0, os.fstat(f.fileno()).st_size - n))
-                return f.read(n).decode(errors="replace")
+                data = f.read(n)
         except OSError:
             return ""
+        data = _ESCAPES.sub(b"", data.replace(b"\r", b""))
+        data = _CONTROL.sub(lambda m: b"\\x%02x" % m.group()[0], data)
+        return data.decode(errors="replace")
 
     async def _follow(self) -> None:
         while True:

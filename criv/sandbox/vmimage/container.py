@@ -1,6 +1,9 @@
 """A vm-image pod's one container: its VM, as :class:`~.agent.VmImageAgent` keeps it, and
 how it ended: 0 (``Completed``) when the guest powered off, 137 (``Killed``) when criv
-stopped it by destroying it, ``VMExited`` when the VM stopped any other way.
+stopped it by destroying it, 255 ``BootFailed`` when the firmware found nothing to boot
+on the disk (it says so on the console, resets, and the reset ends the domain),
+``VMExited`` when the VM stopped any other way. A VM that stopped before its SSH host key
+appeared on the console carries the console's tail in its message.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ from criv.agent.types import AgentContainerInfo, AgentContainerState
 from criv.sandbox.vmimage import machine
 from criv.sandbox.vmimage.console import ConsoleLog
 from criv.vmimage.ssh import SSHClient
+
+# SeaBIOS on the serial console (FirmwareBoot) when no disk holds a boot loader
+BOOT_FAILED_MARKS = ("No bootable device", "Boot failed: not a bootable disk")
 
 
 @dataclass
@@ -49,11 +55,14 @@ class VmContainer:
             exit_code=self.exit_code, reason=self.reason, message=self.message,
         )  # fmt: skip
 
-    def exited(self, why: str) -> None:
+    def exited(self, why: str, console_tail: str = "", booted: bool = True) -> None:
         """The VM stopped (``why``: the driver's stop reason, or how criv stopped it):
         the container's exit code, reason and message say how."""
         self.finished_at_ns = time.time_ns()
-        if why == "shutdown":
+        if not booted and any(m in console_tail for m in BOOT_FAILED_MARKS):
+            self.exit_code, self.reason = 255, "BootFailed"
+            self.message = f"the VM's disk did not boot; console tail:\n{console_tail}"
+        elif why == "shutdown":
             self.exit_code, self.reason, self.message = 0, "Completed", "the VM powered off"
         elif self.stopping and why == "destroyed":
             self.exit_code, self.reason = 137, "Killed"
@@ -61,6 +70,8 @@ class VmContainer:
         else:
             self.exit_code, self.reason = 137 if why == "destroyed" else 255, "VMExited"
             self.message = f"the VM stopped: {why}"
+        if not booted and console_tail and self.reason != "BootFailed":
+            self.message += f" before its SSH host key appeared; console tail:\n{console_tail}"
         self.state = AgentContainerState.EXITED
 
     def remove_files(self) -> None:

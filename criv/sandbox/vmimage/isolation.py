@@ -64,7 +64,9 @@ class VmImageIsolation:
             return agent
         for d in (paths.run, paths.state):
             await asyncio.to_thread(d.mkdir, parents=True, exist_ok=True, mode=0o700)
-        agent = VmImageAgent(pod, paths.state, self._root, self._vms)
+        agent = VmImageAgent(
+            pod, paths.state, self._root, self._vms, float(self._config.vm.image_ssh_wait_seconds)
+        )
         server = HostDataServer(paths.data_socket, agent)
         await server.start()
         self._agents[pod.id] = agent

@@ -19,9 +19,10 @@ from criv.errors import InvalidArgument, Unavailable
 from criv.sandbox.records import PodRecord
 from criv.sandbox.states import PodState
 from criv.sandbox.vmimage import machine
-from criv.sandbox.vmimage.agent import SSH_READY_TIMEOUT, VmImageAgent
+from criv.sandbox.vmimage.agent import VmImageAgent
 from criv.sandbox.vmimage.console import ConsoleLog
 from criv.sandbox.vmimage.container import VmContainer
+from criv.sandbox.vmimage.sshready import DEFAULT_WAIT
 from criv.vmimage.sshkeys import generate_host_key
 from criv_agent.api.agent.v1 import agent_pb2
 from criv_agent.datastream import FollowedLog
@@ -136,7 +137,7 @@ async def test_exec_without_a_host_key_is_unavailable_not_a_hang(tmp_path: Path)
         cid="c1", base=machine.BaseDisk(tmp_path / "b", "qcow2"), dir=tmp_path,
         overlay=tmp_path / "o", seed=tmp_path / "s", user="root", created_at_ns=1,
         state=AgentContainerState.RUNNING, console=console,
-        started_at_ns=time.time_ns() - int((SSH_READY_TIMEOUT - 0.3) * 1e9),
+        started_at_ns=time.time_ns() - int((DEFAULT_WAIT - 0.3) * 1e9),
     )  # fmt: skip
     t0 = time.monotonic()
     with pytest.raises(Unavailable, match="no SSH host key") as e:
