@@ -155,7 +155,7 @@ class Daemon:
         )
         api_pb2_grpc.add_RuntimeServiceServicer_to_server(runtime, server)
         api_pb2_grpc.add_ImageServiceServicer_to_server(ImageService(images), server)
-        server.add_generic_rpc_handlers((images_handler(images),))  # criv's CLI
+        server.add_generic_rpc_handlers((images_handler(images, sandboxes),))  # criv's CLI
         listen_unix(server, sock)
         await server.start()
         log.info("criv %s serving CRI v1 on unix://%s", __version__, sock)

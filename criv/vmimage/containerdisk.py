@@ -24,6 +24,7 @@ from typing import BinaryIO
 
 from criv.errors import InvalidArgument, NotFound
 from criv.image.media import OCI_CONFIG, OCI_INDEX, OCI_LAYER, OCI_MANIFEST
+from criv.image.reference import parse_reference
 
 DISK_DIR = "disk"
 DISK_SUFFIXES = (".qcow2", ".img", ".raw")
@@ -45,6 +46,15 @@ class Layout:
     config_digest: str
     layer_digest: str
     disk_name: str  # the file name under /disk/
+
+
+def layout_ref(ref: str) -> tuple[str, str]:
+    """``ref`` normalized, and the tag its layout is written under (a digest is refused:
+    the image's digest is computed)."""
+    named = parse_reference(ref)
+    if named.digest:
+        raise InvalidArgument(f"{ref}: give a tag, not a digest (the digest is computed)")
+    return str(named), named.tag or "latest"
 
 
 def disk_file_name(disk: Path, name: str = "") -> str:
@@ -86,8 +96,11 @@ def _put_blob(blobs: Path, data: bytes) -> tuple[str, int]:
     return "sha256:" + digest, len(data)
 
 
-def write_layout(disk: Path, out: Path, tag: str = "latest", name: str = "") -> Layout:
+def write_layout(
+    disk: Path, out: Path, tag: str = "latest", name: str = "", created_by: str = ""
+) -> Layout:
     """Write a containerDisk image of ``disk`` as an OCI image layout at ``out`` (new dir).
+    ``created_by`` goes in the config's history (default: `criv vm-image import`).
 
     The layer is an uncompressed tar (a qcow2 is compressed already) written once while
     it is hashed, so its digest is also its diff id. Blocking: call from a thread.
@@ -117,7 +130,7 @@ def write_layout(disk: Path, out: Path, tag: str = "latest", name: str = "") -> 
         "os": "linux",
         "config": {"Labels": {"dev.criv.containerdisk": f"/{DISK_DIR}/{fname}"}},
         "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
-        "history": [{"created_by": f"criv vm-image import {disk.name}"}],
+        "history": [{"created_by": created_by or f"criv vm-image import {disk.name}"}],
     }
     config_digest, config_size = _put_blob(blobs, json.dumps(config, sort_keys=True).encode())
     manifest = {

@@ -100,6 +100,22 @@ class VmImageAgent(AgentClient):
             )
         self._disks = {cid: disk}
 
+    def commit_source(self, cid: str) -> VmContainer:
+        """The container whose disk `criv vm-image commit` flattens: it must have
+        stopped (its VM, the overlay's writer, is gone)."""
+        box = self._box
+        if box is None or box.cid != cid:
+            raise FailedPrecondition(
+                f"container {cid[:12]}: its disk is gone (the pod's next container replaced "
+                "it, or criv restarted since it ran)"
+            )
+        if box.state is not AgentContainerState.EXITED:
+            raise FailedPrecondition(
+                f"container {cid[:12]} is {box.state.value}: stop it first (crictl stop), "
+                "a running VM's disk cannot be committed"
+            )
+        return box
+
     def log_source(self, cid: str) -> FollowedLog | None:
         box = self._box
         return box.console if box is not None and box.cid == cid else None

@@ -21,7 +21,7 @@ from criv.agent.client import AgentClient
 from criv.agent.hostdata import HostDataServer
 from criv.agent.types import GuestNetwork
 from criv.config import Config
-from criv.errors import AgentError, CrivError, InvalidArgument
+from criv.errors import AgentError, CrivError, FailedPrecondition, InvalidArgument
 from criv.hypervisor.spec import domain_name
 from criv.sandbox.isolation import PodPaths
 from criv.sandbox.isostate import IsolationState, VmImageState
@@ -29,6 +29,7 @@ from criv.sandbox.records import MountRecord, PodRecord
 from criv.sandbox.vm.host import VmHost
 from criv.sandbox.vmimage import machine
 from criv.sandbox.vmimage.agent import VmImageAgent
+from criv.sandbox.vmimage.container import VmContainer
 from criv.vmimage.containerdisk import find_disk
 
 log = logging.getLogger("criv.sandbox.vmimage")
@@ -97,6 +98,16 @@ class VmImageIsolation:
             ) from None
         base = await asyncio.to_thread(machine.link_base, self._root, disk, image_id)
         agent.reserve(cid, base)
+
+    def commit_source(self, pod: PodRecord, cid: str) -> VmContainer:
+        """The stopped container of ``pod`` whose disk `criv vm-image commit` flattens."""
+        agent = self._agents.get(pod.id)
+        if agent is None:
+            raise FailedPrecondition(
+                f"vm-image pod {pod.id[:12]} is not served by this criv (stopped, or criv "
+                "restarted since it ran): its container's disk is gone"
+            )
+        return agent.commit_source(cid)
 
     async def stop(
         self, pod: PodRecord, paths: PodPaths, client: AgentClient | None, timeout: int

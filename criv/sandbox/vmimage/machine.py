@@ -51,6 +51,7 @@ STOP_EVENT_WAIT = 40  # x 50 ms
 class BaseDisk:
     path: Path
     format: str  # "qcow2" | "raw"
+    name: str = ""  # its file name under the image's /disk/
 
 
 def _qemu_ids() -> tuple[int, int]:
@@ -82,7 +83,7 @@ def link_base(root: Path, disk: Path, image_id: str) -> BaseDisk:
         os.chown(tmp, -1, gid)
         os.chmod(tmp, 0o440)
         os.replace(tmp, dst)
-    return BaseDisk(dst, fmt)
+    return BaseDisk(dst, fmt, disk.name)
 
 
 def pod_dir(root: Path, pod_id: str) -> Path:
