@@ -17,7 +17,7 @@ import pytest
 from criv.errors import FailedPrecondition, InvalidArgument
 from criv.sandbox.vmimage.commit import check_scratch, disk_stem
 from criv.vmimage.containerdisk import layout_ref
-from criv.vmimage.flatten import flatten
+from criv.vmimage.flatten import flatten, max_overlay_bytes
 from criv.vmimage.qcow2 import (
     INCOMPAT_CORRUPT,
     INCOMPAT_DATA_FILE,
@@ -131,6 +131,7 @@ def test_flatten_reads_the_pinned_base_not_the_header(
     assert out.stat().st_size < MIB  # compressed, zeros unallocated
     st = overlay.stat()
     assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (os.getuid(), 0, 0o600)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
 def test_flatten_qcow2_base(tmp_path: Path) -> None:
@@ -170,7 +171,14 @@ def test_flatten_refusals(chain: tuple[Path, Path, Path], tmp_path: Path) -> Non
     link.symlink_to(overlay)
     with pytest.raises(FailedPrecondition, match="not a regular file"):
         asyncio.run(flatten(link, base, "raw", out))
+    # an overlay file larger than any overlay of its base (sparse here)
+    huge = tmp_path / "huge.qcow2"
+    shutil.copyfile(overlay, huge)
+    os.truncate(huge, max_overlay_bytes(MIB) + 1)
+    with pytest.raises(FailedPrecondition, match="over"):
+        asyncio.run(flatten(huge, base, "raw", out))
     assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".overlay")]
 
 
 def test_check_scratch(tmp_path: Path) -> None:
