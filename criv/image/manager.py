@@ -22,7 +22,13 @@ from typing import Any
 
 from criv import metrics
 from criv.config import Config
-from criv.errors import CrivError, ImageLimitExceeded, ImageNotFound, ResourceExhausted
+from criv.errors import (
+    CrivError,
+    ImageLimitExceeded,
+    ImageNotFound,
+    ResourceExhausted,
+    UnsafeLayer,
+)
 from criv.image.auth import Credentials
 from criv.image.content import ContentStore, private_dir
 from criv.image.layers import LayerStore
@@ -233,8 +239,10 @@ class ImageManager:
             try:
                 async with self._pull_scope():
                     return await self._commit(await self.puller.pull(named, auth))
-            except ImageLimitExceeded:
-                await self.gc()  # once its refs are dropped: a refused image keeps nothing
+            except (ImageLimitExceeded, UnsafeLayer):
+                # once its refs are dropped: a refused image keeps nothing (a retry of an
+                # unsafe layer fails again; its blobs are not worth keeping)
+                await self.gc()
                 raise
             except OSError as e:
                 if e.errno in (errno.ENOSPC, errno.EDQUOT):
