@@ -26,7 +26,6 @@ import grpc
 
 from criv.errors import CrivError, InvalidArgument, Unavailable
 from criv.image.importer import import_layout
-from criv.sandbox.vmimage.commit import commit_container
 
 if TYPE_CHECKING:
     from criv.image.manager import ImageManager
@@ -63,6 +62,8 @@ def images_handler(images: ImageManager, sandboxes: SandboxManager) -> grpc.Gene
         return {"id": await import_layout(images, layout, ref)}
 
     async def commit(request: dict[str, Any], context: grpc.aio.ServicerContext) -> dict[str, Any]:
+        from criv.sandbox.vmimage.commit import commit_container  # the CLI imports this module
+
         rpc = "CommitContainer"
         c = await commit_container(
             sandboxes.ctx, images, _field(request, "container", rpc), _field(request, "ref", rpc),

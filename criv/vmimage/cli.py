@@ -19,10 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from criv.config import Config, load_config
-from criv.cri.admin import COMMIT_CONTAINER, call_daemon, import_via_daemon
 from criv.errors import FailedPrecondition, NotFound, Unavailable
-from criv.sandbox.vmimage.commit import SCRATCH_PREFIX
-from criv.vmimage.containerdisk import Layout, layout_ref, write_layout
+from criv.vmimage.containerdisk import SCRATCH_PREFIX, Layout, layout_ref, write_layout
 
 CONFIG_HELP = "config file (default /etc/criv/config.yaml)"
 PUSH_TIMEOUT = 3600.0
@@ -86,6 +84,8 @@ def _import(args: argparse.Namespace) -> int:
         raise NotFound(f"{disk}: no such file")
 
     def make(cfg: Config, work: Path, ref: str, tag: str) -> tuple[str, Path, str]:
+        from criv.cri.admin import import_via_daemon  # not for every criv command
+
         layout = write_layout(disk, work / "layout", tag=tag, name=args.name or "")
         image_id = import_via_daemon(cfg.socket_path, layout.path, ref, args.timeout)
         return image_id, layout.path, layout.disk_name
@@ -95,6 +95,8 @@ def _import(args: argparse.Namespace) -> int:
 
 def _commit(args: argparse.Namespace) -> int:
     def make(cfg: Config, work: Path, ref: str, tag: str) -> tuple[str, Path, str]:
+        from criv.cri.admin import COMMIT_CONTAINER, call_daemon  # not for every criv command
+
         request = {"container": args.container, "ref": ref, "workdir": str(work)}
         request["name"] = args.name or ""
         answer = call_daemon(cfg.socket_path, COMMIT_CONTAINER, request, args.timeout)

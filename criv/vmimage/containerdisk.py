@@ -35,6 +35,8 @@ _CHUNK = 1 << 20
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _OPAQUE_XATTR = "trusted.overlay.opaque"
 REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
+# the scratch dirs `criv vm-image` makes directly under the state dir for a layout
+SCRATCH_PREFIX = ".vm-image-"
 
 
 @dataclass(frozen=True)

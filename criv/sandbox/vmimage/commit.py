@@ -26,15 +26,13 @@ from criv.errors import FailedPrecondition, InvalidArgument
 from criv.image.importer import import_layout
 from criv.sandbox.context import SandboxContext
 from criv.sandbox.vmimage.isolation import VmImageIsolation
-from criv.vmimage.containerdisk import disk_file_name, layout_ref, write_layout
+from criv.vmimage.containerdisk import SCRATCH_PREFIX, disk_file_name, layout_ref, write_layout
 from criv.vmimage.flatten import FLATTEN_TIMEOUT, flatten
 
 if TYPE_CHECKING:
     from criv.image.manager import ImageManager
 
 log = logging.getLogger("criv.sandbox.vmimage")
-
-SCRATCH_PREFIX = ".vm-image-"
 
 
 @dataclass(frozen=True)
