@@ -60,9 +60,16 @@ def check_scratch(state_dir: Path, workdir: Path) -> None:
 
 
 def disk_stem(base_name: str) -> str:
-    """The committed disk's default name: its base's under /disk/, without the suffix."""
+    """The committed disk's default name: its base's under /disk/ without the suffix, or
+    ``disk`` where that is no name `criv vm-image` writes (the pulled image chose it)."""
     stem = Path(base_name).stem if base_name else ""
-    return stem or "disk"
+    if not stem:
+        return "disk"
+    try:
+        disk_file_name(Path(stem + ".qcow2"))
+    except InvalidArgument:
+        return "disk"
+    return stem
 
 
 async def commit_container(

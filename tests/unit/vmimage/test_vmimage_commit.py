@@ -208,6 +208,9 @@ def test_disk_stem_and_ref() -> None:
     assert disk_stem("criv-test.qcow2") == "criv-test"
     assert disk_stem("root.img") == "root"
     assert disk_stem("") == "disk"
+    assert (
+        disk_stem("my disk.qcow2") == disk_stem(".qcow2") == disk_stem("x" * 80 + ".img") == "disk"
+    )
     assert layout_ref("registry.example/vm/x") == ("registry.example/vm/x:latest", "latest")
     assert layout_ref("registry.example/vm/x:2")[1] == "2"
     with pytest.raises(InvalidArgument, match="not a digest"):
