@@ -6,7 +6,6 @@ tests/vm/vmimage/test_vmimage_commit.py."""
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import grpc
@@ -15,20 +14,15 @@ import pytest
 from criv.cri.admin import COMMIT_CONTAINER, RemoteError, call_daemon
 from criv_agent.api.runtime.v1 import api_pb2
 from tests.support.daemon import CrivProcess
+from tests.support.vmimagecli import vm_image_cli
 
 pytestmark = pytest.mark.integration
 
-CRIV = Path(sys.executable).parent / "criv"
 REF = "registry.example/vm/committed:1"
 
 
 def run_cli(c: CrivProcess, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(CRIV), "vm-image", "commit", *args, "--config", str(c.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return vm_image_cli(c.config_path, "commit", *args)
 
 
 def test_commit_refusals(criv: CrivProcess, tmp_path: Path) -> None:

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,19 +14,13 @@ import pytest
 from criv_agent.api.runtime.v1 import api_pb2
 from tests.support.daemon import CrivProcess
 from tests.support.fixtures import TestRegistry
+from tests.support.vmimagecli import vm_image_cli
 
 pytestmark = pytest.mark.integration
 
-CRIV = Path(sys.executable).parent / "criv"
-
 
 def run_cli(c: CrivProcess, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(CRIV), "vm-image", "import", *args, "--config", str(c.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return vm_image_cli(c.config_path, "import", *args)
 
 
 def test_import_shows_in_list_images(criv: CrivProcess, tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,20 +20,15 @@ from criv_agent.api.runtime.v1 import api_pb2
 from tests.support.cri import Cri
 from tests.support.fixtures import TestRegistry
 from tests.support.vmimage import HANDLERS, create, pull, push_containerdisk
+from tests.support.vmimagecli import vm_image_cli
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(900)]
 
-CRIV = Path(sys.executable).parent / "criv"
 MARK = b"provisioned-by-criv-42\n"
 
 
 def commit(cri: Cri, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(CRIV), "vm-image", "commit", *args, "--config", str(cri.proc.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return vm_image_cli(cri.proc.config_path, "commit", *args, timeout=600)
 
 
 def refused(r: subprocess.CompletedProcess[str], *words: str) -> None:
