@@ -9,7 +9,8 @@ socket with the agent's handshake (``StreamOpen`` / ``StreamAccept``, as
 
 - LOG: a ``FollowedLog`` (a CRI log file, followed from ``offset`` until complete);
 - STDIO: ``run_exec(exec_id, reader, writer)`` speaks the STDIO frames
-  (``criv_agent.execframes``) itself;
+  (``criv_agent.execframes``) itself; without an exec_id (attach), ``attach(container_id)``
+  gives the session that does (or raises a CrivError, the refusal's reason);
 - PORT_FORWARD: ``dial(port)`` gives the upstream connection.
 
 The handshake is parsed here so that nothing outside ``criv/agent`` touches protobuf.
@@ -20,9 +21,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
 
+from criv.errors import CrivError
 from criv_agent.api.agent.v1 import agent_pb2
 from criv_agent.datastream import (
     FollowedLog,
@@ -43,6 +46,11 @@ class DataHandler(Protocol):
     ) -> None: ...
 
     async def dial(self, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]: ...
+
+    async def attach(self, container_id: str) -> AttachSession: ...
+
+
+AttachSession = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
 class HostDataServer:
@@ -76,8 +84,17 @@ class HostDataServer:
             source = self.handler.log_source(req.container_id)
             await serve_log(source, req.container_id, req.offset, writer)
         elif req.kind == agent_pb2.StreamOpen.STDIO:
-            if not req.exec_id or not self.handler.has_exec(req.exec_id):
-                await send_accept(writer, False, "attach is not supported; use exec")
+            if not req.exec_id:
+                try:
+                    session = await self.handler.attach(req.container_id)
+                except CrivError as e:
+                    await send_accept(writer, False, e.message)
+                    return
+                await send_accept(writer, True, "")
+                await session(reader, writer)
+                return
+            if not self.handler.has_exec(req.exec_id):
+                await send_accept(writer, False, f"no pending exec {req.exec_id[:16]!r}")
                 return
             await send_accept(writer, True, "")
             await self.handler.run_exec(req.exec_id, reader, writer)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import libvirt
 
+from criv.errors import NotFound
 from criv.hypervisor.domain import CRIV_NS
 
 _STATES = {
@@ -60,3 +61,14 @@ def domain_info(dom: libvirt.virDomain) -> DomainInfo:
     except (libvirt.libvirtError, ET.ParseError):
         pass
     return DomainInfo(dom.name(), dom.UUIDString(), _STATES.get(state, str(state)), sandbox, owner)
+
+
+def console_pty(c: libvirt.virConnect, name: str) -> str:
+    """The host pty of the running domain's serial console (``<serial type='pty'>``:
+    libvirt puts the path it opened in the live XML)."""
+    root = ET.fromstring(c.lookupByName(name).XMLDesc(0))
+    for el in root.iterfind("devices/serial[@type='pty']/source"):
+        path = el.get("path", "")
+        if path.startswith("/dev/pts/") and path[9:].isdigit():
+            return path
+    raise NotFound(f"domain {name} has no serial console on a pty")

@@ -28,7 +28,7 @@ from criv.errors import CrivError, FailedPrecondition, Internal, NotFound, Unava
 from criv.hypervisor import live
 from criv.hypervisor.calls import DeadlineCalls
 from criv.hypervisor.domain import DOMAIN_PREFIX, Domain
-from criv.hypervisor.domaininfo import DomainInfo, DomainStats, domain_info
+from criv.hypervisor.domaininfo import DomainInfo, DomainStats, console_pty, domain_info
 from criv.procscan import process_start_time
 
 log = logging.getLogger(__name__)
@@ -354,6 +354,10 @@ class Hypervisor:
         """Hot-plug or unplug vCPUs of a running domain to ``count`` (:mod:`.live`)."""
         what = f"setting domain {name} to {count} vCPUs"
         return await self._call(lambda c: _live(live.set_vcpus, c, name, count), what)
+
+    async def console_pty(self, name: str) -> str:
+        """The host pty of a running domain's serial console."""
+        return await self._call(lambda c: _live(console_pty, c, name), f"console of {name}")
 
     async def wait_stopped(
         self, name: str, timeout: float | None = None, poll: float = 0.5

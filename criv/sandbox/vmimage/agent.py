@@ -30,6 +30,7 @@ from pathlib import Path
 
 from criv.agent import convert
 from criv.agent.client import AgentClient
+from criv.agent.hostdata import AttachSession
 from criv.agent.types import (
     AgentContainerInfo,
     AgentContainerState,
@@ -48,6 +49,7 @@ from criv.sandbox.vmimage import machine
 from criv.sandbox.vmimage.console import ConsoleLog
 from criv.sandbox.vmimage.container import VmContainer
 from criv.sandbox.vmimage.execstream import PendingExec, run_exec
+from criv.sandbox.vmimage.serial import SerialConsole, run_attach
 from criv.sandbox.vmimage.sshready import DEFAULT_WAIT, SshAccess, ssh_ready
 from criv.vmimage.seed import Route, SeedConfig, build_seed
 from criv.vmimage.ssh import SSHClient
@@ -133,6 +135,27 @@ class VmImageAgent(AgentClient):
             return await ssh.open_stream(ex.cmd or None, tty=ex.tty)
 
         await run_exec(open_stream, ex, reader, writer)
+
+    async def attach(self, cid: str) -> AttachSession:
+        """An attach session on the VM's serial console (:mod:`.serial`)."""
+        box = self._running(cid)
+        serial = box.serial
+        if serial is None or serial.closed:
+            path = await self._vms.console_pty(self._pod)
+            box = self._running(cid)  # it may have stopped meanwhile
+            if box.serial is None or box.serial.closed:
+                fresh = SerialConsole(path)
+                try:
+                    fresh.open()  # a pty: no wait
+                except OSError as e:
+                    raise Unavailable(f"container {cid[:12]}: its console {path}: {e}") from e
+                box.serial = fresh
+            serial = box.serial
+
+        async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await run_attach(serial, reader, writer, lambda: box.exit_code)
+
+        return session
 
     async def dial(self, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         return await asyncio.open_connection(self._pod_ip(), port)
@@ -231,6 +254,8 @@ class VmImageAgent(AgentClient):
     async def _after_exit(self, box: VmContainer) -> None:
         if box.console is not None:
             await box.console.finish()
+        if box.serial is not None:
+            box.serial.close()  # attach sessions end with the container's exit code
         if box.ssh is not None:
             with contextlib.suppress(CrivError):
                 await box.ssh.close()

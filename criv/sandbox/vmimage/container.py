@@ -18,6 +18,7 @@ from pathlib import Path
 from criv.agent.types import AgentContainerInfo, AgentContainerState
 from criv.sandbox.vmimage import machine
 from criv.sandbox.vmimage.console import ConsoleLog
+from criv.sandbox.vmimage.serial import SerialConsole
 from criv.vmimage.ssh import SSHClient
 
 # SeaBIOS on the serial console (FirmwareBoot) when no disk holds a boot loader
@@ -43,6 +44,7 @@ class VmContainer:
     message: str = ""
     console: ConsoleLog | None = None
     ssh: SSHClient | None = None
+    serial: SerialConsole | None = None  # open while attach sessions run
     watch: asyncio.Task[None] | None = None
     after: asyncio.Task[None] | None = None  # held: the loop keeps only weak references
     stopping: bool = False

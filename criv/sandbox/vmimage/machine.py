@@ -184,6 +184,11 @@ class Machines:
         hv = await self.host.hypervisor()
         return await hv.shutdown(domain_name(pod.id), timeout)
 
+    async def console_pty(self, pod: PodRecord) -> str:
+        """The host pty of the VM's serial console (attach)."""
+        hv = await self.host.hypervisor()
+        return await hv.console_pty(domain_name(pod.id))
+
     async def stats(self, pod: PodRecord) -> DomainStats | None:
         hv = await self.host.hypervisor()
         return await hv.stats(domain_name(pod.id))

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from criv.agent.datastream import open_data_stream
-from criv.agent.hostdata import HostDataServer
+from criv.agent.hostdata import AttachSession, HostDataServer
 from criv.agent.logstream import StreamRefused, open_stream
 from criv.agent.types import AgentContainerState
-from criv.errors import InvalidArgument, Unavailable
+from criv.errors import FailedPrecondition, InvalidArgument, Unavailable
 from criv.sandbox.records import PodRecord
 from criv.sandbox.states import PodState
 from criv.sandbox.vmimage import machine
@@ -56,6 +56,9 @@ class Handler:
         self.dialled.append(port)
         raise ConnectionRefusedError("nothing listens")
 
+    async def attach(self, container_id: str) -> AttachSession:
+        raise FailedPrecondition(f"container {container_id} is exited, not running")
+
 
 async def test_console_is_served_as_the_cri_log(tmp_path: Path) -> None:
     key = generate_host_key()
@@ -88,7 +91,7 @@ async def test_console_is_served_as_the_cri_log(tmp_path: Path) -> None:
         with pytest.raises(StreamRefused, match="not found"):
             bad = agent_pb2.StreamOpen(kind=agent_pb2.StreamOpen.LOG, container_id="c2")
             await open_stream(str(tmp_path / "d.sock"), bad)
-        with pytest.raises(StreamRefused, match="attach is not supported"):
+        with pytest.raises(StreamRefused, match="c1 is exited, not running"):
             await open_data_stream(str(tmp_path / "d.sock"), "stdio", container_id="c1")
         with pytest.raises(StreamRefused, match="port 2222"):
             await open_data_stream(str(tmp_path / "d.sock"), "port_forward", port=2222)
