@@ -11,13 +11,13 @@ from criv.network.tap import tap_name
 from criv.vmimage.containerdisk import write_layout
 from criv_agent.api.runtime.v1 import api_pb2
 from tests.support.cri import Cri
-from tests.support.fixtures import TestRegistry
+from tests.support.registry import RegistryServer
 
 HANDLERS = {"": "vm", "vm": "vm", "host": "host", "vm-image": "vm-image"}
 
 
 def push_containerdisk(
-    registry: TestRegistry, disk: Path, tmp: Path, repo: str = "vm/testdisk", tag: str = "1"
+    registry: RegistryServer, disk: Path, tmp: Path, repo: str = "vm/testdisk", tag: str = "1"
 ) -> str:
     """``disk`` as a containerDisk OCI image in the registry; returns its reference."""
     layout = write_layout(disk, tmp / f"layout-{repo.replace('/', '-')}-{tag}", tag=tag)
