@@ -148,3 +148,28 @@ async def test_exec_without_a_host_key_is_unavailable_not_a_hang(tmp_path: Path)
     assert time.monotonic() - t0 < 5
     assert "no key here" in str(e.value)  # the console tail says why
     await console.finish()
+
+
+def test_how_a_vm_ended(tmp_path: Path) -> None:
+    def box() -> VmContainer:
+        return VmContainer(
+            cid="c1", base=machine.BaseDisk(tmp_path / "b", "qcow2"), dir=tmp_path,
+            overlay=tmp_path / "o", seed=tmp_path / "s", user="root", created_at_ns=1,
+            state=AgentContainerState.RUNNING,
+        )  # fmt: skip
+
+    firmware = "Booting from Hard Disk...\nBoot failed: not a bootable disk\nNo bootable device."
+    b = box()
+    b.exited("shutdown", firmware, booted=False)  # the reset ended the domain
+    assert (b.exit_code, b.reason) == (255, "BootFailed") and firmware in b.message
+    b = box()
+    b.exited("shutdown", "criv-test-disk: ready\n" + firmware, booted=True)  # the guest's words
+    assert (b.exit_code, b.reason, b.message) == (0, "Completed", "the VM powered off")
+    b = box()
+    b.exited("crashed", "kernel panic", booted=False)
+    assert (b.exit_code, b.reason) == (255, "VMExited")
+    assert b.message.endswith("before its SSH host key appeared; console tail:\nkernel panic")
+    b = box()
+    b.stopping = True
+    b.exited("destroyed", "", booted=True)
+    assert (b.exit_code, b.reason) == (137, "Killed")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from criv.sandbox.vmimage.serial import SerialConsole, run_attach
+from criv.sandbox.vmimage.serial import MAX_BEHIND, SerialConsole, run_attach
 from criv_agent import execframes as fr
 
 pytestmark = pytest.mark.timeout(30)
@@ -88,3 +88,26 @@ async def test_attach_on_a_pty(tmp_path: Path) -> None:
     assert frames[-1][0] == fr.EXIT and fr.parse_exit(frames[-1][1]) == 3
     assert console.closed
     w1.close()
+
+
+async def test_a_slow_session_loses_output_not_the_guest(tmp_path: Path) -> None:
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    path = os.ttyname(slave)
+    os.close(slave)
+    os.set_blocking(master, False)
+    console = SerialConsole(path)
+    console.open()
+    s = console.join()  # never read while the guest writes 3 MiB
+    data, sent = b"x" * 65536, 0
+    while sent < 3 * MAX_BEHIND:
+        try:
+            sent += os.write(master, data)
+        except BlockingIOError:
+            await asyncio.sleep(0.001)  # criv's reader drains the pty: never stuck here
+    await asyncio.sleep(0.2)
+    got = await s.read()
+    assert 0 < len(got) <= MAX_BEHIND and s.dropped >= sent - MAX_BEHIND - 65536
+    console.leave(s)  # the last session: the pty is released
+    assert console.closed
+    os.close(master)
