@@ -137,22 +137,27 @@ class VmImageAgent(AgentClient):
         await run_exec(open_stream, ex, reader, writer)
 
     async def attach(self, cid: str) -> AttachSession:
-        """An attach session on the VM's serial console (:mod:`.serial`)."""
+        """An attach session on the VM's serial console (:mod:`.serial`); the pty is opened
+        when the session runs (a refused or abandoned stream leaves nothing open)."""
         box = self._running(cid)
-        serial = box.serial
-        if serial is None or serial.closed:
+        path = box.serial.path if box.serial is not None else ""
+        if not path:
             path = await self._vms.console_pty(self._pod)
-            box = self._running(cid)  # it may have stopped meanwhile
-            if box.serial is None or box.serial.closed:
-                fresh = SerialConsole(path)
-                try:
-                    fresh.open()  # a pty: no wait
-                except OSError as e:
-                    raise Unavailable(f"container {cid[:12]}: its console {path}: {e}") from e
-                box.serial = fresh
-            serial = box.serial
 
         async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            if box.state is not AgentContainerState.RUNNING:
+                serial = None  # it stopped meanwhile: the session ends at once
+            elif box.serial is None or box.serial.closed:
+                serial = SerialConsole(path)
+                try:
+                    serial.open()  # a pty: no wait
+                except OSError as e:
+                    log.warning("container %s: its console %s: %s", cid[:12], path, e)
+                    serial = None
+                else:
+                    box.serial = serial
+            else:
+                serial = box.serial
             await run_attach(serial, reader, writer, lambda: box.exit_code)
 
         return session

@@ -151,13 +151,20 @@ class SerialConsole:
 
 
 async def run_attach(
-    console: SerialConsole,
+    console: SerialConsole | None,
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
     exit_code: Callable[[], int],
 ) -> None:
     """One attach session on the STDIO data stream, until the VM stops (then CLOSE and
-    EXIT) or the client goes away."""
+    EXIT) or the client goes away. No console (the VM stopped, its pty could not be
+    opened): the session ends at once."""
+    if console is None:
+        writer.write(fr.close_frame(fr.STDOUT) + fr.close_frame(fr.STDERR))
+        writer.write(fr.exit_frame(exit_code()))
+        with contextlib.suppress(ConnectionError, OSError):
+            await writer.drain()
+        return
     session = console.join()
     inbound = asyncio.ensure_future(_in(console, session, reader))
     try:
