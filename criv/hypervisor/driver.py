@@ -355,6 +355,15 @@ class Hypervisor:
         what = f"setting domain {name} to {count} vCPUs"
         return await self._call(lambda c: _live(live.set_vcpus, c, name, count), what)
 
+    async def memory(self, name: str) -> tuple[int, int]:
+        """(MiB the guest has now, most MiB) of a running domain (:mod:`.live`)."""
+        return await self._call(lambda c: _live(live.memory, c, name), f"memory of {name}")
+
+    async def set_memory(self, name: str, mib: int) -> None:
+        """Set the balloon target of a running domain to ``mib`` MiB (:mod:`.live`)."""
+        what = f"setting domain {name} to {mib} MiB"
+        await self._call(lambda c: _live(live.set_memory, c, name, mib), what)
+
     async def wait_stopped(
         self, name: str, timeout: float | None = None, poll: float = 0.5
     ) -> bool:

@@ -8,6 +8,11 @@ a domain booted without them cannot grow. A hot-plugged vCPU comes up offline in
 the guest agent onlines it (guest-agent/criv_agent/cpuonline.py). Unplugging works in the
 guest but libvirt cannot track it with QEMU 7.2 (:data:`criv.hypervisor.sizing.VCPU_UNPLUG`),
 so the sizing policy never asks for fewer vCPUs.
+
+Memory: ``setMemoryFlags(KiB, VIR_DOMAIN_AFFECT_LIVE)`` sets the virtio balloon's target,
+up to the domain's ``<memory>``; the guest's balloon driver then hands pages to QEMU (which
+frees them on the host) or takes them back, on its own time. ``memoryStats()["actual"]`` is
+what the guest reports it has reached.
 """
 
 from __future__ import annotations
@@ -29,3 +34,15 @@ def set_vcpus(conn: libvirt.virConnect, name: str, count: int) -> int:
     if dom.vcpusFlags(libvirt.VIR_DOMAIN_AFFECT_LIVE) != count:
         dom.setVcpusFlags(count, libvirt.VIR_DOMAIN_AFFECT_LIVE)
     return int(dom.vcpusFlags(libvirt.VIR_DOMAIN_AFFECT_LIVE))
+
+
+def memory(conn: libvirt.virConnect, name: str) -> tuple[int, int]:
+    """(MiB the guest has now, behind its balloon; most MiB) of the running domain."""
+    dom = conn.lookupByName(name)
+    actual = int(dom.memoryStats().get("actual", 0))
+    return actual // 1024, int(dom.maxMemory()) // 1024
+
+
+def set_memory(conn: libvirt.virConnect, name: str, mib: int) -> None:
+    """Set the balloon's target: the guest is to have ``mib`` MiB."""
+    conn.lookupByName(name).setMemoryFlags(mib * 1024, libvirt.VIR_DOMAIN_AFFECT_LIVE)
