@@ -179,6 +179,8 @@ class VmConfig:
     # memory it boots with (it can shrink and grow back); above that the VM boots with this
     # much and the balloon holds the rest back (the guest sizes its page tables for it)
     max_memory_mib: int = 0
+    # the balloon's free page reporting: pages the guest frees go back to the host
+    free_page_reporting: bool = True
     accel: Accel = "auto"
     vsock: VsockTransport = "auto"
     machine: MachineType = "q35"

@@ -184,8 +184,9 @@ class Domain:
     # most memory; the balloon holds back all above ``current_memory_mib`` (0: none)
     memory_mib: int = 256
     current_memory_mib: int = 0
-    # a virtio balloon (resize live; free page reporting gives freed guest pages back)
+    # a virtio balloon (resize live), with free page reporting (freed guest pages go back)
     balloon: bool = False
+    free_page_reporting: bool = False
     type: DomainType = "qemu"
     machine: Machine = "q35"
     devices: tuple[Device, ...] = ()
@@ -248,7 +249,8 @@ class Domain:
         for d in self.devices:
             d.to_element(devs, self.machine)
         if self.balloon:
-            _mmio(_sub(devs, "memballoon", model="virtio", freePageReporting="on"), self.machine)
+            fpr = {"freePageReporting": "on"} if self.free_page_reporting else {}
+            _mmio(_sub(devs, "memballoon", model="virtio", **fpr), self.machine)
         else:
             _sub(devs, "memballoon", model="none")
         if self.vhost_user_vsock is not None:

@@ -72,6 +72,7 @@ class PodVm:
     console_log: Path
     max_vcpus: int = 0  # above size.vcpus: hot-pluggable vCPU slots (sizing.max_vcpus_for)
     max_memory_mib: int = 0  # above size.memory_mib: held back by the balloon (max_memory_for)
+    free_page_reporting: bool = True
     fs_socket: Path | None = None  # virtiofsd serving the pod's share
     tap: str = ""
     mac: str = ""
@@ -125,6 +126,7 @@ def pod_domain(vm: PodVm) -> Domain:
         memory_mib=max(vm.max_memory_mib, vm.size.memory_mib),
         current_memory_mib=vm.size.memory_mib,
         balloon=True,
+        free_page_reporting=vm.free_page_reporting,
         type="kvm" if vm.accel == "kvm" else "qemu",
         machine=vm.machine,
         devices=tuple(devices),

@@ -150,6 +150,7 @@ class VmIsolation:
             console_log=console_log(paths),
             max_vcpus=most,
             max_memory_mib=most_mib,
+            free_page_reporting=self._config.vm.free_page_reporting,
             fs_socket=virtiofs.fs_socket(paths),
             tap=tap,
             mac=mac,
