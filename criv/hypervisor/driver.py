@@ -359,6 +359,13 @@ class Hypervisor:
         """(MiB the guest has now, most MiB) of a running domain (:mod:`.live`)."""
         return await self._call(lambda c: _live(live.memory, c, name), f"memory of {name}")
 
+    async def memory_use(self, name: str) -> tuple[int, int]:
+        """(MiB the guest has, MiB in use) of a running domain, asked of the guest's balloon
+        driver ((0, 0): it did not say; :func:`.live.guest_memory_use`)."""
+        return await self._call(
+            lambda c: _live(live.guest_memory_use, c, name), f"memory use of {name}"
+        )
+
     async def set_memory(self, name: str, mib: int) -> None:
         """Set the balloon target of a running domain to ``mib`` MiB (:mod:`.live`)."""
         what = f"setting domain {name} to {mib} MiB"

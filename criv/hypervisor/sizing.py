@@ -19,7 +19,8 @@ Rules:
   holds the difference back from the start (``<currentMemory>``).
 - resize (:func:`resize_refusal`): the same rules give the new size; vCPUs may grow up to
   the VM's most vCPUs but not shrink (``VCPU_UNPLUG``); memory may shrink or grow up to the
-  VM's most memory (the balloon: the guest gives pages back or takes them again).
+  VM's most memory (the balloon: the guest gives pages back or takes them again); whether
+  the guest can spare what a shrink takes is asked of it at the time (podresources).
 """
 
 from __future__ import annotations

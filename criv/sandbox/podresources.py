@@ -7,9 +7,10 @@ plus the overhead), after kubelet resized the pod.
   libvirt up to the most the domain was booted with (``max_vcpus``, the slots of
   ``<vcpu current=…>``); memory moves with the virtio balloon, down or back up to the most
   the domain was booted with (``max_memory_mib``, its ``<memory>``), and the call waits
-  until the guest has reached the new size (:data:`BALLOON_WAIT_SECONDS`): a guest that
-  cannot give the memory back in time (it is in use) gets its old target back and the call
-  is FAILED_PRECONDITION, as a cgroup limit below usage is. Cpusets and hugepages cannot
+  until the guest has reached the new size (:data:`BALLOON_WAIT_SECONDS`). A shrink below
+  what the guest uses (plus headroom; the guest's balloon driver says) is refused before
+  anything moves, as a cgroup limit below usage is; a guest that still does not get there in
+  time gets its old target back and the call is FAILED_PRECONDITION. Cpusets and hugepages cannot
   change. What cannot be done is FAILED_PRECONDITION naming the field, checked before
   anything changes. The guest has no pod-level cgroup criv could update (the agent has no
   call for one): the containers' own limits in the guest follow UpdateContainerResources.
@@ -45,6 +46,10 @@ log = logging.getLogger("criv.sandbox.podresources")
 
 # how long a memory resize waits for the guest's balloon driver to reach the new size
 BALLOON_WAIT_SECONDS = 10.0
+# what a shrink must leave the guest free beyond what it uses (MiB, and a share of the new
+# size): a balloon that leaves less makes the guest's next allocation OOM-kill a process
+SHRINK_HEADROOM_MIB = 32
+SHRINK_HEADROOM_SHARE = 0.05
 _BALLOON_POLL_SECONDS = 0.2
 
 
@@ -62,6 +67,8 @@ class MemoryBalloon(Protocol):
     """What an isolation mode offers to change a running VM's memory (vm: VmIsolation)."""
 
     async def memory(self, pod: PodRecord) -> tuple[int, int]: ...
+
+    async def memory_use(self, pod: PodRecord) -> tuple[int, int]: ...
 
     async def set_memory(self, pod: PodRecord, mib: int) -> None: ...
 
@@ -138,28 +145,46 @@ async def _set_vcpus(ctx: SandboxContext, pod: PodRecord, st: VmState, want: int
 async def _set_memory(
     ctx: SandboxContext, pod: PodRecord, st: VmState, want: int, wait: float
 ) -> VmState:
-    """Move the balloon to ``want`` MiB and wait until the guest is there; if it does not
-    get there in ``wait`` s, put the old target back and say so (nothing changed)."""
+    """Move the balloon to ``want`` MiB and wait until the guest is there. A shrink below
+    what the guest uses is refused first; a guest that does not get there in ``wait`` s
+    gets the old target back. Either refusal leaves the VM as it was."""
     iso = ctx.isolation(pod)
     if not isinstance(iso, MemoryBalloon):
         raise FailedPrecondition(f"resources.memory_limit_in_bytes: {pod.isolation} cannot resize")
     field = "resources.memory_limit_in_bytes (+ overhead)"
-    try:
+
+    async def balloon() -> tuple[int, int] | None:
+        """(what the guest reached, its use before a shrink) or None if not there in time."""
+        have, used = await iso.memory_use(pod) if want < st.memory_mib else (0, 0)
+        need = used + max(SHRINK_HEADROOM_MIB, int(want * SHRINK_HEADROOM_SHARE))
+        if have and want < need:
+            return have, used
         await iso.set_memory(pod, want)
         deadline = asyncio.get_running_loop().time() + wait
         while True:
-            have, _most = await iso.memory(pod)
-            if have == want:
-                return dataclasses.replace(st, memory_mib=want)
+            now, _most = await iso.memory(pod)
+            if now == want:
+                return None
             if asyncio.get_running_loop().time() >= deadline:
-                break
+                await iso.set_memory(pod, st.memory_mib)
+                return now, 0
             await asyncio.sleep(_BALLOON_POLL_SECONDS)
-        await iso.set_memory(pod, st.memory_mib)
+
+    try:
+        short = await balloon()
     except CrivError as e:
         msg = f"{field}: changing the VM from {st.memory_mib} to {want} MiB: {e}"
         raise (Unavailable if isinstance(e, Unavailable) else FailedPrecondition)(msg) from e
+    if short is None:
+        return dataclasses.replace(st, memory_mib=want)
+    got, used = short
+    if used:
+        raise FailedPrecondition(
+            f"{field}: the guest uses {used} MiB of its {got} MiB, so {want} MiB would leave "
+            "it too little free (its next allocation would kill a process); nothing changed"
+        )
     raise FailedPrecondition(
-        f"{field}: the guest got only to {have} MiB of {want} MiB in {wait:.0f} s (memory in "
+        f"{field}: the guest got only to {got} MiB of {want} MiB in {wait:.0f} s (memory in "
         f"use?); it is back at {st.memory_mib} MiB"
     )
 

@@ -266,6 +266,11 @@ class VmIsolation:
         hv = await self._host.hypervisor()
         return await hv.memory(domain_name(pod.id))
 
+    async def memory_use(self, pod: PodRecord) -> tuple[int, int]:
+        """(MiB the guest has, MiB of it in use), as the guest's balloon driver says."""
+        hv = await self._host.hypervisor()
+        return await hv.memory_use(domain_name(pod.id))
+
     async def set_memory(self, pod: PodRecord, mib: int) -> None:
         """Set the pod VM's balloon target (UpdatePodSandboxResources)."""
         hv = await self._host.hypervisor()

@@ -45,12 +45,16 @@ class Hotplug:
 class Balloon(Hotplug):
     """Hotplug plus a balloon; the guest follows it up to ``gives_back_to`` MiB at least."""
 
-    def __init__(self, live: int, mib: int, gives_back_to: int = 0) -> None:
+    def __init__(self, live: int, mib: int, gives_back_to: int = 0, uses: int = 100) -> None:
         super().__init__(live)
         self.mib = mib
         self.target = mib
         self.floor = gives_back_to
+        self.uses = uses  # what the guest says it uses
         self.targets: list[int] = []
+
+    async def memory_use(self, pod: PodRecord) -> tuple[int, int]:
+        return self.mib, self.uses
 
     async def memory(self, pod: PodRecord) -> tuple[int, int]:
         self.mib = max(self.target, self.floor)
@@ -189,3 +193,17 @@ def test_a_balloon_the_guest_does_not_follow_is_put_back(monkeypatch: pytest.Mon
     assert ctx.iso.targets == [416, 672]  # the old target put back
     assert ctx.iso.asked == []  # and no vCPU plugged after the failed step
     assert ctx.pods.pod == before
+
+
+@pytest.mark.timeout(10)
+def test_a_shrink_below_the_guests_use_is_refused_before_the_balloon_moves() -> None:
+    ctx = Ctx(_pod(memory_mib=672, max_memory_mib=672), Balloon(1, 672, uses=400))
+    before = ctx.pods.pod
+    with pytest.raises(CrivError) as e:
+        _update(ctx, cpus=2, memory_mib=256)  # 416 MiB < 400 used + 32 MiB headroom
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "the guest uses 400 MiB of its 672 MiB, so 416 MiB" in e.value.message
+    assert ctx.iso.targets == [] and ctx.iso.asked == [] and ctx.pods.pod == before
+    ctx.iso.uses = 300  # enough room now: taken
+    _update(ctx, cpus=2, memory_mib=256)
+    assert ctx.iso.targets == [416] and _state(ctx).memory_mib == 416
