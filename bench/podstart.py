@@ -18,9 +18,11 @@ Beside them, in the same invocation:
 Then host memory per idle vm pod (PSS, /proc/<pid>/smaps_rollup) with 1 and 10 pods: the
 domain's QEMU + its vsock backend + criv's own growth divided by the pod count. VMs boot
 one after another (TCG on two cores). Figures only, never pass/fail. Needs root, libvirtd
-and the guest image (`criv image build`). Usage:
+and the guest image (`criv image build`). ``--compare-free-page-reporting`` measures the
+PSS again with ``vm.free_page_reporting: false`` (the baseline), same run. Usage:
 
     .venv/bin/python bench/podstart.py [--runs 10] [--skip-containerd] [--skip-pss]
+        [--skip-host] [--pss-pods 10] [--max-vcpus N] [--compare-free-page-reporting]
 """
 
 from __future__ import annotations
@@ -236,11 +238,14 @@ def main() -> int:
     ap.add_argument("--pss-pods", type=int, default=10)
     # 1: no hot-pluggable vCPU slot (as before UpdatePodSandboxResources could add vCPUs)
     ap.add_argument("--max-vcpus", type=int, default=0, help="vm.max_vcpus (0: criv's default)")
+    # the same PSS measurement again with vm.free_page_reporting off: what reporting saves
+    ap.add_argument("--compare-free-page-reporting", action="store_true")
     args = ap.parse_args()
     start_libvirtd()
     img = build_guest_image(progress=lambda line: print(f"[guest-image] {line}", flush=True))
     results: dict[str, Samples] = {}
     pss: dict[int, dict[str, float]] = {}
+    pss_off: dict[int, dict[str, float]] = {}
     vm_cfg = {
         "vm": {"kernel": str(img.kernel), "initrd": str(img.initrd), "max_vcpus": args.max_vcpus},
         "runtime": {"handlers": {"": "vm", "vm": "vm", "host": "host"}},
@@ -262,6 +267,12 @@ def main() -> int:
                 pss = vm_pss(r, image, logs / "pss", [1, args.pss_pods])
             if r.proc is not None:
                 print_breakdown(r.proc.log_path)
+        if args.compare_free_page_reporting:
+            off = {**vm_cfg, "vm": {**vm_cfg["vm"], "free_page_reporting": False}}
+            with criv_runtime(env.root, reg, cni, off, name="criv-vm-nofpr") as r:
+                r.pull(image)
+                print("criv vm, free page reporting off: PSS of idle pods...", flush=True)
+                pss_off = vm_pss(r, image, logs / "pss-off", [1, args.pss_pods])
         host_cfg = {"runtime": {"handlers": {"": "host", "host": "host"}}}
         if not args.skip_host:
             with criv_runtime(env.root, reg, cni, host_cfg, name="criv-host") as r:
@@ -275,6 +286,9 @@ def main() -> int:
             if ctrd:
                 results["containerd"] = ctrd
     report(results, pss)
+    if pss_off:
+        print("\nsame, vm.free_page_reporting: false (the baseline, same run):")
+        report({}, pss_off)
     return 0
 
 

@@ -175,6 +175,12 @@ class VmConfig:
     # most vCPUs a pod VM may get live (UpdatePodSandboxResources): 0 = the host's CPU
     # count, at most 16; up to 64 (the guest kernel's NR_CPUS)
     max_vcpus: int = 0
+    # most memory a pod VM may get live (UpdatePodSandboxResources, the balloon): 0 = the
+    # memory it boots with (it can shrink and grow back); above that the VM boots with this
+    # much and the balloon holds the rest back (the guest sizes its page tables for it)
+    max_memory_mib: int = 0
+    # the balloon's free page reporting: pages the guest frees go back to the host
+    free_page_reporting: bool = True
     accel: Accel = "auto"
     vsock: VsockTransport = "auto"
     machine: MachineType = "q35"
@@ -203,6 +209,8 @@ class VmConfig:
             raise ConfigError(f"{key}.vcpus", "must be >= 1")
         if self.memory_mib < 64:
             raise ConfigError(f"{key}.memory_mib", "must be >= 64")
+        if self.max_memory_mib != 0 and not 64 <= self.max_memory_mib <= 64 * 1024:
+            raise ConfigError(f"{key}.max_memory_mib", "must be 0 (the boot size) or 64..65536")
         if not 0 <= self.max_vcpus <= 64:
             raise ConfigError(f"{key}.max_vcpus", "must be 0 (host CPUs, at most 16) .. 64")
 

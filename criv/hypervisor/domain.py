@@ -186,7 +186,12 @@ class Domain:
     vcpus: int = 1
     # most vCPUs: above ``vcpus``, the rest are hot-pluggable slots (``<vcpu current=…>``)
     max_vcpus: int = 0
+    # most memory; the balloon holds back all above ``current_memory_mib`` (0: none)
     memory_mib: int = 256
+    current_memory_mib: int = 0
+    # a virtio balloon (resize live), with free page reporting (freed guest pages go back)
+    balloon: bool = False
+    free_page_reporting: bool = False
     type: DomainType = "qemu"
     machine: Machine = "q35"
     devices: tuple[Device, ...] = ()
@@ -209,6 +214,8 @@ class Domain:
             for k, v in sorted(self.metadata.items()):
                 _sub(pod, f"{{{CRIV_NS}}}{k}", v)
         _sub(dom, "memory", str(self.memory_mib), unit="MiB")
+        if 0 < self.current_memory_mib < self.memory_mib:
+            _sub(dom, "currentMemory", str(self.current_memory_mib), unit="MiB")
         if self.shared_memory:
             mb = _sub(dom, "memoryBacking")
             _sub(mb, "source", type="memfd")
@@ -247,7 +254,11 @@ class Domain:
         _sub(devs, "controller", type="usb", model="none")
         for d in self.devices:
             d.to_element(devs, self.machine)
-        _sub(devs, "memballoon", model="none")
+        if self.balloon:
+            fpr = {"freePageReporting": "on"} if self.free_page_reporting else {}
+            _mmio(_sub(devs, "memballoon", model="virtio", **fpr), self.machine)
+        else:
+            _sub(devs, "memballoon", model="none")
         args = (
             [] if self.vhost_user_vsock is None else self.vhost_user_vsock.qemu_args(self.machine)
         )

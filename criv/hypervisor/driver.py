@@ -359,6 +359,22 @@ class Hypervisor:
         """The host pty of a running domain's serial console."""
         return await self._call(lambda c: _live(console_pty, c, name), f"console of {name}")
 
+    async def memory(self, name: str) -> tuple[int, int]:
+        """(MiB the guest has now, most MiB) of a running domain (:mod:`.live`)."""
+        return await self._call(lambda c: _live(live.memory, c, name), f"memory of {name}")
+
+    async def memory_use(self, name: str) -> tuple[int, int]:
+        """(MiB the guest has, MiB in use) of a running domain, asked of the guest's balloon
+        driver ((0, 0): it did not say; :func:`.live.guest_memory_use`)."""
+        return await self._call(
+            lambda c: _live(live.guest_memory_use, c, name), f"memory use of {name}"
+        )
+
+    async def set_memory(self, name: str, mib: int) -> None:
+        """Set the balloon target of a running domain to ``mib`` MiB (:mod:`.live`)."""
+        what = f"setting domain {name} to {mib} MiB"
+        await self._call(lambda c: _live(live.set_memory, c, name, mib), what)
+
     async def wait_stopped(
         self, name: str, timeout: float | None = None, poll: float = 0.5
     ) -> bool:

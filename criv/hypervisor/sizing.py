@@ -14,9 +14,13 @@ Rules:
 - most vCPUs (what a live resize may hot-plug up to): ``vm.max_vcpus``, 0 meaning the host's
   CPU count bounded by ``DEFAULT_MAX_VCPUS``; never above the guest kernel's ``NR_CPUS``
   (``GUEST_NR_CPUS``) nor below the boot vCPUs.
+- most memory (what the balloon may give back up to): ``vm.max_memory_mib``, 0 meaning the
+  boot size; never below it. A VM above its boot size boots with the most and the balloon
+  holds the difference back from the start (``<currentMemory>``).
 - resize (:func:`resize_refusal`): the same rules give the new size; vCPUs may grow up to
-  the VM's most vCPUs but not shrink (``VCPU_UNPLUG``); memory stays at its boot size (the
-  guest kernel has neither a balloon driver nor memory hotplug: ``GUEST_MEMORY_RESIZE``).
+  the VM's most vCPUs but not shrink (``VCPU_UNPLUG``); memory may shrink or grow up to the
+  VM's most memory (the balloon: the guest gives pages back or takes them again); whether
+  the guest can spare what a shrink takes is asked of it at the time (podresources).
 """
 
 from __future__ import annotations
@@ -33,14 +37,6 @@ MIB = 1 << 20
 GUEST_NR_CPUS = 64
 # default most vCPUs on a big host: each possible CPU costs the guest per-CPU memory at boot
 DEFAULT_MAX_VCPUS = 16
-# Why a VM's memory cannot change live ("" once the guest kernel can): the guest kernel
-# (images/kernel/criv.config, built on tinyconfig) has CONFIG_VIRTIO_BALLOON and
-# CONFIG_MEMORY_HOTPLUG (virtio-mem, DIMMs) unset, so neither a balloon nor added memory
-# would reach the guest.
-GUEST_MEMORY_RESIZE = (
-    "the guest kernel has no CONFIG_VIRTIO_BALLOON (balloon) and no CONFIG_MEMORY_HOTPLUG "
-    "(virtio-mem or DIMM hotplug), so a VM's memory is fixed at boot"
-)
 # Why a VM's vCPUs cannot shrink live ("" once they can). Measured (QEMU 7.2, TCG, libvirt
 # 9.0): the guest ejects the vCPU within ~0.1 s, but QEMU sends DEVICE_DELETED only for the
 # vCPU's lapic child, never for the vCPU, so libvirt's unplug times out after 5 s and keeps
@@ -101,26 +97,31 @@ def max_vcpus_for(boot_vcpus: int, configured: int, host_cpus: int) -> int:
     return max(boot_vcpus, min(most, GUEST_NR_CPUS))
 
 
-def resize_refusal(current: VmSize, max_vcpus: int, new: VmSize) -> str:
-    """Why a running VM of ``current`` size (at most ``max_vcpus``) cannot take ``new``
-    ("" when it can: only the vCPUs change, within bounds). Memory is checked first, so a
-    refused resize changes nothing."""
-    if new.memory_mib != current.memory_mib:
+def max_memory_for(boot_mib: int, configured: int) -> int:
+    """The most memory (MiB) a VM booted with ``boot_mib`` may be given live."""
+    most = min(_align_up(configured, MEMORY_ALIGN_MIB), MAX_MEMORY_MIB) if configured else 0
+    return max(boot_mib, most)
+
+
+def resize_refusal(current: VmSize, most: VmSize, new: VmSize) -> str:
+    """Why a running VM of ``current`` size, booted to grow up to ``most``, cannot take
+    ``new`` ("" when it can). Everything is checked before anything changes."""
+    if new.memory_mib > max(most.memory_mib, current.memory_mib):
         return (
             f"resources.memory_limit_in_bytes (+ overhead): the VM would need "
-            f"{new.memory_mib} MiB but has {current.memory_mib} MiB: {GUEST_MEMORY_RESIZE}; "
-            "recreate the pod to resize it"
+            f"{new.memory_mib} MiB but was booted with at most {most.memory_mib} MiB "
+            "(vm.max_memory_mib); recreate the pod to resize it"
         )
-    most = max(max_vcpus, current.vcpus)
+    most_vcpus = max(most.vcpus, current.vcpus)
     if new.vcpus < current.vcpus and VCPU_UNPLUG:
         return (
             f"resources.cpu_quota (+ overhead): the VM would go from {current.vcpus} to "
             f"{new.vcpus} vCPUs: {VCPU_UNPLUG}; recreate the pod to shrink it"
         )
-    if new.vcpus > most:
+    if new.vcpus > most_vcpus:
         return (
             f"resources.cpu_quota (+ overhead): the VM would need {new.vcpus} vCPUs but "
-            f"was booted with at most {most} (vm.max_vcpus); recreate the pod to resize it"
+            f"was booted with at most {most_vcpus} (vm.max_vcpus); recreate the pod to resize it"
         )
     return ""
 

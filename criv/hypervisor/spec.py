@@ -71,6 +71,8 @@ class PodVm:
     accel: Accel
     console_log: Path
     max_vcpus: int = 0  # above size.vcpus: hot-pluggable vCPU slots (sizing.max_vcpus_for)
+    max_memory_mib: int = 0  # above size.memory_mib: held back by the balloon (max_memory_for)
+    free_page_reporting: bool = True
     fs_socket: Path | None = None  # virtiofsd serving the pod's share
     tap: str = ""
     mac: str = ""
@@ -121,7 +123,10 @@ def pod_domain(vm: PodVm) -> Domain:
         vcpus=vm.size.vcpus,
         # microvm has no ACPI here (acpi=off): nothing could announce a hot-plugged vCPU
         max_vcpus=vm.max_vcpus if vm.machine != "microvm" else 0,
-        memory_mib=vm.size.memory_mib,
+        memory_mib=max(vm.max_memory_mib, vm.size.memory_mib),
+        current_memory_mib=vm.size.memory_mib,
+        balloon=True,
+        free_page_reporting=vm.free_page_reporting,
         type="kvm" if vm.accel == "kvm" else "qemu",
         machine=vm.machine,
         devices=tuple(devices),

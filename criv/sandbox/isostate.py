@@ -33,7 +33,8 @@ class VmState:
     console_log: str = ""
     vcpus: int = 0  # now (UpdatePodSandboxResources may have hot-plugged some)
     max_vcpus: int = 0  # what the domain can grow to (0: its boot vCPUs, an older record)
-    memory_mib: int = 0
+    memory_mib: int = 0  # now (the balloon's target after a live resize)
+    max_memory_mib: int = 0  # what the balloon can give up to (0: its boot memory, an older record)
     vsock: str = "backend"
     cid: int = 0
     backend_pid: int = 0

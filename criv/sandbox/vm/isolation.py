@@ -25,7 +25,7 @@ from criv.config import Config
 from criv.errors import AgentError, CrivError, InvalidArgument
 from criv.hypervisor.driver import qemu_pid
 from criv.hypervisor.hostsetup import QEMU_USER
-from criv.hypervisor.sizing import PodResources, max_vcpus_for, vm_size
+from criv.hypervisor.sizing import PodResources, max_memory_for, max_vcpus_for, vm_size
 from criv.hypervisor.spec import PodVm, domain_name, pod_domain
 from criv.network.tap import attach_tap, delete_tap, guest_addressing, pod_link
 from criv.network.tap import tap_name as pod_tap_name
@@ -139,6 +139,8 @@ class VmIsolation:
         )
         # the slots above size.vcpus let UpdatePodSandboxResources hot-plug vCPUs
         most = max_vcpus_for(size.vcpus, self._config.vm.max_vcpus, os.cpu_count() or 1)
+        # above size.memory_mib, the balloon holds memory back for a live resize to give
+        most_mib = max_memory_for(size.memory_mib, self._config.vm.max_memory_mib)
         vm = PodVm(
             sandbox_id=pod.id,
             kernel=prep.kernel,
@@ -147,6 +149,8 @@ class VmIsolation:
             accel=prep.accel.accel,
             console_log=console_log(paths),
             max_vcpus=most,
+            max_memory_mib=most_mib,
+            free_page_reporting=self._config.vm.free_page_reporting,
             fs_socket=virtiofs.fs_socket(paths),
             tap=tap,
             mac=mac,
@@ -177,6 +181,7 @@ class VmIsolation:
             vcpus=size.vcpus,
             max_vcpus=max(domain.max_vcpus, size.vcpus),
             memory_mib=size.memory_mib,
+            max_memory_mib=domain.memory_mib,
             vsock="backend",
             cid=prep.cid,
             backend_pid=prep.backend_pid,
@@ -255,6 +260,21 @@ class VmIsolation:
         """Hot-plug or unplug the pod VM's vCPUs (UpdatePodSandboxResources); the live count."""
         hv = await self._host.hypervisor()
         return await hv.set_vcpus(domain_name(pod.id), count)
+
+    async def memory(self, pod: PodRecord) -> tuple[int, int]:
+        """(MiB the guest has now, most MiB) of the pod's VM (the balloon)."""
+        hv = await self._host.hypervisor()
+        return await hv.memory(domain_name(pod.id))
+
+    async def memory_use(self, pod: PodRecord) -> tuple[int, int]:
+        """(MiB the guest has, MiB of it in use), as the guest's balloon driver says."""
+        hv = await self._host.hypervisor()
+        return await hv.memory_use(domain_name(pod.id))
+
+    async def set_memory(self, pod: PodRecord, mib: int) -> None:
+        """Set the pod VM's balloon target (UpdatePodSandboxResources)."""
+        hv = await self._host.hypervisor()
+        await hv.set_memory(domain_name(pod.id), mib)
 
     def guest_network(self, pod: PodRecord) -> GuestNetwork | None:
         st = _state(pod)

@@ -46,8 +46,9 @@ def _pod(**kw: object) -> PodVm:
 
 
 CASES: dict[str, Domain] = {
-    # 1 vCPU booted, 2 hot-pluggable (UpdatePodSandboxResources)
-    "q35-tcg-backend": pod_domain(_pod(max_vcpus=2)),
+    # 1 vCPU booted, 2 hot-pluggable; 256 MiB, up to 512 behind the balloon
+    # (UpdatePodSandboxResources)
+    "q35-tcg-backend": pod_domain(_pod(max_vcpus=2, max_memory_mib=512)),
     "q35-kvm-kernel-vsock": pod_domain(
         _pod(accel="kvm", vsock_socket=None, vsock_cid=42, size=VmSize(2, 512))
     ),
@@ -95,7 +96,16 @@ def test_policy_choices() -> None:
     tcg = pod_domain(_pod()).to_element()
     assert tcg.get("type") == "qemu"
     assert tcg.findtext("features/tcg/tb-cache") == "64"
-    assert tcg.find("devices/memballoon").get("model") == "none"  # type: ignore[union-attr]
+    # a balloon (live memory resize) with free page reporting; no hold-back by default
+    balloon = tcg.find("devices/memballoon")
+    assert balloon is not None and balloon.attrib == {
+        "model": "virtio",
+        "freePageReporting": "on",
+    }
+    assert tcg.find("currentMemory") is None and tcg.findtext("memory") == "256"
+    # most memory above the boot size: the guest boots with it, the balloon holds it back
+    big = pod_domain(_pod(size=VmSize(1, 256), max_memory_mib=1024)).to_element()
+    assert (big.findtext("memory"), big.findtext("currentMemory")) == ("1024", "256")
     assert tcg.find("devices/rng") is not None
     cmdline = tcg.findtext("os/cmdline") or ""
     assert "criv.agent_args=--vsock,--port=1024" in cmdline

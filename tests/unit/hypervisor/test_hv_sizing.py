@@ -9,6 +9,7 @@ from criv.hypervisor.sizing import (
     MAX_MEMORY_MIB,
     PodResources,
     VmSize,
+    max_memory_for,
     max_vcpus_for,
     resize_refusal,
     tb_cache_mib,
@@ -67,31 +68,45 @@ def test_resize_uses_the_boot_policy() -> None:
     cur = vm_size(PodResources(), 1, 256, host_cpus=8)
     # 1.5 CPUs of quota: 2 vCPUs, as RunPodSandbox would give; memory unchanged: taken
     new = vm_size(PodResources(cpu_period=100_000, cpu_quota=150_000), 1, 256, host_cpus=8)
-    assert new == VmSize(2, 256) and resize_refusal(cur, 4, new) == ""
+    most = VmSize(4, 256)
+    assert new == VmSize(2, 256) and resize_refusal(cur, most, new) == ""
     # back down: an unplug, which libvirt + QEMU 7.2 cannot track
-    why = resize_refusal(new, 4, cur)
+    why = resize_refusal(new, most, cur)
     assert "cpu_quota" in why and "from 2 to 1 vCPUs" in why and "DEVICE_DELETED" in why
     # beyond the most it booted with
     big = vm_size(PodResources(cpu_period=100_000, cpu_quota=600_000), 1, 256, host_cpus=8)
-    why = resize_refusal(cur, 4, big)
+    why = resize_refusal(cur, most, big)
     assert "cpu_quota" in why and "6 vCPUs" in why and "at most 4" in why
     # beyond the host: capped as at boot, so within the VM's slots it is taken
     huge = vm_size(PodResources(cpu_quota=9_900_000), 1, 256, host_cpus=2)
-    assert huge.vcpus == 2 and resize_refusal(VmSize(1, 256), 2, huge) == ""
+    assert huge.vcpus == 2 and resize_refusal(VmSize(1, 256), VmSize(2, 256), huge) == ""
 
 
 @pytest.mark.timeout(10)
-def test_resize_memory_is_refused_before_anything_changes() -> None:
+def test_max_memory_default_bound_and_config() -> None:
+    assert max_memory_for(256, 0) == 256  # 0: the boot size (shrink and grow back)
+    assert max_memory_for(256, 1000) == 1008  # aligned up
+    assert max_memory_for(512, 300) == 512  # never below what it boots with
+    assert max_memory_for(256, 1 << 20) == MAX_MEMORY_MIB
+
+
+@pytest.mark.timeout(10)
+def test_resize_memory_moves_within_the_balloon() -> None:
     cur = vm_size(PodResources(memory_limit_bytes=512 * MIB), 1, 256, 8)
     assert cur == VmSize(1, 512 + GUEST_OVERHEAD_MIB)
-    for mem in (1024 * MIB, 256 * MIB):  # up, down
+    most = VmSize(4, 1024 + GUEST_OVERHEAD_MIB)
+    # down (the balloon inflates) and up to the most it booted with (it deflates): taken
+    for mem in (256 * MIB, 1024 * MIB):
         new = vm_size(PodResources(memory_limit_bytes=mem), 1, 256, 8)
-        why = resize_refusal(cur, 4, new)
-        assert why.startswith("resources.memory_limit_in_bytes"), why
-        assert "CONFIG_VIRTIO_BALLOON" in why and "CONFIG_MEMORY_HOTPLUG" in why
-        assert f"{new.memory_mib} MiB but has {cur.memory_mib} MiB" in why
-    # a limit that keeps the VM's memory (within its rounding) is taken
-    same = vm_size(PodResources(memory_limit_bytes=510 * MIB), 1, 256, 8)
-    assert resize_refusal(cur, 4, same) == ""
+        assert resize_refusal(cur, most, new) == "", mem
+    # a limit below what the guest itself needs still leaves the default
+    tiny = vm_size(PodResources(memory_limit_bytes=16 * MIB), 1, 256, 8)
+    assert tiny.memory_mib == 256 and resize_refusal(cur, most, tiny) == ""
+    # above the most: refused, naming the config key, before anything changes
+    new = vm_size(PodResources(memory_limit_bytes=2048 * MIB), 1, 256, 8)
+    why = resize_refusal(cur, most, new)
+    assert why.startswith("resources.memory_limit_in_bytes"), why
+    assert f"{new.memory_mib} MiB but was booted with at most {most.memory_mib} MiB" in why
+    assert "vm.max_memory_mib" in why
     # memory and vCPUs together: refused on memory, before any vCPU is plugged
-    assert resize_refusal(cur, 4, VmSize(2, 1024)).startswith("resources.memory_limit")
+    assert resize_refusal(cur, most, VmSize(2, 4096)).startswith("resources.memory_limit")
