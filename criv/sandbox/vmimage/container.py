@@ -77,8 +77,9 @@ class VmContainer:
         self.state = AgentContainerState.EXITED
 
     def remove_files(self) -> None:
-        """Its overlay, seed and private directory (blocking)."""
-        for p in (self.overlay, self.seed):
+        """Its overlay (and the overlay's pin of its base), seed and private directory
+        (blocking)."""
+        for p in (self.overlay, machine.pin_path(self.overlay), self.seed):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -134,6 +134,8 @@ class VmImageIsolation:
             shutil.rmtree(machine.pod_dir(self._root, pod.id), ignore_errors=True)
             with contextlib.suppress(OSError):
                 paths.run.rmdir()
+            for base in machine.prune_bases(self._root):
+                log.info("removed base disk %s: its image is gone and no pod uses it", base)
 
         await asyncio.to_thread(clean)
         self._host.stops.pop(domain_name(pod.id), None)
@@ -174,6 +176,8 @@ class VmImageIsolation:
                 log.warning("destroying orphan vm-image domain %s", d.name)
                 with contextlib.suppress(CrivError):
                     await hv.destroy(d.name)
+        for base in await asyncio.to_thread(machine.prune_bases, self._root):
+            log.info("removed base disk %s: its image is gone and no pod uses it", base)
 
     async def close(self) -> None:
         for server in list(self._servers.values()):

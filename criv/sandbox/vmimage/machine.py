@@ -8,8 +8,12 @@ and criv's image store is private (0700), so what QEMU opens lives under
   file (one copy on disk, shared read-only by every pod of that image; a copy only where
   the store is on another filesystem), group ``criv-qemu``, 0440;
 - ``pods/<pod id>/`` (root:criv-qemu 0750): ``overlay-<cid>.qcow2`` (the container's
-  writable disk, ``qemu-img create -f qcow2 -F <fmt> -b <base>``, owned by criv-qemu) and
-  ``seed-<cid>.iso`` (the NoCloud seed, read-only to QEMU).
+  writable disk, ``qemu-img create -f qcow2 -F <fmt> -b <base>``, owned by criv-qemu),
+  ``overlay-<cid>.base`` (a hard link to its base: the pin that keeps the base while the
+  overlay needs it) and ``seed-<cid>.iso`` (the NoCloud seed, read-only to QEMU).
+
+A base whose only link is its own (the store removed the image, no overlay pins it) is
+removed by :func:`prune_bases`, when a vm-image pod goes and at criv's start.
 
 The domain (:func:`criv.hypervisor.spec.image_domain`) boots the overlay through the
 firmware (SeaBIOS), with the seed as a second virtio disk, the serial console logged
@@ -27,6 +31,8 @@ import logging
 import os
 import pwd
 import shutil
+import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,10 +105,44 @@ def make_pod_dir(root: Path, pod_id: str) -> Path:
     return d
 
 
+# a base made this recently is not pruned: the pin follows its link within seconds
+BASE_PRUNE_GRACE_SECONDS = 60.0
+
+
+def pin_path(overlay: Path) -> Path:
+    return overlay.with_suffix(".base")
+
+
+def prune_bases(root: Path, grace: float = BASE_PRUNE_GRACE_SECONDS) -> list[Path]:
+    """Remove the bases nothing links to any more: neither the image store (the image was
+    removed) nor an overlay's pin (blocking). Returns what went."""
+    gone: list[Path] = []
+    now = time.time()
+    try:
+        entries = list((root / "bases").iterdir())
+    except FileNotFoundError:
+        return gone
+    for p in entries:
+        try:
+            st = p.lstat()
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or now - st.st_ctime < grace:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+            gone.append(p)
+    return gone
+
+
 async def make_overlay(base: BaseDisk, overlay: Path) -> None:
-    """A qcow2 overlay of ``base`` that QEMU may write; the base stays read-only."""
-    with contextlib.suppress(FileNotFoundError):
-        overlay.unlink()
+    """A qcow2 overlay of ``base`` that QEMU may write, and its pin; the base stays
+    read-only."""
+    pin = pin_path(overlay)
+    for p in (overlay, pin):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+    await asyncio.to_thread(os.link, base.path, pin, follow_symlinks=False)
     rc, out = await run_command(
         "qemu-img", "create", "-q", "-f", "qcow2", "-F", base.format, "-b", str(base.path),
         str(overlay),
