@@ -24,6 +24,26 @@ _STATES = {
     libvirt.VIR_DOMAIN_CRASHED: "crashed",
     libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended",
 }
+STOP_DETAILS = {
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN: "shutdown",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_DESTROYED: "destroyed",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_MIGRATED: "migrated",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_SAVED: "saved",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_FAILED: "failed",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_FROM_SNAPSHOT: "snapshot",
+}
+
+
+def stop_reason(detail: int, reset: bool) -> str:
+    """Why a domain stopped, from libvirt's STOPPED detail: "shutdown", "destroyed",
+    "crashed", ...; "reset" for a shutdown QEMU made because the guest reset
+    (``on_reboot=destroy``: a reboot, a triple fault, a firmware that found nothing to
+    boot), which libvirt reports as a shutdown."""
+    reason = STOP_DETAILS.get(detail, f"stopped({detail})")
+    return "reset" if reason == "shutdown" and reset else reason
+
+
 ALIVE = frozenset({"running", "blocked", "paused", "shutting-down", "suspended", "nostate"})
 
 

@@ -23,12 +23,19 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import libvirt
+import libvirt_qemu  # type: ignore[import-untyped]
 
 from criv.errors import CrivError, FailedPrecondition, Internal, NotFound, Unavailable
 from criv.hypervisor import live
 from criv.hypervisor.calls import DeadlineCalls
 from criv.hypervisor.domain import DOMAIN_PREFIX, Domain
-from criv.hypervisor.domaininfo import DomainInfo, DomainStats, console_pty, domain_info
+from criv.hypervisor.domaininfo import (
+    DomainInfo,
+    DomainStats,
+    console_pty,
+    domain_info,
+    stop_reason,
+)
 from criv.procscan import process_start_time
 
 log = logging.getLogger(__name__)
@@ -42,15 +49,6 @@ QEMU_PID_DIR = Path("/run/libvirt/qemu")
 CALL_TIMEOUT = 60.0
 CREATE_TIMEOUT_FACTOR = 2
 
-_STOP_DETAILS = {
-    libvirt.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN: "shutdown",
-    libvirt.VIR_DOMAIN_EVENT_STOPPED_DESTROYED: "destroyed",
-    libvirt.VIR_DOMAIN_EVENT_STOPPED_CRASHED: "crashed",
-    libvirt.VIR_DOMAIN_EVENT_STOPPED_MIGRATED: "migrated",
-    libvirt.VIR_DOMAIN_EVENT_STOPPED_SAVED: "saved",
-    libvirt.VIR_DOMAIN_EVENT_STOPPED_FAILED: "failed",
-    libvirt.VIR_DOMAIN_EVENT_STOPPED_FROM_SNAPSHOT: "snapshot",
-}
 
 _event_loop_lock = threading.Lock()
 _event_loop_started = False
@@ -116,6 +114,7 @@ class Hypervisor:
         self._callback_id: int | None = None
         self._stopped: dict[str, asyncio.Event] = {}
         self._listeners: list[StopCallback] = []
+        self._resets: set[str] = set()  # domains whose QEMU shut down for a guest reset
 
     # --- plumbing
     async def _call(
@@ -144,6 +143,12 @@ class Hypervisor:
             self._callback_id = conn.domainEventRegisterAny(
                 None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None
             )
+            # QEMU's SHUTDOWN event says why (libvirt's STOPPED_SHUTDOWN does not): a guest
+            # reset (on_reboot=destroy: a reboot, a triple fault, the firmware giving up)
+            with contextlib.suppress(libvirt.libvirtError):
+                libvirt_qemu.qemuMonitorEventRegister(
+                    conn, None, "SHUTDOWN", self._on_qemu_shutdown, None, 0
+                )
             self._conn = conn
             return conn
 
@@ -152,15 +157,26 @@ class Hypervisor:
         with self._conn_lock:
             self._conn = None
 
+    def _on_qemu_shutdown(
+        self, conn: libvirt.virConnect, dom: libvirt.virDomain, event: str, *args: Any
+    ) -> None:
+        name = dom.name()
+        if name.startswith(DOMAIN_PREFIX) and any('"guest-reset"' in str(a) for a in args):
+            self._resets.add(name)
+
     def _on_lifecycle(
         self, conn: libvirt.virConnect, dom: libvirt.virDomain, event: int, detail: int, _: Any
     ) -> None:
+        if event == libvirt.VIR_DOMAIN_EVENT_STARTED:
+            self._resets.discard(dom.name())
         if event != libvirt.VIR_DOMAIN_EVENT_STOPPED:
             return
         name = dom.name()
+        reset = name in self._resets
+        self._resets.discard(name)
         if not name.startswith(DOMAIN_PREFIX) or self._loop is None:
             return
-        reason = _STOP_DETAILS.get(detail, f"stopped({detail})")
+        reason = stop_reason(detail, reset)
         with contextlib.suppress(RuntimeError):  # loop closed during shutdown
             self._loop.call_soon_threadsafe(self._stopped_on_loop, name, reason)
 

@@ -1,9 +1,11 @@
 """A vm-image pod's one container: its VM, as :class:`~.agent.VmImageAgent` keeps it, and
 how it ended: 0 (``Completed``) when the guest powered off, 137 (``Killed``) when criv
-stopped it by destroying it, 255 ``BootFailed`` when the firmware found nothing to boot
-on the disk (it says so on the console, resets, and the reset ends the domain),
-``VMExited`` when the VM stopped any other way. A VM that stopped before its SSH host key
-appeared on the console carries the console's tail in its message.
+stopped it by destroying it, 255 ``BootFailed`` when the VM reset before its SSH host
+key appeared (the firmware found nothing to boot on the disk and says so on the console,
+or the boot loader or kernel reset it: the reset ends the domain), 0 ``Rebooted`` when
+the guest rebooted after that, ``VMExited`` when the VM stopped any other way. A VM that
+stopped before its SSH host key appeared on the console carries the console's tail in its
+message.
 """
 
 from __future__ import annotations
@@ -61,11 +63,14 @@ class VmContainer:
         """The VM stopped (``why``: the driver's stop reason, or how criv stopped it):
         the container's exit code, reason and message say how."""
         self.finished_at_ns = time.time_ns()
-        if not booted and any(m in console_tail for m in BOOT_FAILED_MARKS):
+        if not booted and (why == "reset" or any(m in console_tail for m in BOOT_FAILED_MARKS)):
             self.exit_code, self.reason = 255, "BootFailed"
             self.message = f"the VM's disk did not boot; console tail:\n{console_tail}"
         elif why == "shutdown":
             self.exit_code, self.reason, self.message = 0, "Completed", "the VM powered off"
+        elif why == "reset":
+            self.exit_code, self.reason = 0, "Rebooted"
+            self.message = "the guest rebooted (a vm-image VM ends when its guest reboots)"
         elif self.stopping and why == "destroyed":
             self.exit_code, self.reason = 137, "Killed"
             self.message = "the VM did not power off in time and was destroyed"

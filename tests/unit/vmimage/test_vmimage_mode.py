@@ -166,6 +166,12 @@ def test_how_a_vm_ended(tmp_path: Path) -> None:
     b.exited("shutdown", "criv-test-disk: ready\n" + firmware, booted=True)  # the guest's words
     assert (b.exit_code, b.reason, b.message) == (0, "Completed", "the VM powered off")
     b = box()
+    b.exited("reset", "Booting from Hard Disk...", booted=False)  # a boot loader's triple fault
+    assert (b.exit_code, b.reason) == (255, "BootFailed") and "Booting from" in b.message
+    b = box()
+    b.exited("reset", "login:", booted=True)
+    assert (b.exit_code, b.reason) == (0, "Rebooted")
+    b = box()
     b.exited("crashed", "kernel panic", booted=False)
     assert (b.exit_code, b.reason) == (255, "VMExited")
     assert b.message.endswith("before its SSH host key appeared; console tail:\nkernel panic")

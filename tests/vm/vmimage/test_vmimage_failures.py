@@ -1,8 +1,9 @@
 """vm-image pods that go wrong, through the real daemon: a containerDisk whose disk does not
 boot (the container exits BootFailed with the firmware's words from the console; nothing
-hangs, nothing is left), and a VM whose SSH server cannot be reached (its network cut:
-ExecSync is UNAVAILABLE within ``vm.image_ssh_wait_seconds``, and works again once the
-network is back)."""
+hangs, nothing is left), one whose boot loader hangs (ExecSync UNAVAILABLE within the SSH
+wait with the console's tail; the stop destroys it), and a VM whose SSH server cannot be
+reached (its network cut: ExecSync is UNAVAILABLE within ``vm.image_ssh_wait_seconds``,
+and works again once the network is back)."""
 
 from __future__ import annotations
 
@@ -33,10 +34,38 @@ def garbage_disk(path: Path) -> Path:
     return path
 
 
+def mbr_disk(path: Path, code: bytes) -> Path:
+    """A 1 MiB raw disk whose boot sector (signed 0x55AA, so SeaBIOS runs it) is ``code``."""
+    data = bytearray(1 << 20)
+    data[: len(code)] = code
+    data[510:512] = b"\x55\xaa"
+    path.write_bytes(bytes(data))
+    return path
+
+
+HANG = bytes.fromhex("faf4ebfd")  # cli; hlt; jmp back to hlt: a boot loader that hangs
+# cli; ds=0; lidt [0x7c20] (limit 0); int3: no IDT to deliver it, a triple fault, a reset
+TRIPLE_FAULT = bytes.fromhex("fa31c08ed80f011e207cccf4ebfd")
+
+
 def test_disk_that_does_not_boot(
     vm_cri_factory: Callable[..., Cri], registry: TestRegistry, tmp_path: Path
 ) -> None:
     cri = vm_cri_factory(runtime={"handlers": HANDLERS}, vm={"image_ssh_wait_seconds": SSH_WAIT})
+    # a boot loader that triple-faults: the reset ends the domain before any host key
+    ref = push_containerdisk(
+        registry, mbr_disk(tmp_path / "tf.raw", TRIPLE_FAULT), tmp_path, "vm/triplefault"
+    )
+    pull(cri, ref)
+    pod = cri.run_pod("triplefault", handler="vm-image")
+    cid = create(cri, pod, "vm", ref)
+    cri.start(cid)
+    st = cri.wait_exited(cid, timeout=120)
+    assert (st.exit_code, st.reason) == (255, "BootFailed"), st
+    assert "Booting from Hard Disk" in st.message, st.message
+    cri.rt.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=pod), timeout=120)
+    cri.rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod), timeout=120)
+    # noise: the firmware says it found nothing to boot
     ref = push_containerdisk(registry, garbage_disk(tmp_path / "noise.raw"), tmp_path, "vm/noise")
     pull(cri, ref)
     before = criv_domains()
@@ -60,6 +89,36 @@ def test_disk_that_does_not_boot(
     cri.rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod), timeout=120)
     assert criv_domains() - before == set()
     assert not list((cri.proc.state_dir / "vmimage" / "pods").iterdir())
+
+
+def test_disk_that_hangs_in_its_boot_loader(
+    vm_cri_factory: Callable[..., Cri], registry: TestRegistry, tmp_path: Path
+) -> None:
+    cri = vm_cri_factory(runtime={"handlers": HANDLERS}, vm={"image_ssh_wait_seconds": SSH_WAIT})
+    ref = push_containerdisk(registry, mbr_disk(tmp_path / "hang.raw", HANG), tmp_path, "vm/hang")
+    pull(cri, ref)
+    before = criv_domains()
+    pod = cri.run_pod("hang", handler="vm-image")
+    cid = create(cri, pod, "vm", ref)
+    cri.start(cid)
+    t0 = time.monotonic()
+    with pytest.raises(grpc.RpcError) as e:
+        cri.exec(cid, ["true"], timeout=60)
+    took = time.monotonic() - t0
+    details = str(e.value.details())
+    print(f"[vm-image] a boot loader that hangs: UNAVAILABLE after {took:.1f} s:\n{details}")
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value
+    assert f"no SSH host key on its console {SSH_WAIT}s after boot" in details, details
+    assert "Booting from Hard Disk" in details, details  # where it stopped
+    assert took < SSH_WAIT + 5, took
+    assert cri.status(cid).state == api_pb2.CONTAINER_RUNNING  # the VM runs; it is the image's
+    # the ACPI button goes unheard: destroyed after the stop's timeout
+    cri.rt.StopContainer(api_pb2.StopContainerRequest(container_id=cid, timeout=2), timeout=60)
+    st = cri.status(cid)
+    assert (st.state, st.exit_code, st.reason) == (api_pb2.CONTAINER_EXITED, 137, "Killed"), st
+    cri.rt.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=pod), timeout=120)
+    cri.rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod), timeout=120)
+    assert criv_domains() - before == set()
 
 
 def test_unreachable_ssh_is_unavailable_not_a_hang(
