@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
 import socket
 from collections.abc import Callable
 
@@ -25,16 +24,15 @@ from criv.vsock.health import StallMonitor
 from criv.vsock.hostread import HostReader
 from criv.vsock.hostwrite import DEFAULT_MAX_BUFFERED, HostWriter
 from criv.vsock.logcap import RateLimited
+from criv.vsock.notify import RESIGNAL_AFTER, RX, TX, Interrupts
 from criv.vsock.virtqueue import Chain, VirtQueue, VirtQueueError
 
 log = logging.getLogger("criv.vsock")
 
-RX, TX = 0, 1
 HOST_PORT_BASE = 1 << 30
 CONNECT_TIMEOUT = 5.0
 MAX_CTRL_BACKLOG = 4096
-RESIGNAL_AFTER = 0.25
-_ONE = (1).to_bytes(8, "little")
+__all__ = ["RESIGNAL_AFTER", "RX", "TX", "VsockDevice"]
 
 
 class VsockDevice:
@@ -52,10 +50,9 @@ class VsockDevice:
         self.uds_path = uds_path
         self.buf_alloc = buf_alloc
         self.queues: dict[int, VirtQueue] = {}
-        self.calls: dict[int, int] = {}
-        self.signal = [False, False]  # used entries pushed since the last interrupt
-        self.held = [False, False]  # an interrupt the driver had switched off
-        self._resignal: int | None = None
+        self.irq = Interrupts(self)
+        self.signal = self.irq.signal  # used entries pushed since the last interrupt
+        self.held = self.irq.held  # an interrupt the driver had switched off
         self.conns: dict[tuple[int, int], Connection] = {}
         self.ctrl: collections.deque[bytes] = collections.deque()
         self.parked: dict[int, Connection] = {}  # host data waiting for rx buffers
@@ -74,7 +71,7 @@ class VsockDevice:
         self.reader = HostReader(self)
         self.writer = HostWriter(self, max_buffered)
         self.monitor = StallMonitor(self)
-        loop.idle_hooks.append(self.flush_signals)
+        loop.idle_hooks.append(self.irq.flush)
         self.monitor.start()
 
     # -- queue lifecycle (driven by the vhost-user front end) ---------------------------
@@ -85,11 +82,7 @@ class VsockDevice:
         self.kick(index)
 
     def set_call(self, index: int, fd: int | None) -> None:
-        old = self.calls.pop(index, None)
-        if old is not None:
-            os.close(old)
-        if fd is not None:
-            self.calls[index] = fd
+        self.irq.set_call(index, fd)
 
     def stop_queue(self, index: int) -> VirtQueue | None:
         vq = self.queues.pop(index, None)
@@ -130,37 +123,6 @@ class VsockDevice:
                 out.append(f"used={vq.used_idx}")
         out.append(f"ctrl_backlog={len(self.ctrl)} parked={len(self.parked)}")
         return " ".join(out)
-
-    # -- interrupts ----------------------------------------------------------------------
-    def flush_signals(self) -> None:
-        for index in (RX, TX):
-            if self.signal[index]:
-                self.signal[index] = False
-                self._interrupt(index)
-
-    def _interrupt(self, index: int) -> bool:
-        """Interrupt the driver unless it switched interrupts off (it is polling the ring
-        then, and looks at it once more when it switches them back on)."""
-        vq, fd = self.queues.get(index), self.calls.get(index)
-        if vq is None or fd is None:
-            return False
-        if vq.needs_interrupt():
-            os.write(fd, _ONE)
-            self.held[index] = False
-            return True
-        # Under single-vCPU TCG the driver's "enable, then look again" is not ordered against
-        # our "push, then read the flag" (TCG emits no host fence), so both can miss the
-        # other: look at the flag again shortly.
-        self.held[index] = True
-        if self._resignal is None:
-            self._resignal = self.loop.call_later(RESIGNAL_AFTER, self._recheck_held)
-        return False
-
-    def _recheck_held(self) -> None:
-        self._resignal = None
-        for index in (RX, TX):
-            if self.held[index] and self._interrupt(index):
-                self.stats["interrupts_resent"] += 1
 
     # -- rx: packets to the guest ------------------------------------------------------------
     def send_ctrl(self, hdr: P.Header) -> None:
@@ -209,19 +171,24 @@ class VsockDevice:
         if vq is None:
             return
         budget = 4 * vq.num  # then let host sockets and rx have a turn
+        used = 0
         try:
             while (chain := vq.pop()) is not None:
                 self._guest_packet(chain)
-                vq.push(chain.head, 0)
-                self.signal[TX] = True
+                vq.add_used(chain.head, 0)
+                used += len(chain.readable) + len(chain.writable)
                 if self.broken is not None:
                     return
                 budget -= 1
                 if budget <= 0:
                     self.loop.call_later(0, self.tx_kick)
-                    return
+                    break
         except VirtQueueError as e:
             self.mark_broken(f"tx queue: {e}")
+            return
+        if used:
+            vq.publish()  # one used-index store for the whole batch
+            self.irq.tx_used(used)
 
     def _guest_packet(self, chain: Chain) -> None:
         readable = chain.readable
