@@ -32,6 +32,7 @@ log = logging.getLogger("criv.vsock")
 HOST_PORT_BASE = 1 << 30
 CONNECT_TIMEOUT = 5.0
 MAX_CTRL_BACKLOG = 4096
+_HDR_UNPACK = P.HDR.unpack_from
 __all__ = ["RESIGNAL_AFTER", "RX", "TX", "VsockDevice"]
 
 
@@ -196,35 +197,30 @@ class VsockDevice:
         if total < P.HDR_SIZE:
             raise VirtQueueError(f"tx packet of {total} bytes < header")
         first = readable[0]
-        hdr = P.Header.unpack(first if len(first) >= P.HDR_SIZE else gather(readable, P.HDR_SIZE))
-        if hdr.len > total - P.HDR_SIZE or hdr.len > P.MAX_PKT_PAYLOAD:
-            raise VirtQueueError(f"tx packet claims {hdr.len} payload bytes, has {total - 44}")
-        if hdr.src_cid != self.guest_cid or hdr.dst_cid != P.HOST_CID:
-            self.warn.warning("bad addresses", "dropping packet with bad addresses: %s", hdr)
+        fields = _HDR_UNPACK(first if len(first) >= P.HDR_SIZE else gather(readable, P.HDR_SIZE))
+        src_cid, dst_cid, src_port, dst_port, length, typ, op, _, buf_alloc, fwd_cnt = fields
+        if length > total - P.HDR_SIZE or length > P.MAX_PKT_PAYLOAD:
+            raise VirtQueueError(f"tx packet claims {length} payload bytes, has {total - 44}")
+        conn = self.conns.get((dst_port, src_port))
+        if (
+            conn is None
+            or typ != P.TYPE_STREAM
+            or src_cid != self.guest_cid
+            or dst_cid != P.HOST_CID
+        ):
+            self._no_stream(P.Header(*fields))
             return
-        if hdr.type != P.TYPE_STREAM:
-            if hdr.op != P.OP_RST:
-                self._rst_reply(hdr)
-            return
-        conn = self.conns.get((hdr.dst_port, hdr.src_port))
-        if conn is None:
-            if hdr.op == P.OP_REQUEST:
-                self._guest_connect(hdr)
-            elif hdr.op != P.OP_RST:
-                self._rst_reply(hdr)
-            return
-        conn.update_peer(hdr.buf_alloc, hdr.fwd_cnt)
-        op = hdr.op
+        conn.update_peer(buf_alloc, fwd_cnt)
         if op == P.OP_RW:
-            if hdr.len:
-                _, payload = split(readable, P.HDR_SIZE, hdr.len)
-                self.writer.data(conn, payload, hdr.len)
+            if length:
+                _, payload = split(readable, P.HDR_SIZE, length)
+                self.writer.data(conn, payload, length)
         elif op == P.OP_RESPONSE:
             self._guest_response(conn)
         elif op == P.OP_CREDIT_REQUEST:
             self.send_ctrl(conn.header(P.OP_CREDIT_UPDATE))
         elif op == P.OP_SHUTDOWN:
-            self.writer.shutdown(conn, hdr.flags & P.SHUTDOWN_BOTH)
+            self.writer.shutdown(conn, fields[7] & P.SHUTDOWN_BOTH)
         elif op == P.OP_RST:
             log.debug("%r: reset by guest", conn)
             self.close(conn)
@@ -233,6 +229,19 @@ class VsockDevice:
             return
         if conn.state is not State.CLOSED:
             self.update(conn)
+
+    def _no_stream(self, hdr: P.Header) -> None:
+        """A packet for none of our streams: bad addresses are dropped, a REQUEST connects, anything
+        else but an RST is answered with one."""
+        if hdr.src_cid != self.guest_cid or hdr.dst_cid != P.HOST_CID:
+            self.warn.warning("bad addresses", "dropping packet with bad addresses: %s", hdr)
+        elif hdr.type != P.TYPE_STREAM:
+            if hdr.op != P.OP_RST:
+                self._rst_reply(hdr)
+        elif hdr.op == P.OP_REQUEST:
+            self._guest_connect(hdr)
+        elif hdr.op != P.OP_RST:
+            self._rst_reply(hdr)
 
     def _rst_reply(self, hdr: P.Header) -> None:
         self.send_ctrl(
