@@ -48,6 +48,7 @@ class Connection:
         self.peer_fwd_cnt = 0
         self.tx_cnt = 0
         self.credit_requested = False
+        self.read_hint = 1  # bytes to make room for at the next host read (see hostread)
         # guest -> host direction (we are the receiver)
         self.buf_alloc = buf_alloc
         self.rx_cnt = 0
@@ -115,6 +116,24 @@ class Connection:
             P.TYPE_STREAM,
             op,
             flags,
+            self.buf_alloc,
+            self.fwd_cnt & 0xFFFFFFFF,
+        )
+
+    def pack_rw_header(self, view: memoryview, length: int) -> None:
+        """``header(OP_RW, length)`` written straight into a 44-byte guest buffer."""
+        self.last_fwd_cnt = self.fwd_cnt
+        P.HDR.pack_into(
+            view,
+            0,
+            P.HOST_CID,
+            self.guest_cid,
+            self.host_port,
+            self.guest_port,
+            length,
+            P.TYPE_STREAM,
+            P.OP_RW,
+            0,
             self.buf_alloc,
             self.fwd_cnt & 0xFFFFFFFF,
         )

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
 import socket
 from collections.abc import Callable
 
@@ -25,16 +24,16 @@ from criv.vsock.health import StallMonitor
 from criv.vsock.hostread import HostReader
 from criv.vsock.hostwrite import DEFAULT_MAX_BUFFERED, HostWriter
 from criv.vsock.logcap import RateLimited
+from criv.vsock.notify import RESIGNAL_AFTER, RX, TX, Interrupts
 from criv.vsock.virtqueue import Chain, VirtQueue, VirtQueueError
 
 log = logging.getLogger("criv.vsock")
 
-RX, TX = 0, 1
 HOST_PORT_BASE = 1 << 30
 CONNECT_TIMEOUT = 5.0
 MAX_CTRL_BACKLOG = 4096
-RESIGNAL_AFTER = 0.25
-_ONE = (1).to_bytes(8, "little")
+_HDR_UNPACK = P.HDR.unpack_from
+__all__ = ["RESIGNAL_AFTER", "RX", "TX", "VsockDevice"]
 
 
 class VsockDevice:
@@ -52,10 +51,9 @@ class VsockDevice:
         self.uds_path = uds_path
         self.buf_alloc = buf_alloc
         self.queues: dict[int, VirtQueue] = {}
-        self.calls: dict[int, int] = {}
-        self.signal = [False, False]  # used entries pushed since the last interrupt
-        self.held = [False, False]  # an interrupt the driver had switched off
-        self._resignal: int | None = None
+        self.irq = Interrupts(self)
+        self.signal = self.irq.signal  # used entries pushed since the last interrupt
+        self.held = self.irq.held  # an interrupt the driver had switched off
         self.conns: dict[tuple[int, int], Connection] = {}
         self.ctrl: collections.deque[bytes] = collections.deque()
         self.parked: dict[int, Connection] = {}  # host data waiting for rx buffers
@@ -74,7 +72,7 @@ class VsockDevice:
         self.reader = HostReader(self)
         self.writer = HostWriter(self, max_buffered)
         self.monitor = StallMonitor(self)
-        loop.idle_hooks.append(self.flush_signals)
+        loop.idle_hooks.append(self.irq.flush)
         self.monitor.start()
 
     # -- queue lifecycle (driven by the vhost-user front end) ---------------------------
@@ -85,11 +83,7 @@ class VsockDevice:
         self.kick(index)
 
     def set_call(self, index: int, fd: int | None) -> None:
-        old = self.calls.pop(index, None)
-        if old is not None:
-            os.close(old)
-        if fd is not None:
-            self.calls[index] = fd
+        self.irq.set_call(index, fd)
 
     def stop_queue(self, index: int) -> VirtQueue | None:
         vq = self.queues.pop(index, None)
@@ -130,37 +124,6 @@ class VsockDevice:
                 out.append(f"used={vq.used_idx}")
         out.append(f"ctrl_backlog={len(self.ctrl)} parked={len(self.parked)}")
         return " ".join(out)
-
-    # -- interrupts ----------------------------------------------------------------------
-    def flush_signals(self) -> None:
-        for index in (RX, TX):
-            if self.signal[index]:
-                self.signal[index] = False
-                self._interrupt(index)
-
-    def _interrupt(self, index: int) -> bool:
-        """Interrupt the driver unless it switched interrupts off (it is polling the ring
-        then, and looks at it once more when it switches them back on)."""
-        vq, fd = self.queues.get(index), self.calls.get(index)
-        if vq is None or fd is None:
-            return False
-        if vq.needs_interrupt():
-            os.write(fd, _ONE)
-            self.held[index] = False
-            return True
-        # Under single-vCPU TCG the driver's "enable, then look again" is not ordered against
-        # our "push, then read the flag" (TCG emits no host fence), so both can miss the
-        # other: look at the flag again shortly.
-        self.held[index] = True
-        if self._resignal is None:
-            self._resignal = self.loop.call_later(RESIGNAL_AFTER, self._recheck_held)
-        return False
-
-    def _recheck_held(self) -> None:
-        self._resignal = None
-        for index in (RX, TX):
-            if self.held[index] and self._interrupt(index):
-                self.stats["interrupts_resent"] += 1
 
     # -- rx: packets to the guest ------------------------------------------------------------
     def send_ctrl(self, hdr: P.Header) -> None:
@@ -209,19 +172,24 @@ class VsockDevice:
         if vq is None:
             return
         budget = 4 * vq.num  # then let host sockets and rx have a turn
+        used = 0
         try:
             while (chain := vq.pop()) is not None:
                 self._guest_packet(chain)
-                vq.push(chain.head, 0)
-                self.signal[TX] = True
+                vq.add_used(chain.head, 0)
+                used += len(chain.readable) + len(chain.writable)
                 if self.broken is not None:
                     return
                 budget -= 1
                 if budget <= 0:
                     self.loop.call_later(0, self.tx_kick)
-                    return
+                    break
         except VirtQueueError as e:
             self.mark_broken(f"tx queue: {e}")
+            return
+        if used:
+            vq.publish()  # one used-index store for the whole batch
+            self.irq.tx_used(used)
 
     def _guest_packet(self, chain: Chain) -> None:
         readable = chain.readable
@@ -229,35 +197,30 @@ class VsockDevice:
         if total < P.HDR_SIZE:
             raise VirtQueueError(f"tx packet of {total} bytes < header")
         first = readable[0]
-        hdr = P.Header.unpack(first if len(first) >= P.HDR_SIZE else gather(readable, P.HDR_SIZE))
-        if hdr.len > total - P.HDR_SIZE or hdr.len > P.MAX_PKT_PAYLOAD:
-            raise VirtQueueError(f"tx packet claims {hdr.len} payload bytes, has {total - 44}")
-        if hdr.src_cid != self.guest_cid or hdr.dst_cid != P.HOST_CID:
-            self.warn.warning("bad addresses", "dropping packet with bad addresses: %s", hdr)
+        fields = _HDR_UNPACK(first if len(first) >= P.HDR_SIZE else gather(readable, P.HDR_SIZE))
+        src_cid, dst_cid, src_port, dst_port, length, typ, op, _, buf_alloc, fwd_cnt = fields
+        if length > total - P.HDR_SIZE or length > P.MAX_PKT_PAYLOAD:
+            raise VirtQueueError(f"tx packet claims {length} payload bytes, has {total - 44}")
+        conn = self.conns.get((dst_port, src_port))
+        if (
+            conn is None
+            or typ != P.TYPE_STREAM
+            or src_cid != self.guest_cid
+            or dst_cid != P.HOST_CID
+        ):
+            self._no_stream(P.Header(*fields))
             return
-        if hdr.type != P.TYPE_STREAM:
-            if hdr.op != P.OP_RST:
-                self._rst_reply(hdr)
-            return
-        conn = self.conns.get((hdr.dst_port, hdr.src_port))
-        if conn is None:
-            if hdr.op == P.OP_REQUEST:
-                self._guest_connect(hdr)
-            elif hdr.op != P.OP_RST:
-                self._rst_reply(hdr)
-            return
-        conn.update_peer(hdr.buf_alloc, hdr.fwd_cnt)
-        op = hdr.op
+        conn.update_peer(buf_alloc, fwd_cnt)
         if op == P.OP_RW:
-            if hdr.len:
-                _, payload = split(readable, P.HDR_SIZE, hdr.len)
-                self.writer.data(conn, payload, hdr.len)
+            if length:
+                _, payload = split(readable, P.HDR_SIZE, length)
+                self.writer.data(conn, payload, length)
         elif op == P.OP_RESPONSE:
             self._guest_response(conn)
         elif op == P.OP_CREDIT_REQUEST:
             self.send_ctrl(conn.header(P.OP_CREDIT_UPDATE))
         elif op == P.OP_SHUTDOWN:
-            self.writer.shutdown(conn, hdr.flags & P.SHUTDOWN_BOTH)
+            self.writer.shutdown(conn, fields[7] & P.SHUTDOWN_BOTH)
         elif op == P.OP_RST:
             log.debug("%r: reset by guest", conn)
             self.close(conn)
@@ -266,6 +229,19 @@ class VsockDevice:
             return
         if conn.state is not State.CLOSED:
             self.update(conn)
+
+    def _no_stream(self, hdr: P.Header) -> None:
+        """A packet for none of our streams: bad addresses are dropped, a REQUEST connects, anything
+        else but an RST is answered with one."""
+        if hdr.src_cid != self.guest_cid or hdr.dst_cid != P.HOST_CID:
+            self.warn.warning("bad addresses", "dropping packet with bad addresses: %s", hdr)
+        elif hdr.type != P.TYPE_STREAM:
+            if hdr.op != P.OP_RST:
+                self._rst_reply(hdr)
+        elif hdr.op == P.OP_REQUEST:
+            self._guest_connect(hdr)
+        elif hdr.op != P.OP_RST:
+            self._rst_reply(hdr)
 
     def _rst_reply(self, hdr: P.Header) -> None:
         self.send_ctrl(

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from criv.vsock.memory import AddressError, MemoryMap
 
 DESC = struct.Struct("<QIHH")
+_DESC_UNPACK = DESC.unpack_from
 
 if sys.byteorder != "little":  # the native-typed ring views below assume it
     raise ImportError("criv.vsock needs a little-endian host")
@@ -49,7 +50,7 @@ class VirtQueueError(Exception):
     """The guest put something invalid in a virtqueue; the device must stop using it."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Chain:
     head: int
     readable: list[memoryview] = field(default_factory=list)
@@ -113,22 +114,25 @@ class VirtQueue:
         num = self.num
         if head >= num:
             raise VirtQueueError(f"head index {head} >= queue size {num}")
-        chain = Chain(head)
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        chain = Chain(head, readable, writable)
+        unpack, desc, gpa = _DESC_UNPACK, self.desc, self.mem.gpa
         idx = head
         for _ in range(num):
-            addr, length, flags, nxt = DESC.unpack_from(self.desc, 16 * idx)
+            addr, length, flags, nxt = unpack(desc, idx << 4)
             if flags & DESC_F_INDIRECT:
                 raise VirtQueueError("indirect descriptor (not negotiated)")
             try:
-                view = self.mem.gpa(addr, length)
+                view = gpa(addr, length)
             except AddressError as e:
                 raise VirtQueueError(f"descriptor {idx}: {e}") from e
             if flags & DESC_F_WRITE:
-                chain.writable.append(view)
-            elif chain.writable:
+                writable.append(view)
+            elif writable:
                 raise VirtQueueError(f"descriptor {idx}: readable after writable")
             else:
-                chain.readable.append(view)
+                readable.append(view)
             if not flags & DESC_F_NEXT:
                 return chain
             if nxt >= num:
@@ -136,12 +140,22 @@ class VirtQueue:
             idx = nxt
         raise VirtQueueError(f"descriptor chain from {head} longer than the queue (loop?)")
 
-    def push(self, head: int, written: int) -> None:
-        slot = 2 * (self.used_idx % self.num)
-        self._used32[slot] = head
-        self._used32[slot + 1] = written
+    def add_used(self, head: int, written: int) -> None:
+        """Fill the next used entry; the driver sees it at the next ``publish()``."""
+        slot = (self.used_idx % self.num) << 1
+        used32 = self._used32
+        used32[slot] = head
+        used32[slot + 1] = written
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        self._used16[1] = self.used_idx  # x86 keeps stores in order: the entry is visible first
+
+    def publish(self) -> None:
+        """Make every used entry added so far visible: one store of the used index (x86 keeps
+        stores in order, so the entries are visible first)."""
+        self._used16[1] = self.used_idx
+
+    def push(self, head: int, written: int) -> None:
+        self.add_used(head, written)
+        self._used16[1] = self.used_idx
 
     def needs_interrupt(self) -> bool:
         fence()
