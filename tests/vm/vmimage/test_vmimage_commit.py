@@ -119,8 +119,8 @@ def test_two_pods_share_one_base(
     assert len(bases) == 1, bases
     base = bases[0]
     st = base.stat()
-    # one copy: the store's unpacked disk and this link are one inode
-    assert st.st_nlink == 2, st
+    # one copy: the store's unpacked disk, this link and each overlay's pin are one inode
+    assert st.st_nlink == 2 + len(pods), st
     size = test_disk.stat().st_size
     assert st.st_size == size
     for pod, cid in zip(pods, cids, strict=True):
@@ -132,3 +132,4 @@ def test_two_pods_share_one_base(
         doc = json.loads(info.stdout)
         assert doc["backing-filename"] == str(base), doc
         assert overlay.stat().st_size < size // 10  # an overlay, not a copy
+        assert overlay.with_suffix(".base").stat().st_ino == st.st_ino  # its pin
