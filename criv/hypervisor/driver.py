@@ -19,13 +19,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import libvirt
 import libvirt_qemu  # type: ignore[import-untyped]
 
-from criv.errors import CrivError, FailedPrecondition, Internal, NotFound, Unavailable
+from criv.errors import CrivError, Unavailable
 from criv.hypervisor import live
 from criv.hypervisor.calls import DeadlineCalls
 from criv.hypervisor.domain import DOMAIN_PREFIX, Domain
@@ -36,67 +35,18 @@ from criv.hypervisor.domaininfo import (
     domain_info,
     stop_reason,
 )
-from criv.procscan import process_start_time
+from criv.hypervisor.libvirtbase import DEFAULT_URI, start_libvirt_event_loop, translate
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-DEFAULT_URI = "qemu:///system"
-# where libvirt's QEMU driver keeps each running domain's pid file
-QEMU_PID_DIR = Path("/run/libvirt/qemu")
 # seconds a libvirt call may take before its caller is released; createXML starts QEMU
 # (and libvirt's own waits for its monitor), so it gets more
 CALL_TIMEOUT = 60.0
 CREATE_TIMEOUT_FACTOR = 2
 
 
-_event_loop_lock = threading.Lock()
-_event_loop_started = False
-
-
-def _start_libvirt_event_loop() -> None:
-    """libvirt's default event implementation, once per process, on a daemon thread."""
-    global _event_loop_started
-    with _event_loop_lock:
-        if _event_loop_started:
-            return
-        libvirt.virEventRegisterDefaultImpl()
-        # libvirt prints every error to stderr by default; criv raises or logs them itself
-        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-
-        def run() -> None:
-            while True:
-                libvirt.virEventRunDefaultImpl()
-
-        threading.Thread(target=run, name="criv-libvirt-events", daemon=True).start()
-        _event_loop_started = True
-
-
-def translate(e: libvirt.libvirtError, what: str) -> CrivError:
-    """A libvirt error as criv's: the caller sees NotFound/FailedPrecondition/Unavailable."""
-    code = e.get_error_code()
-    msg = f"{what}: {e.get_error_message() or e}"
-    if code == libvirt.VIR_ERR_NO_DOMAIN:
-        return NotFound(msg)
-    if code == libvirt.VIR_ERR_OPERATION_INVALID:
-        return FailedPrecondition(msg)
-    if code in (libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_RPC):
-        return Unavailable(msg)
-    return Internal(msg)
-
-
 StopCallback = Callable[[str, str], None]
-
-
-def qemu_pid(name: str) -> int:
-    """The running domain's QEMU pid from libvirt's pid file, checked against the
-    process's command line (0: not running). Blocking: call it off the event loop."""
-    try:
-        pid = int((QEMU_PID_DIR / f"{name}.pid").read_text().strip())
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, ValueError):
-        return 0
-    return pid if f"guest={name}".encode() in cmd and process_start_time(pid) else 0
 
 
 class Hypervisor:
@@ -191,7 +141,7 @@ class Hypervisor:
 
     async def connect(self) -> None:
         self._loop = asyncio.get_running_loop()
-        _start_libvirt_event_loop()
+        start_libvirt_event_loop()
         await self._call(lambda c: None, f"connecting to {self.uri}")
 
     async def close(self) -> None:

@@ -8,7 +8,7 @@ import threading
 import libvirt
 
 from criv.hypervisor.domain import DOMAIN_PREFIX
-from criv.hypervisor.driver import DEFAULT_URI
+from criv.hypervisor.libvirtbase import DEFAULT_URI
 
 
 def check_libvirt(uri: str = DEFAULT_URI, timeout: float = 20.0) -> tuple[bool, str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import libvirt
 
-from criv.hypervisor.driver import translate
+from criv.hypervisor.libvirtbase import translate
 
 
 def domain_xml(uri: str, name: str) -> str:

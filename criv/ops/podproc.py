@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from criv.cri.client import PodView
-from criv.hypervisor.driver import qemu_pid
+from criv.hypervisor.libvirtbase import qemu_pid
 from criv.ops import procinfo
 from criv.procscan import same_process
 

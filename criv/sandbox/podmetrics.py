@@ -20,7 +20,7 @@ from pathlib import Path
 
 from criv.commands import run_command
 from criv.errors import CrivError
-from criv.hypervisor.driver import qemu_pid
+from criv.hypervisor.libvirtbase import qemu_pid
 from criv.hypervisor.spec import domain_name
 from criv.network.tap import tap_name
 from criv.procscan import same_process

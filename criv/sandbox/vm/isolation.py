@@ -23,8 +23,8 @@ from criv.agent.client import AgentClient
 from criv.agent.types import GuestInterface, GuestNetwork, GuestRoute
 from criv.config import Config
 from criv.errors import AgentError, CrivError, InvalidArgument
-from criv.hypervisor.driver import qemu_pid
 from criv.hypervisor.hostsetup import QEMU_USER
+from criv.hypervisor.libvirtbase import qemu_pid
 from criv.hypervisor.sizing import PodResources, max_memory_for, max_vcpus_for, vm_size
 from criv.hypervisor.spec import PodVm, domain_name, pod_domain
 from criv.network.tap import attach_tap, delete_tap, guest_addressing, pod_link

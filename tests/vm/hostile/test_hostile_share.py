@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from criv.hypervisor.driver import qemu_pid
 from criv.hypervisor.hostsetup import QEMU_USER
+from criv.hypervisor.libvirtbase import qemu_pid
 from criv_agent.api.runtime.v1 import api_pb2
 from tests.support.cri import Cri
 

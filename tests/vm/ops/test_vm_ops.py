@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from criv.hypervisor.driver import qemu_pid
+from criv.hypervisor.libvirtbase import qemu_pid
 from tests.integration.ops.opstools import criv_cli, free_port, sample, scrape, table_row
 from tests.support.cri import Cri
 
