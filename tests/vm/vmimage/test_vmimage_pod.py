@@ -7,7 +7,6 @@ image without a disk, and a second container in the pod."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,43 +14,14 @@ from pathlib import Path
 import grpc
 import pytest
 
-from criv.vmimage.containerdisk import write_layout
 from criv_agent.api.runtime.v1 import api_pb2
 from tests.support.cri import Cri
 from tests.support.fixtures import TestRegistry
 from tests.support.spdy_client import SpdyClient, forward_one, spdy_exec
 from tests.support.streaming import exec_url, port_forward_url
+from tests.support.vmimage import HANDLERS, create, push_containerdisk
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(900)]
-
-REPO = "vm/testdisk"
-HANDLERS = {"": "vm", "vm": "vm", "host": "host", "vm-image": "vm-image"}
-
-
-def push_containerdisk(registry: TestRegistry, disk: Path, tmp: Path) -> str:
-    """The disk as a containerDisk OCI image in the registry; returns its reference."""
-    layout = write_layout(disk, tmp / "layout", tag="1")
-    blobs = layout.path / "blobs" / "sha256"
-    manifest = (blobs / layout.manifest_digest[7:]).read_bytes()
-    for desc in [json.loads(manifest)["config"], *json.loads(manifest)["layers"]]:
-        registry.push_blob(REPO, (blobs / desc["digest"][7:]).read_bytes())
-    registry.push_manifest(REPO, "1", manifest, json.loads(manifest)["mediaType"])
-    return registry.ref(REPO, "1")
-
-
-def create(cri: Cri, pod: str, name: str, image: str) -> str:
-    cfg = api_pb2.ContainerConfig(
-        metadata=api_pb2.ContainerMetadata(name=name),
-        image=api_pb2.ImageSpec(image=image),
-        log_path=f"{name}.log",
-    )
-    resp = cri.rt.CreateContainer(
-        api_pb2.CreateContainerRequest(
-            pod_sandbox_id=pod, config=cfg, sandbox_config=cri._pods[pod]
-        ),
-        timeout=120,
-    )
-    return str(resp.container_id)
 
 
 def test_vmimage_pod_lifecycle(
