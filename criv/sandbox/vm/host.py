@@ -67,7 +67,10 @@ class VmHost:
 
     def _on_stop(self, name: str, reason: str) -> None:
         self.stops[name] = reason
-        if reason != "shutdown":
+        # a microvm guest ends by a reset (reboot=t, on_reboot=destroy); on q35 a reset is a
+        # guest panic (panic=-1) or a reboot
+        normal = ("shutdown", "reset") if self._config.vm.machine == "microvm" else ("shutdown",)
+        if reason not in normal:
             log.warning("domain %s stopped: %s", name, reason)
 
     async def preflight(self) -> None:
