@@ -323,11 +323,13 @@ class VmImageAgent(AgentClient):
         st = await self._vms.stats(self._pod)
         if st is None:
             return []
+        # the container's writable layer is its overlay: what the guest wrote to its disk
+        disk = await asyncio.to_thread(machine.allocated_bytes, box.overlay)
         return [
             AgentStats(
                 box.cid, time.time_ns(), cpu_usage_core_nanoseconds=st.cpu_ns,
                 memory_working_set_bytes=st.memory_bytes, memory_usage_bytes=st.memory_bytes,
-                memory_rss_bytes=st.memory_bytes,
+                memory_rss_bytes=st.memory_bytes, writable_layer_bytes=disk,
             )
         ]  # fmt: skip
 

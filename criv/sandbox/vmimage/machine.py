@@ -109,6 +109,14 @@ def make_pod_dir(root: Path, pod_id: str) -> Path:
 BASE_PRUNE_GRACE_SECONDS = 60.0
 
 
+def allocated_bytes(path: Path) -> int:
+    """Bytes the file takes on the host's disk (0 if it is gone; blocking)."""
+    try:
+        return path.stat().st_blocks * 512
+    except FileNotFoundError:
+        return 0
+
+
 def pin_path(overlay: Path) -> Path:
     return overlay.with_suffix(".base")
 

@@ -69,6 +69,13 @@ def test_vmimage_pod_lifecycle(
     stats = cri.rt.ContainerStats(api_pb2.ContainerStatsRequest(container_id=cid), timeout=30)
     assert stats.stats.cpu.usage_core_nano_seconds.value > 0, stats
     assert stats.stats.memory.working_set_bytes.value > 16 << 20, stats
+    # the writable layer is the overlay on the host: it grows by what the guest writes
+    before = stats.stats.writable_layer.used_bytes.value
+    assert before > 0, stats
+    r = cri.exec(cid, ["sh", "-c", "dd if=/dev/urandom of=/root/blob bs=1M count=8 && sync"])
+    assert r.exit_code == 0, r
+    stats = cri.rt.ContainerStats(api_pb2.ContainerStatsRequest(container_id=cid), timeout=30)
+    assert stats.stats.writable_layer.used_bytes.value >= before + (8 << 20), (before, stats)
 
     # interactive exec with stdin, over the streaming server
     res = asyncio.run(spdy_exec(exec_url(cri, cid, ["cat"], stdin=True), stdin=b"via ssh\n"))
