@@ -25,6 +25,7 @@ Either way the pod record keeps the new numbers (``PodRecord.resources``), and a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -173,6 +174,8 @@ async def _set_memory(
     try:
         short = await balloon()
     except CrivError as e:
+        with contextlib.suppress(CrivError):  # best effort: the old target back
+            await iso.set_memory(pod, st.memory_mib)
         msg = f"{field}: changing the VM from {st.memory_mib} to {want} MiB: {e}"
         raise (Unavailable if isinstance(e, Unavailable) else FailedPrecondition)(msg) from e
     if short is None:
