@@ -92,11 +92,13 @@ def qemu_floor(kernel: Path, initrd: Path, runs: int, work: Path) -> Samples:
         t0 = time.perf_counter()
         backend.start().wait_ready()
         argv = [
-            "qemu-system-x86_64", "-M", "q35", "-accel", "tcg", "-cpu", "max",
+            "qemu-system-x86_64", "-M", "q35", "-cpu", "max",
             "-m", "256", "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none",
             "-serial", f"file:{d / 'console.log'}", "-kernel", str(kernel), "-initrd", str(initrd),
             "-append", f"console=ttyS0 quiet panic=-1 reboot=t {AGENT_ARGS}",
             "-object", "memory-backend-memfd,id=mem,size=256M,share=on",
+            # one -accel: QEMU takes the first that works and ignores the rest, so a second
+            # "-accel tcg,tb-size=64" after a plain one left the floor QEMU's default cache
             "-numa", "node,memdev=mem", "-accel", "tcg,tb-size=64",
             "-device", "virtio-rng-pci",
             "-chardev", f"socket,id=vs,path={d / 'v.sock'}",

@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, Runtime, Samples, bench_env, criv_runtime, pct
 
 from criv.hypervisor.hostsetup import start_libvirtd
+from criv.hypervisor.sizing import tb_cache_mib
 from criv.vmimage import seed
 from criv.vmimage.sshkeys import ensure_pod_key
 from criv_agent.api.runtime.v1 import api_pb2
@@ -111,7 +112,9 @@ def qemu_floor(disk: Path, runs: int, work: Path) -> Samples:
             sk.bind(("127.0.0.1", 0))
             port = int(sk.getsockname()[1])
         argv = [
-            "qemu-system-x86_64", "-accel", "tcg", "-M", "q35", "-cpu", "max",
+            # TCG's translation cache as criv sizes it for the domain (criv/hypervisor/sizing)
+            "qemu-system-x86_64", "-accel", f"tcg,tb-size={tb_cache_mib(MEMORY_MIB)}",
+            "-M", "q35", "-cpu", "max",
             "-m", str(MEMORY_MIB), "-smp", str(VCPUS), "-nodefaults", "-no-user-config",
             "-display", "none", "-machine", "graphics=off", "-serial", f"file:{d / 'console.log'}",
             "-drive", f"file={overlay},if=virtio,format=qcow2",
