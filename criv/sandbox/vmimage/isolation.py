@@ -16,6 +16,7 @@ import contextlib
 import logging
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from criv.agent.client import AgentClient
 from criv.agent.hostdata import HostDataServer
@@ -28,9 +29,13 @@ from criv.sandbox.isostate import IsolationState, VmImageState
 from criv.sandbox.records import MountRecord, PodRecord
 from criv.sandbox.vm.host import VmHost
 from criv.sandbox.vmimage import machine
-from criv.sandbox.vmimage.agent import VmImageAgent
-from criv.sandbox.vmimage.container import VmContainer
 from criv.vmimage.containerdisk import find_disk
+
+if TYPE_CHECKING:
+    # imported when a vm-image pod first runs: the SSH layer (paramiko) costs criv ~17 MiB
+    # of memory that a node without vm-image pods need not pay
+    from criv.sandbox.vmimage.agent import VmImageAgent
+    from criv.sandbox.vmimage.container import VmContainer
 
 log = logging.getLogger("criv.sandbox.vmimage")
 
@@ -60,6 +65,8 @@ class VmImageIsolation:
         return VmImageState(domain=domain_name(pod.id))
 
     async def _serve(self, pod: PodRecord, paths: PodPaths) -> VmImageAgent:
+        from criv.sandbox.vmimage.agent import VmImageAgent  # late: see the imports above
+
         agent = self._agents.get(pod.id)
         if agent is not None:
             return agent
