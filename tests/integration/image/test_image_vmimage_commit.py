@@ -1,7 +1,7 @@
 """`criv vm-image commit` refusals against a real daemon, no VM: an unknown container, bad
 references, no daemon, and the admin RPC's scratch dir (the daemon writes only into an
 empty ``.vm-image-*`` dir directly under its state dir). The loop itself, with a VM:
-tests/vm/vmimage/test_vmimage_commit.py."""
+tests/vm/vmimage/test_vmimage_builder.py."""
 
 from __future__ import annotations
 
