@@ -105,38 +105,20 @@ class Connection:
         return seen_free < self.buf_alloc // 2
 
     # -- headers ---------------------------------------------------------------------
-    def header(self, op: int, length: int = 0, flags: int = 0) -> P.Header:
+    def _fields(self, op: int, length: int, flags: int) -> tuple[int, ...]:
+        """A header's fields in wire order; it carries our credit, so it is noted as sent."""
         self.last_fwd_cnt = self.fwd_cnt
-        return P.Header(
-            P.HOST_CID,
-            self.guest_cid,
-            self.host_port,
-            self.guest_port,
-            length,
-            P.TYPE_STREAM,
-            op,
-            flags,
-            self.buf_alloc,
-            self.fwd_cnt & 0xFFFFFFFF,
-        )
+        return (
+            P.HOST_CID, self.guest_cid, self.host_port, self.guest_port, length,
+            P.TYPE_STREAM, op, flags, self.buf_alloc, self.fwd_cnt & 0xFFFFFFFF,
+        )  # fmt: skip
+
+    def header(self, op: int, length: int = 0, flags: int = 0) -> P.Header:
+        return P.Header(*self._fields(op, length, flags))
 
     def pack_rw_header(self, view: memoryview, length: int) -> None:
         """``header(OP_RW, length)`` written straight into a 44-byte guest buffer."""
-        self.last_fwd_cnt = self.fwd_cnt
-        P.HDR.pack_into(
-            view,
-            0,
-            P.HOST_CID,
-            self.guest_cid,
-            self.host_port,
-            self.guest_port,
-            length,
-            P.TYPE_STREAM,
-            P.OP_RW,
-            0,
-            self.buf_alloc,
-            self.fwd_cnt & 0xFFFFFFFF,
-        )
+        P.HDR.pack_into(view, 0, *self._fields(P.OP_RW, length, 0))
 
     def want_host_read(self) -> bool:
         """Should we read from the host socket (data for the guest) now?"""
