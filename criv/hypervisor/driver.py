@@ -325,8 +325,8 @@ class Hypervisor:
         """The host pty of a running domain's serial console."""
         return await self._call(lambda c: _live(console_pty, c, name), f"console of {name}")
 
-    async def memory(self, name: str) -> tuple[int, int]:
-        """(MiB the guest has now, most MiB) of a running domain (:mod:`.live`)."""
+    async def memory(self, name: str) -> int:
+        """MiB the guest of a running domain has now, behind its balloon (:mod:`.live`)."""
         return await self._call(lambda c: _live(live.memory, c, name), f"memory of {name}")
 
     async def memory_use(self, name: str) -> tuple[int, int]:

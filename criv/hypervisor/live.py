@@ -41,11 +41,9 @@ def set_vcpus(conn: libvirt.virConnect, name: str, count: int) -> int:
     return int(dom.vcpusFlags(libvirt.VIR_DOMAIN_AFFECT_LIVE))
 
 
-def memory(conn: libvirt.virConnect, name: str) -> tuple[int, int]:
-    """(MiB the guest has now, behind its balloon; most MiB) of the running domain."""
-    dom = conn.lookupByName(name)
-    actual = int(dom.memoryStats().get("actual", 0))
-    return actual // 1024, int(dom.maxMemory()) // 1024
+def memory(conn: libvirt.virConnect, name: str) -> int:
+    """MiB the running domain's guest has now, behind its balloon."""
+    return int(conn.lookupByName(name).memoryStats().get("actual", 0)) // 1024
 
 
 def set_memory(conn: libvirt.virConnect, name: str, mib: int) -> None:

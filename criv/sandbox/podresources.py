@@ -67,7 +67,7 @@ class VcpuHotplug(Protocol):
 class MemoryBalloon(Protocol):
     """What an isolation mode offers to change a running VM's memory (vm: VmIsolation)."""
 
-    async def memory(self, pod: PodRecord) -> tuple[int, int]: ...
+    async def memory(self, pod: PodRecord) -> int: ...
 
     async def memory_use(self, pod: PodRecord) -> tuple[int, int]: ...
 
@@ -163,7 +163,7 @@ async def _set_memory(
         await iso.set_memory(pod, want)
         deadline = asyncio.get_running_loop().time() + wait
         while True:
-            now, _most = await iso.memory(pod)
+            now = await iso.memory(pod)
             if now == want:
                 return None
             if asyncio.get_running_loop().time() >= deadline:

@@ -261,8 +261,8 @@ class VmIsolation:
         hv = await self._host.hypervisor()
         return await hv.set_vcpus(domain_name(pod.id), count)
 
-    async def memory(self, pod: PodRecord) -> tuple[int, int]:
-        """(MiB the guest has now, most MiB) of the pod's VM (the balloon)."""
+    async def memory(self, pod: PodRecord) -> int:
+        """MiB the pod VM's guest has now, behind its balloon."""
         hv = await self._host.hypervisor()
         return await hv.memory(domain_name(pod.id))
 

@@ -56,9 +56,9 @@ class Balloon(Hotplug):
     async def memory_use(self, pod: PodRecord) -> tuple[int, int]:
         return self.mib, self.uses
 
-    async def memory(self, pod: PodRecord) -> tuple[int, int]:
+    async def memory(self, pod: PodRecord) -> int:
         self.mib = max(self.target, self.floor)
-        return self.mib, 1024
+        return self.mib
 
     async def set_memory(self, pod: PodRecord, mib: int) -> None:
         self.targets.append(mib)
