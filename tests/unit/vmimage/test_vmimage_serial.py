@@ -18,6 +18,19 @@ from criv_agent import execframes as fr
 pytestmark = pytest.mark.timeout(30)
 
 
+def _console() -> tuple[int, SerialConsole]:
+    """A pty pair as QEMU's console (QEMU holds the master, libvirt names the slave) and
+    criv's console opened on the slave's name; the master is non-blocking."""
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    path = os.ttyname(slave)
+    os.close(slave)
+    os.set_blocking(master, False)
+    console = SerialConsole(path)
+    console.open()
+    return master, console
+
+
 async def _pair(
     tmp_path: Path, console: SerialConsole, n: int
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, asyncio.Task[None]]:
@@ -46,13 +59,7 @@ async def _frames_until(reader: asyncio.StreamReader, want: bytes) -> bytes:
 
 
 async def test_attach_on_a_pty(tmp_path: Path) -> None:
-    master, slave = os.openpty()  # QEMU holds the master; libvirt names the slave
-    tty.setraw(slave)
-    path = os.ttyname(slave)
-    os.close(slave)
-    os.set_blocking(master, False)
-    console = SerialConsole(path)
-    console.open()
+    master, console = _console()
     r1, w1, _t1 = await _pair(tmp_path, console, 1)
     r2, w2, t2 = await _pair(tmp_path, console, 2)
     await asyncio.sleep(0.1)
@@ -91,13 +98,7 @@ async def test_attach_on_a_pty(tmp_path: Path) -> None:
 
 
 async def test_a_slow_session_loses_output_not_the_guest(tmp_path: Path) -> None:
-    master, slave = os.openpty()
-    tty.setraw(slave)
-    path = os.ttyname(slave)
-    os.close(slave)
-    os.set_blocking(master, False)
-    console = SerialConsole(path)
-    console.open()
+    master, console = _console()
     s = console.join()  # never read while the guest writes 3 MiB
     data, sent = b"x" * 65536, 0
     while sent < 3 * MAX_BEHIND:
