@@ -48,34 +48,40 @@ HANG = bytes.fromhex("faf4ebfd")  # cli; hlt; jmp back to hlt: a boot loader tha
 TRIPLE_FAULT = bytes.fromhex("fa31c08ed80f011e207cccf4ebfd")
 
 
+def _started(
+    cri: Cri, registry: TestRegistry, disk: Path, tmp_path: Path, repo: str, name: str
+) -> tuple[str, str]:
+    """``disk`` pushed as a containerDisk, pulled, and started as the one container of a
+    new vm-image pod ``name``: (pod id, container id)."""
+    ref = push_containerdisk(registry, disk, tmp_path, repo)
+    pull(cri, ref)
+    pod = cri.run_pod(name, handler="vm-image")
+    cid = create(cri, pod, "vm", ref)
+    cri.start(cid)
+    return pod, cid
+
+
 def test_disk_that_does_not_boot(
     vm_cri_factory: Callable[..., Cri], registry: TestRegistry, tmp_path: Path
 ) -> None:
     cri = vm_cri_factory(runtime={"handlers": HANDLERS}, vm={"image_ssh_wait_seconds": SSH_WAIT})
     # a boot loader that triple-faults: the reset ends the domain before any host key
-    ref = push_containerdisk(
-        registry, mbr_disk(tmp_path / "tf.raw", TRIPLE_FAULT), tmp_path, "vm/triplefault"
-    )
-    pull(cri, ref)
-    pod = cri.run_pod("triplefault", handler="vm-image")
-    cid = create(cri, pod, "vm", ref)
-    cri.start(cid)
+    tf = mbr_disk(tmp_path / "tf.raw", TRIPLE_FAULT)
+    pod, cid = _started(cri, registry, tf, tmp_path, "vm/triplefault", "triplefault")
     st = cri.wait_exited(cid, timeout=120)
     assert (st.exit_code, st.reason) == (255, "BootFailed"), st
     assert "Booting from Hard Disk" in st.message, st.message
     cri.rt.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=pod), timeout=120)
     cri.rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod), timeout=120)
     # noise: the firmware says it found nothing to boot
-    ref = push_containerdisk(registry, garbage_disk(tmp_path / "noise.raw"), tmp_path, "vm/noise")
-    pull(cri, ref)
     before = criv_domains()
-    pod = cri.run_pod("noboot", handler="vm-image")
-    cid = create(cri, pod, "vm", ref)
     t0 = time.monotonic()
-    cri.start(cid)
+    noise = garbage_disk(tmp_path / "noise.raw")
+    pod, cid = _started(cri, registry, noise, tmp_path, "vm/noise", "noboot")
     # SeaBIOS says so on the console and resets; the reset ends the domain
     st = cri.wait_exited(cid, timeout=120)
-    print(f"[vm-image] a disk that does not boot: EXITED after {time.monotonic() - t0:.1f} s")
+    took = time.monotonic() - t0
+    print(f"[vm-image] a disk that does not boot: EXITED {took:.1f} s after its push")
     print(st.message)
     assert (st.exit_code, st.reason) == (255, "BootFailed"), st
     assert "did not boot" in st.message and "No bootable device" in st.message, st.message
@@ -95,12 +101,9 @@ def test_disk_that_hangs_in_its_boot_loader(
     vm_cri_factory: Callable[..., Cri], registry: TestRegistry, tmp_path: Path
 ) -> None:
     cri = vm_cri_factory(runtime={"handlers": HANDLERS}, vm={"image_ssh_wait_seconds": SSH_WAIT})
-    ref = push_containerdisk(registry, mbr_disk(tmp_path / "hang.raw", HANG), tmp_path, "vm/hang")
-    pull(cri, ref)
     before = criv_domains()
-    pod = cri.run_pod("hang", handler="vm-image")
-    cid = create(cri, pod, "vm", ref)
-    cri.start(cid)
+    hang = mbr_disk(tmp_path / "hang.raw", HANG)
+    pod, cid = _started(cri, registry, hang, tmp_path, "vm/hang", "hang")
     t0 = time.monotonic()
     with pytest.raises(grpc.RpcError) as e:
         cri.exec(cid, ["true"], timeout=60)
@@ -125,12 +128,8 @@ def test_unreachable_ssh_is_unavailable_not_a_hang(
     vm_cri_factory: Callable[..., Cri], registry: TestRegistry, test_disk: Path, tmp_path: Path
 ) -> None:
     cri = vm_cri_factory(runtime={"handlers": HANDLERS}, vm={"image_ssh_wait_seconds": SSH_WAIT})
-    ref = push_containerdisk(registry, test_disk, tmp_path)
-    pull(cri, ref)
     before = criv_domains()
-    pod = cri.run_pod("nossh", handler="vm-image")
-    cid = create(cri, pod, "vm", ref)
-    cri.start(cid)
+    pod, cid = _started(cri, registry, test_disk, tmp_path, "vm/testdisk", "nossh")
     t0 = time.monotonic()
     set_tap(cri, pod, up=False)  # the VM boots and prints its key, but nothing reaches it
     with pytest.raises(grpc.RpcError) as e:
