@@ -199,17 +199,26 @@ async def check_attach_stdin_once(cri: Cri, pod: str, cat: str) -> None:
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
-async def check_attach_tty(cri: Cri, tty: str) -> None:
-    """A terminal container (tty + stdin, not stdin_once): resize, then the shell sees the
-    size; leaving does not stop it."""
+async def tty_attach(
+    cri: Cri, cid: str
+) -> tuple[SpdyClient, ClientStream, ClientStream, ClientStream]:
+    """An attach session with stdin and a tty: (client, stdin, stdout, resize); its error
+    stream is opened and left unread (a tty session waits for the resize stream)."""
     _resp, c = await SpdyClient.connect(
-        attach_url(cri, tty, stdin=True, tty=True), ["v4.channel.k8s.io"]
+        attach_url(cri, cid, stdin=True, tty=True), ["v4.channel.k8s.io"]
     )
     assert c is not None
     await c.open_stream({"streamtype": "error"})
     sin = await c.open_stream({"streamtype": "stdin"})
     out = await c.open_stream({"streamtype": "stdout"})
     rz = await c.open_stream({"streamtype": "resize"})
+    return c, sin, out, rz
+
+
+async def check_attach_tty(cri: Cri, tty: str) -> None:
+    """A terminal container (tty + stdin, not stdin_once): resize, then the shell sees the
+    size; leaving does not stop it."""
+    c, sin, out, rz = await tty_attach(cri, tty)
     await c.write(rz, json.dumps({"Width": 123, "Height": 45}).encode() + b"\n")
     await asyncio.sleep(0.2)
     await c.write(sin, b"stty size\n")

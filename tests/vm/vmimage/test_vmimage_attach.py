@@ -17,7 +17,7 @@ from criv_agent.api.runtime.v1 import api_pb2
 from tests.support.cri import Cri
 from tests.support.fixtures import TestRegistry
 from tests.support.spdy_client import SpdyClient
-from tests.support.streaming import attach_url, status_of, wait_for_stdout
+from tests.support.streaming import attach_url, status_of, tty_attach, wait_for_stdout
 from tests.support.vmimage import HANDLERS, create, pull, push_containerdisk
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(600)]
@@ -32,15 +32,9 @@ def wait_log(cri: Cri, pod: str, text: str, timeout: float = 30) -> None:
 
 async def sessions(cri: Cri, pod: str, cid: str) -> None:
     # a terminal session with stdin, and a plain one that only watches
-    _r, tty = await SpdyClient.connect(
-        attach_url(cri, cid, stdin=True, tty=True), ["v4.channel.k8s.io"]
-    )
+    tty, sin, out, rz = await tty_attach(cri, cid)
     _r, watch = await SpdyClient.connect(attach_url(cri, cid), ["v4.channel.k8s.io"])
-    assert tty is not None and watch is not None
-    await tty.open_stream({"streamtype": "error"})
-    sin = await tty.open_stream({"streamtype": "stdin"})
-    out = await tty.open_stream({"streamtype": "stdout"})
-    rz = await tty.open_stream({"streamtype": "resize"})
+    assert watch is not None
     await tty.write(rz, b'{"Width": 100, "Height": 30}\n')  # a serial line: ignored
     await watch.open_stream({"streamtype": "error"})
     wout = await watch.open_stream({"streamtype": "stdout"})
@@ -51,14 +45,7 @@ async def sessions(cri: Cri, pod: str, cid: str) -> None:
     await wait_for_stdout(wout, rb"42-attached\r?\nattachpod", timeout=10)
     await tty.close()
     # the watcher stays; the shell still answers another session
-    _r, again = await SpdyClient.connect(
-        attach_url(cri, cid, stdin=True, tty=True), ["v4.channel.k8s.io"]
-    )
-    assert again is not None
-    await again.open_stream({"streamtype": "error"})
-    sin2 = await again.open_stream({"streamtype": "stdin"})
-    out2 = await again.open_stream({"streamtype": "stdout"})
-    await again.open_stream({"streamtype": "resize"})  # a tty session waits for it
+    again, sin2, out2, _rz2 = await tty_attach(cri, cid)
     await asyncio.sleep(1.5)
     await again.write(sin2, b"echo second-$((2+3))\n")
     await wait_for_stdout(out2, rb"second-5", timeout=30)
