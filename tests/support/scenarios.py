@@ -121,10 +121,10 @@ def log_format_partial_lines_and_reopen(cri: Cri) -> None:
 def oom_killed_and_stop_timeout(cri: Cri) -> None:
     pod = cri.run_pod("oom")
     limit = api_pb2.LinuxContainerResources(memory_limit_in_bytes=32 * 1024 * 1024)
-    hog = cri.run(
-        pod, "hog", ["sh", "-c", "x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo $x"],
-        resources=limit,
-    )  # fmt: skip
+    # The shell doubles a string until the limit: one process (so it is the OOM victim)
+    # and ~2 s under TCG. Filling a string from a pipe took 14-30 s there and timed out
+    # once on a loaded CI machine.
+    hog = cri.run(pod, "hog", ["sh", "-c", "x=a; while :; do x=$x$x; done"], resources=limit)
     st = cri.wait_exited(hog, timeout=60)
     assert st.reason == "OOMKilled", (st.reason, st.exit_code, st.message)
     assert st.exit_code == 137
