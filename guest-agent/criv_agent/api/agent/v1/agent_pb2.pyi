@@ -97,6 +97,7 @@ class SetupSandboxRequest(_message.Message):
     SANDBOX_DIR_FIELD_NUMBER: _builtins.int
     POD_IPS_FIELD_NUMBER: _builtins.int
     NETWORK_FIELD_NUMBER: _builtins.int
+    IDENTITY_FIELD_NUMBER: _builtins.int
     sandbox_id: _builtins.str
     sandbox_dir: _builtins.str
     """Directory (as the agent sees it) where the agent writes the pod's shared files
@@ -115,6 +116,12 @@ class SetupSandboxRequest(_message.Message):
         in the pod's network namespace).
         """
 
+    @_builtins.property
+    def identity(self) -> Global___GuestIdentity:
+        """vm pods: the identity the guest takes on first (clock, RNG, machine-id, the
+        hot-plugged share and NIC). Unset in host mode; a host-mode agent ignores it.
+        """
+
     def __init__(
         self,
         *,
@@ -123,10 +130,11 @@ class SetupSandboxRequest(_message.Message):
         sandbox_dir: _builtins.str = ...,
         pod_ips: _abc.Iterable[_builtins.str] | None = ...,
         network: Global___GuestNetwork | None = ...,
+        identity: Global___GuestIdentity | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "network", b"network"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "identity", b"identity", "network", b"network"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "network", b"network", "pod_ips", b"pod_ips", "sandbox_dir", b"sandbox_dir", "sandbox_id", b"sandbox_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "identity", b"identity", "network", b"network", "pod_ips", b"pod_ips", "sandbox_dir", b"sandbox_dir", "sandbox_id", b"sandbox_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -146,6 +154,46 @@ class SetupSandboxResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetupSandboxResponse: _TypeAlias = SetupSandboxResponse  # noqa: Y015
+
+@_typing.final
+class GuestIdentity(_message.Message):
+    """What a pod VM takes on at SetupSandbox. A VM cloned from a template wakes with the
+    template's clock, RNG state and machine-id, and its share and NIC arrive hot-plugged.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTROPY_FIELD_NUMBER: _builtins.int
+    HOST_TIME_NS_FIELD_NUMBER: _builtins.int
+    MACHINE_ID_FIELD_NUMBER: _builtins.int
+    SHARE_TAG_FIELD_NUMBER: _builtins.int
+    WAIT_SECONDS_FIELD_NUMBER: _builtins.int
+    entropy: _builtins.bytes
+    """host random bytes: mixed into the guest pool (credited), then the crng reseeded"""
+    host_time_ns: _builtins.int
+    """CLOCK_REALTIME to set"""
+    machine_id: _builtins.str
+    """32 lowercase hex chars, written to /etc/machine-id"""
+    share_tag: _builtins.str
+    """virtio-fs tag to mount at the shared dir when it is not mounted yet"""
+    wait_seconds: _builtins.int
+    """how long to wait for a hot-plugged share or NIC to appear"""
+    def __init__(
+        self,
+        *,
+        entropy: _builtins.bytes = ...,
+        host_time_ns: _builtins.int = ...,
+        machine_id: _builtins.str = ...,
+        share_tag: _builtins.str = ...,
+        wait_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entropy", b"entropy", "host_time_ns", b"host_time_ns", "machine_id", b"machine_id", "share_tag", b"share_tag", "wait_seconds", b"wait_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GuestIdentity: _TypeAlias = GuestIdentity  # noqa: Y015
 
 @_typing.final
 class GuestInterface(_message.Message):
