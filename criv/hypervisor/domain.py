@@ -35,6 +35,23 @@ def _mmio(el: ET.Element, machine: Machine) -> None:
         _sub(el, "address", type="virtio-mmio")
 
 
+def _place(el: ET.Element, machine: Machine, bus: int | None) -> None:
+    """Where a device goes: an explicit PCIe root port (``bus``, a hot-plug into a free port)
+    or wherever libvirt puts it."""
+    if bus is not None:
+        _sub(el, "address", type="pci", domain="0x0000", bus=f"{bus:#04x}", slot="0x00",
+             function="0x0")  # fmt: skip
+    else:
+        _mmio(el, machine)
+
+
+def device_xml(device: Device, machine: Machine = "q35") -> str:
+    """One device's XML, as libvirt's attachDevice takes it (a hot-plug)."""
+    holder = ET.Element("devices")
+    device.to_element(holder, machine)
+    return ET.tostring(holder[0], encoding="unicode")
+
+
 @dataclass(frozen=True)
 class DirectBoot:
     """PVH direct boot of an uncompressed vmlinux (no firmware, no decompression)."""
@@ -109,13 +126,14 @@ class VirtioFs:
     socket: Path
     tag: str = "criv"
     queue_size: int = 1024
+    bus: int | None = None  # a PCIe root port's bus, for a hot-plug
 
     def to_element(self, parent: ET.Element, machine: Machine) -> None:
         fs = _sub(parent, "filesystem", type="mount")
         _sub(fs, "driver", type="virtiofs", queue=str(self.queue_size))
         _sub(fs, "source", socket=str(self.socket))
         _sub(fs, "target", dir=self.tag)
-        _mmio(fs, machine)
+        _place(fs, machine, self.bus)
 
 
 @dataclass(frozen=True)
@@ -125,6 +143,7 @@ class TapInterface:
     tap: str
     mac: str
     mtu: int = 0
+    bus: int | None = None  # a PCIe root port's bus, for a hot-plug
 
     def to_element(self, parent: ET.Element, machine: Machine) -> None:
         iface = _sub(parent, "interface", type="ethernet")
@@ -133,7 +152,7 @@ class TapInterface:
         _sub(iface, "model", type="virtio")
         if self.mtu:
             _sub(iface, "mtu", size=str(self.mtu))
-        _mmio(iface, machine)
+        _place(iface, machine, self.bus)
 
 
 @dataclass(frozen=True)
@@ -174,6 +193,18 @@ class VhostUserVsock:
             f"{dev},chardev={self.id}",
         ]
 
+    def hotplug_commands(self, bus: int) -> list[dict[str, object]]:
+        """The QMP commands that hot-plug it into the PCIe root port of ``bus`` (libvirt
+        names that port ``pci.<bus>``)."""
+        addr = {"type": "unix", "data": {"path": str(self.socket)}}
+        return [
+            {"execute": "chardev-add", "arguments": {"id": self.id, "backend": {
+                "type": "socket", "data": {"addr": addr, "server": False}}}},
+            {"execute": "device_add", "arguments": {
+                "driver": "vhost-user-vsock-pci", "id": f"{self.id}dev", "chardev": self.id,
+                "bus": f"pci.{bus}"}},
+        ]  # fmt: skip
+
 
 Device = SerialLog | Rng | VirtioFs | TapInterface | KernelVsock | Disk
 
@@ -200,6 +231,11 @@ class Domain:
     tb_cache_mib: int = 0
     # memfd + shared: required by vhost-user devices (vsock backend, virtiofsd map it)
     shared_memory: bool = True
+    # q35: this many empty PCIe root ports beyond those libvirt adds, for hot-plugs, with
+    # native PCIe hot-plug (the guest kernel has pciehp, not ACPI PCI hot-plug)
+    hotplug_ports: int = 0
+    # QEMU waits for a migration stream (``-incoming defer``): a template's clone
+    incoming: bool = False
     metadata: dict[str, str] = field(default_factory=dict)
 
     def to_element(self) -> ET.Element:
@@ -252,6 +288,10 @@ class Domain:
         _sub(dom, "on_crash", "destroy")
         devs = _sub(dom, "devices")
         _sub(devs, "controller", type="usb", model="none")
+        if self.hotplug_ports and self.machine == "q35":
+            _sub(devs, "controller", type="pci", index="0", model="pcie-root")
+            for i in range(1, self.hotplug_ports + 1):
+                _sub(devs, "controller", type="pci", index=str(i), model="pcie-root-port")
         for d in self.devices:
             d.to_element(devs, self.machine)
         if self.balloon:
@@ -264,6 +304,10 @@ class Domain:
         )
         if isinstance(self.boot, FirmwareBoot):
             args += FirmwareBoot.QEMU_ARGS
+        if self.hotplug_ports and self.machine == "q35":
+            args += ["-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off"]
+        if self.incoming:
+            args += ["-incoming", "defer"]
         if args:
             cl = _sub(dom, f"{{{QEMU_NS}}}commandline")
             for arg in args:

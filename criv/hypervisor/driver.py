@@ -19,13 +19,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import libvirt
 import libvirt_qemu  # type: ignore[import-untyped]
 
 from criv.errors import CrivError, Unavailable
-from criv.hypervisor import live
+from criv.hypervisor import live, snapshot
 from criv.hypervisor.calls import DeadlineCalls
 from criv.hypervisor.domain import DOMAIN_PREFIX, Domain
 from criv.hypervisor.domaininfo import (
@@ -178,15 +179,19 @@ class Hypervisor:
         timeout = self.call_timeout * CREATE_TIMEOUT_FACTOR
         await self._call(caps, "probing QEMU's capabilities", timeout)
 
-    async def create(self, domain: Domain) -> DomainInfo:
-        """Boot a transient domain from ``domain``; returns once QEMU runs (not the guest)."""
+    async def create(self, domain: Domain, paused: bool = False) -> DomainInfo:
+        """Boot a transient domain from ``domain``; returns once QEMU runs (not the guest).
+        ``paused``: its vCPUs wait (a clone, until its state is loaded)."""
         xml = domain.to_xml()
         self._stopped[domain.name] = asyncio.Event()
+        # VALIDATE: libvirt checks the XML against its schema instead of ignoring typos
+        flags = libvirt.VIR_DOMAIN_START_VALIDATE
+        if paused:
+            flags |= libvirt.VIR_DOMAIN_START_PAUSED
 
         def create(c: libvirt.virConnect) -> DomainInfo:
             try:
-                # VALIDATE: libvirt checks the XML against its schema instead of ignoring typos
-                dom = c.createXML(xml, libvirt.VIR_DOMAIN_START_VALIDATE)
+                dom = c.createXML(xml, flags)
             except libvirt.libvirtError as e:
                 raise translate(e, f"creating domain {domain.name}") from e
             return domain_info(dom)
@@ -341,6 +346,36 @@ class Hypervisor:
         what = f"setting domain {name} to {mib} MiB"
         await self._call(lambda c: _live(live.set_memory, c, name, mib), what)
 
+    async def save_state(self, name: str, path: Path, timeout: float) -> int:
+        """Pause the domain and write its state to ``path`` (:mod:`.snapshot`); bytes."""
+        what = f"saving domain {name}"
+        return await self._call(
+            lambda c: _live(snapshot.save_state, c, name, path, timeout), what, timeout + 10
+        )
+
+    async def load_state(self, name: str, path: Path, timeout: float) -> None:
+        """Load ``path`` into a paused ``-incoming`` domain and run it (:mod:`.snapshot`)."""
+        what = f"loading domain {name}"
+        await self._call(
+            lambda c: _live(snapshot.load_state, c, name, path, timeout), what, timeout + 10
+        )
+
+    async def free_root_ports(self, name: str) -> list[int]:
+        """Buses of the running domain's empty PCIe root ports (for hot-plugs)."""
+        return await self._call(
+            lambda c: _live(snapshot.free_root_ports, c, name), f"root ports of {name}"
+        )
+
+    async def attach(self, name: str, device_xml: str) -> None:
+        """Hot-plug a device (libvirt XML) into the running domain."""
+        await self._call(lambda c: _live(snapshot.attach, c, name, device_xml), f"attach to {name}")
+
+    async def hotplug_qmp(self, name: str, commands: list[dict[str, Any]]) -> None:
+        """Hot-plug a device libvirt has no element for, by QMP commands."""
+        await self._call(
+            lambda c: _live(snapshot.hotplug_qmp, c, name, commands), f"hot-plug into {name}"
+        )
+
     async def wait_stopped(
         self, name: str, timeout: float | None = None, poll: float = 0.5
     ) -> bool:
@@ -359,7 +394,7 @@ class Hypervisor:
                 await asyncio.wait_for(ev.wait(), wait)
 
 
-def _live(fn: Callable[..., T], c: libvirt.virConnect, name: str, *args: int) -> T:
+def _live(fn: Callable[..., T], c: libvirt.virConnect, name: str, *args: Any) -> T:
     try:
         return fn(c, name, *args)
     except libvirt.libvirtError as e:

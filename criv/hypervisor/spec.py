@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 import uuid as uuidlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -86,6 +86,27 @@ class PodVm:
     tsc_khz: int = 0
     # which criv made it (its state dir): a restarted criv collects only its own domains
     owner: str = ""
+    # templating (criv.sandbox.vm.template): empty root ports for the devices a clone gets
+    # hot-plugged; ``incoming``: the domain waits for a template's state
+    hotplug_ports: int = 0
+    incoming: bool = False
+    name: str = ""  # instead of the sandbox's domain name (a template's)
+
+
+# A template and its clones: libvirt puts the rng and the balloon on root ports 1-2; the
+# share, the NIC and the vsock device are hot-plugged into a clone's ports 3-5.
+TEMPLATE_HOTPLUG_PORTS = 5
+TEMPLATE_DOMAIN_PREFIX = DOMAIN_PREFIX + "tmpl-"
+
+
+def template_shape(vm: PodVm) -> PodVm:
+    """``vm`` without what is the pod's own (share, NIC, vsock, names, console): what a
+    template boots as, and what its clones start as before their devices are hot-plugged."""
+    return replace(
+        vm, sandbox_id="", fs_socket=None, tap="", mac="", mtu=0, vsock_socket=None,
+        vsock_cid=0, uuid="", owner="", hotplug_ports=TEMPLATE_HOTPLUG_PORTS, name="",
+        console_log=Path("/dev/null"),
+    )  # fmt: skip
 
 
 def pod_domain(vm: PodVm) -> Domain:
@@ -116,9 +137,11 @@ def pod_domain(vm: PodVm) -> Domain:
         devices.append(TapInterface(vm.tap, vm.mac or mac_for(vm.sandbox_id), vm.mtu))
     if vm.vsock_cid:
         devices.append(KernelVsock(vm.vsock_cid))
+    name = vm.name or domain_name(vm.sandbox_id)
+    uuid = vm.uuid or str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, "criv:" + (vm.sandbox_id or name)))
     return Domain(
-        name=domain_name(vm.sandbox_id),
-        uuid=vm.uuid or str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, "criv:" + vm.sandbox_id)),
+        name=name,
+        uuid=uuid,
         boot=DirectBoot(vm.kernel, vm.initrd, " ".join(cmdline)),
         vcpus=vm.size.vcpus,
         # microvm has no ACPI here (acpi=off): nothing could announce a hot-plugged vCPU
@@ -133,7 +156,12 @@ def pod_domain(vm: PodVm) -> Domain:
         vhost_user_vsock=VhostUserVsock(vm.vsock_socket) if vm.vsock_socket else None,
         tb_cache_mib=tb_cache_mib(vm.size.memory_mib) if vm.accel == "tcg" else 0,
         shared_memory=True,
-        metadata={"sandbox": vm.sandbox_id, **({"owner": vm.owner} if vm.owner else {})},
+        hotplug_ports=vm.hotplug_ports,
+        incoming=vm.incoming,
+        metadata={
+            **({"sandbox": vm.sandbox_id} if vm.sandbox_id else {"template": name}),
+            **({"owner": vm.owner} if vm.owner else {}),
+        },
     )
 
 

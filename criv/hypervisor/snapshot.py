@@ -1,0 +1,116 @@
+"""A running domain's state to a file, and a paused domain's state from one (templates).
+
+Blocking libvirt calls; the driver (:class:`~criv.hypervisor.driver.Hypervisor`) runs them
+on its worker threads with deadlines and translates their errors.
+
+libvirt's own save/restore keeps a domain's name and UUID (one restore at a time), so the
+state moves through QEMU's migration commands over libvirt's monitor passthrough: ``stop``
+then ``migrate`` to a file descriptor handed to QEMU (``getfd``) saves it; a domain started
+with ``-incoming defer`` and paused loads it with ``migrate-incoming``, as many times over
+as there are clones. The stream holds guest RAM and device state; a vhost-user device is
+not migratable in QEMU 7.2, so a template has none and its clones get theirs hot-plugged
+(:func:`hotplug_qmp`, :func:`free_root_ports`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import libvirt_qemu  # type: ignore[import-untyped]
+
+from criv.errors import FailedPrecondition
+
+POLL = 0.02
+FD_NAME = "criv-state"
+
+
+def _qmp(dom: libvirt.virDomain, cmd: dict[str, Any], files: list[int] | None = None) -> Any:
+    text = json.dumps(cmd)
+    if files:
+        out = libvirt_qemu.qemuMonitorCommandWithFiles(dom, text, files, 0)[0]
+    else:
+        out = libvirt_qemu.qemuMonitorCommand(dom, text, 0)
+    reply = json.loads(out)
+    if "error" in reply:
+        raise FailedPrecondition(f"QEMU {cmd['execute']}: {reply['error'].get('desc', reply)}")
+    return reply.get("return")
+
+
+def _wait_migration(dom: libvirt.virDomain, what: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        st = _qmp(dom, {"execute": "query-migrate"}) or {}
+        status = st.get("status", "")
+        if status == "completed":
+            return
+        if status in ("failed", "cancelled"):
+            raise FailedPrecondition(f"{what}: {st.get('error-desc', status)}")
+        if time.monotonic() > deadline:
+            raise FailedPrecondition(f"{what}: still {status or 'not started'} after {timeout}s")
+        time.sleep(POLL)
+
+
+def save_state(conn: libvirt.virConnect, name: str, path: Path, timeout: float) -> int:
+    """Pause the domain and write its state to ``path`` (created 0600); its size in bytes."""
+    dom = conn.lookupByName(name)
+    dom.suspend()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        _qmp(dom, {"execute": "getfd", "arguments": {"fdname": FD_NAME}}, [fd])
+    finally:
+        os.close(fd)  # QEMU holds its own copy
+    _qmp(dom, {"execute": "migrate", "arguments": {"uri": f"fd:{FD_NAME}"}})
+    _wait_migration(dom, f"saving domain {name}", timeout)
+    return path.stat().st_size
+
+
+def load_state(conn: libvirt.virConnect, name: str, path: Path, timeout: float) -> None:
+    """Load ``path`` into a domain started paused with ``-incoming defer``, then run it."""
+    dom = conn.lookupByName(name)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _qmp(dom, {"execute": "getfd", "arguments": {"fdname": FD_NAME}}, [fd])
+    finally:
+        os.close(fd)
+    _qmp(dom, {"execute": "migrate-incoming", "arguments": {"uri": f"fd:{FD_NAME}"}})
+    _wait_migration(dom, f"loading domain {name}", timeout)
+    dom.resume()
+
+
+def free_root_ports(conn: libvirt.virConnect, name: str) -> list[int]:
+    """Bus numbers of the domain's PCIe root ports with nothing plugged in, lowest first."""
+    return empty_root_ports(conn.lookupByName(name).XMLDesc(0))
+
+
+def empty_root_ports(domain_xml: str) -> list[int]:
+    """:func:`free_root_ports` of a domain's live XML."""
+    root = ET.fromstring(domain_xml)
+    ports = {
+        int(c.get("index", "-1"))
+        for c in root.iter("controller")
+        if c.get("type") == "pci" and c.get("model") == "pcie-root-port"
+    }
+    used = {
+        int(a.get("bus", "0"), 16)
+        for a in root.iter("address")
+        if a.get("type") == "pci" and a.get("bus") is not None
+    }
+    return sorted(ports - used)
+
+
+def attach(conn: libvirt.virConnect, name: str, device_xml: str) -> None:
+    """Hot-plug a device libvirt knows (it stays in the domain's live XML)."""
+    conn.lookupByName(name).attachDeviceFlags(device_xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+
+
+def hotplug_qmp(conn: libvirt.virConnect, name: str, commands: list[dict[str, Any]]) -> None:
+    """Hot-plug a device libvirt has no element for, by QMP (criv's vhost-user vsock)."""
+    dom = conn.lookupByName(name)
+    for cmd in commands:
+        _qmp(dom, cmd)
