@@ -53,6 +53,7 @@ async def serve(args: argparse.Namespace) -> None:
     from criv_agent.api.agent.v1 import agent_pb2_grpc
     from criv_agent.cpuonline import CpuOnliner
     from criv_agent.datastream import DataServer
+    from criv_agent.identity import IdentityTaker
     from criv_agent.runtime import Runtime
     from criv_agent.service import AgentService
     from criv_agent.vsock_splice import Forwarder
@@ -66,9 +67,12 @@ async def serve(args: argparse.Namespace) -> None:
         control = address.Address("unix", path=os.path.join(args.state_dir, "control.sock"))
     runtime = Runtime(args.state_dir, args.crun)
     await runtime.load()
+    # a vsock control address means the agent runs in a VM's guest, a unix one on the host
+    in_vm = public.scheme == "vsock"
 
     server = grpc.aio.server()
-    agent_pb2_grpc.add_AgentServicer_to_server(AgentService(runtime), server)
+    service = AgentService(runtime, IdentityTaker(in_vm=in_vm))
+    agent_pb2_grpc.add_AgentServicer_to_server(service, server)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(control.path)
     os.makedirs(os.path.dirname(control.path) or ".", exist_ok=True)
@@ -92,7 +96,7 @@ async def serve(args: argparse.Namespace) -> None:
         forwarder.start()
     # in a VM (vsock) only: vCPUs the host hot-plugs come up offline (cpuonline.py)
     onliner = CpuOnliner()
-    if public.scheme == "vsock":
+    if in_vm:
         onliner.start()
     log.info("criv-agent serving control=%s data=%s", public, data)
 

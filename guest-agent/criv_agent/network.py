@@ -2,6 +2,8 @@
 the host for the pod): each NIC found by MAC (a minimal guest has no udev to name them),
 given its MTU and addresses and brought up, then the routes. iproute2, as the host's CNI
 plugins would do it in a netns; idempotent, so a repeated SetupSandbox changes nothing.
+In a VM cloned from a template the NIC is hot-plugged after the clone resumes, so it may
+appear a little after SetupSandbox arrives: :func:`find_nics` waits for it.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import asyncio
 import ipaddress
 import logging
 import os
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -20,6 +23,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 SYS_NET = "/sys/class/net"
+POLL = 0.05  # seconds between looks for a hot-plugged NIC
 
 
 def nic_by_mac(mac: str, root: str = SYS_NET) -> str:
@@ -75,8 +79,27 @@ def commands(
     return cmds
 
 
-async def apply(network: agent_pb2.GuestNetwork) -> None:
-    for cmd in commands(network):
+async def find_nics(
+    network: agent_pb2.GuestNetwork, wait_seconds: float = 0.0, root: str = SYS_NET
+) -> dict[str, str]:
+    """MAC -> interface name for every interface of ``network``, waiting up to
+    ``wait_seconds`` for NICs still being hot-plugged (a VM cloned from a template)."""
+    until = time.monotonic() + wait_seconds
+    while True:
+        try:
+            return {i.mac: nic_by_mac(i.mac, root) for i in network.interfaces}
+        except InvalidArgument as e:
+            if time.monotonic() >= until:
+                if wait_seconds > 0:
+                    raise InvalidArgument(f"{e} after waiting {wait_seconds:.1f} s") from None
+                raise
+        await asyncio.sleep(POLL)
+
+
+async def apply(network: agent_pb2.GuestNetwork, wait_seconds: float = 0.0) -> None:
+    """Configure ``network``; its NICs may take up to ``wait_seconds`` to appear."""
+    nics = await find_nics(network, wait_seconds)
+    for cmd in commands(network, nic_of=nics.__getitem__):
         proc = await asyncio.create_subprocess_exec(
             *cmd,
             stdin=asyncio.subprocess.DEVNULL,

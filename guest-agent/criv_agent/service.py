@@ -17,6 +17,7 @@ from criv_agent.api.agent.v1 import agent_pb2, agent_pb2_grpc
 from criv_agent.api.runtime.v1 import api_pb2
 from criv_agent.crun import cgroup_version
 from criv_agent.errors import AgentError
+from criv_agent.identity import IdentityTaker
 from criv_agent.runtime import Runtime
 from criv_agent.state import ContainerRecord, State
 
@@ -98,8 +99,10 @@ def mapped(
 
 
 class AgentService(agent_pb2_grpc.AgentServicer):
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, identity: IdentityTaker | None = None) -> None:
         self.rt = runtime
+        # host mode unless told otherwise: a host-mode agent ignores a GuestIdentity
+        self.identity = identity or IdentityTaker(in_vm=False)
 
     @mapped
     async def Health(
@@ -116,10 +119,15 @@ class AgentService(agent_pb2_grpc.AgentServicer):
     async def SetupSandbox(
         self, request: agent_pb2.SetupSandboxRequest, context: Context
     ) -> agent_pb2.SetupSandboxResponse:
+        # a VM cloned from a template first takes the pod's clock, RNG, machine-id and
+        # share; what is left of its wait budget goes to the hot-plugged NIC
+        nic_wait = 0.0
+        if request.HasField("identity"):
+            nic_wait = await self.identity.take(request.identity)
         if request.HasField("network"):
             from criv_agent import network
 
-            await network.apply(request.network)
+            await network.apply(request.network, nic_wait)
         await self.rt.pod.setup(
             request.sandbox_id, request.config, request.sandbox_dir, list(request.pod_ips)
         )

@@ -3,8 +3,11 @@ state across an agent restart."""
 
 from __future__ import annotations
 
+import os
+import re
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -22,6 +25,30 @@ def test_health(agent: Agent) -> None:
     assert h.api_version == 1
     assert h.cgroup_version in ("v1", "v2")
     assert h.kernel_release
+
+
+@pytest.mark.timeout(60)
+def test_a_host_mode_agent_ignores_a_guest_identity(agent: Agent) -> None:
+    # harmless values: were they applied, the host's clock would barely move and its
+    # machine-id would be the same text, in a new inode (an atomic write replaces it)
+    before = os.stat("/etc/machine-id") if os.path.exists("/etc/machine-id") else None
+    mid = Path("/etc/machine-id").read_text().strip() if before is not None else ""
+    ident = agent_pb2.GuestIdentity(
+        entropy=b"\0" * 16, host_time_ns=time.time_ns(),
+        machine_id=mid if re.fullmatch("[0-9a-f]{32}", mid) else "0" * 32, wait_seconds=1,
+    )  # fmt: skip
+    cfg = agent.sandbox_config()
+    agent.stub.SetupSandbox(
+        agent_pb2.SetupSandboxRequest(
+            sandbox_id=agent.sandbox_id, config=cfg, sandbox_dir=str(agent.sandbox_dir),
+            identity=ident,
+        ),
+        timeout=20,
+    )  # fmt: skip
+    if before is not None:
+        after = os.stat("/etc/machine-id")
+        assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert "guest identity in SetupSandbox is ignored" in agent.stderr()
 
 
 @pytest.mark.timeout(60)
