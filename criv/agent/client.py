@@ -23,6 +23,7 @@ from criv.agent.types import (
     AgentStats,
     CreateContainerArgs,
     ExecResult,
+    GuestIdentity,
     GuestNetwork,
 )
 from criv.errors import (
@@ -119,6 +120,8 @@ class AgentClient:
         sandbox_dir: str,
         pod_ips: list[str],
         network: GuestNetwork | None = None,
+        *,
+        identity: GuestIdentity | None = None,
     ) -> None:
         req = agent_pb2.SetupSandboxRequest(
             sandbox_id=sandbox_id,
@@ -128,7 +131,11 @@ class AgentClient:
         )
         if network is not None:
             req.network.CopyFrom(convert.guest_network(network))
-        await self._call("SetupSandbox", self._stub.SetupSandbox, req, CALL_TIMEOUT)
+        timeout = CALL_TIMEOUT
+        if identity is not None:
+            req.identity.CopyFrom(convert.guest_identity(identity))
+            timeout += identity.wait_seconds  # the agent may wait that long for the share/NIC
+        await self._call("SetupSandbox", self._stub.SetupSandbox, req, timeout)
 
     async def shutdown(self, timeout_seconds: int) -> None:
         req = agent_pb2.ShutdownSandboxRequest(timeout_seconds=timeout_seconds)

@@ -11,6 +11,7 @@ from criv.agent.types import (
     AgentStats,
     CreateContainerArgs,
     ExecResult,
+    GuestIdentity,
     GuestNetwork,
 )
 from criv.errors import AgentError
@@ -159,6 +160,16 @@ def guest_network(n: GuestNetwork) -> agent_pb2.GuestNetwork:
         routes=[
             agent_pb2.GuestRoute(destination=r.destination, gateway=r.gateway) for r in n.routes
         ],
+    )
+
+
+def guest_identity(g: GuestIdentity) -> agent_pb2.GuestIdentity:
+    return agent_pb2.GuestIdentity(
+        entropy=g.entropy,
+        host_time_ns=g.host_time_ns,
+        machine_id=g.machine_id,
+        share_tag=g.share_tag,
+        wait_seconds=g.wait_seconds,
     )
 
 

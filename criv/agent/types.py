@@ -124,3 +124,15 @@ class GuestNetwork:
 
     interfaces: tuple[GuestInterface, ...] = ()
     routes: tuple[GuestRoute, ...] = ()
+
+
+@dataclass(frozen=True)
+class GuestIdentity:
+    """What a pod VM takes on at SetupSandbox (a clone of a template wakes with the
+    template's clock, RNG state and machine-id; its share and NIC arrive hot-plugged)."""
+
+    entropy: bytes  # host random bytes for the guest's RNG (at most 512)
+    host_time_ns: int  # CLOCK_REALTIME to set
+    machine_id: str  # 32 lowercase hex characters
+    share_tag: str = ""  # virtio-fs tag to mount at the guest's shared dir if not yet
+    wait_seconds: int = 0  # how long the agent waits for a hot-plugged share or NIC

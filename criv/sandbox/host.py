@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from criv.agent.client import AgentClient
-from criv.agent.types import GuestNetwork
+from criv.agent.types import GuestIdentity, GuestNetwork
 from criv.commands import run_command, spawn_detached
 from criv.config import Config
 from criv.errors import AgentError, CrivError, Internal
@@ -209,6 +209,9 @@ class HostIsolation:
 
     def guest_network(self, pod: PodRecord) -> GuestNetwork | None:
         return None  # the agent runs in the pod netns CNI configured
+
+    def guest_identity(self, pod: PodRecord) -> GuestIdentity | None:
+        return None  # the agent runs on the host: its clock, RNG and machine-id are the host's
 
     async def sweep(self, pods: list[PodRecord]) -> None:
         """criv-agent processes serving sockets in this criv's run dir that no READY

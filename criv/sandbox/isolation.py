@@ -21,6 +21,8 @@ sandbox layer only ever calls the :class:`Isolation` methods, so a mode is one c
 - ``check_image``: CreateContainer's check of the image (vm-image: it must carry a disk;
   one container per pod);
 - ``guest_network``: the network SetupSandbox hands the agent (vm: from the CNI result);
+- ``guest_identity``: what the guest takes on at SetupSandbox (vm: clock, entropy,
+  machine-id, and the wait for a hot-plugged share and NIC of a VM cloned from a template);
 - ``containers_die_with_agent``: a lost agent means lost containers (vm: the VM is gone);
 - ``sweep`` / ``close``: start-up garbage collection, and letting go at criv stop.
 """
@@ -32,7 +34,7 @@ from pathlib import Path
 from typing import Protocol
 
 from criv.agent.client import AgentClient
-from criv.agent.types import GuestNetwork
+from criv.agent.types import GuestIdentity, GuestNetwork
 from criv.sandbox.isostate import IsolationState
 from criv.sandbox.records import MountRecord, PodRecord
 
@@ -128,6 +130,8 @@ class Isolation(Protocol):
     async def unshare(self, paths: PodPaths, cid: str) -> None: ...
 
     def guest_network(self, pod: PodRecord) -> GuestNetwork | None: ...
+
+    def guest_identity(self, pod: PodRecord) -> GuestIdentity | None: ...
 
     async def sweep(self, pods: list[PodRecord]) -> None: ...
 

@@ -221,6 +221,7 @@ class PodService:
             iso.pod_files_dir(paths),
             list(pod.ips),
             iso.guest_network(pod),
+            identity=iso.guest_identity(pod),
         )
         log.info("pod %s cold path: setup sandbox %.3fs", pod_id[:12], time.monotonic() - t0)
         failpoints.hit("run_pod.after_setup")

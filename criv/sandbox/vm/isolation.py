@@ -16,11 +16,12 @@ import grp
 import logging
 import os
 import time
+import uuid
 from pathlib import Path
 
 from criv import failpoints
 from criv.agent.client import AgentClient
-from criv.agent.types import GuestInterface, GuestNetwork, GuestRoute
+from criv.agent.types import GuestIdentity, GuestInterface, GuestNetwork, GuestRoute
 from criv.config import Config
 from criv.errors import AgentError, CrivError, InvalidArgument
 from criv.hypervisor.hostsetup import QEMU_USER
@@ -284,6 +285,18 @@ class VmIsolation:
         return GuestNetwork(
             interfaces=(GuestInterface(st.mac, tuple(addresses), st.mtu),),
             routes=tuple(GuestRoute(d, g) for d, g in routes),
+        )
+
+    def guest_identity(self, pod: PodRecord) -> GuestIdentity | None:
+        """What the guest takes on at SetupSandbox: a clone of a template wakes with the
+        template's clock, RNG state and machine-id, and its share and NIC hot-plugged."""
+        return GuestIdentity(
+            entropy=os.urandom(64),
+            host_time_ns=time.time_ns(),
+            # stable per pod: derived from the sandbox id
+            machine_id=uuid.uuid5(uuid.NAMESPACE_URL, f"urn:criv:sandbox:{pod.id}").hex,
+            share_tag="criv",  # the pod's virtio-fs share (hypervisor/spec.py, vm/clone.py)
+            wait_seconds=20,
         )
 
     # -- stop / destroy ---------------------------------------------------------------

@@ -40,6 +40,7 @@ from criv.agent.types import (
     AgentStats,
     CreateContainerArgs,
     ExecResult,
+    GuestIdentity,
     GuestNetwork,
 )
 from criv.errors import CrivError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
@@ -180,6 +181,8 @@ class VmImageAgent(AgentClient):
         sandbox_dir: str,
         pod_ips: list[str],
         network: GuestNetwork | None = None,
+        *,
+        identity: GuestIdentity | None = None,
     ) -> None:
         hostname, self._dns, self._searches = convert.pod_identity(config)
         self._hostname = hostname or self._pod.name

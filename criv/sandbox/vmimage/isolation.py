@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from criv.agent.client import AgentClient
 from criv.agent.hostdata import HostDataServer
-from criv.agent.types import GuestNetwork
+from criv.agent.types import GuestIdentity, GuestNetwork
 from criv.config import Config
 from criv.errors import AgentError, CrivError, FailedPrecondition, InvalidArgument
 from criv.hypervisor.spec import domain_name
@@ -164,6 +164,9 @@ class VmImageIsolation:
 
     def guest_network(self, pod: PodRecord) -> GuestNetwork | None:
         return None  # the NoCloud seed carries it, per container
+
+    def guest_identity(self, pod: PodRecord) -> GuestIdentity | None:
+        return None  # no criv agent in the guest: each container VM boots cold
 
     async def sweep(self, pods: list[PodRecord]) -> None:
         """Domains of vm-image pods this criv no longer serves (not re-adopted after a

@@ -68,7 +68,7 @@ class FakeAgent:
     async def health(self, timeout: float = 1.0) -> None:
         pass
 
-    async def setup_sandbox(self, *args: Any) -> None:
+    async def setup_sandbox(self, *args: Any, **kwargs: Any) -> None:
         await self.steps.step("setup_sandbox")
 
     async def create_container(self, args: CreateContainerArgs) -> AgentContainerInfo:
@@ -175,6 +175,9 @@ class FakeIsolation:
         self.steps.calls.append("unshare")
 
     def guest_network(self, pod: PodRecord) -> None:
+        return None
+
+    def guest_identity(self, pod: PodRecord) -> None:
         return None
 
     async def sweep(self, pods: list[PodRecord]) -> None:
