@@ -31,6 +31,7 @@ Accel = Literal["auto", "kvm", "tcg"]
 VsockTransport = Literal["auto", "kernel", "backend"]
 MachineType = Literal["q35", "microvm"]
 GuestKernel = Literal["criv", "debian"]
+TemplateMode = Literal["auto", "off"]
 
 
 @dataclass(frozen=True)
@@ -197,6 +198,13 @@ class VmConfig:
     # vm-image pods: how long after a VM's start the first exec waits for its SSH host
     # key on the console and its SSH server (then UNAVAILABLE with the console tail)
     image_ssh_wait_seconds: int = 120
+    # templates (docs/vm.md): "auto" starts each pod VM as a clone of a saved VM of its
+    # guest image and shape, built in the background after the first cold boot; "off"
+    # boots every pod VM cold
+    template: TemplateMode = "auto"
+    # where templates are kept (guest RAM + device state, ~100 MiB each): "" means
+    # <run_dir>/templates (tmpfs on most hosts)
+    template_dir: str = ""
 
     def validate(self, key: str) -> None:
         if self.libvirt_call_timeout_seconds < 1:

@@ -43,6 +43,7 @@ class VmState:
     tap: str = ""
     mac: str = ""
     mtu: int = 0
+    template: str = ""  # the template's key when the VM started as its clone ("": cold boot)
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,15 @@ class VmHost:
         if reason not in normal:
             log.warning("domain %s stopped: %s", name, reason)
 
+    async def settle_stop(self, name: str, timeout: float = 5.0) -> None:
+        """Wait for the stop event of a domain that was just destroyed (libvirt delivers it
+        on its own thread, maybe after the destroy returned), then forget it: a domain of
+        the same name started next must not be taken for stopped."""
+        deadline = time.monotonic() + timeout
+        while name not in self.stops and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self.stops.pop(name, None)
+
     async def preflight(self) -> None:
         if self._config.vm.vsock == "kernel":
             raise FailedPrecondition(

@@ -19,11 +19,14 @@ import time
 import uuid
 from pathlib import Path
 
-from criv import failpoints
+from criv import failpoints, metrics
 from criv.agent.client import AgentClient
 from criv.agent.types import GuestIdentity, GuestInterface, GuestNetwork, GuestRoute
 from criv.config import Config
 from criv.errors import AgentError, CrivError, InvalidArgument
+from criv.hypervisor.domain import Domain
+from criv.hypervisor.domaininfo import DomainInfo
+from criv.hypervisor.driver import Hypervisor
 from criv.hypervisor.hostsetup import QEMU_USER
 from criv.hypervisor.libvirtbase import qemu_pid
 from criv.hypervisor.sizing import PodResources, max_memory_for, max_vcpus_for, vm_size
@@ -38,6 +41,7 @@ from criv.sandbox.states import PodState
 from criv.sandbox.vm import coldpath, virtiofs
 from criv.sandbox.vm import share as shares
 from criv.sandbox.vm.backend import VsockBackends
+from criv.sandbox.vm.clone import start_clone
 from criv.sandbox.vm.console import console_tail
 from criv.sandbox.vm.host import VmHost
 from criv.sandbox.vm.layout import (
@@ -51,6 +55,7 @@ from criv.sandbox.vm.layout import (
 )
 from criv.sandbox.vm.ready import http2_answers
 from criv.sandbox.vm.sweep import sweep_vm_orphans
+from criv.sandbox.vm.template import Templates, template_key
 from criv.state.runtime_state import RuntimeState
 
 log = logging.getLogger("criv.sandbox.vm")
@@ -91,6 +96,10 @@ class VmIsolation:
         self.host = self._host  # shared with vm-image isolation (criv.sandbox.modes)
         self._backends = VsockBackends()
         self._prepared: dict[str, coldpath.Prepared] = {}  # pod id -> its prepared steps
+        run_dir = Path(config.run_dir)
+        self._templates = Templates(
+            Path(config.vm.template_dir or run_dir / "templates"), self._host, self._owner
+        )
         if self.mode in config.runtime.handlers.values():
             self._host.start_probes()  # in the background: not in the first pod's latency
 
@@ -165,9 +174,7 @@ class VmIsolation:
             owner=self._owner,
         )  # fmt: skip
         self._host.stops.pop(name, None)
-        domain = pod_domain(vm)
-        with clock.step("domain"):
-            info = await hv.create(domain)
+        info, domain, template = await self._start_domain(hv, vm, clock)
         failpoints.hit("vm_boot.after_domain")
         if tap:
             # QEMU holds the tap open now; it keeps working in the pod netns
@@ -191,7 +198,34 @@ class VmIsolation:
             tap=tap,
             mac=mac,
             mtu=mtu,
+            template=template,
         )
+
+    async def _start_domain(
+        self, hv: Hypervisor, vm: PodVm, clock: coldpath.StepClock
+    ) -> tuple[DomainInfo, Domain, str]:
+        """A clone of the VM's template when there is one (the template's key is returned),
+        else a cold boot, which has the template built for the next pod."""
+        key = ""
+        if self._config.vm.template == "auto" and vm.machine == "q35" and not vm.vsock_cid:
+            key = template_key(vm)
+            template = await asyncio.to_thread(self._templates.find, key)
+            if template is not None:
+                try:
+                    info, domain = await start_clone(hv, vm, template, clock)
+                    metrics.TEMPLATE_HITS.inc()
+                    return info, domain, key
+                except CrivError as e:
+                    log.warning("pod %s: clone failed (%s); booting cold", vm.sandbox_id[:12], e)
+                    await asyncio.to_thread(self._templates.drop, key)
+                    await self._host.settle_stop(domain_name(vm.sandbox_id))
+        domain = pod_domain(vm)
+        with clock.step("domain"):
+            info = await hv.create(domain)
+        if key:
+            metrics.TEMPLATE_MISSES.inc()
+            self._templates.ensure(key, vm)
+        return info, domain, ""
 
     # -- agent -----------------------------------------------------------------------
 
@@ -381,6 +415,8 @@ class VmIsolation:
         )
 
     async def close(self) -> None:
-        """Drop criv's side (libvirt connection); VMs and backends keep running."""
+        """Drop criv's side (libvirt connection); VMs and backends keep running (template
+        builds do not: their VMs are destroyed)."""
+        await self._templates.close()
         self._backends.forget_all()
         await self._host.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from criv.errors import InvalidArgument
 from criv.hypervisor.domain import DirectBoot, Domain, Rng, SerialLog
 from criv.hypervisor.sizing import VmSize
 from criv.hypervisor.spec import (
+    TEMPLATE_DOMAIN_PREFIX,
     ImageVm,
     PodVm,
     agent_cmdline,
@@ -22,7 +24,9 @@ from criv.hypervisor.spec import (
     image_domain,
     mac_for,
     pod_domain,
+    template_shape,
 )
+from criv.sandbox.vm.clone import clone_domain
 
 GOLDEN = Path(__file__).parent / "golden"
 IMG = Path("/var/lib/criv/cache/guest-image/image-0123456789abcdef")
@@ -56,6 +60,17 @@ CASES: dict[str, Domain] = {
     "microvm-tcg": pod_domain(
         _pod(machine="microvm", tsc_khz=2_000_000, fs_socket=None, max_vcpus=4)
     ),
+    # a template: the pod's shape, no device of its own, empty root ports for a clone's
+    "q35-tcg-template": pod_domain(
+        replace(
+            template_shape(_pod(max_vcpus=2, max_memory_mib=512)),
+            name=TEMPLATE_DOMAIN_PREFIX + "0123456789abcdef",
+            console_log=Path("/run/criv/templates/.k.building/console.log"),
+            owner="/var/lib/criv",
+        )
+    ),
+    # its clone: the same but the pod's name, UUID, console, and -incoming
+    "q35-tcg-clone": clone_domain(_pod(max_vcpus=2, max_memory_mib=512)),
     "minimal": Domain(
         name="criv-minimal",
         uuid="00000000-0000-0000-0000-000000000001",

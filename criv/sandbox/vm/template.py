@@ -1,0 +1,200 @@
+"""VM templates: one booted VM per guest image + VM shape, saved, then cloned by every pod.
+
+A template is a VM of the pod's shape (kernel, initramfs, vCPUs, memory, machine, accel)
+with no device of its own (no share, NIC or vsock: QEMU 7.2 cannot migrate vhost-user
+devices): it boots, its agent starts and listens, and criv saves its state (guest RAM and
+device state, :mod:`criv.hypervisor.snapshot`) into ``<template dir>/<key>/``. A clone
+(:mod:`.clone`) loads that state instead of booting, and gets the pod's devices hot-plugged.
+
+The key hashes the template's whole domain XML (so any change of image, shape, device
+layout or command line is a new key), QEMU's binary and criv's version; a template whose
+state a clone cannot load is dropped (:meth:`Templates.drop`) and built again.
+
+Building::
+
+    (none) --ensure()--> BUILDING --saved--> READY
+                            \\--failed--> FAILED (not retried for RETRY_AFTER s)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import criv
+from criv.atomicfile import write_atomic
+from criv.errors import CrivError, FailedPrecondition
+from criv.hypervisor.driver import Hypervisor
+from criv.hypervisor.spec import TEMPLATE_DOMAIN_PREFIX, PodVm, pod_domain, template_shape
+from criv.sandbox.vm.console import console_tail
+from criv.sandbox.vm.host import VmHost
+
+log = logging.getLogger("criv.sandbox.vm")
+
+FORMAT = 1
+QEMU_BINARY = Path("/usr/bin/qemu-system-x86_64")
+# the agent's log line once it listens (the guest's console is the template's log)
+READY_MARKER = "criv-agent serving"
+BUILD_TIMEOUT = 240.0
+SAVE_TIMEOUT = 60.0
+# after the agent listens: the guest's free page reporting returns what boot freed (its
+# delay is 2 s), so the saved RAM, and every clone's, is smaller
+SETTLE_SECONDS = 2.5
+RETRY_AFTER = 600.0
+CONSOLE_SCAN_BYTES = 64 * 1024
+
+
+class BuildState(enum.Enum):
+    BUILDING = "building"
+    READY = "ready"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Template:
+    key: str
+    dir: Path
+
+    @property
+    def state(self) -> Path:
+        return self.dir / "state.bin"
+
+
+def _qemu_identity() -> str:
+    try:
+        st = QEMU_BINARY.stat()
+        return f"{st.st_size}:{st.st_mtime_ns}"
+    except OSError:
+        return "?"
+
+
+def template_key(vm: PodVm) -> str:
+    """The template of ``vm``'s shape: a hash of all that makes its saved state loadable."""
+    domain = pod_domain(replace(template_shape(vm), name=TEMPLATE_DOMAIN_PREFIX + "key"))
+    h = hashlib.sha256()
+    for part in (str(FORMAT), criv.__version__, _qemu_identity(), domain.to_xml()):
+        h.update(part.encode() + b"\0")
+    return h.hexdigest()[:32]
+
+
+class Templates:
+    """The template directory and the background builds into it (one per key at a time)."""
+
+    def __init__(self, root: Path, host: VmHost, owner: str) -> None:
+        self._root = root
+        self._host = host
+        self._owner = owner
+        self._builds: dict[str, asyncio.Task[None]] = {}
+        self._states: dict[str, tuple[BuildState, float]] = {}
+
+    def find(self, key: str) -> Template | None:
+        """The ready template of ``key``, if there is one."""
+        t = Template(key, self._root / key)
+        try:
+            meta = json.loads((t.dir / "meta.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if meta.get("format") != FORMAT or not t.state.is_file():
+            return None
+        return t
+
+    def state(self, key: str) -> str:
+        """``ready``, ``building``, ``failed`` or ``none`` (for status and doctor)."""
+        if self.find(key) is not None:
+            return BuildState.READY.value
+        st = self._states.get(key)
+        return st[0].value if st else "none"
+
+    def drop(self, key: str) -> None:
+        """Forget a template whose state did not load (it is built again later)."""
+        log.warning("template %s dropped: a clone could not load it", key[:12])
+        shutil.rmtree(self._root / key, ignore_errors=True)
+        self._states.pop(key, None)
+
+    def ensure(self, key: str, vm: PodVm) -> None:
+        """Build the template of ``key`` in the background unless it exists, is being
+        built, or failed lately."""
+        if self.find(key) is not None or key in self._builds:
+            return
+        st = self._states.get(key)
+        if st and st[0] is BuildState.FAILED and time.monotonic() - st[1] < RETRY_AFTER:
+            return
+        self._states[key] = (BuildState.BUILDING, time.monotonic())
+        task = asyncio.ensure_future(self._build(key, vm))
+        self._builds[key] = task
+        task.add_done_callback(lambda _: self._builds.pop(key, None))
+
+    async def close(self) -> None:
+        """Stop the builds in progress (their VMs are destroyed)."""
+        for task in list(self._builds.values()):
+            task.cancel()
+        for task in list(self._builds.values()):
+            with contextlib.suppress(BaseException):
+                await task
+
+    async def _build(self, key: str, vm: PodVm) -> None:
+        name = TEMPLATE_DOMAIN_PREFIX + key[:16]
+        work = self._root / f".{key}.building"
+        t0 = time.monotonic()
+        try:
+            await asyncio.to_thread(_fresh_dir, work)
+            console = work / "console.log"
+            spec = replace(template_shape(vm), name=name, console_log=console, owner=self._owner)
+            hv = await self._host.hypervisor()
+            await hv.create(pod_domain(spec))
+            try:
+                await asyncio.wait_for(_agent_listening(console, hv, name), BUILD_TIMEOUT)
+                await asyncio.sleep(SETTLE_SECONDS)
+                size = await hv.save_state(name, work / "state.bin", SAVE_TIMEOUT)
+            finally:
+                with contextlib.suppress(CrivError):
+                    await asyncio.shield(hv.destroy(name))
+            meta = {"format": FORMAT, "key": key, "created": time.time(), "bytes": size}
+            await asyncio.to_thread(_publish, work, self._root / key, meta)
+            self._states[key] = (BuildState.READY, time.monotonic())
+            log.info(
+                "template %s ready in %.1fs (%d MiB of state)",
+                key[:12], time.monotonic() - t0, size >> 20,
+            )  # fmt: skip
+        except asyncio.CancelledError:
+            shutil.rmtree(work, ignore_errors=True)
+            self._states.pop(key, None)
+            raise
+        except (CrivError, OSError, TimeoutError) as e:
+            tail = await asyncio.to_thread(console_tail, work / "console.log")
+            log.warning("template %s failed: %s; pods boot cold\n%s", key[:12], e, tail)
+            shutil.rmtree(work, ignore_errors=True)
+            self._states[key] = (BuildState.FAILED, time.monotonic())
+
+
+def _fresh_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.mkdir(mode=0o700)
+
+
+def _publish(work: Path, final: Path, meta: dict[str, object]) -> None:
+    write_atomic(work / "meta.json", json.dumps(meta).encode())
+    (work / "console.log").unlink(missing_ok=True)
+    shutil.rmtree(final, ignore_errors=True)
+    work.rename(final)
+
+
+async def _agent_listening(console: Path, hv: Hypervisor, name: str) -> None:
+    polls = 0
+    while True:
+        data = await asyncio.to_thread(console_tail, console, CONSOLE_SCAN_BYTES)
+        if READY_MARKER in data:
+            return
+        polls += 1
+        if polls % 10 == 0 and await hv.state(name) == "gone":
+            raise FailedPrecondition(f"template VM {name} stopped before its agent listened")
+        await asyncio.sleep(0.1)

@@ -1,0 +1,162 @@
+"""Templates' pure logic: which shapes share a template, the store, failed builds, and the
+clone's free root ports. Real template builds and clones: tests/vm/pods/test_vm_template.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from criv.errors import Unavailable
+from criv.hypervisor.sizing import VmSize
+from criv.hypervisor.snapshot import empty_root_ports
+from criv.hypervisor.spec import TEMPLATE_HOTPLUG_PORTS, PodVm, template_shape
+from criv.sandbox.vm import template as tmpl
+from criv.sandbox.vm.template import Templates, template_key
+
+IMG = Path("/var/lib/criv/cache/guest-image/image-0123456789abcdef")
+
+
+def _vm(**kw: object) -> PodVm:
+    base: dict[str, object] = {
+        "sandbox_id": "a" * 64,
+        "kernel": IMG / "vmlinux",
+        "initrd": IMG / "initramfs.cpio",
+        "size": VmSize(1, 256),
+        "accel": "tcg",
+        "console_log": Path("/var/log/criv/pods/aaaa/console.log"),
+        "fs_socket": Path("/run/criv/p/aaaa/fs.sock"),
+        "tap": "tapaaaa0",
+        "mac": "02:00:00:00:00:01",
+        "vsock_socket": Path("/run/criv/p/aaaa/vhost-user.sock"),
+        "agent_args": ["--control", "vsock:1024"],
+    }
+    base.update(kw)
+    return PodVm(**base)  # type: ignore[arg-type]
+
+
+@pytest.mark.timeout(10)
+def test_pods_of_one_shape_share_a_template_and_any_change_makes_another() -> None:
+    key = template_key(_vm())
+    other_pod = _vm(
+        sandbox_id="b" * 64, tap="tapbbbb0", mac="02:00:00:00:00:02",
+        console_log=Path("/var/log/criv/pods/bbbb/console.log"),
+        fs_socket=Path("/run/criv/p/bbbb/fs.sock"),
+        vsock_socket=Path("/run/criv/p/bbbb/vhost-user.sock"), owner="/elsewhere",
+    )  # fmt: skip
+    assert template_key(other_pod) == key
+    for change in (
+        {"size": VmSize(1, 512)},
+        {"size": VmSize(2, 256)},
+        {"max_vcpus": 4},
+        {"max_memory_mib": 1024},
+        {"free_page_reporting": False},
+        {"initrd": Path("/var/lib/criv/cache/guest-image/image-fedcba9876543210/i.cpio")},
+        {"agent_args": ["--control", "vsock:2048"]},
+        {"accel": "kvm"},
+    ):
+        assert template_key(_vm(**change)) != key, change
+
+
+@pytest.mark.timeout(10)
+def test_the_store_finds_only_complete_templates_of_its_format(tmp_path: Path) -> None:
+    store = Templates(tmp_path, host=None, owner="")  # type: ignore[arg-type]
+    assert store.find("k") is None and store.state("k") == "none"
+    d = tmp_path / "k"
+    d.mkdir()
+    (d / "meta.json").write_text(json.dumps({"format": tmpl.FORMAT}))
+    assert store.find("k") is None  # no state yet
+    (d / "state.bin").write_bytes(b"x")
+    found = store.find("k")
+    assert found is not None and found.state == d / "state.bin" and store.state("k") == "ready"
+    (d / "meta.json").write_text(json.dumps({"format": tmpl.FORMAT + 1}))
+    assert store.find("k") is None  # an older or newer criv's
+    (d / "meta.json").write_text("{not json")
+    assert store.find("k") is None
+    store.drop("k")
+    assert not d.exists()
+
+
+class _FailingHost:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def hypervisor(self) -> object:
+        self.calls += 1
+        raise Unavailable("libvirtd is down")
+
+
+@pytest.mark.timeout(10)
+def test_a_failed_build_leaves_no_files_and_is_not_retried_at_once(tmp_path: Path) -> None:
+    host = _FailingHost()
+    store = Templates(tmp_path, host=host, owner="")  # type: ignore[arg-type]
+
+    async def run() -> None:
+        store.ensure("k", _vm())
+        assert store.state("k") == "building"
+        await asyncio.sleep(0.05)
+        assert store.state("k") == "failed"
+        store.ensure("k", _vm())  # within RETRY_AFTER: nothing
+        await asyncio.sleep(0.05)
+        await store.close()
+
+    asyncio.run(run())
+    assert host.calls == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.timeout(10)
+def test_a_build_in_progress_is_cancelled_at_close(tmp_path: Path) -> None:
+    class _SlowHost:
+        async def hypervisor(self) -> object:
+            await asyncio.sleep(3600)
+            raise AssertionError
+
+    store = Templates(tmp_path, host=_SlowHost(), owner="")  # type: ignore[arg-type]
+
+    async def run() -> None:
+        store.ensure("k", _vm())
+        store.ensure("k", _vm())  # one build per key
+        assert len(store._builds) == 1
+        await asyncio.sleep(0.05)
+        await store.close()
+        assert store.state("k") == "none"
+
+    asyncio.run(run())
+    assert list(tmp_path.iterdir()) == []
+
+
+LIVE_XML = """<domain><devices>
+  <controller type='pci' index='0' model='pcie-root'/>
+  <controller type='pci' index='1' model='pcie-root-port'>
+    <address type='pci' domain='0x0000' bus='0x00' slot='0x01' function='0x0'/></controller>
+  <controller type='pci' index='2' model='pcie-root-port'>
+    <address type='pci' domain='0x0000' bus='0x00' slot='0x01' function='0x1'/></controller>
+  <controller type='pci' index='3' model='pcie-root-port'>
+    <address type='pci' domain='0x0000' bus='0x00' slot='0x01' function='0x2'/></controller>
+  <controller type='pci' index='4' model='pcie-root-port'>
+    <address type='pci' domain='0x0000' bus='0x00' slot='0x01' function='0x3'/></controller>
+  <memballoon model='virtio'><address type='pci' domain='0x0000' bus='0x01' slot='0x00'
+    function='0x0'/></memballoon>
+  <rng model='virtio'><address type='pci' domain='0x0000' bus='0x03' slot='0x00'
+    function='0x0'/></rng>
+</devices></domain>"""
+
+
+@pytest.mark.timeout(10)
+def test_free_root_ports_are_the_ones_no_device_sits_on() -> None:
+    assert empty_root_ports(LIVE_XML) == [2, 4]
+    assert empty_root_ports("<domain><devices/></domain>") == []
+
+
+@pytest.mark.timeout(10)
+def test_the_template_shape_keeps_nothing_of_the_pod() -> None:
+    shape = template_shape(_vm())
+    assert (shape.sandbox_id, shape.tap, shape.mac, shape.fs_socket, shape.vsock_socket) == (
+        "", "", "", None, None,
+    )  # fmt: skip
+    assert shape.hotplug_ports == TEMPLATE_HOTPLUG_PORTS
+    assert replace(shape, size=VmSize(1, 256)) == shape
