@@ -67,7 +67,7 @@ CRI_LATENCY = Histogram(
 POD_START = Histogram(
     "criv_pod_start_duration_seconds",
     "Time from RunPodSandbox's record to a READY pod, by isolation mode and start kind "
-    "(only 'cold' until VM templating exists)",
+    "('template': a vm pod cloned from its template; 'cold': booted)",
     ["mode", "start"],
     buckets=_POD_START_BUCKETS,
     registry=REGISTRY,
@@ -78,16 +78,14 @@ POD_START_FAILURES = Counter(
     ["mode"],
     registry=REGISTRY,
 )
-# Declared so dashboards can be built now; nothing increments them until VM templating
-# (DESIGN.md, Fast start) lands. They stay 0: no value is made up.
 TEMPLATE_HITS = Counter(
     "criv_template_hits",
-    "Pod VMs started as clones of a template VM (always 0: templating is not implemented)",
+    "Pod VMs started as clones of their template VM (vm.template: auto)",
     registry=REGISTRY,
 )
 TEMPLATE_MISSES = Counter(
     "criv_template_misses",
-    "Pod VMs that wanted a template and booted cold (always 0: templating is not implemented)",
+    "Pod VMs that wanted a template and booted cold (none yet, or it did not load)",
     registry=REGISTRY,
 )
 AGENT_RPC_ERRORS = Counter(
@@ -134,17 +132,24 @@ def cri_request(rpc: str, code: str, seconds: float) -> None:
     CRI_LATENCY.labels(rpc=rpc).observe(seconds)
 
 
+@dataclass
+class PodStart:
+    kind: str = "cold"  # "template" once the bring-up knows it cloned one
+
+
 @contextmanager
-def pod_start(mode: str, start: str = "cold") -> Iterator[None]:
-    """Time a pod's bring-up: observed when it succeeds, counted as a failure when it
-    raises (a cancellation, criv stopping, is neither)."""
+def pod_start(mode: str) -> Iterator[PodStart]:
+    """Time a pod's bring-up: observed (by the start kind the caller sets) when it
+    succeeds, counted as a failure when it raises (a cancellation, criv stopping, is
+    neither)."""
     t0 = time.monotonic()
+    start = PodStart()
     try:
-        yield
+        yield start
     except Exception:
         POD_START_FAILURES.labels(mode=mode).inc()
         raise
-    POD_START.labels(mode=mode, start=start).observe(time.monotonic() - t0)
+    POD_START.labels(mode=mode, start=start.kind).observe(time.monotonic() - t0)
 
 
 async def timed_pull(pull: Awaitable[T]) -> T:

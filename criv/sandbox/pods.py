@@ -189,8 +189,11 @@ class PodService:
             await asyncio.to_thread(paths.state.mkdir, parents=True, exist_ok=True, mode=0o700)
             await ctx.pods.add(pod)
             async with ctx.locks.hold(pod_id):
-                with metrics.pod_start(mode):  # "cold": VM templating does not exist yet
-                    return await self._bring_up(pod_id)
+                with metrics.pod_start(mode) as start:
+                    await self._bring_up(pod_id)
+                    st = ctx.pods.must(pod_id).isolation_state
+                    start.kind = "template" if getattr(st, "template", "") else "cold"
+                    return pod_id
         except BaseException as e:
             log.warning("RunPodSandbox %s (%s) failed: %s", spec.name, pod_id[:12], e)
             with contextlib.suppress(Exception):

@@ -121,6 +121,9 @@ def test_pod_start_observes_success_and_counts_failure() -> None:
         raise RuntimeError("boot failed")
     assert value("criv_pod_start_failures_total", mode="t1") == 1
     assert value("criv_pod_start_duration_seconds_count", mode="t1", start="cold") == before + 1
+    with metrics.pod_start("t1") as start:
+        start.kind = "template"
+    assert value("criv_pod_start_duration_seconds_count", mode="t1", start="template") == 1
 
 
 async def test_timed_pull_counts_by_result() -> None:
