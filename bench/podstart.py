@@ -7,7 +7,11 @@ Measures, per run, through each runtime's CRI socket:
 - ``pod+ctr``: RunPodSandbox + CreateContainer + StartContainer of a busybox ``sleep``
   (the pod and its first container running).
 
-Beside them, in the same invocation:
+criv ``vm`` pods start as clones of their template (``vm.template: auto``): the first
+pod boots cold and has the template built, the bench waits for it, then the measured runs
+are clones. Beside them, in the same invocation:
+
+- ``criv vm cold``: the same runs with ``vm.template: off`` (every pod booted);
 
 - ``qemu floor``: ``qemu-system-x86_64`` started directly (no libvirt, no CNI, no 9p) on the
   same kernel + initramfs with the same agent arguments and the vsock backend, until the
@@ -77,6 +81,16 @@ def pod_start(r: Runtime, image: str, runs: int, logs: Path) -> Samples:
         rt.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=pid), timeout=300)
         rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pid), timeout=300)
     return s
+
+
+def wait_template(root: Path, timeout: float = 600) -> float:
+    """Seconds until a template is ready under ``root`` (criv builds it after a cold boot)."""
+    t0 = time.monotonic()
+    while not any(root.glob("[!.]*/meta.json")):
+        if time.monotonic() - t0 > timeout:
+            raise SystemExit(f"no template in {root} after {timeout}s")
+        time.sleep(0.2)
+    return time.monotonic() - t0
 
 
 def qemu_floor(kernel: Path, initrd: Path, runs: int, work: Path) -> Samples:
@@ -254,6 +268,8 @@ def main() -> int:
     }
     with bench_env("criv-bench-ps-") as env:
         reg, image, cni, logs = env.registry, env.image, env.cni, env.logs
+        templates = env.root / "templates"
+        vm_cfg["vm"]["template_dir"] = str(templates)
         print(f"qemu floor: {args.runs} runs...", flush=True)
         results["qemu floor"] = qemu_floor(img.kernel, img.initrd, args.runs, env.root / "floor")
         with criv_runtime(env.root, reg, cni, vm_cfg, name="criv-vm") as r:
@@ -262,13 +278,22 @@ def main() -> int:
             # capabilities) run in the background and must not show here
             print("criv vm: first pod...", flush=True)
             results["criv vm 1st"] = pod_start(r, image, 1, logs / "warm")
-            print(f"criv vm: {args.runs} runs...", flush=True)
+            # it booted cold and had its template built in the background (vm.template:
+            # auto): the pods after it are clones
+            print(f"criv vm: template built in {wait_template(templates):.1f}s", flush=True)
+            print(f"criv vm (clones): {args.runs} runs...", flush=True)
             results["criv vm"] = pod_start(r, image, args.runs, logs / "vm")
             if not args.skip_pss:
                 print("criv vm: PSS of idle pods...", flush=True)
                 pss = vm_pss(r, image, logs / "pss", [1, args.pss_pods])
             if r.proc is not None:
                 print_breakdown(r.proc.log_path)
+        # the baseline, same run: every pod booted cold
+        cold = {**vm_cfg, "vm": {**vm_cfg["vm"], "template": "off"}}
+        with criv_runtime(env.root, reg, cni, cold, name="criv-vm-cold") as r:
+            r.pull(image)
+            print(f"criv vm, vm.template off (cold): {args.runs} runs...", flush=True)
+            results["criv vm cold"] = pod_start(r, image, args.runs, logs / "cold")
         if args.compare_free_page_reporting:
             off = {**vm_cfg, "vm": {**vm_cfg["vm"], "free_page_reporting": False}}
             with criv_runtime(env.root, reg, cni, off, name="criv-vm-nofpr") as r:
