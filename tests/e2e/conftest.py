@@ -21,6 +21,7 @@ from tests.support.cri import (  # noqa: F401  (fixtures)
 from tests.support.vm import (  # noqa: F401  (fixtures)
     guest_image,
     libvirtd,
+    template_dir,
     vm_config,
     vm_cri_factory,
 )

@@ -21,17 +21,31 @@ import pytest
 
 from criv.guestimage import DEFAULT_CACHE_ROOT, GuestImage, build_guest_image
 from criv.hypervisor.hostsetup import start_libvirtd
+from criv.hypervisor.spec import TEMPLATE_DOMAIN_PREFIX
 from tests.support.cri import Cri
 from tests.support.daemon import merge
 
 
-def criv_domains() -> set[str]:
+def criv_domains(templates: bool = False) -> set[str]:
+    """criv's domains in libvirt; template builds only with ``templates`` (one may still
+    run when a test ends: it goes when its criv stops; see ``template_dir``)."""
     r = subprocess.run(
         ["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
         capture_output=True,
         text=True,
     )
-    return {n for n in r.stdout.split() if n.startswith("criv-")}
+    names = {n for n in r.stdout.split() if n.startswith("criv-")}
+    return names if templates else {n for n in names if not n.startswith(TEMPLATE_DOMAIN_PREFIX)}
+
+
+@pytest.fixture(scope="session")
+def template_dir(guest_image: GuestImage) -> Iterator[Path]:
+    """One template directory for every criv of the session, kept beside the guest image
+    cache (templates are keyed by content: a later run reuses the ones still valid). At the
+    end no template build may be left running."""
+    yield Path(os.environ.get("CRIV_TEMPLATE_DIR", str(DEFAULT_CACHE_ROOT.parent / "templates")))
+    left = criv_domains(templates=True)
+    assert not left, f"domains left at the end of the session: {sorted(left)}"
 
 
 @pytest.fixture(scope="session")
@@ -47,12 +61,13 @@ def libvirtd() -> None:
 
 
 @pytest.fixture
-def vm_config(guest_image: GuestImage, libvirtd: None) -> dict[str, Any]:
+def vm_config(guest_image: GuestImage, libvirtd: None, template_dir: Path) -> dict[str, Any]:
     return {
         "vm": {
             "kernel": str(guest_image.kernel),
             "initrd": str(guest_image.initrd),
             "accel": "tcg",
+            "template_dir": str(template_dir),
         },
         "runtime": {"handlers": {"": "vm", "vm": "vm", "host": "host"}},
     }

@@ -7,4 +7,10 @@ from tests.support.cri import (  # noqa: F401  (fixtures)
     no_cgroup_leaks,
     registry,
 )
-from tests.support.vm import libvirtd, vm_config, vm_cri, vm_cri_factory  # noqa: F401
+from tests.support.vm import (  # noqa: F401  (fixtures)
+    libvirtd,
+    template_dir,
+    vm_config,
+    vm_cri,
+    vm_cri_factory,
+)

@@ -10,6 +10,7 @@ from tests.support.cri import (  # noqa: F401  (fixtures)
 )
 from tests.support.vm import (  # noqa: F401  (fixtures)
     libvirtd,
+    template_dir,
     vm_config,
     vm_cri,
     vm_cri_factory,

@@ -13,6 +13,7 @@ from tests.support.cri import (  # noqa: F401  (fixtures)
 from tests.support.vm import (  # noqa: F401  (fixtures)
     any_cri,
     libvirtd,
+    template_dir,
     vm_config,
     vm_cri,
     vm_cri_factory,
