@@ -346,18 +346,25 @@ class Hypervisor:
         what = f"setting domain {name} to {mib} MiB"
         await self._call(lambda c: _live(live.set_memory, c, name, mib), what)
 
-    async def save_state(self, name: str, path: Path, timeout: float) -> int:
-        """Pause the domain and write its state to ``path`` (:mod:`.snapshot`); bytes."""
-        what = f"saving domain {name}"
+    async def save_state(
+        self, name: str, state: Path, ram: Path, ram_bytes: int, timeout: float
+    ) -> int:
+        """Pause the domain; its device state to ``state``, its RAM to ``ram``
+        (:mod:`.snapshot`); bytes of RAM data."""
         return await self._call(
-            lambda c: _live(snapshot.save_state, c, name, path, timeout), what, timeout + 10
+            lambda c: _live(snapshot.save_state, c, name, state, ram, ram_bytes, timeout),
+            f"saving domain {name}",
+            timeout + 30,
         )
 
-    async def load_state(self, name: str, path: Path, timeout: float) -> None:
-        """Load ``path`` into a paused ``-incoming`` domain and run it (:mod:`.snapshot`)."""
-        what = f"loading domain {name}"
+    async def load_state(
+        self, name: str, state: Path, ram: Path, ram_bytes: int, timeout: float
+    ) -> None:
+        """Load a saved RAM and state into a paused ``-incoming`` domain and run it."""
         await self._call(
-            lambda c: _live(snapshot.load_state, c, name, path, timeout), what, timeout + 10
+            lambda c: _live(snapshot.load_state, c, name, state, ram, ram_bytes, timeout),
+            f"loading domain {name}",
+            timeout + 30,
         )
 
     async def free_root_ports(self, name: str) -> list[int]:

@@ -7,9 +7,11 @@ libvirt's own save/restore keeps a domain's name and UUID (one restore at a time
 state moves through QEMU's migration commands over libvirt's monitor passthrough: ``stop``
 then ``migrate`` to a file descriptor handed to QEMU (``getfd``) saves it; a domain started
 with ``-incoming defer`` and paused loads it with ``migrate-incoming``, as many times over
-as there are clones. The stream holds guest RAM and device state; a vhost-user device is
-not migratable in QEMU 7.2, so a template has none and its clones get theirs hot-plugged
-(:func:`hotplug_qmp`, :func:`free_root_ports`).
+as there are clones. The stream holds device state only (``x-ignore-shared``: the guest
+RAM, a shared memfd, is left out); the RAM goes to a sparse file of its non-zero pages
+beside it (:mod:`.guestram`) and into the clone's memfd before the device state. A
+vhost-user device is not migratable in QEMU 7.2, so a template has none and its clones get
+theirs hot-plugged (:func:`hotplug_qmp`, :func:`free_root_ports`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import libvirt
 import libvirt_qemu  # type: ignore[import-untyped]
 
 from criv.errors import FailedPrecondition
+from criv.hypervisor import guestram
+from criv.hypervisor.libvirtbase import qemu_pid
 
 POLL = 0.02
 FD_NAME = "criv-state"
@@ -56,24 +60,51 @@ def _wait_migration(dom: libvirt.virDomain, what: str, timeout: float) -> None:
         time.sleep(POLL)
 
 
-def save_state(conn: libvirt.virConnect, name: str, path: Path, timeout: float) -> int:
-    """Pause the domain and write its state to ``path`` (created 0600); its size in bytes."""
+def _ignore_shared(dom: libvirt.virDomain) -> None:
+    caps = [{"capability": "x-ignore-shared", "state": True}]
+    _qmp(dom, {"execute": "migrate-set-capabilities", "arguments": {"capabilities": caps}})
+
+
+def _pid(name: str) -> int:
+    pid = qemu_pid(name)
+    if pid <= 0:
+        raise FailedPrecondition(f"domain {name} has no QEMU process")
+    return pid
+
+
+def save_state(
+    conn: libvirt.virConnect, name: str, state: Path, ram: Path, ram_bytes: int, timeout: float
+) -> int:
+    """Pause the domain and write its device state to ``state`` and its guest RAM (of
+    ``ram_bytes``) to ``ram`` (both 0600); bytes of RAM data saved."""
     dom = conn.lookupByName(name)
     dom.suspend()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    _ignore_shared(dom)
+    fd = os.open(state, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         _qmp(dom, {"execute": "getfd", "arguments": {"fdname": FD_NAME}}, [fd])
     finally:
         os.close(fd)  # QEMU holds its own copy
     _qmp(dom, {"execute": "migrate", "arguments": {"uri": f"fd:{FD_NAME}"}})
     _wait_migration(dom, f"saving domain {name}", timeout)
-    return path.stat().st_size
+    try:
+        return guestram.save_ram(_pid(name), ram_bytes, ram)
+    except OSError as e:
+        raise FailedPrecondition(f"saving domain {name}'s RAM: {e}") from e
 
 
-def load_state(conn: libvirt.virConnect, name: str, path: Path, timeout: float) -> None:
-    """Load ``path`` into a domain started paused with ``-incoming defer``, then run it."""
+def load_state(
+    conn: libvirt.virConnect, name: str, state: Path, ram: Path, ram_bytes: int, timeout: float
+) -> None:
+    """Load ``ram`` and ``state`` into a domain started paused with ``-incoming defer``,
+    then run it."""
     dom = conn.lookupByName(name)
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    _ignore_shared(dom)
+    try:
+        guestram.load_ram(_pid(name), ram_bytes, ram)
+    except OSError as e:
+        raise FailedPrecondition(f"loading domain {name}'s RAM: {e}") from e
+    fd = os.open(state, os.O_RDONLY | os.O_CLOEXEC)
     try:
         _qmp(dom, {"execute": "getfd", "arguments": {"fdname": FD_NAME}}, [fd])
     finally:

@@ -46,7 +46,9 @@ async def start_clone(
         info = await hv.create(domain, paused=True)
     try:
         with clock.step("load template"):
-            await hv.load_state(domain.name, template.state, LOAD_TIMEOUT)
+            await hv.load_state(
+                domain.name, template.state, template.ram, domain.memory_mib << 20, LOAD_TIMEOUT
+            )
         with clock.step("hot-plug"):
             ports = await hv.free_root_ports(domain.name)
             if len(ports) < HOTPLUGS:

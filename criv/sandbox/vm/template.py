@@ -2,8 +2,9 @@
 
 A template is a VM of the pod's shape (kernel, initramfs, vCPUs, memory, machine, accel)
 with no device of its own (no share, NIC or vsock: QEMU 7.2 cannot migrate vhost-user
-devices): it boots, its agent starts and listens, and criv saves its state (guest RAM and
-device state, :mod:`criv.hypervisor.snapshot`) into ``<template dir>/<key>/``. A clone
+devices): it boots, its agent starts and listens, and criv saves its state (device state
+and the non-zero pages of its guest RAM, :mod:`criv.hypervisor.snapshot`) into
+``<template dir>/<key>/``. A clone
 (:mod:`.clone`) loads that state instead of booting, and gets the pod's devices hot-plugged.
 
 The key hashes the template's whole domain XML (so any change of image, shape, device
@@ -39,7 +40,7 @@ from criv.sandbox.vm.host import VmHost
 
 log = logging.getLogger("criv.sandbox.vm")
 
-FORMAT = 1
+FORMAT = 2  # 2: device state and a sparse RAM file (1: RAM inside the stream)
 QEMU_BINARY = Path("/usr/bin/qemu-system-x86_64")
 # the agent's log line once it listens (the guest's console is the template's log)
 READY_MARKER = "criv-agent serving"
@@ -66,6 +67,10 @@ class Template:
     @property
     def state(self) -> Path:
         return self.dir / "state.bin"
+
+    @property
+    def ram(self) -> Path:
+        return self.dir / "ram.bin"
 
 
 def _qemu_identity() -> str:
@@ -102,7 +107,7 @@ class Templates:
             meta = json.loads((t.dir / "meta.json").read_text())
         except (OSError, ValueError):
             return None
-        if meta.get("format") != FORMAT or not t.state.is_file():
+        if meta.get("format") != FORMAT or not (t.state.is_file() and t.ram.is_file()):
             return None
         return t
 
@@ -149,11 +154,15 @@ class Templates:
             console = work / "console.log"
             spec = replace(template_shape(vm), name=name, console_log=console, owner=self._owner)
             hv = await self._host.hypervisor()
-            await hv.create(pod_domain(spec))
+            domain = pod_domain(spec)
+            await hv.create(domain)
             try:
                 await asyncio.wait_for(_agent_listening(console, hv, name), BUILD_TIMEOUT)
                 await asyncio.sleep(SETTLE_SECONDS)
-                size = await hv.save_state(name, work / "state.bin", SAVE_TIMEOUT)
+                saved = Template(key, work)
+                size = await hv.save_state(
+                    name, saved.state, saved.ram, domain.memory_mib << 20, SAVE_TIMEOUT
+                )
             finally:
                 with contextlib.suppress(CrivError):
                     await asyncio.shield(hv.destroy(name))
@@ -161,7 +170,7 @@ class Templates:
             await asyncio.to_thread(_publish, work, self._root / key, meta)
             self._states[key] = (BuildState.READY, time.monotonic())
             log.info(
-                "template %s ready in %.1fs (%d MiB of state)",
+                "template %s ready in %.1fs (%d MiB of guest RAM)",
                 key[:12], time.monotonic() - t0, size >> 20,
             )  # fmt: skip
         except asyncio.CancelledError:

@@ -70,6 +70,8 @@ def test_the_store_finds_only_complete_templates_of_its_format(tmp_path: Path) -
     (d / "meta.json").write_text(json.dumps({"format": tmpl.FORMAT}))
     assert store.find("k") is None  # no state yet
     (d / "state.bin").write_bytes(b"x")
+    assert store.find("k") is None  # no RAM yet
+    (d / "ram.bin").write_bytes(b"")
     found = store.find("k")
     assert found is not None and found.state == d / "state.bin" and store.state("k") == "ready"
     (d / "meta.json").write_text(json.dumps({"format": tmpl.FORMAT + 1}))
