@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -171,6 +172,22 @@ def check_guest_image(cfg: Config) -> Check:
     )
 
 
+def check_templates(cfg: Config) -> Check:
+    from criv.sandbox.vm.template import listing, template_root
+
+    if cfg.vm.template == "off":
+        return Check("templates", "OK", "vm.template off: every pod VM boots cold")
+    root = template_root(cfg)
+    ready = listing(root)
+    if not ready:
+        return Check(
+            "templates", "OK", f"none yet in {root}: the first pod of each shape boots cold"
+        )
+    now = time.time()
+    parts = [f"{k[:12]} ({b >> 20} MiB, {(now - t) / 3600:.1f} h old)" for k, b, t in ready]
+    return Check("templates", "OK", f"{len(ready)} in {root}: " + ", ".join(parts))
+
+
 def check_crun(cfg: Config) -> Check:
     exe = shutil.which(cfg.runtime.crun)
     if exe is None:
@@ -260,6 +277,7 @@ def collect(cfg: Config) -> list[Check]:
         lambda: check_libvirt(cfg),
         lambda: check_vsock(cfg),
         lambda: check_guest_image(cfg),
+        lambda: check_templates(cfg),
         lambda: check_crun(cfg),
         lambda: check_cni(cfg),
         lambda: check_registries(cfg),

@@ -55,7 +55,7 @@ from criv.sandbox.vm.layout import (
 )
 from criv.sandbox.vm.ready import http2_answers
 from criv.sandbox.vm.sweep import sweep_vm_orphans
-from criv.sandbox.vm.template import Templates, template_key
+from criv.sandbox.vm.template import Templates, template_key, template_root
 from criv.state.runtime_state import RuntimeState
 
 log = logging.getLogger("criv.sandbox.vm")
@@ -96,10 +96,7 @@ class VmIsolation:
         self.host = self._host  # shared with vm-image isolation (criv.sandbox.modes)
         self._backends = VsockBackends()
         self._prepared: dict[str, coldpath.Prepared] = {}  # pod id -> its prepared steps
-        run_dir = Path(config.run_dir)
-        self._templates = Templates(
-            Path(config.vm.template_dir or run_dir / "templates"), self._host, self._owner
-        )
+        self._templates = Templates(template_root(config), self._host, self._owner)
         if self.mode in config.runtime.handlers.values():
             self._host.start_probes()  # in the background: not in the first pod's latency
 

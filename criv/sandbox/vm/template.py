@@ -32,6 +32,7 @@ from pathlib import Path
 
 import criv
 from criv.atomicfile import write_atomic
+from criv.config import Config
 from criv.errors import CrivError, FailedPrecondition
 from criv.hypervisor.driver import Hypervisor
 from criv.hypervisor.spec import TEMPLATE_DOMAIN_PREFIX, PodVm, pod_domain, template_shape
@@ -71,6 +72,23 @@ class Template:
     @property
     def ram(self) -> Path:
         return self.dir / "ram.bin"
+
+
+def template_root(config: Config) -> Path:
+    """Where templates are kept: ``vm.template_dir``, else ``<run_dir>/templates``."""
+    return Path(config.vm.template_dir or Path(config.run_dir) / "templates")
+
+
+def listing(root: Path) -> list[tuple[str, int, float]]:
+    """(key, bytes of RAM data, created) of the ready templates under ``root``."""
+    out = []
+    for meta in sorted(root.glob("[!.]*/meta.json")):
+        with contextlib.suppress(OSError, ValueError):
+            m = json.loads(meta.read_text())
+            if m.get("format") == FORMAT:
+                ram = meta.parent / "ram.bin"
+                out.append((meta.parent.name, ram.stat().st_blocks * 512, float(m["created"])))
+    return out
 
 
 def _qemu_identity() -> str:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 import pytest
 
 from criv import doctor
-from criv.config import Config
+from criv.config import Config, VmConfig
 from criv.doctor import Check
+from criv.sandbox.vm.template import FORMAT
 
 
 def _patch(monkeypatch: pytest.MonkeyPatch, image: str) -> None:
@@ -66,3 +69,20 @@ def test_guest_image_cache_under_state_dir() -> None:
     assert doctor.guest_image_cache(Config(state_dir="/srv/criv")) == Path(
         "/srv/criv/cache/guest-image"
     )
+
+
+@pytest.mark.timeout(10)
+def test_templates_are_listed(tmp_path: Path) -> None:
+    cfg = Config(vm=VmConfig(template_dir=str(tmp_path)))
+    assert "none yet" in doctor.check_templates(cfg).detail
+    d = tmp_path / ("ab" * 16)
+    d.mkdir()
+    (d / "meta.json").write_text(json.dumps({"format": FORMAT, "created": time.time() - 7200}))
+    with (d / "ram.bin").open("wb") as f:
+        f.write(b"x" * (3 << 20))
+    (tmp_path / ".cd.building").mkdir()  # a build in progress is not listed
+    got = doctor.check_templates(cfg)
+    assert got.level == "OK" and got.detail.startswith(f"1 in {tmp_path}: abababababab (3 MiB")
+    assert "2.0 h old" in got.detail
+    off = Config(vm=VmConfig(template="off", template_dir=str(tmp_path)))
+    assert "boots cold" in doctor.check_templates(off).detail
