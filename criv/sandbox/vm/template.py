@@ -210,7 +210,6 @@ def _fresh_dir(path: Path) -> None:
 
 def _publish(work: Path, final: Path, meta: dict[str, object]) -> None:
     write_atomic(work / "meta.json", json.dumps(meta).encode())
-    (work / "console.log").unlink(missing_ok=True)
     shutil.rmtree(final, ignore_errors=True)
     work.rename(final)
 
