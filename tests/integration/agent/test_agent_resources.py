@@ -153,8 +153,13 @@ def test_oom_event_while_running(agent: Agent) -> None:
     time.sleep(0.3)
     cfg = api_pb2.ContainerConfig()
     cfg.linux.resources.memory_limit_in_bytes = 8 << 20
-    # a child is OOM-killed, the container's init lives on
-    script = "(x=$(head -c 67108864 /dev/zero | tr '\\0' a)); echo survived; sleep 300"
+    # a child is OOM-killed, the container's init lives on. The child says it is the one to
+    # kill (oom_score_adj 1000, which anyone may raise): the kernel's pick by size alone
+    # once took the init (CI)
+    script = (
+        "(echo 1000 > /proc/self/oom_score_adj; x=$(head -c 67108864 /dev/zero | tr '\\0' a));"
+        " echo survived; sleep 300"
+    )
     agent.create("child-oom", ["sh", "-c", script], config=cfg)
     agent.start_c("child-oom")
     t.join(20)

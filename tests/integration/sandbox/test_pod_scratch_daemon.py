@@ -19,7 +19,13 @@ from tests.support.cri import (  # noqa: F401  (fixtures)
     no_cgroup_leaks,
     registry,
 )
-from tests.support.vm import guest_image, libvirtd, vm_config, vm_cri_factory  # noqa: F401
+from tests.support.vm import (  # noqa: F401  (fixtures)
+    guest_image,
+    libvirtd,
+    template_dir,
+    vm_config,
+    vm_cri_factory,
+)
 
 pytestmark = pytest.mark.integration
 
