@@ -262,6 +262,7 @@ def main() -> int:
     results: dict[str, Samples] = {}
     pss: dict[int, dict[str, float]] = {}
     pss_off: dict[int, dict[str, float]] = {}
+    pss_cold: dict[int, dict[str, float]] = {}
     vm_cfg = {
         "vm": {"kernel": str(img.kernel), "initrd": str(img.initrd), "max_vcpus": args.max_vcpus},
         "runtime": {"handlers": {"": "vm", "vm": "vm", "host": "host"}},
@@ -294,6 +295,9 @@ def main() -> int:
             r.pull(image)
             print(f"criv vm, vm.template off (cold): {args.runs} runs...", flush=True)
             results["criv vm cold"] = pod_start(r, image, args.runs, logs / "cold")
+            if not args.skip_pss:
+                print("criv vm, vm.template off (cold): PSS of idle pods...", flush=True)
+                pss_cold = vm_pss(r, image, logs / "pss-cold", [1, args.pss_pods])
         if args.compare_free_page_reporting:
             off = {**vm_cfg, "vm": {**vm_cfg["vm"], "free_page_reporting": False}}
             with criv_runtime(env.root, reg, cni, off, name="criv-vm-nofpr") as r:
@@ -313,6 +317,9 @@ def main() -> int:
             if ctrd:
                 results["containerd"] = ctrd
     report(results, pss)
+    if pss_cold:
+        print("\nsame, vm.template: off (every pod booted cold; the baseline, same run):")
+        report({}, pss_cold)
     if pss_off:
         print("\nsame, vm.free_page_reporting: false (the baseline, same run):")
         report({}, pss_off)

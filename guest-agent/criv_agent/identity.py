@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import errno
 import fcntl
 import logging
 import os
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 # GUEST_SHARED)
 SHARED_DIR = "/run/criv/shared"
 MACHINE_ID = "/etc/machine-id"
+VIRTIOFS_DRIVER = "/sys/bus/virtio/drivers/virtiofs"
 MAX_ENTROPY = 512  # bytes; fcntl.ioctl copies at most 1024 bytes of argument
 MAX_WAIT = 60  # seconds
 POLL = 0.05  # seconds between looks for a hot-plugged device
@@ -105,6 +107,14 @@ def mix_into_urandom(entropy: bytes) -> None:
         f.write(entropy)
 
 
+def virtiofs_bound() -> bool:
+    """A virtio-fs device has its driver (its tag can be mounted)."""
+    try:
+        return any(n.startswith("virtio") for n in os.listdir(VIRTIOFS_DRIVER))
+    except OSError:
+        return False
+
+
 def mount_virtiofs(tag: str, target: str) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.mount(tag.encode(), target.encode(), b"virtiofs", ctypes.c_ulong(0), None) != 0:
@@ -123,6 +133,7 @@ class Ops:
     machine_id_path: str = MACHINE_ID
     shared_dir: str = SHARED_DIR
     is_mountpoint: Callable[[str], bool] = os.path.ismount
+    fs_device_bound: Callable[[], bool] = virtiofs_bound
     mount: Callable[[str, str], None] = mount_virtiofs
     monotonic: Callable[[], float] = time.monotonic
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
@@ -172,6 +183,10 @@ class IdentityTaker:
             if ops.is_mountpoint(target):
                 return
             try:
+                # mount only once a virtio-fs device is bound: each mount of a tag that is
+                # not there yet logs a kernel error, a slow UART write under TCG
+                if not ops.fs_device_bound():
+                    raise OSError(errno.ENODEV, "no virtio-fs device yet")
                 await asyncio.to_thread(ops.mount, tag, target)
             except OSError as e:  # not there yet (EINVAL: no such tag), or not probed yet
                 if ops.monotonic() >= until:

@@ -34,6 +34,7 @@ class Machine:
         self.calls: list[tuple[Any, ...]] = []
         self.now = 100.0
         self.mounted = False
+        self.unbound_polls = 0  # looks for the virtio-fs device before it is bound
         self.mount_fails = mount_fails
         self.ioctl_fails = ioctl_fails
         self.machine_id = tmp_path / "etc" / "machine-id"
@@ -49,10 +50,15 @@ class Machine:
             machine_id_path=str(self.machine_id),
             shared_dir=str(self.shared),
             is_mountpoint=lambda path: self.mounted,
+            fs_device_bound=self._bound,
             mount=self._mount,
             monotonic=lambda: self.now,
             sleep=self._sleep,
         )
+
+    def _bound(self) -> bool:
+        self.unbound_polls -= 1
+        return self.unbound_polls < 0
 
     def _add_entropy(self, b: bytes) -> None:
         self.calls.append(("ioctl", b))
@@ -105,6 +111,14 @@ async def test_a_late_share_is_waited_for_and_the_rest_of_the_budget_returned(
     left = await IdentityTaker(in_vm=True, ops=m.ops()).take(ident(wait_seconds=2))
     assert m.kinds().count("mount") == 11 and m.mounted
     assert left == pytest.approx(2 - 10 * identity.POLL)
+
+
+async def test_no_mount_is_tried_before_a_virtio_fs_device_is_bound(tmp_path: Path) -> None:
+    m = Machine(tmp_path)
+    m.unbound_polls = 5  # the hot-plugged device's driver binds after 5 looks
+    await IdentityTaker(in_vm=True, ops=m.ops()).take(ident(wait_seconds=2))
+    assert m.kinds().count("mount") == 1 and m.mounted
+    assert m.now == pytest.approx(100 + 5 * identity.POLL)
 
 
 async def test_a_share_that_never_comes_is_a_failed_precondition_after_the_wait(
