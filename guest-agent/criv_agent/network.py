@@ -52,25 +52,25 @@ def _check_cidr(cidr: str) -> str:
 def commands(
     network: agent_pb2.GuestNetwork, nic_of: Callable[[str], str] = nic_by_mac
 ) -> list[list[str]]:
-    """The ``ip`` invocations for a GuestNetwork message (pure, for tests)."""
+    """The ``ip -batch`` lines for a GuestNetwork message (pure, for tests). A route's
+    family follows from its destination (no -4/-6: a batch line takes no options)."""
     cmds: list[list[str]] = []
     first = ""
     for iface in network.interfaces:
         dev = nic_of(iface.mac)
         first = first or dev
         if iface.mtu:
-            cmds.append(["ip", "link", "set", "dev", dev, "mtu", str(int(iface.mtu))])
-        cmds.append(["ip", "link", "set", "dev", dev, "up"])
+            cmds.append(["link", "set", "dev", dev, "mtu", str(int(iface.mtu))])
+        cmds.append(["link", "set", "dev", dev, "up"])
         for addr in iface.addresses:
-            cmds.append(["ip", "addr", "replace", _check_cidr(addr), "dev", dev])
+            cmds.append(["addr", "replace", _check_cidr(addr), "dev", dev])
     for r in network.routes:
         try:
             dst = str(ipaddress.ip_network(r.destination or "0.0.0.0/0", strict=False))
             gw = str(ipaddress.ip_address(r.gateway)) if r.gateway else ""
         except ValueError:
             raise InvalidArgument(f"bad route {r.destination!r} via {r.gateway!r}") from None
-        family = "-6" if ":" in dst else "-4"
-        cmd = ["ip", family, "route", "replace", dst]
+        cmd = ["route", "replace", dst]
         if gw:
             cmd += ["via", gw]
         if first:
@@ -99,15 +99,19 @@ async def find_nics(
 async def apply(network: agent_pb2.GuestNetwork, wait_seconds: float = 0.0) -> None:
     """Configure ``network``; its NICs may take up to ``wait_seconds`` to appear."""
     nics = await find_nics(network, wait_seconds)
-    for cmd in commands(network, nic_of=nics.__getitem__):
-        proc = await asyncio.create_subprocess_exec(
-            *cmd,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        out, _ = await proc.communicate()
-        if proc.returncode != 0:
-            msg = out.decode(errors="replace").strip()
-            raise RuntimeFailure(f"{' '.join(cmd)}: {msg}")
+    lines = [" ".join(cmd) for cmd in commands(network, nic_of=nics.__getitem__)]
+    if not lines:
+        return
+    # one ip process for all of them: each exec costs ~0.1 s under TCG. Every token is an
+    # interface name from sysfs or a value parsed above: none holds a space or a newline.
+    proc = await asyncio.create_subprocess_exec(
+        "ip", "-batch", "-",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await proc.communicate("\n".join(lines).encode() + b"\n")
+    if proc.returncode != 0:
+        msg = out.decode(errors="replace").strip()
+        raise RuntimeFailure(f"ip -batch ({'; '.join(lines)}): {msg}")
     log.info("guest network configured: %d interface(s)", len(network.interfaces))

@@ -89,13 +89,13 @@ def test_guest_network_from_the_record(tmp_path: Path) -> None:
     assert msg.interfaces[0].mac == "aa:aa:aa:aa:aa:03" and msg.interfaces[0].mtu == 1450
     cmds = network.commands(msg, nic_of=lambda mac: "eth0")
     assert cmds == [
-        ["ip", "link", "set", "dev", "eth0", "mtu", "1450"],
-        ["ip", "link", "set", "dev", "eth0", "up"],
-        ["ip", "addr", "replace", "10.88.0.7/16", "dev", "eth0"],
-        ["ip", "addr", "replace", "fd00::7/64", "dev", "eth0"],
-        ["ip", "-4", "route", "replace", "0.0.0.0/0", "via", "10.88.0.1", "dev", "eth0"],
-        ["ip", "-6", "route", "replace", "::/0", "via", "fd00::1", "dev", "eth0"],
-        ["ip", "-4", "route", "replace", "192.168.0.0/24", "via", "10.88.0.9", "dev", "eth0"],
+        ["link", "set", "dev", "eth0", "mtu", "1450"],
+        ["link", "set", "dev", "eth0", "up"],
+        ["addr", "replace", "10.88.0.7/16", "dev", "eth0"],
+        ["addr", "replace", "fd00::7/64", "dev", "eth0"],
+        ["route", "replace", "0.0.0.0/0", "via", "10.88.0.1", "dev", "eth0"],
+        ["route", "replace", "::/0", "via", "fd00::1", "dev", "eth0"],
+        ["route", "replace", "192.168.0.0/24", "via", "10.88.0.9", "dev", "eth0"],
     ]
 
 
