@@ -210,6 +210,14 @@ class Cri:
         )
         return resp.status
 
+    def isolation_state(self, pod_id: str) -> dict[str, Any]:
+        """The pod's ``isolationState`` from PodSandboxStatus's verbose info."""
+        resp = self.rt.PodSandboxStatus(
+            api_pb2.PodSandboxStatusRequest(pod_sandbox_id=pod_id, verbose=True), timeout=30
+        )
+        iso: dict[str, Any] = json.loads(resp.info["info"])["isolationState"]
+        return iso
+
     def wait_exited(self, cid: str, timeout: float = 30) -> api_pb2.ContainerStatus:
         deadline = time.monotonic() + timeout
         while True:

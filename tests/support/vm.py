@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,29 @@ import pytest
 from criv.guestimage import DEFAULT_CACHE_ROOT, GuestImage, build_guest_image
 from criv.hypervisor.hostsetup import start_libvirtd
 from criv.hypervisor.spec import TEMPLATE_DOMAIN_PREFIX
+from criv_agent.api.runtime.v1 import api_pb2
 from tests.support.cri import Cri
 from tests.support.daemon import merge
+
+# a pod whose container may be guest root: privileged, in the guest's own pid namespace
+# (``nsenter -t 1`` then reaches the guest's mount and network namespaces)
+PRIVILEGED_POD = api_pb2.LinuxPodSandboxConfig(
+    security_context=api_pb2.LinuxSandboxSecurityContext(privileged=True)
+)
+GUEST_ROOT = api_pb2.LinuxContainerSecurityContext(
+    privileged=True, namespace_options=api_pb2.NamespaceOption(pid=api_pb2.NODE)
+)
+
+
+def wait_template(tdir: Path, timeout: float = 300) -> Path:
+    """The first ready template under ``tdir`` (criv builds it after a cold boot)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready = [m.parent for m in tdir.glob("[!.]*/meta.json")]
+        if ready:
+            return ready[0]
+        time.sleep(0.5)
+    raise AssertionError(f"no template in {tdir} after {timeout}s")
 
 
 def criv_domains(templates: bool = False) -> set[str]:

@@ -8,7 +8,6 @@ the point is that it happens by itself, not how fast."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -33,11 +32,7 @@ def _pod(cri: Cri, **kw: object) -> tuple[str, str, dict[str, object]]:
     pod = cri.run_pod(faults.POD)
     cid = cri.run(pod, faults.APP, faults.SLEEP, **kw)
     assert cri.exec(cid, ["echo", "ok"]).stdout == b"ok\n"
-    resp = cri.rt.PodSandboxStatus(
-        api_pb2.PodSandboxStatusRequest(pod_sandbox_id=pod, verbose=True), timeout=30
-    )
-    iso: dict[str, object] = json.loads(resp.info["info"])["isolationState"]
-    return pod, cid, iso
+    return pod, cid, cri.isolation_state(pod)
 
 
 def _pids_with(*words: str) -> list[int]:

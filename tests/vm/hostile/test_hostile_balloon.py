@@ -5,9 +5,7 @@ memory it booted with (the host's bound) and criv answering."""
 
 from __future__ import annotations
 
-import json
 import time
-from typing import Any
 
 import grpc
 import libvirt
@@ -26,14 +24,6 @@ UNBIND = (
 )
 
 
-def _iso(cri: Cri, pod: str) -> dict[str, Any]:
-    resp = cri.rt.PodSandboxStatus(
-        api_pb2.PodSandboxStatusRequest(pod_sandbox_id=pod, verbose=True), timeout=30
-    )
-    iso: dict[str, Any] = json.loads(resp.info["info"])["isolationState"]
-    return iso
-
-
 @pytest.mark.timeout(600)
 def test_a_guest_without_its_balloon_driver_gets_a_bounded_refusal(vm_cri: Cri) -> None:
     limits = api_pb2.LinuxContainerResources(memory_limit_in_bytes=LIMIT_MIB * MIB)
@@ -45,7 +35,7 @@ def test_a_guest_without_its_balloon_driver_gets_a_bounded_refusal(vm_cri: Cri) 
         privileged=True, namespace_options=api_pb2.NamespaceOption(pid=api_pb2.NODE)
     )
     cid = vm_cri.run(pod, "attacker", ["sleep", "3600"], security=sec)
-    boot = _iso(vm_cri, pod)["memory_mib"]
+    boot = vm_cri.isolation_state(pod)["memory_mib"]
     # guest root takes the balloon device away from its driver
     r = vm_cri.exec(cid, ["nsenter", "-t", "1", "-m", "--", "sh", "-c", UNBIND])
     assert r.exit_code == 0 and b"virtio" not in r.stdout, (r.stdout, r.stderr)
@@ -62,12 +52,12 @@ def test_a_guest_without_its_balloon_driver_gets_a_bounded_refusal(vm_cri: Cri) 
     why = e.value.details() or ""
     assert f"got only to {boot} MiB" in why and f"back at {boot} MiB" in why, why
     assert took < 60, took  # the statistics wait and the balloon wait are both bounded
-    assert _iso(vm_cri, pod)["memory_mib"] == boot
+    assert vm_cri.isolation_state(pod)["memory_mib"] == boot
 
     # the host's bound is what the VM booted with, and its balloon target is back there
     conn = libvirt.open("qemu:///system")
     try:
-        dom = conn.lookupByName(_iso(vm_cri, pod)["domain"])
+        dom = conn.lookupByName(vm_cri.isolation_state(pod)["domain"])
         assert dom.maxMemory() == boot * 1024
         assert dom.info()[2] == boot * 1024  # the current (target) memory, KiB
     finally:

@@ -8,34 +8,17 @@ after it does not see the marker, and B's kernel RNG gives other bytes than A's.
 from __future__ import annotations
 
 import hashlib
-import json
-import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from criv_agent.api.runtime.v1 import api_pb2
 from tests.support.cri import Cri
+from tests.support.vm import GUEST_ROOT, PRIVILEGED_POD, wait_template
 
 pytestmark = pytest.mark.vm
 
-PRIVILEGED_POD = api_pb2.LinuxPodSandboxConfig(
-    security_context=api_pb2.LinuxSandboxSecurityContext(privileged=True)
-)
-GUEST_ROOT = api_pb2.LinuxContainerSecurityContext(
-    privileged=True, namespace_options=api_pb2.NamespaceOption(pid=api_pb2.NODE)
-)
 MARKER = "criv-clone-a-was-here-0123456789"
-
-
-def _template(cri: Cri, pod: str) -> str:
-    resp = cri.rt.PodSandboxStatus(
-        api_pb2.PodSandboxStatusRequest(pod_sandbox_id=pod, verbose=True), timeout=30
-    )
-    iso: dict[str, Any] = json.loads(resp.info["info"])["isolationState"]
-    return str(iso["template"])
 
 
 def _digest(path: Path) -> str:
@@ -64,21 +47,17 @@ def test_a_clone_cannot_reach_its_template_or_the_next_clone(
     tdir = tmp_path / "templates"
     cri = vm_cri_factory(vm={"template_dir": str(tdir)})
     cri.run_pod("cold")
-    deadline = time.monotonic() + 300
-    while not list(tdir.glob("[!.]*/meta.json")):
-        assert time.monotonic() < deadline, "no template built"
-        time.sleep(0.5)
-    (template,) = [p.parent for p in tdir.glob("[!.]*/meta.json")]
+    template = wait_template(tdir)
     before = {f: _digest(template / f) for f in ("ram.bin", "state.bin")}
 
     pod_a, a = _guest_root(cri, "clone-a")
-    assert _template(cri, pod_a) == template.name
+    assert cri.isolation_state(pod_a)["template"] == template.name
     # guest root writes into its RAM: a marker file in the guest's own root, then 32 MiB
     _in_guest(cri, a, f"echo {MARKER} > /run/marker; head -c 33554432 /dev/urandom > /run/fill")
     rng_a = _in_guest(cri, a, "head -c 32 /dev/urandom | od -An -tx1")
 
     pod_b, b = _guest_root(cri, "clone-b")
-    assert _template(cri, pod_b) == template.name
+    assert cri.isolation_state(pod_b)["template"] == template.name
     assert _in_guest(cri, b, "cat /run/marker 2>/dev/null || echo none").strip() == "none"
     assert _in_guest(cri, b, "head -c 32 /dev/urandom | od -An -tx1") != rng_a
     # the template's files are as they were: no clone writes back into them

@@ -6,7 +6,6 @@ One pod: TCG boots are slow."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
@@ -22,14 +21,6 @@ pytestmark = pytest.mark.vm
 MIB = 1 << 20
 LIMIT_MIB = 256  # the pod's memory limit: its VM boots with it + the guest's own share
 HOST_CPUS = os.cpu_count() or 1
-
-
-def _iso(cri: Cri, pod: str) -> dict[str, Any]:
-    resp = cri.rt.PodSandboxStatus(
-        api_pb2.PodSandboxStatusRequest(pod_sandbox_id=pod, verbose=True), timeout=30
-    )
-    iso: dict[str, Any] = json.loads(resp.info["info"])["isolationState"]
-    return iso
 
 
 def _resize(cri: Cri, pod: str, cpus: float = 0, memory_mib: int = LIMIT_MIB) -> None:
@@ -84,7 +75,7 @@ def test_vm_pod_resize_vcpus_and_memory_live(vm_cri_factory: Any) -> None:
     limits = api_pb2.LinuxContainerResources(memory_limit_in_bytes=LIMIT_MIB * MIB)
     pod = cri.run_pod("vmresize", linux=api_pb2.LinuxPodSandboxConfig(resources=limits))
     cid = cri.run(pod, "main", ["sh", "-c", "sleep 100000"])
-    iso = _iso(cri, pod)
+    iso = cri.isolation_state(pod)
     assert (iso["vcpus"], iso["max_vcpus"]) == (1, 2), iso
     boot_mem = iso["memory_mib"]
     assert boot_mem == LIMIT_MIB + 160 and iso["max_memory_mib"] == boot_mem + 256, iso
@@ -94,17 +85,17 @@ def test_vm_pod_resize_vcpus_and_memory_live(vm_cri_factory: Any) -> None:
     # up: 1.5 CPUs of quota -> 2 vCPUs (ceil, as at boot); the guest onlines the new one
     _resize(cri, pod, cpus=1.5)
     assert _guest_cpus(cri, cid, "0-1") == "0-1 2"
-    assert _iso(cri, pod)["vcpus"] == 2
+    assert cri.isolation_state(pod)["vcpus"] == 2
 
     # memory up by 256 MiB (to the most): the balloon deflates, the guest has it at once
     _resize(cri, pod, cpus=1.5, memory_mib=2 * LIMIT_MIB)
-    assert _iso(cri, pod)["memory_mib"] == boot_mem + 256
+    assert cri.isolation_state(pod)["memory_mib"] == boot_mem + 256
     assert _guest_mem(cri, cid, mem_kib + 256 * 1024) - mem_kib == pytest.approx(
         256 * 1024, abs=4096
     )
     # down by 128 MiB below the boot size: the balloon inflates
     _resize(cri, pod, cpus=1.5, memory_mib=LIMIT_MIB // 2)
-    assert _iso(cri, pod)["memory_mib"] == boot_mem - 128
+    assert cri.isolation_state(pod)["memory_mib"] == boot_mem - 128
     assert mem_kib - _guest_mem(cri, cid, mem_kib - 128 * 1024) == pytest.approx(
         128 * 1024, abs=4096
     )
@@ -116,7 +107,8 @@ def test_vm_pod_resize_vcpus_and_memory_live(vm_cri_factory: Any) -> None:
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION, e.value
     why = e.value.details() or ""
     assert "memory_limit_in_bytes" in why and "vm.max_memory_mib" in why, why
-    assert _iso(cri, pod)["vcpus"] == 2 and _iso(cri, pod)["memory_mib"] == boot_mem - 128
+    iso = cri.isolation_state(pod)
+    assert iso["vcpus"] == 2 and iso["memory_mib"] == boot_mem - 128
     assert _guest_cpus(cri, cid, "0-1") == "0-1 2"
 
     # a shrink below what the guest uses (dd holds 150 MB): refused before the balloon
@@ -136,7 +128,7 @@ def test_vm_pod_resize_vcpus_and_memory_live(vm_cri_factory: Any) -> None:
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION, e.value
     why = e.value.details() or ""
     assert "the guest uses" in why and "nothing changed" in why, why
-    assert _iso(cri, pod)["memory_mib"] == boot_mem + 256
+    assert cri.isolation_state(pod)["memory_mib"] == boot_mem + 256
     assert _guest_mem(cri, cid, mem_kib + 256 * 1024) - mem_kib == pytest.approx(
         256 * 1024, abs=4096
     )
@@ -152,7 +144,7 @@ def test_vm_pod_resize_vcpus_and_memory_live(vm_cri_factory: Any) -> None:
         assert "at most 2" in (e.value.details() or "")
     else:
         _resize(cri, pod, cpus=8, memory_mib=2 * LIMIT_MIB)
-    assert _iso(cri, pod)["vcpus"] == 2
+    assert cri.isolation_state(pod)["vcpus"] == 2
 
     # down: no quota -> vm.vcpus (1) would unplug a vCPU, which libvirt cannot track with
     # QEMU 7.2 (no DEVICE_DELETED for it): refused, the VM keeps its 2
@@ -160,5 +152,5 @@ def test_vm_pod_resize_vcpus_and_memory_live(vm_cri_factory: Any) -> None:
         _resize(cri, pod, memory_mib=2 * LIMIT_MIB)
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION, e.value
     assert "cpu_quota" in (e.value.details() or "") and "from 2 to 1" in (e.value.details() or "")
-    assert _iso(cri, pod)["vcpus"] == 2
+    assert cri.isolation_state(pod)["vcpus"] == 2
     assert _guest_cpus(cri, cid, "0-1") == "0-1 2"

@@ -8,49 +8,23 @@ start and the build)."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from criv_agent.api.runtime.v1 import api_pb2
 from tests.support.cri import Cri
+from tests.support.vm import GUEST_ROOT, PRIVILEGED_POD, wait_template
 
 pytestmark = pytest.mark.vm
 
-PRIVILEGED_POD = api_pb2.LinuxPodSandboxConfig(
-    security_context=api_pb2.LinuxSandboxSecurityContext(privileged=True)
-)
-# guest root: the guest's own mount and network namespaces (pid 1 is the guest's init)
-GUEST_ROOT = api_pb2.LinuxContainerSecurityContext(
-    privileged=True, namespace_options=api_pb2.NamespaceOption(pid=api_pb2.NODE)
-)
 FACTS = (
     "nsenter -t 1 -m -n -- sh -c 'cat /etc/machine-id; "
     'cat /sys/class/net/eth0/address; head -c 16 /dev/urandom | od -An -tx1 | tr -d " \\n"; '
     "echo; date +%s; hostname'"
 )
-
-
-def _iso(cri: Cri, pod: str) -> dict[str, Any]:
-    resp = cri.rt.PodSandboxStatus(
-        api_pb2.PodSandboxStatusRequest(pod_sandbox_id=pod, verbose=True), timeout=30
-    )
-    iso: dict[str, Any] = json.loads(resp.info["info"])["isolationState"]
-    return iso
-
-
-def _wait_template(tdir: Path, timeout: float = 300) -> Path:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready = [d for d in tdir.glob("*/meta.json") if not d.parent.name.startswith(".")]
-        if ready:
-            return ready[0].parent
-        time.sleep(0.5)
-    raise AssertionError(f"no template in {tdir} after {timeout}s: {list(tdir.iterdir())}")
 
 
 def _guest_facts(cri: Cri, name: str) -> tuple[list[str], str, str]:
@@ -68,14 +42,14 @@ def test_clones_start_fast_with_their_own_identity(
     tdir = tmp_path / "templates"
     cri = vm_cri_factory(vm={"template_dir": str(tdir)})
     first = cri.run_pod("cold")
-    assert _iso(cri, first)["template"] == ""  # no template yet: booted cold
-    key = _wait_template(tdir).name
+    assert cri.isolation_state(first)["template"] == ""  # no template yet: booted cold
+    key = wait_template(tdir).name
     assert (tdir / key / "state.bin").stat().st_mode & 0o777 == 0o600
 
     facts = []
     for name in ("clone-a", "clone-b"):
         lines, pod, cid = _guest_facts(cri, name)
-        assert _iso(cri, pod)["template"] == key
+        assert cri.isolation_state(pod)["template"] == key
         st = cri.pod_status(pod)
         facts.append((lines, st.network.ip, pod))
         # the pod works as a cold one does: its share (rootfs), its network, its logs
@@ -84,7 +58,7 @@ def test_clones_start_fast_with_their_own_identity(
     machine_a, mac_a, rng_a, clock_a, host_a = a[:5]
     machine_b, mac_b, rng_b, clock_b, host_b = b[:5]
     assert len(machine_a) == 32 and machine_a != machine_b
-    assert mac_a != mac_b and mac_a == _iso(cri, pod_a)["mac"]
+    assert mac_a != mac_b and mac_a == cri.isolation_state(pod_a)["mac"]
     assert rng_a != rng_b and len(rng_a) == 32
     assert abs(int(clock_a) - time.time()) < 30 and abs(int(clock_b) - time.time()) < 30
     assert (host_a, host_b) == ("clone-a", "clone-b")
@@ -98,14 +72,14 @@ def test_a_template_that_does_not_load_is_dropped_and_the_pod_boots_cold(
     tdir = tmp_path / "templates"
     cri = vm_cri_factory(vm={"template_dir": str(tdir)})
     cri.run_pod("first")
-    t = _wait_template(tdir)
+    t = wait_template(tdir)
     t.joinpath("state.bin").write_bytes(b"not a migration stream")
     pod = cri.run_pod("after-damage")
-    assert _iso(cri, pod)["template"] == ""
+    assert cri.isolation_state(pod)["template"] == ""
     cid = cri.run(pod, "c", ["sh", "-c", "echo up; sleep 3600"])
     assert cri.exec(cid, ["echo", "ok"]).stdout == b"ok\n"
     # dropped, and built again for the next pod
-    rebuilt = _wait_template(tdir)
+    rebuilt = wait_template(tdir)
     assert rebuilt.name == t.name and rebuilt.joinpath("state.bin").stat().st_size > 1024
     # the guest RAM: a sparse file of what the template used, tens of MiB of data
     assert rebuilt.joinpath("ram.bin").stat().st_blocks * 512 > 16 << 20
@@ -116,7 +90,7 @@ def test_a_template_that_does_not_load_is_dropped_and_the_pod_boots_cold(
             resources=api_pb2.LinuxContainerResources(memory_limit_in_bytes=384 << 20)
         ),
     )
-    assert _iso(cri, big)["template"] == ""
+    assert cri.isolation_state(big)["template"] == ""
 
 
 @pytest.mark.timeout(600)
@@ -127,6 +101,6 @@ def test_template_off_boots_every_pod_cold(
     cri = vm_cri_factory(vm={"template": "off", "template_dir": str(tdir)})
     for name in ("one", "two"):
         pod = cri.run_pod(name)
-        assert _iso(cri, pod)["template"] == ""
+        assert cri.isolation_state(pod)["template"] == ""
     time.sleep(2)
     assert not tdir.exists() or not any(tdir.iterdir())
