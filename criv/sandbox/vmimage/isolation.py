@@ -140,8 +140,8 @@ class VmImageIsolation:
         agent = self._agents.get(pod.id)
         if agent is None:
             raise FailedPrecondition(
-                f"vm-image pod {pod.id[:12]} is not served by this criv (stopped, or criv "
-                "restarted since it ran): its container's disk is gone"
+                f"vm-image pod {pod.id[:12]} is not served (stopped, or not taken back after "
+                "a criv restart): its container's disk is gone"
             )
         return agent.commit_source(cid)
 
