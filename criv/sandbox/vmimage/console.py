@@ -24,6 +24,7 @@ import io
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -75,6 +76,7 @@ class ConsoleLog:
             self._look_for_pin()
         self._done = ended
         self._task: asyncio.Task[None] | None = None
+        self._io = threading.Lock()
 
     @classmethod
     async def resume(
@@ -184,6 +186,11 @@ class ConsoleLog:
             log.warning("console %s: recording its mark failed: %s", self.console, e)
 
     def _read_new(self) -> None:
+        # a read whose awaiting task was cancelled goes on in its thread: the next waits
+        with self._io:
+            self._copy_new()
+
+    def _copy_new(self) -> None:
         cri = self._cri
         if cri is None or cri.closed:
             return

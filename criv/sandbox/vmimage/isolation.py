@@ -162,6 +162,7 @@ class VmImageIsolation:
         agent = self._agents.pop(pod.id, None)
         if agent is not None:
             agent.end_events()
+            await agent.keeper.drop()
         self._seen.add(pod.id)
         server = self._servers.pop(pod.id, None)
         if server is not None:

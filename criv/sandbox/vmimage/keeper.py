@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -37,6 +38,9 @@ class BoxKeeper:
         self._vms = vms
         self.box: VmContainer | None = None
         self._save_lock = asyncio.Lock()
+        self._write_lock = threading.Lock()
+        self._seq = self._written = 0
+        self._dropped = False
         self._subscribers: set[asyncio.Queue[AgentEvent | None]] = set()
 
     # -- the record ----------------------------------------------------------------------
@@ -59,14 +63,28 @@ class BoxKeeper:
         )  # fmt: skip
 
     async def save(self) -> None:
-        """Write the record as memory holds it now (atomically, in a thread)."""
+        """Write the record as memory holds it now (atomically, in a thread). A write
+        whose caller was cancelled still runs in its thread: each snapshot has a number,
+        and one older than the last written is not written, so the newest always wins."""
         async with self._save_lock:
-            rec = self.snapshot()
-            await asyncio.to_thread(record.write, self.record_path, rec)
+            self._seq += 1
+            await asyncio.to_thread(self._write, self._seq, self.snapshot())
 
-    async def drop_record(self) -> None:
-        async with self._save_lock:
-            await asyncio.to_thread(record.remove, self.record_path)
+    def _write(self, seq: int, rec: record.AgentRecord) -> None:
+        with self._write_lock:
+            if seq > self._written and not self._dropped:
+                record.write(self.record_path, rec)
+                self._written = seq
+
+    async def drop(self) -> None:
+        """The pod's VM is destroyed: the record goes, and nothing writes it again."""
+
+        def remove() -> None:
+            with self._write_lock:
+                self._dropped = True
+                record.remove(self.record_path)
+
+        await asyncio.to_thread(remove)
 
     # -- events --------------------------------------------------------------------------
 

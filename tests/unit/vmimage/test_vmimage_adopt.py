@@ -262,7 +262,10 @@ async def test_the_isolation_takes_pods_back_or_refuses(tmp_path: Path) -> None:
     assert pod.lines() == ["boot", "half", "more"] and vms.destroyed == 0
     # a pod this criv saw go is not alive, and its record is gone
     iso = _iso(tmp_path, vms)
-    await iso.connect(_pod(), pod.paths, 10)
+    agent = await iso.connect(_pod(), pod.paths, 10)
+    assert isinstance(agent, VmImageAgent)
     await iso.destroy(_pod(), pod.paths)
     assert not await iso.alive(_pod()) and vms.destroyed == 1
+    assert not record.record_path(pod.paths.state).exists()
+    await agent.keeper.save()  # a late save (an exit being recorded) writes nothing
     assert not record.record_path(pod.paths.state).exists()
