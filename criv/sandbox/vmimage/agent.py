@@ -234,7 +234,8 @@ class VmImageAgent(AgentClient):
             raise
         box.started_at_ns, box.domain_uuid = time.time_ns(), booted.uuid
         box.move(BoxState.RUNNING)
-        await self.keeper.save_quietly()  # not saved: a restarted criv destroys the VM
+        # a failed write leaves it CREATED on disk: a restarted criv destroys that VM
+        await self.keeper.save_quietly()
         self.keeper.watch(box)
         self.keeper.publish(AgentEventKind.STARTED, box)
         return box.info()
