@@ -66,8 +66,8 @@ def agent_record(cri: Cri, pod: str) -> Any:
 
 def ticks(cri: Cri, pod: str) -> list[int]:
     """The ticker's numbers in the container log (the first may follow the prompt of the
-    console's shell on the same line)."""
-    found = re.findall(r" stdout F (?:.* )?tick-(\d+)$", cri.log(pod, "vm"), re.MULTILINE)
+    console's shell, and its terminal query, on the same line)."""
+    found = re.findall(r" stdout F .*?tick-(\d+)$", cri.log(pod, "vm"), re.MULTILINE)
     return [int(n) for n in found]
 
 
