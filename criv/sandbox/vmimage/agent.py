@@ -4,10 +4,9 @@ The sandbox layer talks to every pod through :class:`criv.agent.client.AgentClie
 for a vm-image pod, :class:`VmImageAgent` is that client, implemented in-process: the
 pod's one container is its VM.
 
-- CreateContainer: the disk (found at the isolation's ``prepare_container`` step) gets a
+- CreateContainer: the disk (found at the isolation's ``check_image`` step) gets a
   per-container qcow2 overlay, the pod a per-pod SSH key, the container a NoCloud seed
-  (pod IP, gateway, routes and DNS from the CNI result and the pod config, hostname,
-  the key; the user from the ``criv.dev/ssh-user`` annotation, default root).
+  (:mod:`.provision`).
 - StartContainer: boots the domain (:mod:`.machine`), follows the console into the
   container's CRI log (:mod:`.console`), where the SSH host key is pinned at first boot.
 - ExecSync / Exec: SSH (:mod:`criv.vmimage.ssh`) to the pod IP with the pod key,
@@ -16,24 +15,25 @@ pod's one container is its VM.
 - StopContainer: ACPI power button, the timeout, then destroy. The container exits 0
   (``Completed``) when the guest powered off, 137 (``Killed``) when criv destroyed it,
   and as ``VMExited`` when the VM stopped any other way.
+
+What it knows of its container is kept by a :class:`~.keeper.BoxKeeper`: in memory, in
+the pod's agent record, so that a restarted criv takes the pod back (:meth:`VmImageAgent.
+adopt`, :mod:`.adopt`); :meth:`VmImageAgent.suspend` lets go of it when criv stops.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from criv.agent import convert
 from criv.agent.client import AgentClient
 from criv.agent.hostdata import AttachSession
 from criv.agent.types import (
     AgentContainerInfo,
-    AgentContainerState,
     AgentEvent,
     AgentEventKind,
     AgentHealth,
@@ -43,24 +43,25 @@ from criv.agent.types import (
     GuestIdentity,
     GuestNetwork,
 )
-from criv.errors import CrivError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from criv.network.tap import guest_addressing
+from criv.errors import FailedPrecondition, InvalidArgument, NotFound
 from criv.sandbox.records import PodRecord
 from criv.sandbox.vmimage import machine
+from criv.sandbox.vmimage.adopt import Plan, restore
+from criv.sandbox.vmimage.boxstate import BoxState
 from criv.sandbox.vmimage.console import ConsoleLog
 from criv.sandbox.vmimage.container import VmContainer
 from criv.sandbox.vmimage.execstream import PendingExec, run_exec
+from criv.sandbox.vmimage.keeper import BoxKeeper
+from criv.sandbox.vmimage.provision import PodIdentity, key_comment, key_dir, pod_ip, provision
+from criv.sandbox.vmimage.record import AgentRecord
 from criv.sandbox.vmimage.serial import SerialConsole, run_attach
 from criv.sandbox.vmimage.sshready import DEFAULT_WAIT, SshAccess, ssh_ready
-from criv.vmimage.seed import Route, SeedConfig, build_seed
 from criv.vmimage.ssh import SSHClient
-from criv.vmimage.sshkeys import ensure_pod_key
 from criv.vmimage.sshstream import SSHStream
 from criv_agent.datastream import FollowedLog
 
 log = logging.getLogger("criv.sandbox.vmimage")
 
-SSH_USER_ANNOTATION = "criv.dev/ssh-user"
 MAX_PENDING_EXECS = 64
 
 
@@ -82,13 +83,28 @@ class VmImageAgent(AgentClient):
         self._root = root  # <state_dir>/vmimage: what QEMU may open
         self._vms = vms
         self._ssh_wait = ssh_wait
-        self._box: VmContainer | None = None
+        self.keeper = BoxKeeper(pod, state_dir, vms)
         self._disks: dict[str, machine.BaseDisk] = {}  # cid -> disk, from prepare_container
         self._execs: dict[str, tuple[str, PendingExec]] = {}
-        self._subscribers: set[asyncio.Queue[AgentEvent | None]] = set()
-        self._hostname = pod.name
-        self._dns: tuple[str, ...] = ()
-        self._searches: tuple[str, ...] = ()
+        self.identity = PodIdentity(pod.name)
+
+    @property
+    def _box(self) -> VmContainer | None:
+        return self.keeper.box
+
+    # -- a criv restart ------------------------------------------------------------------
+
+    async def adopt(self, rec: AgentRecord, owner: str) -> Plan:
+        """A restarted criv's agent for a pod the last one served: its container as
+        ``rec`` and libvirt say (:func:`.adopt.restore`; :class:`.adopt.Untrusted` where
+        they disagree). SetupSandbox is not called again: the pod's DNS comes from its
+        config."""
+        self.identity = PodIdentity.of(self._pod, self._pod.config)
+        return await restore(self.keeper, self._vms, rec, self._state_dir, self._root, owner)
+
+    async def suspend(self) -> None:
+        """criv stops; the VM (if any) runs on for the next criv."""
+        await self.keeper.suspend()
 
     # -- the isolation's side ---------------------------------------------------------
 
@@ -96,7 +112,7 @@ class VmImageAgent(AgentClient):
         """CreateContainer's image check passed: ``cid`` boots ``disk``. One container per
         pod: another one that has not exited is refused."""
         box = self._box
-        if box is not None and box.state is not AgentContainerState.EXITED:
+        if box is not None and box.state is not BoxState.EXITED:
             raise InvalidArgument(
                 f"pod {self._pod.id[:12]} is a vm-image pod and already has container "
                 f"{box.cid[:12]} (its VM); a vm-image pod runs one container"
@@ -110,9 +126,9 @@ class VmImageAgent(AgentClient):
         if box is None or box.cid != cid:
             raise FailedPrecondition(
                 f"container {cid[:12]}: its disk is gone (the pod's next container replaced "
-                "it, or criv restarted since it ran)"
+                "it, or it was removed)"
             )
-        if box.state is not AgentContainerState.EXITED:
+        if box.state is not BoxState.EXITED:
             raise FailedPrecondition(
                 f"container {cid[:12]} is {box.state.value}: stop it first (crictl stop), "
                 "a running VM's disk cannot be committed"
@@ -146,7 +162,7 @@ class VmImageAgent(AgentClient):
             path = await self._vms.console_pty(self._pod)
 
         async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            if box.state is not AgentContainerState.RUNNING:
+            if not box.running:
                 serial = None  # it stopped meanwhile: the session ends at once
             elif box.serial is None or box.serial.closed:
                 serial = SerialConsole(path)
@@ -164,7 +180,7 @@ class VmImageAgent(AgentClient):
         return session
 
     async def dial(self, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        return await asyncio.open_connection(self._pod_ip(), port)
+        return await asyncio.open_connection(pod_ip(self._pod), port)
 
     # -- AgentClient -----------------------------------------------------------------
 
@@ -184,12 +200,11 @@ class VmImageAgent(AgentClient):
         *,
         identity: GuestIdentity | None = None,
     ) -> None:
-        hostname, self._dns, self._searches = convert.pod_identity(config)
-        self._hostname = hostname or self._pod.name
+        self.identity = PodIdentity.of(self._pod, config)
 
     async def shutdown(self, timeout_seconds: int) -> None:
         box = self._box
-        if box is not None and box.state is not AgentContainerState.EXITED:
+        if box is not None and box.state is not BoxState.EXITED:
             await self.stop_container(box.cid, timeout_seconds)
 
     async def create_container(self, args: CreateContainerArgs) -> AgentContainerInfo:
@@ -197,104 +212,61 @@ class VmImageAgent(AgentClient):
         base = self._disks.pop(cid, None)
         if base is None:
             raise FailedPrecondition(f"container {cid[:12]}: no disk prepared for it")
-        user = convert.container_annotations(args.config).get(SSH_USER_ANNOTATION, "root")
-        d = self._state_dir / "vmimage" / cid[:12]
-        qdir = await asyncio.to_thread(machine.make_pod_dir, self._root, self._pod.id)
-        box = VmContainer(
-            cid=cid, base=base, dir=d, overlay=qdir / f"overlay-{cid[:12]}.qcow2",
-            seed=qdir / f"seed-{cid[:12]}.iso", user=user, created_at_ns=time.time_ns(),
-        )  # fmt: skip
-        await asyncio.to_thread(d.mkdir, mode=0o700, parents=True, exist_ok=True)
-        key = await asyncio.to_thread(
-            ensure_pod_key, self._state_dir / "vmimage" / "ssh", f"criv-{self._pod.id[:12]}"
+        box = await provision(
+            self._pod, self.identity, self._state_dir, self._root, cid, base, args.config
         )
-        await machine.make_overlay(base, box.overlay)
-        await asyncio.to_thread(build_seed, self._seed_config(cid, key.public_line, user), box.seed)
-        await asyncio.to_thread(machine.seed_readable, box.seed)
-        self._box = box
-        self._publish(AgentEventKind.CREATED, box)
+        self.keeper.box = box
+        await self.keeper.save()
+        self.keeper.publish(AgentEventKind.CREATED, box)
         return box.info()
-
-    def _seed_config(self, cid: str, public_key: str, user: str) -> SeedConfig:
-        addresses, routes = guest_addressing(self._pod.cni_result)
-        gateway = next((gw for dst, gw in routes if gw and dst.endswith("/0")), "")
-        return SeedConfig(
-            instance_id=f"criv-{cid[:32]}",
-            hostname=self._hostname,
-            addresses=tuple(addresses),
-            ssh_public_key=public_key,
-            user=user,
-            gateway=gateway,
-            routes=tuple(Route(dst, gw) for dst, gw in routes if gw and not dst.endswith("/0")),
-            dns_servers=self._dns,
-            dns_searches=self._searches,
-        )
 
     async def start_container(self, cid: str) -> AgentContainerInfo:
         box = self._get(cid)
-        if box.state is not AgentContainerState.CREATED:
+        if box.state is not BoxState.CREATED:
             raise FailedPrecondition(f"container {cid[:12]} is {box.state.value}")
         console = box.dir / "console.log"
-        box.console = ConsoleLog(console, box.dir / "serial.log")
+        box.console = ConsoleLog(console, box.dir / "serial.log", self.keeper.save_quietly)
         box.console.start()
         try:
-            await self._vms.boot(self._pod, box.overlay, box.seed, console)
+            booted = await self._vms.boot(self._pod, box.overlay, box.seed, console)
         except BaseException:
             await box.console.finish()
             raise
-        box.state, box.started_at_ns = AgentContainerState.RUNNING, time.time_ns()
-        box.watch = asyncio.get_running_loop().create_task(self._watch(box))
-        self._publish(AgentEventKind.STARTED, box)
+        box.started_at_ns, box.domain_uuid = time.time_ns(), booted.uuid
+        box.move(BoxState.RUNNING)
+        # a failed write leaves it CREATED on disk: a restarted criv destroys that VM
+        await self.keeper.save_quietly()
+        self.keeper.watch(box)
+        self.keeper.publish(AgentEventKind.STARTED, box)
         return box.info()
-
-    async def _watch(self, box: VmContainer) -> None:
-        why = await self._vms.wait_stopped(self._pod)
-        if box.state is AgentContainerState.RUNNING and not box.stopping:
-            tail = "" if box.console is None else await asyncio.to_thread(box.console.tail)
-            if box.state is AgentContainerState.RUNNING and not box.stopping:
-                self._exited(box, why, tail)
-
-    def _exited(self, box: VmContainer, why: str, console_tail: str = "") -> None:
-        booted = box.console is not None and box.console.pin is not None
-        box.exited(why, console_tail, booted)
-        box.after = asyncio.get_running_loop().create_task(self._after_exit(box))
-
-    async def _after_exit(self, box: VmContainer) -> None:
-        if box.console is not None:
-            await box.console.finish()
-        if box.serial is not None:
-            box.serial.close()  # attach sessions end with the container's exit code
-        if box.ssh is not None:
-            with contextlib.suppress(CrivError):
-                await box.ssh.close()
-            box.ssh = None
-        self._publish(AgentEventKind.EXITED, box)
 
     async def stop_container(self, cid: str, timeout_seconds: int) -> AgentContainerInfo:
         box = self._get(cid)
-        if box.state is AgentContainerState.CREATED:
-            box.state, box.reason, box.finished_at_ns = (
-                AgentContainerState.EXITED, "Killed", time.time_ns())  # fmt: skip
-            box.exit_code = 137
-        if box.state is AgentContainerState.EXITED:
+        if box.state is BoxState.CREATED:
+            box.killed_unstarted()
+            await self.keeper.save()
+        if box.state is BoxState.EXITED:
             return box.info()
-        box.stopping = True
+        if box.state is BoxState.RUNNING:
+            box.move(BoxState.STOPPING)
+            await self.keeper.save_quietly()
         how = await self._vms.shutdown(self._pod, max(timeout_seconds, 0))
-        if box.state is AgentContainerState.RUNNING:
-            self._exited(box, "shutdown" if how == "shutdown" else "destroyed")
+        if box.state is BoxState.STOPPING:
+            self.keeper.exited(box, "shutdown" if how == "shutdown" else "destroyed")
         return box.info()
 
     async def remove_container(self, cid: str) -> None:
         box = self._get(cid)
-        if box.state is not AgentContainerState.EXITED:
+        if box.state is not BoxState.EXITED:
             raise FailedPrecondition(f"container {cid[:12]} is {box.state.value}")
         if box.watch is not None:
             box.watch.cancel()
         if box.console is not None:
             await box.console.finish()
         await asyncio.to_thread(box.remove_files)
-        self._box = None
-        self._publish(AgentEventKind.REMOVED, box)
+        self.keeper.box = None
+        await self.keeper.save()
+        self.keeper.publish(AgentEventKind.REMOVED, box)
 
     async def container_status(self, cid: str) -> AgentContainerInfo:
         return self._get(cid).info()
@@ -321,7 +293,7 @@ class VmImageAgent(AgentClient):
 
     async def stats(self, cids: list[str]) -> list[AgentStats]:
         box = self._box
-        if box is None or box.cid not in cids or box.state is not AgentContainerState.RUNNING:
+        if box is None or box.cid not in cids or not box.running:
             return []
         st = await self._vms.stats(self._pod)
         if st is None:
@@ -337,24 +309,17 @@ class VmImageAgent(AgentClient):
         ]  # fmt: skip
 
     async def events(self) -> AsyncIterator[AgentEvent]:
-        q: asyncio.Queue[AgentEvent | None] = asyncio.Queue()
-        self._subscribers.add(q)
+        q = self.keeper.subscribe()
         try:
             while (ev := await q.get()) is not None:
                 yield ev
         finally:
-            self._subscribers.discard(q)
+            self.keeper.unsubscribe(q)
 
     # -- helpers ------------------------------------------------------------------------
 
-    def _publish(self, kind: AgentEventKind, box: VmContainer) -> None:
-        ev = AgentEvent(kind, box.cid, time.time_ns(), box.info())
-        for q in self._subscribers:
-            q.put_nowait(ev)
-
     def end_events(self) -> None:
-        for q in self._subscribers:
-            q.put_nowait(None)
+        self.keeper.end_events()
 
     def _get(self, cid: str) -> VmContainer:
         box = self._box
@@ -364,18 +329,11 @@ class VmImageAgent(AgentClient):
 
     def _running(self, cid: str) -> VmContainer:
         box = self._get(cid)
-        if box.state is not AgentContainerState.RUNNING:
+        if not box.running:
             raise FailedPrecondition(f"container {cid[:12]} is {box.state.value}, not running")
         return box
 
-    def _pod_ip(self) -> str:
-        addresses, _ = guest_addressing(self._pod.cni_result)
-        for a in sorted(addresses, key=lambda a: ":" in a):  # IPv4 first
-            return a.split("/")[0]
-        raise Unavailable(f"pod {self._pod.id[:12]} has no IP address to reach its VM at")
-
     async def _ssh_ready(self, box: VmContainer) -> SSHClient:
         return await ssh_ready(box, SshAccess(
-            self._pod_ip(), self._state_dir / "vmimage" / "ssh", f"criv-{self._pod.id[:12]}",
-            self._ssh_wait,
+            pod_ip(self._pod), key_dir(self._state_dir), key_comment(self._pod), self._ssh_wait,
         ))  # fmt: skip

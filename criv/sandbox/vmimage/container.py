@@ -5,7 +5,10 @@ key appeared (the firmware found nothing to boot on the disk and says so on the 
 or the boot loader or kernel reset it: the reset ends the domain), 0 ``Rebooted`` when
 the guest rebooted after that, ``VMExited`` when the VM stopped any other way. A VM that
 stopped before its SSH host key appeared on the console carries the console's tail in its
-message.
+message. A VM that stopped while criv was not running exits 255 ``VMGone``: how it ended
+is not known.
+
+Its states (:mod:`.boxstate`) change through :meth:`VmContainer.move` only.
 """
 
 from __future__ import annotations
@@ -17,14 +20,36 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from criv.agent.types import AgentContainerInfo, AgentContainerState
+from criv.agent.types import AgentContainerInfo
 from criv.sandbox.vmimage import machine
+from criv.sandbox.vmimage.boxstate import AGENT_STATES, VM_STATES, BoxState, check_box
 from criv.sandbox.vmimage.console import ConsoleLog
 from criv.sandbox.vmimage.serial import SerialConsole
 from criv.vmimage.ssh import SSHClient
 
 # SeaBIOS on the serial console (FirmwareBoot) when no disk holds a boot loader
 BOOT_FAILED_MARKS = ("No bootable device", "Boot failed: not a bootable disk")
+
+
+@dataclass(frozen=True)
+class BoxPaths:
+    """Where a container's files are, from the pod and container ids alone (never from a
+    record: :func:`box_paths`)."""
+
+    dir: Path  # criv-private: console, CRI log
+    overlay: Path
+    seed: Path
+
+
+def box_paths(state_dir: Path, root: Path, pod_id: str, cid: str) -> BoxPaths:
+    """``state_dir``: the pod's state dir; ``root``: ``<state_dir>/vmimage`` of criv, what
+    QEMU may open; ``cid`` an id criv made (hex)."""
+    qdir = machine.pod_dir(root, pod_id)
+    return BoxPaths(
+        state_dir / "vmimage" / cid[:12],
+        qdir / f"overlay-{cid[:12]}.qcow2",
+        qdir / f"seed-{cid[:12]}.iso",
+    )
 
 
 @dataclass
@@ -38,7 +63,7 @@ class VmContainer:
     seed: Path
     user: str
     created_at_ns: int
-    state: AgentContainerState = AgentContainerState.CREATED
+    state: BoxState = BoxState.CREATED
     started_at_ns: int = 0
     finished_at_ns: int = 0
     exit_code: int = 0
@@ -49,12 +74,23 @@ class VmContainer:
     serial: SerialConsole | None = None  # open while attach sessions run
     watch: asyncio.Task[None] | None = None
     after: asyncio.Task[None] | None = None  # held: the loop keeps only weak references
-    stopping: bool = False
     ready: asyncio.Lock = field(default_factory=asyncio.Lock)
+    domain_uuid: str = ""  # the running VM's libvirt domain (re-adoption checks it)
+
+    def move(self, new: BoxState) -> None:
+        """The one way the state changes (:data:`~.boxstate.BOX_TRANSITIONS`)."""
+        check_box(self.state, new, f"vm-image container {self.cid[:12]}")
+        self.state = new
+
+    @property
+    def running(self) -> bool:
+        """A VM runs: RUNNING, or STOPPING (its stop under way)."""
+        return self.state in VM_STATES
 
     def info(self) -> AgentContainerInfo:
         return AgentContainerInfo(
-            container_id=self.cid, state=self.state, created_at_ns=self.created_at_ns,
+            container_id=self.cid, state=AGENT_STATES[self.state],
+            created_at_ns=self.created_at_ns,
             started_at_ns=self.started_at_ns, finished_at_ns=self.finished_at_ns,
             exit_code=self.exit_code, reason=self.reason, message=self.message,
         )  # fmt: skip
@@ -71,7 +107,7 @@ class VmContainer:
         elif why == "reset":
             self.exit_code, self.reason = 0, "Rebooted"
             self.message = "the guest rebooted (a vm-image VM ends when its guest reboots)"
-        elif self.stopping and why == "destroyed":
+        elif self.state is BoxState.STOPPING and why == "destroyed":
             self.exit_code, self.reason = 137, "Killed"
             self.message = "the VM did not power off in time and was destroyed"
         else:
@@ -79,7 +115,22 @@ class VmContainer:
             self.message = f"the VM stopped: {why}"
         if not booted and console_tail and self.reason != "BootFailed":
             self.message += f" before its SSH host key appeared; console tail:\n{console_tail}"
-        self.state = AgentContainerState.EXITED
+        self.move(BoxState.EXITED)
+
+    def gone(self, console_tail: str = "") -> None:
+        """Its VM stopped while criv was not running: nobody saw how."""
+        was = "during its StopContainer " if self.state is BoxState.STOPPING else ""
+        self.finished_at_ns = time.time_ns()
+        self.exit_code, self.reason = 255, "VMGone"
+        self.message = f"the VM stopped {was}while criv was not running; how it ended is not known"
+        if console_tail:
+            self.message += f"; console tail:\n{console_tail}"
+        self.move(BoxState.EXITED)
+
+    def killed_unstarted(self) -> None:
+        """Stopped (or its pod went) before it ever ran."""
+        self.finished_at_ns, self.exit_code, self.reason = time.time_ns(), 137, "Killed"
+        self.move(BoxState.EXITED)
 
     def remove_files(self) -> None:
         """Its overlay (and the overlay's pin of its base), seed and private directory

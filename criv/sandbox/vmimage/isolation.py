@@ -7,6 +7,13 @@ in-process agent (:class:`.agent.VmImageAgent`) with its data endpoint
 CreateContainer's :meth:`check_image` finds the disk in the image's layers
 (:func:`criv.vmimage.containerdisk.find_disk`, INVALID_ARGUMENT naming why) and refuses
 a second container; StartContainer boots it (:mod:`.machine`).
+
+A criv restart: the VM is a libvirt domain and outlives criv; what the agent knew is in
+the pod's agent record (:mod:`.record`). :meth:`close` lets go of each pod (its VM runs
+on); the next criv's recovery calls :meth:`alive` (true for a pod it has not seen go)
+and :meth:`connect`, which reads the record and takes the pod back
+(:mod:`.adopt`), or raises where the record is missing or cannot be trusted, so
+recovery destroys the VM and marks the pod NOTREADY.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from criv.sandbox.isolation import PodPaths
 from criv.sandbox.isostate import IsolationState, VmImageState
 from criv.sandbox.records import MountRecord, PodRecord
 from criv.sandbox.vm.host import VmHost
-from criv.sandbox.vmimage import machine
+from criv.sandbox.vmimage import machine, record
 from criv.vmimage.containerdisk import find_disk
 
 if TYPE_CHECKING:
@@ -53,6 +60,7 @@ class VmImageIsolation:
         self._vms = machine.Machines(config, self._host, owner)
         self._agents: dict[str, VmImageAgent] = {}
         self._servers: dict[str, HostDataServer] = {}
+        self._seen: set[str] = set()  # pods this criv served (so: not alive once gone)
 
     async def prepare(self, pod: PodRecord, paths: PodPaths) -> None:
         if pod.host_network:
@@ -61,35 +69,56 @@ class VmImageIsolation:
             )
 
     async def boot(self, pod: PodRecord, paths: PodPaths) -> IsolationState:
-        await self._serve(pod, paths)
+        if pod.id not in self._agents:
+            agent = await self._new_agent(pod, paths)
+            await agent.keeper.save()  # the record a restarted criv takes the pod back by
+            await self._serve(pod, paths, agent)
         return VmImageState(domain=domain_name(pod.id))
 
-    async def _serve(self, pod: PodRecord, paths: PodPaths) -> VmImageAgent:
+    async def _new_agent(self, pod: PodRecord, paths: PodPaths) -> VmImageAgent:
         from criv.sandbox.vmimage.agent import VmImageAgent  # late: see the imports above
 
-        agent = self._agents.get(pod.id)
-        if agent is not None:
-            return agent
-        for d in (paths.run, paths.state):
+        for d in (paths.run, paths.state, paths.state / "vmimage"):
             await asyncio.to_thread(d.mkdir, parents=True, exist_ok=True, mode=0o700)
-        agent = VmImageAgent(
-            pod, paths.state, self._root, self._vms, float(self._config.vm.image_ssh_wait_seconds)
-        )
+        wait = float(self._config.vm.image_ssh_wait_seconds)
+        return VmImageAgent(pod, paths.state, self._root, self._vms, wait)
+
+    async def _serve(self, pod: PodRecord, paths: PodPaths, agent: VmImageAgent) -> None:
         server = HostDataServer(paths.data_socket, agent)
         await server.start()
         self._agents[pod.id] = agent
         self._servers[pod.id] = server
-        return agent
+        self._seen.add(pod.id)
 
     async def connect(self, pod: PodRecord, paths: PodPaths, timeout: float) -> AgentClient:
         agent = self._agents.get(pod.id)
         if agent is None:
-            # after a criv restart: a fresh agent that knows no container (not re-adopted)
-            agent = await self._serve(pod, paths)
+            agent = await self._adopt(pod, paths)
+        return agent
+
+    async def _adopt(self, pod: PodRecord, paths: PodPaths) -> VmImageAgent:
+        """After a criv restart: the pod's agent again, from its record (:mod:`.adopt`).
+        A record that is missing or cannot be trusted is AgentError (never anything
+        else): recovery then destroys the VM and marks the pod NOTREADY."""
+        try:
+            rec = await asyncio.to_thread(record.read, record.record_path(paths.state), pod.id)
+            agent = await self._new_agent(pod, paths)
+            plan = await agent.adopt(rec, self._vms.domain_owner)
+            await self._serve(pod, paths, agent)
+        except Exception as e:
+            why = e.message if isinstance(e, CrivError) else f"{type(e).__name__}: {e}"
+            log.error("vm-image pod %s not taken back: %s", pod.id[:12], why)
+            raise AgentError(f"vm-image pod {pod.id[:12]} not taken back: {why}") from e
+        box = agent.keeper.box
+        log.info(
+            "vm-image pod %s taken back (%s%s)", pod.id[:12], plan.value,
+            f": container {box.cid[:12]} {box.state.value}" if box is not None else "",
+        )  # fmt: skip
         return agent
 
     async def alive(self, pod: PodRecord) -> bool:
-        return pod.id in self._agents
+        """Served here, or not seen go by this criv (then :meth:`connect` tells)."""
+        return pod.id in self._agents or pod.id not in self._seen
 
     async def check_image(
         self, pod: PodRecord, paths: PodPaths, cid: str, image_id: str, layer_dirs: list[Path]
@@ -111,8 +140,8 @@ class VmImageIsolation:
         agent = self._agents.get(pod.id)
         if agent is None:
             raise FailedPrecondition(
-                f"vm-image pod {pod.id[:12]} is not served by this criv (stopped, or criv "
-                "restarted since it ran): its container's disk is gone"
+                f"vm-image pod {pod.id[:12]} is not served (stopped, or not taken back after "
+                "a criv restart): its container's disk is gone"
             )
         return agent.commit_source(cid)
 
@@ -133,11 +162,14 @@ class VmImageIsolation:
         agent = self._agents.pop(pod.id, None)
         if agent is not None:
             agent.end_events()
+            await agent.keeper.drop()
+        self._seen.add(pod.id)
         server = self._servers.pop(pod.id, None)
         if server is not None:
             await server.close()
 
         def clean() -> None:
+            record.remove(record.record_path(paths.state))
             shutil.rmtree(machine.pod_dir(self._root, pod.id), ignore_errors=True)
             with contextlib.suppress(OSError):
                 paths.run.rmdir()
@@ -169,12 +201,12 @@ class VmImageIsolation:
         return None  # no criv agent in the guest: each container VM boots cold
 
     async def sweep(self, pods: list[PodRecord]) -> None:
-        """Domains of vm-image pods this criv no longer serves (not re-adopted after a
-        restart: their pods' containers are lost) are destroyed."""
+        """Domains of vm-image pods this criv does not serve (no pod, or a pod that was
+        not taken back after a restart) are destroyed."""
         if self.mode not in self._config.runtime.handlers.values():
             return  # not configured: no libvirt connection for it
         live = {domain_name(p.id) for p in pods if p.id in self._agents}
-        owner = f"{Path(self._config.state_dir).resolve()}#vm-image"
+        owner = self._vms.domain_owner
         try:
             hv = await self._host.hypervisor()
             domains = await hv.list_domains()
@@ -190,6 +222,13 @@ class VmImageIsolation:
             log.info("removed base disk %s: its image is gone and no pod uses it", base)
 
     async def close(self) -> None:
+        """criv stops: each pod is let go of (its VM runs on, its record says where its
+        console's copy stopped), then its data socket closes."""
+        for pod_id, agent in list(self._agents.items()):
+            try:
+                await agent.suspend()
+            except Exception:  # the next criv repeats more of the console, nothing worse
+                log.exception("vm-image pod %s: letting go of it failed", pod_id[:12])
         for server in list(self._servers.values()):
             await server.close()
         self._servers.clear()  # the VmHost is the vm mode's to close

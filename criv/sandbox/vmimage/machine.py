@@ -35,11 +35,12 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from criv.commands import run_command
 from criv.config import Config
 from criv.errors import Internal
-from criv.hypervisor.domaininfo import DomainStats
+from criv.hypervisor.domaininfo import DomainInfo, DomainStats
 from criv.hypervisor.hostsetup import QEMU_USER
 from criv.hypervisor.sizing import PodResources, vm_size
 from criv.hypervisor.spec import ImageVm, domain_name, image_domain
@@ -58,6 +59,12 @@ class BaseDisk:
     path: Path
     format: str  # "qcow2" | "raw"
     name: str = ""  # its file name under the image's /disk/
+
+
+class Booted(NamedTuple):
+    name: str
+    accel: str
+    uuid: str
 
 
 def _qemu_ids() -> tuple[int, int]:
@@ -177,8 +184,13 @@ class Machines:
         self.host = host
         self._owner = owner
 
-    async def boot(self, pod: PodRecord, disk: Path, seed: Path, console: Path) -> tuple[str, str]:
-        """Start the domain; returns (domain name, accel)."""
+    @property
+    def domain_owner(self) -> str:
+        """What criv's vm-image domains carry as ``<criv:owner>``."""
+        return f"{self._owner}#vm-image"
+
+    async def boot(self, pod: PodRecord, disk: Path, seed: Path, console: Path) -> Booted:
+        """Start the domain."""
         name = domain_name(pod.id)
         accel = self._config.vm.accel
         if accel == "auto":
@@ -202,18 +214,23 @@ class Machines:
         vm = ImageVm(
             sandbox_id=pod.id, disk=disk, seed=seed, size=size,
             accel="kvm" if accel == "kvm" else "tcg", console_log=console, tap=tap, mac=mac,
-            mtu=mtu, machine=self._config.vm.machine, owner=f"{self._owner}#vm-image",
+            mtu=mtu, machine=self._config.vm.machine, owner=self.domain_owner,
         )  # fmt: skip
         self.host.stops.pop(name, None)
         try:
-            await hv.create(image_domain(vm))
+            info = await hv.create(image_domain(vm))
             if tap:
                 await attach_tap(Path(pod.netns), tap)
         except BaseException:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self.destroy(pod))
             raise
-        return name, vm.accel
+        return Booted(name, vm.accel, info.uuid)
+
+    async def lookup(self, pod: PodRecord) -> DomainInfo | None:
+        """The pod's domain as libvirt has it (None: none runs)."""
+        hv = await self.host.hypervisor()
+        return await hv.lookup(domain_name(pod.id))
 
     async def wait_stopped(self, pod: PodRecord) -> str:
         """Wait until the VM is gone; why libvirt saw it stop ("shutdown", "destroyed",

@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from criv.agent.types import AgentContainerState
 from criv.errors import Unavailable
 from criv.sandbox.vmimage.container import VmContainer
 from criv.vmimage.ssh import SSHClient
@@ -76,7 +75,7 @@ async def ssh_ready(box: VmContainer, access: SshAccess) -> SSHClient:
                 await ssh.connect()
                 break
             except Unavailable as e:
-                if box.state is not AgentContainerState.RUNNING:
+                if not box.running:
                     raise
                 if time.monotonic() + RETRY > deadline:
                     raise Unavailable(

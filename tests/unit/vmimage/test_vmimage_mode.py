@@ -14,14 +14,15 @@ import pytest
 from criv.agent.datastream import open_data_stream
 from criv.agent.hostdata import AttachSession, HostDataServer
 from criv.agent.logstream import StreamRefused, open_stream
-from criv.agent.types import AgentContainerState
 from criv.errors import FailedPrecondition, InvalidArgument, Unavailable
 from criv.sandbox.records import PodRecord
 from criv.sandbox.states import PodState
 from criv.sandbox.vmimage import machine
 from criv.sandbox.vmimage.agent import VmImageAgent
+from criv.sandbox.vmimage.boxstate import BoxState
 from criv.sandbox.vmimage.console import ConsoleLog
 from criv.sandbox.vmimage.container import VmContainer
+from criv.sandbox.vmimage.provision import PodIdentity, pod_ip, seed_config
 from criv.sandbox.vmimage.sshready import DEFAULT_WAIT
 from criv.vmimage.sshkeys import generate_host_key
 from criv_agent.api.agent.v1 import agent_pb2
@@ -114,13 +115,14 @@ async def test_one_container_per_pod_and_the_seed(tmp_path: Path) -> None:
     disk = machine.BaseDisk(tmp_path / "base.qcow2", "qcow2")
     agent.reserve("c1", disk)
     agent.reserve("c1b", disk)  # nothing created yet: the last reservation counts
-    cfg = agent._seed_config("c" * 64, "ssh-ed25519 AAAA k", "root")
+    cfg = seed_config(_pod(), agent.identity, "c" * 64, "ssh-ed25519 AAAA k", "root")
     assert cfg.addresses == ("10.88.0.7/16",) and cfg.gateway == "10.88.0.1"
     assert [(r.to, r.via) for r in cfg.routes] == [("192.168.0.0/24", "10.88.0.254")]
     assert cfg.hostname == "web" and cfg.instance_id == "criv-" + "c" * 32
-    assert agent._pod_ip() == "10.88.0.7"
+    assert pod_ip(_pod()) == "10.88.0.7"
+    assert agent.identity == PodIdentity("web")
 
-    agent._box = VmContainer(
+    agent.keeper.box = VmContainer(
         cid="c1", base=disk, dir=tmp_path, overlay=tmp_path / "o", seed=tmp_path / "s",
         user="root", created_at_ns=1,
     )  # fmt: skip
@@ -136,10 +138,10 @@ async def test_exec_without_a_host_key_is_unavailable_not_a_hang(tmp_path: Path)
     agent = VmImageAgent(_pod(), tmp_path / "state", tmp_path / "root", None)  # type: ignore[arg-type]
     (tmp_path / "console.log").write_bytes(b"SeaBIOS\nno key here\n")
     console = ConsoleLog(tmp_path / "console.log", tmp_path / "serial.log")
-    agent._box = VmContainer(
+    agent.keeper.box = VmContainer(
         cid="c1", base=machine.BaseDisk(tmp_path / "b", "qcow2"), dir=tmp_path,
         overlay=tmp_path / "o", seed=tmp_path / "s", user="root", created_at_ns=1,
-        state=AgentContainerState.RUNNING, console=console,
+        state=BoxState.RUNNING, console=console,
         started_at_ns=time.time_ns() - int((DEFAULT_WAIT - 0.3) * 1e9),
     )  # fmt: skip
     t0 = time.monotonic()
@@ -155,7 +157,7 @@ def test_how_a_vm_ended(tmp_path: Path) -> None:
         return VmContainer(
             cid="c1", base=machine.BaseDisk(tmp_path / "b", "qcow2"), dir=tmp_path,
             overlay=tmp_path / "o", seed=tmp_path / "s", user="root", created_at_ns=1,
-            state=AgentContainerState.RUNNING,
+            state=BoxState.RUNNING,
         )  # fmt: skip
 
     firmware = "Booting from Hard Disk...\nBoot failed: not a bootable disk\nNo bootable device."
@@ -176,6 +178,6 @@ def test_how_a_vm_ended(tmp_path: Path) -> None:
     assert (b.exit_code, b.reason) == (255, "VMExited")
     assert b.message.endswith("before its SSH host key appeared; console tail:\nkernel panic")
     b = box()
-    b.stopping = True
+    b.state = BoxState.STOPPING
     b.exited("destroyed", "", booted=True)
     assert (b.exit_code, b.reason) == (137, "Killed")
