@@ -74,7 +74,9 @@ def test_vm_pod_shows_its_vm(vm_cri_factory: Callable[..., Cri]) -> None:
     assert to_guest > 0 and from_guest > 0
     assert sample(s, "criv_vsock_backend_connections_total", **who) > 0
     assert sample(s, "criv_sandboxes_running", mode="vm") == 1
-    assert sample(s, "criv_pod_start_duration_seconds_count", mode="vm", start="cold") == 1
+    start = "template" if cloned else "cold"
+    assert sample(s, "criv_pod_start_duration_seconds_count", mode="vm", start=start) == 1
+    assert sample(s, "criv_template_hits_total") == (1 if cloned else 0)
     assert sample(s, "criv_startup_sweeps_total", sweeper="vm", result="ok") == 1
 
     r = criv_cli(cri, "debug", pod, check=False)
