@@ -373,14 +373,10 @@ class Hypervisor:
             lambda c: _live(snapshot.free_root_ports, c, name), f"root ports of {name}"
         )
 
-    async def attach(self, name: str, device_xml: str) -> None:
-        """Hot-plug a device (libvirt XML) into the running domain."""
-        await self._call(lambda c: _live(snapshot.attach, c, name, device_xml), f"attach to {name}")
-
-    async def hotplug_qmp(self, name: str, commands: list[dict[str, Any]]) -> None:
-        """Hot-plug a device libvirt has no element for, by QMP commands."""
+    async def hotplug(self, name: str, qmp: list[dict[str, Any]], device_xmls: list[str]) -> None:
+        """Hot-plug into the running domain: QMP commands first, then libvirt devices."""
         await self._call(
-            lambda c: _live(snapshot.hotplug_qmp, c, name, commands), f"hot-plug into {name}"
+            lambda c: _live(snapshot.hotplug, c, name, qmp, device_xmls), f"hot-plug into {name}"
         )
 
     async def wait_stopped(

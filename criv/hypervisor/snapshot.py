@@ -11,7 +11,7 @@ as there are clones. The stream holds device state only (``x-ignore-shared``: th
 RAM, a shared memfd, is left out); the RAM goes to a sparse file of its non-zero pages
 beside it (:mod:`.guestram`) and into the clone's memfd before the device state. A
 vhost-user device is not migratable in QEMU 7.2, so a template has none and its clones get
-theirs hot-plugged (:func:`hotplug_qmp`, :func:`free_root_ports`).
+theirs hot-plugged (:func:`hotplug`, :func:`free_root_ports`).
 """
 
 from __future__ import annotations
@@ -135,13 +135,13 @@ def empty_root_ports(domain_xml: str) -> list[int]:
     return sorted(ports - used)
 
 
-def attach(conn: libvirt.virConnect, name: str, device_xml: str) -> None:
-    """Hot-plug a device libvirt knows (it stays in the domain's live XML)."""
-    conn.lookupByName(name).attachDeviceFlags(device_xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
-
-
-def hotplug_qmp(conn: libvirt.virConnect, name: str, commands: list[dict[str, Any]]) -> None:
-    """Hot-plug a device libvirt has no element for, by QMP (criv's vhost-user vsock)."""
+def hotplug(
+    conn: libvirt.virConnect, name: str, qmp: list[dict[str, Any]], device_xmls: list[str]
+) -> None:
+    """Hot-plug, in this order: by QMP commands what libvirt has no element for (criv's
+    vhost-user vsock), then devices libvirt knows (they stay in its live XML)."""
     dom = conn.lookupByName(name)
-    for cmd in commands:
+    for cmd in qmp:
         _qmp(dom, cmd)
+    for xml in device_xmls:
+        dom.attachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)

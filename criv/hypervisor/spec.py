@@ -30,6 +30,8 @@ from criv.hypervisor.sizing import VmSize, tb_cache_mib
 
 Accel = Literal["kvm", "tcg"]
 
+# the pod's virtio-fs share: the guest mounts it by this tag (images/init, the agent)
+SHARE_TAG = "criv"
 # quiet: every console byte is an emulated UART write under TCG; panic=-1 + on_crash=destroy
 # ends a wedged guest at once; reboot=t makes a guest reboot end the domain (on_reboot=destroy).
 BASE_CMDLINE = ("console=ttyS0", "quiet", "panic=-1", "reboot=t")
@@ -132,7 +134,7 @@ def pod_domain(vm: PodVm) -> Domain:
         Rng(),
     ]
     if vm.fs_socket is not None:
-        devices.append(VirtioFs(vm.fs_socket, tag="criv"))
+        devices.append(VirtioFs(vm.fs_socket, tag=SHARE_TAG))
     if vm.tap:
         devices.append(TapInterface(vm.tap, vm.mac or mac_for(vm.sandbox_id), vm.mtu))
     if vm.vsock_cid:

@@ -1,4 +1,4 @@
-"""A pod VM started as a clone of its shape's template (:mod:`.template`).
+"""A pod VM started as a clone of its shape's template (:mod:`.template`), or cold.
 
 The clone's domain is the template's (same XML but its name, UUID and console log), started
 paused with ``-incoming defer``; the template's state is loaded into it and it runs on from
@@ -10,16 +10,29 @@ and MAC) and the vsock device (the pod's backend). The agent takes the pod's ide
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 from dataclasses import replace
 
+from criv import metrics
 from criv.errors import CrivError, FailedPrecondition
 from criv.hypervisor.domain import Domain, TapInterface, VhostUserVsock, VirtioFs, device_xml
 from criv.hypervisor.domaininfo import DomainInfo
 from criv.hypervisor.driver import Hypervisor
-from criv.hypervisor.spec import PodVm, mac_for, pod_domain, template_shape
+from criv.hypervisor.spec import (
+    SHARE_TAG,
+    PodVm,
+    domain_name,
+    mac_for,
+    pod_domain,
+    template_shape,
+)
 from criv.sandbox.vm.coldpath import StepClock
-from criv.sandbox.vm.template import Template
+from criv.sandbox.vm.host import VmHost
+from criv.sandbox.vm.template import Template, Templates, template_key
+
+log = logging.getLogger("criv.sandbox.vm")
 
 LOAD_TIMEOUT = 60.0
 HOTPLUGS = 3  # share, NIC, vsock
@@ -55,18 +68,51 @@ async def start_clone(
                 raise FailedPrecondition(
                     f"clone {domain.name} has {len(ports)} free root ports, needs {HOTPLUGS}"
                 )
-            if vm.vsock_socket is not None:  # first: the agent is reachable once it is in
-                vsock = VhostUserVsock(vm.vsock_socket)
-                await hv.hotplug_qmp(domain.name, vsock.hotplug_commands(ports[2]))
+            # the vsock device first: the agent is reachable once it is in
+            qmp = (
+                VhostUserVsock(vm.vsock_socket).hotplug_commands(ports[2])
+                if vm.vsock_socket
+                else []
+            )
+            devices = []
             if vm.fs_socket is not None:
-                fs = VirtioFs(vm.fs_socket, tag="criv", bus=ports[0])
-                await hv.attach(domain.name, device_xml(fs))
+                devices.append(device_xml(VirtioFs(vm.fs_socket, tag=SHARE_TAG, bus=ports[0])))
             if vm.tap:
-                nic = TapInterface(vm.tap, vm.mac or mac_for(vm.sandbox_id), vm.mtu, ports[1])
-                await hv.attach(domain.name, device_xml(nic))
+                mac = vm.mac or mac_for(vm.sandbox_id)
+                devices.append(device_xml(TapInterface(vm.tap, mac, vm.mtu, ports[1])))
+            await hv.hotplug(domain.name, qmp, devices)
     except BaseException:
         with contextlib.suppress(CrivError):
             await hv.destroy(domain.name)
             await hv.wait_stopped(domain.name, 10.0)
         raise
     return info, domain
+
+
+async def start_pod_domain(
+    hv: Hypervisor, vm: PodVm, templates: Templates | None, host: VmHost, clock: StepClock
+) -> tuple[DomainInfo, Domain, str]:
+    """``vm``'s domain: a clone of its template when ``templates`` (``vm.template: auto``)
+    holds one (its key is returned), else a cold boot, which has the template built for the
+    next pod ("" returned). A clone that fails is destroyed, its template dropped, and the
+    pod boots cold."""
+    key = ""
+    if templates is not None and vm.machine == "q35" and not vm.vsock_cid:
+        key = template_key(vm)
+        template = await asyncio.to_thread(templates.find, key)
+        if template is not None:
+            try:
+                info, domain = await start_clone(hv, vm, template, clock)
+                metrics.TEMPLATE_HITS.inc()
+                return info, domain, key
+            except CrivError as e:
+                log.warning("pod %s: clone failed (%s); booting cold", vm.sandbox_id[:12], e)
+                await asyncio.to_thread(templates.drop, key)
+                await host.settle_stop(domain_name(vm.sandbox_id))
+    domain = pod_domain(vm)
+    with clock.step("domain"):
+        info = await hv.create(domain)
+    if key and templates is not None:
+        metrics.TEMPLATE_MISSES.inc()
+        templates.ensure(key, vm)
+    return info, domain, ""

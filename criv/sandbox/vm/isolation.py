@@ -19,18 +19,15 @@ import time
 import uuid
 from pathlib import Path
 
-from criv import failpoints, metrics
+from criv import failpoints
 from criv.agent.client import AgentClient
 from criv.agent.types import GuestIdentity, GuestInterface, GuestNetwork, GuestRoute
 from criv.config import Config
 from criv.errors import AgentError, CrivError, InvalidArgument
-from criv.hypervisor.domain import Domain
-from criv.hypervisor.domaininfo import DomainInfo
-from criv.hypervisor.driver import Hypervisor
 from criv.hypervisor.hostsetup import QEMU_USER
 from criv.hypervisor.libvirtbase import qemu_pid
 from criv.hypervisor.sizing import PodResources, max_memory_for, max_vcpus_for, vm_size
-from criv.hypervisor.spec import PodVm, domain_name, pod_domain
+from criv.hypervisor.spec import SHARE_TAG, PodVm, domain_name
 from criv.network.tap import attach_tap, delete_tap, guest_addressing, pod_link
 from criv.network.tap import tap_name as pod_tap_name
 from criv.sandbox import propagation
@@ -41,7 +38,7 @@ from criv.sandbox.states import PodState
 from criv.sandbox.vm import coldpath, virtiofs
 from criv.sandbox.vm import share as shares
 from criv.sandbox.vm.backend import VsockBackends
-from criv.sandbox.vm.clone import start_clone
+from criv.sandbox.vm.clone import start_pod_domain
 from criv.sandbox.vm.console import console_tail
 from criv.sandbox.vm.host import VmHost
 from criv.sandbox.vm.layout import (
@@ -55,7 +52,7 @@ from criv.sandbox.vm.layout import (
 )
 from criv.sandbox.vm.ready import http2_answers
 from criv.sandbox.vm.sweep import sweep_vm_orphans
-from criv.sandbox.vm.template import Templates, template_key, template_root
+from criv.sandbox.vm.template import Templates, template_root
 from criv.state.runtime_state import RuntimeState
 
 log = logging.getLogger("criv.sandbox.vm")
@@ -171,7 +168,8 @@ class VmIsolation:
             owner=self._owner,
         )  # fmt: skip
         self._host.stops.pop(name, None)
-        info, domain, template = await self._start_domain(hv, vm, clock)
+        templates = self._templates if self._config.vm.template == "auto" else None
+        info, domain, template = await start_pod_domain(hv, vm, templates, self._host, clock)
         failpoints.hit("vm_boot.after_domain")
         if tap:
             # QEMU holds the tap open now; it keeps working in the pod netns
@@ -197,32 +195,6 @@ class VmIsolation:
             mtu=mtu,
             template=template,
         )
-
-    async def _start_domain(
-        self, hv: Hypervisor, vm: PodVm, clock: coldpath.StepClock
-    ) -> tuple[DomainInfo, Domain, str]:
-        """A clone of the VM's template when there is one (the template's key is returned),
-        else a cold boot, which has the template built for the next pod."""
-        key = ""
-        if self._config.vm.template == "auto" and vm.machine == "q35" and not vm.vsock_cid:
-            key = template_key(vm)
-            template = await asyncio.to_thread(self._templates.find, key)
-            if template is not None:
-                try:
-                    info, domain = await start_clone(hv, vm, template, clock)
-                    metrics.TEMPLATE_HITS.inc()
-                    return info, domain, key
-                except CrivError as e:
-                    log.warning("pod %s: clone failed (%s); booting cold", vm.sandbox_id[:12], e)
-                    await asyncio.to_thread(self._templates.drop, key)
-                    await self._host.settle_stop(domain_name(vm.sandbox_id))
-        domain = pod_domain(vm)
-        with clock.step("domain"):
-            info = await hv.create(domain)
-        if key:
-            metrics.TEMPLATE_MISSES.inc()
-            self._templates.ensure(key, vm)
-        return info, domain, ""
 
     # -- agent -----------------------------------------------------------------------
 
@@ -326,7 +298,7 @@ class VmIsolation:
             host_time_ns=time.time_ns(),
             # stable per pod: derived from the sandbox id
             machine_id=uuid.uuid5(uuid.NAMESPACE_URL, f"urn:criv:sandbox:{pod.id}").hex,
-            share_tag="criv",  # the pod's virtio-fs share (hypervisor/spec.py, vm/clone.py)
+            share_tag=SHARE_TAG,
             wait_seconds=20,
         )
 
