@@ -45,6 +45,24 @@ def create(cri: Cri, pod: str, name: str, image: str) -> str:
     return str(resp.container_id)
 
 
+def start_disk_pod(
+    cri: Cri,
+    registry: RegistryServer,
+    disk: Path,
+    tmp: Path,
+    name: str,
+    repo: str = "vm/testdisk",
+) -> tuple[str, str]:
+    """``disk`` pushed as a containerDisk, pulled, and started as the one container
+    ("vm") of a new vm-image pod ``name``: (pod id, container id)."""
+    ref = push_containerdisk(registry, disk, tmp, repo)
+    pull(cri, ref)
+    pod = cri.run_pod(name, handler="vm-image")
+    cid = create(cri, pod, "vm", ref)
+    cri.start(cid)
+    return pod, cid
+
+
 def pull(cri: Cri, ref: str) -> None:
     cri.proc.images.PullImage(
         api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=ref)), timeout=300

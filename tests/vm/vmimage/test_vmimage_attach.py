@@ -18,7 +18,7 @@ from tests.support.cri import Cri
 from tests.support.fixtures import TestRegistry
 from tests.support.spdy_client import SpdyClient
 from tests.support.streaming import attach_url, status_of, tty_attach, wait_for_stdout
-from tests.support.vmimage import HANDLERS, create, pull, push_containerdisk
+from tests.support.vmimage import HANDLERS, start_disk_pod
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(600)]
 
@@ -75,11 +75,7 @@ def test_attach_on_the_serial_console(
     vm_cri_factory: Callable[..., Cri], registry: TestRegistry, test_disk: Path, tmp_path: Path
 ) -> None:
     cri = vm_cri_factory(runtime={"handlers": HANDLERS})
-    ref = push_containerdisk(registry, test_disk, tmp_path)
-    pull(cri, ref)
-    pod = cri.run_pod("attachpod", handler="vm-image")
-    cid = create(cri, pod, "vm", ref)
-    cri.start(cid)
+    pod, cid = start_disk_pod(cri, registry, test_disk, tmp_path, "attachpod")
     r = cri.exec(cid, ["true"], timeout=180)  # booted: the console shell is up
     assert r.exit_code == 0, r
     wait_log(cri, pod, "criv-test-disk: ready")

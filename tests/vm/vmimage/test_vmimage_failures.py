@@ -19,7 +19,7 @@ from criv_agent.api.runtime.v1 import api_pb2
 from tests.support.cri import Cri
 from tests.support.fixtures import TestRegistry
 from tests.support.vm import criv_domains
-from tests.support.vmimage import HANDLERS, create, pull, push_containerdisk, set_tap
+from tests.support.vmimage import HANDLERS, set_tap, start_disk_pod
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(600)]
 
@@ -48,26 +48,13 @@ HANG = bytes.fromhex("faf4ebfd")  # cli; hlt; jmp back to hlt: a boot loader tha
 TRIPLE_FAULT = bytes.fromhex("fa31c08ed80f011e207cccf4ebfd")
 
 
-def _started(
-    cri: Cri, registry: TestRegistry, disk: Path, tmp_path: Path, repo: str, name: str
-) -> tuple[str, str]:
-    """``disk`` pushed as a containerDisk, pulled, and started as the one container of a
-    new vm-image pod ``name``: (pod id, container id)."""
-    ref = push_containerdisk(registry, disk, tmp_path, repo)
-    pull(cri, ref)
-    pod = cri.run_pod(name, handler="vm-image")
-    cid = create(cri, pod, "vm", ref)
-    cri.start(cid)
-    return pod, cid
-
-
 def test_disk_that_does_not_boot(
     vm_cri_factory: Callable[..., Cri], registry: TestRegistry, tmp_path: Path
 ) -> None:
     cri = vm_cri_factory(runtime={"handlers": HANDLERS}, vm={"image_ssh_wait_seconds": SSH_WAIT})
     # a boot loader that triple-faults: the reset ends the domain before any host key
     tf = mbr_disk(tmp_path / "tf.raw", TRIPLE_FAULT)
-    pod, cid = _started(cri, registry, tf, tmp_path, "vm/triplefault", "triplefault")
+    pod, cid = start_disk_pod(cri, registry, tf, tmp_path, "triplefault", "vm/triplefault")
     st = cri.wait_exited(cid, timeout=120)
     assert (st.exit_code, st.reason) == (255, "BootFailed"), st
     assert "Booting from Hard Disk" in st.message, st.message
@@ -77,7 +64,7 @@ def test_disk_that_does_not_boot(
     before = criv_domains()
     t0 = time.monotonic()
     noise = garbage_disk(tmp_path / "noise.raw")
-    pod, cid = _started(cri, registry, noise, tmp_path, "vm/noise", "noboot")
+    pod, cid = start_disk_pod(cri, registry, noise, tmp_path, "noboot", "vm/noise")
     # SeaBIOS says so on the console and resets; the reset ends the domain
     st = cri.wait_exited(cid, timeout=120)
     took = time.monotonic() - t0
@@ -103,7 +90,7 @@ def test_disk_that_hangs_in_its_boot_loader(
     cri = vm_cri_factory(runtime={"handlers": HANDLERS}, vm={"image_ssh_wait_seconds": SSH_WAIT})
     before = criv_domains()
     hang = mbr_disk(tmp_path / "hang.raw", HANG)
-    pod, cid = _started(cri, registry, hang, tmp_path, "vm/hang", "hang")
+    pod, cid = start_disk_pod(cri, registry, hang, tmp_path, "hang", "vm/hang")
     t0 = time.monotonic()
     with pytest.raises(grpc.RpcError) as e:
         cri.exec(cid, ["true"], timeout=60)
@@ -129,7 +116,7 @@ def test_unreachable_ssh_is_unavailable_not_a_hang(
 ) -> None:
     cri = vm_cri_factory(runtime={"handlers": HANDLERS}, vm={"image_ssh_wait_seconds": SSH_WAIT})
     before = criv_domains()
-    pod, cid = _started(cri, registry, test_disk, tmp_path, "vm/testdisk", "nossh")
+    pod, cid = start_disk_pod(cri, registry, test_disk, tmp_path, "nossh", "vm/testdisk")
     t0 = time.monotonic()
     set_tap(cri, pod, up=False)  # the VM boots and prints its key, but nothing reaches it
     with pytest.raises(grpc.RpcError) as e:

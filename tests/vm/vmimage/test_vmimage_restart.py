@@ -30,7 +30,7 @@ from criv_agent.api.runtime.v1 import api_pb2
 from tests.support.cri import Cri
 from tests.support.fixtures import TestRegistry
 from tests.support.vm import criv_domains
-from tests.support.vmimage import HANDLERS, create, pull, push_containerdisk
+from tests.support.vmimage import HANDLERS, create, pull, push_containerdisk, start_disk_pod
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(900)]
 
@@ -82,11 +82,7 @@ def test_vmimage_pod_survives_criv_restarts(
     vm_cri_factory: Callable[..., Cri], registry: TestRegistry, test_disk: Path, tmp_path: Path
 ) -> None:
     cri = vm_cri_factory(runtime={"handlers": HANDLERS})
-    ref = push_containerdisk(registry, test_disk, tmp_path)
-    pull(cri, ref)
-    pod = cri.run_pod("vmr", handler="vm-image")
-    cid = create(cri, pod, "vm", ref)
-    cri.start(cid)
+    pod, cid = start_disk_pod(cri, registry, test_disk, tmp_path, "vmr")
     r = cri.exec(cid, ["hostname"], timeout=180)
     assert (r.exit_code, r.stdout) == (0, b"vmr\n"), (r, cri.proc.logs())
     started = cri.status(cid).started_at
