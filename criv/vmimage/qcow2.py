@@ -101,15 +101,25 @@ def _file(path: Path) -> dict[str, object]:
     return {"driver": "file", "filename": str(path)}
 
 
+def _pinned_node(path: Path, fmt: str) -> dict[str, object]:
+    if fmt not in ("qcow2", "raw"):
+        raise ValueError(f"disk format {fmt!r}")
+    node: dict[str, object] = {"driver": fmt, "file": _file(path)}
+    if fmt == "qcow2":
+        node["backing"] = None
+    return node
+
+
+def pinned_image(path: Path, fmt: str) -> str:
+    """The ``json:`` filename of ``path`` as ``fmt`` with no backing: a qcow2's backing
+    name, whatever it says, is never looked at."""
+    return "json:" + json.dumps(_pinned_node(path, fmt), separators=(",", ":"))
+
+
 def pinned_chain(overlay: Path, base: Path, base_format: str) -> str:
     """The ``json:`` filename of ``overlay`` (qcow2) backed by ``base`` and nothing else:
     both paths and both formats given, the base's own backing (if a qcow2) ``null``."""
-    if base_format not in ("qcow2", "raw"):
-        raise ValueError(f"base format {base_format!r}")
-    backing: dict[str, object] = {"driver": base_format, "file": _file(base)}
-    if base_format == "qcow2":
-        backing["backing"] = None
-    node = {"driver": "qcow2", "file": _file(overlay), "backing": backing}
+    node = {"driver": "qcow2", "file": _file(overlay), "backing": _pinned_node(base, base_format)}
     return "json:" + json.dumps(node, separators=(",", ":"))
 
 
