@@ -198,6 +198,10 @@ class VmConfig:
     # vm-image pods: how long after a VM's start the first exec waits for its SSH host
     # key on the console and its SSH server (then UNAVAILABLE with the console tail)
     image_ssh_wait_seconds: int = 120
+    # vm-image pods whose disk needs UEFI boot with OVMF (Debian's ovmf package): its
+    # code (mapped read-only) and the variable store each VM gets a copy of
+    uefi_code: str = "/usr/share/OVMF/OVMF_CODE_4M.fd"
+    uefi_vars: str = "/usr/share/OVMF/OVMF_VARS_4M.fd"
     # templates (docs/vm.md): "auto" starts each pod VM as a clone of a saved VM of its
     # guest image and shape, built in the background after the first cold boot; "off"
     # boots every pod VM cold
@@ -211,6 +215,9 @@ class VmConfig:
             raise ConfigError(f"{key}.libvirt_call_timeout_seconds", "must be >= 1")
         if self.image_ssh_wait_seconds < 1:
             raise ConfigError(f"{key}.image_ssh_wait_seconds", "must be >= 1")
+        for k in ("uefi_code", "uefi_vars"):
+            if not getattr(self, k).startswith("/"):
+                raise ConfigError(f"{key}.{k}", "must be an absolute path")
         if bool(self.kernel) != bool(self.initrd):
             raise ConfigError(f"{key}.kernel", "kernel and initrd go together")
         if self.vcpus < 1:

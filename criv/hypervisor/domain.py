@@ -62,13 +62,24 @@ class DirectBoot:
 
 
 @dataclass(frozen=True)
-class FirmwareBoot:
-    """Boot from the first disk through the firmware (SeaBIOS, libvirt's default), as a
-    disk image with its own bootloader needs. The firmware speaks on the serial console
-    (``-machine graphics=off``: SeaBIOS's sercon; there is no display), so a disk that does
-    not boot says so in the console log, and a failed boot resets at once
-    (``rebootTimeout='0'``), which ends the domain (``on_reboot=destroy``)."""
+class UefiFirmware:
+    """OVMF: its code, mapped read-only, and this VM's own UEFI variable store (a copy of
+    OVMF's template that QEMU may write; libvirt is not asked to make it)."""
 
+    code: Path
+    vars: Path
+
+
+@dataclass(frozen=True)
+class FirmwareBoot:
+    """Boot from the first disk through the firmware, as a disk image with its own
+    bootloader needs: SeaBIOS (libvirt's default) or, with ``uefi``, OVMF. The firmware
+    speaks on the serial console (``-machine graphics=off``: SeaBIOS's sercon; OVMF's
+    serial terminal; there is no display), so a disk that does not boot says so in the
+    console log. SeaBIOS resets at once after a failed boot (``rebootTimeout='0'``), which
+    ends the domain (``on_reboot=destroy``); OVMF waits in its boot manager instead."""
+
+    uefi: UefiFirmware | None = None
     QEMU_ARGS = ("-machine", "graphics=off")
 
 
@@ -262,7 +273,11 @@ class Domain:
             _sub(dom, "vcpu", str(self.vcpus), placement="static")
         os_el = _sub(dom, "os")
         _sub(os_el, "type", "hvm", arch="x86_64", machine=self.machine)
-        if isinstance(self.boot, FirmwareBoot):
+        if isinstance(self.boot, FirmwareBoot) and self.boot.uefi is not None:
+            _sub(os_el, "loader", str(self.boot.uefi.code), readonly="yes", type="pflash")
+            _sub(os_el, "nvram", str(self.boot.uefi.vars))
+            _sub(os_el, "boot", dev="hd")
+        elif isinstance(self.boot, FirmwareBoot):
             _sub(os_el, "boot", dev="hd")
             _sub(os_el, "bios", rebootTimeout="0")
         else:

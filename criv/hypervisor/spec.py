@@ -23,6 +23,7 @@ from criv.hypervisor.domain import (
     Rng,
     SerialLog,
     TapInterface,
+    UefiFirmware,
     VhostUserVsock,
     VirtioFs,
 )
@@ -189,6 +190,7 @@ class ImageVm:
     mtu: int = 0
     machine: Machine = "q35"
     owner: str = ""
+    uefi: UefiFirmware | None = None  # None: SeaBIOS
 
 
 def image_domain(vm: ImageVm) -> Domain:
@@ -203,7 +205,7 @@ def image_domain(vm: ImageVm) -> Domain:
     return Domain(
         name=domain_name(vm.sandbox_id),
         uuid=str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, "criv:" + vm.sandbox_id)),
-        boot=FirmwareBoot(),
+        boot=FirmwareBoot(vm.uefi),
         vcpus=vm.size.vcpus,
         memory_mib=vm.size.memory_mib,
         type="kvm" if vm.accel == "kvm" else "qemu",

@@ -92,7 +92,8 @@ def rebuild(b: BoxRecord, pod_state: Path, root: Path, pod_id: str) -> VmContain
     base = machine.BaseDisk(root / "bases" / b.base, b.base_format, b.disk_name)
     return VmContainer(
         cid=b.cid, base=base, dir=paths.dir, overlay=paths.overlay, seed=paths.seed,
-        user=b.user, created_at_ns=b.created_at_ns, state=b.state,
+        uefi_vars=paths.uefi_vars, user=b.user, created_at_ns=b.created_at_ns,
+        firmware=b.firmware, state=b.state,
         started_at_ns=b.started_at_ns, finished_at_ns=b.finished_at_ns,
         exit_code=b.exit_code, reason=b.reason, message=b.message, domain_uuid=b.domain_uuid,
     )  # fmt: skip

@@ -30,6 +30,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from criv.agent import convert
 from criv.agent.client import AgentClient
 from criv.agent.hostdata import AttachSession
 from criv.agent.types import (
@@ -212,8 +213,17 @@ class VmImageAgent(AgentClient):
         base = self._disks.pop(cid, None)
         if base is None:
             raise FailedPrecondition(f"container {cid[:12]}: no disk prepared for it")
+        annotations = convert.container_annotations(args.config)
+        firmware = await self._vms.firmware(base, annotations)
         box = await provision(
-            self._pod, self.identity, self._state_dir, self._root, cid, base, args.config
+            self._pod,
+            self.identity,
+            self._state_dir,
+            self._root,
+            cid,
+            base,
+            args.config,
+            firmware,
         )
         self.keeper.box = box
         await self.keeper.save()
@@ -228,7 +238,8 @@ class VmImageAgent(AgentClient):
         box.console = ConsoleLog(console, box.dir / "serial.log", self.keeper.save_quietly)
         box.console.start()
         try:
-            booted = await self._vms.boot(self._pod, box.overlay, box.seed, console)
+            uefi_vars = box.uefi_vars if box.firmware == "uefi" else None
+            booted = await self._vms.boot(self._pod, box.overlay, box.seed, console, uefi_vars)
         except BaseException:
             await box.console.finish()
             raise

@@ -25,6 +25,7 @@ from criv.sandbox.vmimage import machine
 from criv.sandbox.vmimage.boxstate import AGENT_STATES, VM_STATES, BoxState, check_box
 from criv.sandbox.vmimage.console import ConsoleLog
 from criv.sandbox.vmimage.serial import SerialConsole
+from criv.vmimage.firmware import Firmware
 from criv.vmimage.ssh import SSHClient
 
 # SeaBIOS on the serial console (FirmwareBoot) when no disk holds a boot loader
@@ -39,6 +40,7 @@ class BoxPaths:
     dir: Path  # criv-private: console, CRI log
     overlay: Path
     seed: Path
+    uefi_vars: Path  # its VM's UEFI variable store (UEFI firmware only)
 
 
 def box_paths(state_dir: Path, root: Path, pod_id: str, cid: str) -> BoxPaths:
@@ -49,6 +51,7 @@ def box_paths(state_dir: Path, root: Path, pod_id: str, cid: str) -> BoxPaths:
         state_dir / "vmimage" / cid[:12],
         qdir / f"overlay-{cid[:12]}.qcow2",
         qdir / f"seed-{cid[:12]}.iso",
+        qdir / f"vars-{cid[:12]}.fd",
     )
 
 
@@ -61,8 +64,10 @@ class VmContainer:
     dir: Path  # criv-private: console, CRI log
     overlay: Path
     seed: Path
+    uefi_vars: Path
     user: str
     created_at_ns: int
+    firmware: Firmware = "bios"
     state: BoxState = BoxState.CREATED
     started_at_ns: int = 0
     finished_at_ns: int = 0
@@ -133,9 +138,9 @@ class VmContainer:
         self.move(BoxState.EXITED)
 
     def remove_files(self) -> None:
-        """Its overlay (and the overlay's pin of its base), seed and private directory
-        (blocking)."""
-        for p in (self.overlay, machine.pin_path(self.overlay), self.seed):
+        """Its overlay (and the overlay's pin of its base), seed, UEFI variables and
+        private directory (blocking)."""
+        for p in (self.overlay, machine.pin_path(self.overlay), self.seed, self.uefi_vars):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
         shutil.rmtree(self.dir, ignore_errors=True)

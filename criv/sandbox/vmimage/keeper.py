@@ -54,7 +54,8 @@ class BoxKeeper:
             self.pod.id,
             record.BoxRecord(
                 cid=b.cid, state=b.state, base=b.base.path.name, disk_name=b.base.name,
-                user=b.user, created_at_ns=b.created_at_ns, started_at_ns=b.started_at_ns,
+                user=b.user, firmware=b.firmware, created_at_ns=b.created_at_ns,
+                started_at_ns=b.started_at_ns,
                 finished_at_ns=b.finished_at_ns, exit_code=b.exit_code, reason=b.reason,
                 message=b.message, domain_uuid=b.domain_uuid,
                 pin=console.pin if console is not None else None,

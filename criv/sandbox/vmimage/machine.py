@@ -16,7 +16,9 @@ A base whose only link is its own (the store removed the image, no overlay pins 
 removed by :func:`prune_bases`, when a vm-image pod goes and at criv's start.
 
 The domain (:func:`criv.hypervisor.spec.image_domain`) boots the overlay through the
-firmware (SeaBIOS), with the seed as a second virtio disk, the serial console logged
+firmware (SeaBIOS; OVMF for a disk that needs UEFI, :mod:`criv.vmimage.firmware`, with
+``vars-<cid>.fd`` beside the overlay, the VM's own copy of OVMF's variable store, owned
+by criv-qemu), with the seed as a second virtio disk, the serial console logged
 to the container's ``console.log`` and the pod's tap joined to its CNI veth with tc
 mirroring exactly as for ``vm`` pods (:mod:`criv.network.tap`).
 """
@@ -39,7 +41,8 @@ from typing import NamedTuple
 
 from criv.commands import run_command
 from criv.config import Config
-from criv.errors import Internal
+from criv.errors import FailedPrecondition, Internal
+from criv.hypervisor.domain import UefiFirmware
 from criv.hypervisor.domaininfo import DomainInfo, DomainStats
 from criv.hypervisor.hostsetup import QEMU_USER
 from criv.hypervisor.sizing import PodResources, vm_size
@@ -47,7 +50,9 @@ from criv.hypervisor.spec import ImageVm, domain_name, image_domain
 from criv.network.tap import attach_tap, create_tap, delete_tap, pod_link, tap_name
 from criv.sandbox.records import PodRecord
 from criv.sandbox.vm.host import VmHost
+from criv.vmimage import firmware
 from criv.vmimage.containerdisk import disk_format
+from criv.vmimage.firmware import Firmware
 
 log = logging.getLogger("criv.sandbox.vmimage")
 
@@ -189,8 +194,28 @@ class Machines:
         """What criv's vm-image domains carry as ``<criv:owner>``."""
         return f"{self._owner}#vm-image"
 
-    async def boot(self, pod: PodRecord, disk: Path, seed: Path, console: Path) -> Booted:
-        """Start the domain."""
+    async def firmware(self, base: BaseDisk, annotations: dict[str, str]) -> Firmware:
+        """The firmware that boots ``base`` (:func:`criv.vmimage.firmware.choose`);
+        FAILED_PRECONDITION if it needs UEFI and OVMF is not installed."""
+        choice = await firmware.choose(base.path, base.format, annotations)
+        if choice.firmware == "uefi":
+            vm = self._config.vm
+            for path in (vm.uefi_code, vm.uefi_vars):
+                if not await asyncio.to_thread(os.path.isfile, path):
+                    raise FailedPrecondition(
+                        f"disk {base.name or base.path.name} needs UEFI ({choice.why}) and "
+                        f"{path} is missing: install OVMF (apt-get install ovmf) or set "
+                        "vm.uefi_code and vm.uefi_vars"
+                    )
+        log.info("disk %s boots with %s: %s", base.name or base.path.name, choice.firmware,
+                 choice.why)  # fmt: skip
+        return choice.firmware
+
+    async def boot(
+        self, pod: PodRecord, disk: Path, seed: Path, console: Path, uefi_vars: Path | None
+    ) -> Booted:
+        """Start the domain: under OVMF with a fresh ``uefi_vars`` (a copy of OVMF's
+        template), else under SeaBIOS."""
         name = domain_name(pod.id)
         accel = self._config.vm.accel
         if accel == "auto":
@@ -211,10 +236,14 @@ class Machines:
             self._config.vm.memory_mib,
             os.cpu_count() or 1,
         )
+        uefi = None
+        if uefi_vars is not None:
+            await asyncio.to_thread(self._fresh_vars, uefi_vars)
+            uefi = UefiFirmware(Path(self._config.vm.uefi_code), uefi_vars)
         vm = ImageVm(
             sandbox_id=pod.id, disk=disk, seed=seed, size=size,
             accel="kvm" if accel == "kvm" else "tcg", console_log=console, tap=tap, mac=mac,
-            mtu=mtu, machine=self._config.vm.machine, owner=self.domain_owner,
+            mtu=mtu, machine=self._config.vm.machine, owner=self.domain_owner, uefi=uefi,
         )  # fmt: skip
         self.host.stops.pop(name, None)
         try:
@@ -226,6 +255,19 @@ class Machines:
                 await asyncio.shield(self.destroy(pod))
             raise
         return Booted(name, vm.accel, info.uuid)
+
+    def _fresh_vars(self, dst: Path) -> None:
+        """OVMF's variable store template copied for one VM, writable by QEMU only
+        (blocking). Written beside, then renamed: ``dst``'s directory is criv's, never
+        the guest's, and a file left there is replaced, not written through."""
+        uid, gid = _qemu_ids()
+        tmp = dst.with_name(f".{dst.name}.{os.getpid()}")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        shutil.copyfile(self._config.vm.uefi_vars, tmp, follow_symlinks=True)
+        os.chown(tmp, uid, gid)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, dst)
 
     async def lookup(self, pod: PodRecord) -> DomainInfo | None:
         """The pod's domain as libvirt has it (None: none runs)."""

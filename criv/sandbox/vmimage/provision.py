@@ -16,6 +16,7 @@ from criv.network.tap import guest_addressing
 from criv.sandbox.records import PodRecord
 from criv.sandbox.vmimage import machine
 from criv.sandbox.vmimage.container import VmContainer, box_paths
+from criv.vmimage.firmware import Firmware
 from criv.vmimage.seed import Route, SeedConfig, build_seed
 from criv.vmimage.sshkeys import ensure_pod_key
 
@@ -81,6 +82,7 @@ async def provision(
     cid: str,
     base: machine.BaseDisk,
     container_config: bytes,
+    firmware: Firmware,
 ) -> VmContainer:
     """The container, its files made (overlay, key, seed); CREATED."""
     user = convert.container_annotations(container_config).get(SSH_USER_ANNOTATION, "root")
@@ -88,7 +90,7 @@ async def provision(
     paths = box_paths(pod_state, root, pod.id, cid)
     box = VmContainer(
         cid=cid, base=base, dir=paths.dir, overlay=paths.overlay, seed=paths.seed,
-        user=user, created_at_ns=time.time_ns(),
+        uefi_vars=paths.uefi_vars, user=user, created_at_ns=time.time_ns(), firmware=firmware,
     )  # fmt: skip
     await asyncio.to_thread(box.dir.mkdir, mode=0o700, parents=True, exist_ok=True)
     key = await asyncio.to_thread(ensure_pod_key, key_dir(pod_state), key_comment(pod))

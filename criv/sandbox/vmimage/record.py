@@ -31,12 +31,14 @@ from typing import TYPE_CHECKING, Any
 from criv.errors import Internal
 from criv.sandbox.vmimage.boxstate import VM_STATES, BoxState
 from criv.state.records import write_record
+from criv.vmimage.firmware import Firmware
 
 if TYPE_CHECKING:  # the SSH layer (paramiko) is loaded when a pin is read: see isolation.py
     from criv.vmimage.sshkeys import HostKeyPin
 
 KIND = "vm-image-agent"
-VERSION = 1
+# 2: the container's firmware ("bios" or "uefi"); a version 1 record's is "bios"
+VERSION = 2
 FILE_NAME = "agent.json"
 MAX_RECORD_BYTES = 256 * 1024
 MAX_MESSAGE = 16 * 1024  # characters; a longer message is cut when written
@@ -72,6 +74,7 @@ class BoxRecord:
     disk_name: str  # its name under the image's /disk/ (commit names the result after it)
     user: str
     created_at_ns: int
+    firmware: Firmware = "bios"
     started_at_ns: int = 0
     finished_at_ns: int = 0
     exit_code: int = 0
@@ -105,7 +108,8 @@ def encode(rec: AgentRecord) -> dict[str, Any]:
     if b is not None:
         box = {
             "cid": b.cid, "state": b.state.value, "base": b.base, "disk_name": b.disk_name,
-            "user": b.user, "created_at_ns": b.created_at_ns, "started_at_ns": b.started_at_ns,
+            "user": b.user, "firmware": b.firmware, "created_at_ns": b.created_at_ns,
+            "started_at_ns": b.started_at_ns,
             "finished_at_ns": b.finished_at_ns, "exit_code": b.exit_code, "reason": b.reason,
             "message": b.message[:MAX_MESSAGE], "domain_uuid": b.domain_uuid,
             "pin": None if b.pin is None else {"type": b.pin.key_type, "sha256": b.pin.sha256},
@@ -186,7 +190,8 @@ def _box(d: dict[str, Any]) -> BoxRecord:
         raise ValueError(f"disk_name {disk_name[:80]!r} is not a file name")
     b = BoxRecord(
         cid=_str(d, "cid", _ID), state=state, base=base, disk_name=disk_name,
-        user=_str(d, "user", _USER), created_at_ns=_int(d, "created_at_ns", MAX_NS),
+        user=_str(d, "user", _USER), firmware=_firmware(d),
+        created_at_ns=_int(d, "created_at_ns", MAX_NS),
         started_at_ns=_int(d, "started_at_ns", MAX_NS),
         finished_at_ns=_int(d, "finished_at_ns", MAX_NS),
         exit_code=_int(d, "exit_code", 255), reason=_str(d, "reason", _REASON),
@@ -209,6 +214,13 @@ def _pin(v: Any) -> HostKeyPin | None:
     if kind not in KEY_TYPES:
         raise ValueError(f"pin: unknown key type {kind!r}")
     return HostKeyPin(kind, _str(d, "sha256", _FINGERPRINT))
+
+
+def _firmware(d: dict[str, Any]) -> Firmware:
+    v = d.get("firmware", "bios")  # version 1 had only SeaBIOS
+    if v not in ("bios", "uefi"):
+        raise ValueError(f"firmware {str(v)[:40]!r} is not bios or uefi")
+    return "uefi" if v == "uefi" else "bios"
 
 
 def _mark(d: dict[str, Any]) -> ConsoleMark:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from criv.errors import InvalidArgument
-from criv.hypervisor.domain import DirectBoot, Domain, Rng, SerialLog
+from criv.hypervisor.domain import DirectBoot, Domain, Rng, SerialLog, UefiFirmware
 from criv.hypervisor.sizing import VmSize
 from criv.hypervisor.spec import (
     TEMPLATE_DOMAIN_PREFIX,
@@ -90,6 +90,21 @@ CASES: dict[str, Domain] = {
             mac="02:00:00:00:00:01",
             mtu=1500,
             owner="/var/lib/criv#vm-image",
+        )
+    ),
+    # a disk that needs UEFI: OVMF's code read-only, the VM's own variable store
+    "vm-image-uefi-tcg": image_domain(
+        ImageVm(
+            sandbox_id="e" * 64,
+            disk=Path("/var/lib/criv/vmimage/pods/eeee/overlay-eeee.qcow2"),
+            seed=Path("/var/lib/criv/vmimage/pods/eeee/seed-eeee.iso"),
+            size=VmSize(1, 256),
+            accel="tcg",
+            console_log=Path("/var/lib/criv/sandboxes/eeee/vmimage/eeee/console.log"),
+            uefi=UefiFirmware(
+                Path("/usr/share/OVMF/OVMF_CODE_4M.fd"),
+                Path("/var/lib/criv/vmimage/pods/eeee/vars-eeee.fd"),
+            ),
         )
     ),
 }

@@ -124,7 +124,7 @@ async def test_one_container_per_pod_and_the_seed(tmp_path: Path) -> None:
 
     agent.keeper.box = VmContainer(
         cid="c1", base=disk, dir=tmp_path, overlay=tmp_path / "o", seed=tmp_path / "s",
-        user="root", created_at_ns=1,
+        uefi_vars=tmp_path / "v", user="root", created_at_ns=1,
     )  # fmt: skip
     with pytest.raises(InvalidArgument, match="one container"):
         agent.reserve("c2", disk)
@@ -140,8 +140,8 @@ async def test_exec_without_a_host_key_is_unavailable_not_a_hang(tmp_path: Path)
     console = ConsoleLog(tmp_path / "console.log", tmp_path / "serial.log")
     agent.keeper.box = VmContainer(
         cid="c1", base=machine.BaseDisk(tmp_path / "b", "qcow2"), dir=tmp_path,
-        overlay=tmp_path / "o", seed=tmp_path / "s", user="root", created_at_ns=1,
-        state=BoxState.RUNNING, console=console,
+        overlay=tmp_path / "o", seed=tmp_path / "s", uefi_vars=tmp_path / "v", user="root",
+        created_at_ns=1, state=BoxState.RUNNING, console=console,
         started_at_ns=time.time_ns() - int((DEFAULT_WAIT - 0.3) * 1e9),
     )  # fmt: skip
     t0 = time.monotonic()
@@ -156,8 +156,8 @@ def test_how_a_vm_ended(tmp_path: Path) -> None:
     def box() -> VmContainer:
         return VmContainer(
             cid="c1", base=machine.BaseDisk(tmp_path / "b", "qcow2"), dir=tmp_path,
-            overlay=tmp_path / "o", seed=tmp_path / "s", user="root", created_at_ns=1,
-            state=BoxState.RUNNING,
+            overlay=tmp_path / "o", seed=tmp_path / "s", uefi_vars=tmp_path / "v", user="root",
+            created_at_ns=1, state=BoxState.RUNNING,
         )  # fmt: skip
 
     firmware = "Booting from Hard Disk...\nBoot failed: not a bootable disk\nNo bootable device."

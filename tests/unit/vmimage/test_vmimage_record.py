@@ -96,6 +96,21 @@ def test_versions() -> None:
         record.parse(_raw({**doc, "kind": "sandbox"}), POD)
 
 
+def test_firmware_and_version_1_records() -> None:
+    uefi = _doc(AgentRecord(POD, _box(firmware="uefi")))
+    assert record.parse(_raw(uefi), POD).container == _box(firmware="uefi")
+    # version 1 (before UEFI) had no firmware: its containers boot with SeaBIOS
+    old = copy.deepcopy(uefi)
+    old["version"] = 1
+    del old["data"]["container"]["firmware"]
+    assert record.parse(_raw(old), POD).container == _box(firmware="bios")
+    for bad in ("efi", "UEFI", "", 1, None):
+        doc = copy.deepcopy(uefi)
+        doc["data"]["container"]["firmware"] = bad
+        with pytest.raises(RecordInvalid, match="firmware"):
+            record.parse(_raw(doc), POD)
+
+
 @pytest.mark.parametrize(
     "raw",
     [b"", b"{", b'{"version": 1, "kind": "vm-image-agent", "data"', b"[]", b"null", b"\xff\xfe",
