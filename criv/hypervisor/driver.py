@@ -19,14 +19,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import libvirt
 import libvirt_qemu  # type: ignore[import-untyped]
 
 from criv.errors import CrivError, Unavailable
-from criv.hypervisor import live, snapshot
+from criv.hypervisor import live
 from criv.hypervisor.calls import DeadlineCalls
 from criv.hypervisor.domain import DOMAIN_PREFIX, Domain
 from criv.hypervisor.domaininfo import (
@@ -346,38 +345,17 @@ class Hypervisor:
         what = f"setting domain {name} to {mib} MiB"
         await self._call(lambda c: _live(live.set_memory, c, name, mib), what)
 
-    async def save_state(
-        self, name: str, state: Path, ram: Path, ram_bytes: int, timeout: float
-    ) -> int:
-        """Pause the domain; its device state to ``state``, its RAM to ``ram``
-        (:mod:`.snapshot`); bytes of RAM data."""
-        return await self._call(
-            lambda c: _live(snapshot.save_state, c, name, state, ram, ram_bytes, timeout),
-            f"saving domain {name}",
-            timeout + 30,
-        )
-
-    async def load_state(
-        self, name: str, state: Path, ram: Path, ram_bytes: int, timeout: float
-    ) -> None:
-        """Load a saved RAM and state into a paused ``-incoming`` domain and run it."""
-        await self._call(
-            lambda c: _live(snapshot.load_state, c, name, state, ram, ram_bytes, timeout),
-            f"loading domain {name}",
-            timeout + 30,
-        )
-
-    async def free_root_ports(self, name: str) -> list[int]:
-        """Buses of the running domain's empty PCIe root ports (for hot-plugs)."""
-        return await self._call(
-            lambda c: _live(snapshot.free_root_ports, c, name), f"root ports of {name}"
-        )
-
-    async def hotplug(self, name: str, qmp: list[dict[str, Any]], device_xmls: list[str]) -> None:
-        """Hot-plug into the running domain: QMP commands first, then libvirt devices."""
-        await self._call(
-            lambda c: _live(snapshot.hotplug, c, name, qmp, device_xmls), f"hot-plug into {name}"
-        )
+    async def on_live(
+        self,
+        fn: Callable[..., T],
+        name: str,
+        *args: Any,
+        what: str,
+        timeout: float | None = None,
+    ) -> T:
+        """``fn(connection, name, *args)``, a blocking call on a running domain (as in
+        :mod:`.snapshot`), on a worker thread with a deadline, libvirt's errors translated."""
+        return await self._call(lambda c: _live(fn, c, name, *args), what, timeout)
 
     async def wait_stopped(
         self, name: str, timeout: float | None = None, poll: float = 0.5

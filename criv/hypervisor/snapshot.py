@@ -1,7 +1,8 @@
 """A running domain's state to a file, and a paused domain's state from one (templates).
 
-Blocking libvirt calls; the driver (:class:`~criv.hypervisor.driver.Hypervisor`) runs them
-on its worker threads with deadlines and translates their errors.
+Blocking libvirt calls, each with an async form below that the driver
+(:meth:`~criv.hypervisor.driver.Hypervisor.on_live`) runs on its worker threads with a
+deadline, its errors translated.
 
 libvirt's own save/restore keeps a domain's name and UUID (one restore at a time), so the
 state moves through QEMU's migration commands over libvirt's monitor passthrough: ``stop``
@@ -21,7 +22,7 @@ import os
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import libvirt
 import libvirt_qemu  # type: ignore[import-untyped]
@@ -29,6 +30,9 @@ import libvirt_qemu  # type: ignore[import-untyped]
 from criv.errors import FailedPrecondition
 from criv.hypervisor import guestram
 from criv.hypervisor.libvirtbase import qemu_pid
+
+if TYPE_CHECKING:
+    from criv.hypervisor.driver import Hypervisor
 
 POLL = 0.02
 FD_NAME = "criv-state"
@@ -145,3 +149,37 @@ def hotplug(
         _qmp(dom, cmd)
     for xml in device_xmls:
         dom.attachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+
+
+# --- async, through the driver ---------------------------------------------------------
+
+
+async def save(
+    hv: Hypervisor, name: str, state: Path, ram: Path, ram_bytes: int, timeout: float
+) -> int:
+    """Pause the domain; its device state to ``state``, its RAM to ``ram``; bytes of RAM
+    data."""
+    return await hv.on_live(
+        save_state, name, state, ram, ram_bytes, timeout,
+        what=f"saving domain {name}", timeout=timeout + 30,
+    )  # fmt: skip
+
+
+async def load(
+    hv: Hypervisor, name: str, state: Path, ram: Path, ram_bytes: int, timeout: float
+) -> None:
+    """Load a saved RAM and state into a paused ``-incoming`` domain and run it."""
+    await hv.on_live(
+        load_state, name, state, ram, ram_bytes, timeout,
+        what=f"loading domain {name}", timeout=timeout + 30,
+    )  # fmt: skip
+
+
+async def root_ports(hv: Hypervisor, name: str) -> list[int]:
+    """Buses of the running domain's empty PCIe root ports (for hot-plugs)."""
+    return await hv.on_live(free_root_ports, name, what=f"root ports of {name}")
+
+
+async def plug(hv: Hypervisor, name: str, qmp: list[dict[str, Any]], xmls: list[str]) -> None:
+    """Hot-plug into the running domain: QMP commands first, then libvirt devices."""
+    await hv.on_live(hotplug, name, qmp, xmls, what=f"hot-plug into {name}")

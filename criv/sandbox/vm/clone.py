@@ -17,6 +17,7 @@ from dataclasses import replace
 
 from criv import metrics
 from criv.errors import CrivError, FailedPrecondition
+from criv.hypervisor import snapshot
 from criv.hypervisor.domain import Domain, TapInterface, VhostUserVsock, VirtioFs, device_xml
 from criv.hypervisor.domaininfo import DomainInfo
 from criv.hypervisor.driver import Hypervisor
@@ -59,11 +60,16 @@ async def start_clone(
         info = await hv.create(domain, paused=True)
     try:
         with clock.step("load template"):
-            await hv.load_state(
-                domain.name, template.state, template.ram, domain.memory_mib << 20, LOAD_TIMEOUT
+            await snapshot.load(
+                hv,
+                domain.name,
+                template.state,
+                template.ram,
+                domain.memory_mib << 20,
+                LOAD_TIMEOUT,
             )
         with clock.step("hot-plug"):
-            ports = await hv.free_root_ports(domain.name)
+            ports = await snapshot.root_ports(hv, domain.name)
             if len(ports) < HOTPLUGS:
                 raise FailedPrecondition(
                     f"clone {domain.name} has {len(ports)} free root ports, needs {HOTPLUGS}"
@@ -80,7 +86,7 @@ async def start_clone(
             if vm.tap:
                 mac = vm.mac or mac_for(vm.sandbox_id)
                 devices.append(device_xml(TapInterface(vm.tap, mac, vm.mtu, ports[1])))
-            await hv.hotplug(domain.name, qmp, devices)
+            await snapshot.plug(hv, domain.name, qmp, devices)
     except BaseException:
         with contextlib.suppress(CrivError):
             await hv.destroy(domain.name)

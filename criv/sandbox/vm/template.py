@@ -34,6 +34,7 @@ import criv
 from criv.atomicfile import write_atomic
 from criv.config import Config
 from criv.errors import CrivError, FailedPrecondition
+from criv.hypervisor import snapshot
 from criv.hypervisor.driver import Hypervisor
 from criv.hypervisor.spec import TEMPLATE_DOMAIN_PREFIX, PodVm, pod_domain, template_shape
 from criv.sandbox.vm.console import console_tail
@@ -178,8 +179,8 @@ class Templates:
                 await asyncio.wait_for(_agent_listening(console, hv, name), BUILD_TIMEOUT)
                 await asyncio.sleep(SETTLE_SECONDS)
                 saved = Template(key, work)
-                size = await hv.save_state(
-                    name, saved.state, saved.ram, domain.memory_mib << 20, SAVE_TIMEOUT
+                size = await snapshot.save(
+                    hv, name, saved.state, saved.ram, domain.memory_mib << 20, SAVE_TIMEOUT
                 )
             finally:
                 with contextlib.suppress(CrivError):
