@@ -57,6 +57,13 @@ class VmImageState:
 
 IsolationState = HostState | VmState | VmImageState
 
+
+def start_kind(state: IsolationState | None) -> str:
+    """How the pod's sandbox started, as ``criv_pod_start_duration_seconds`` labels it:
+    "template" (a VM cloned from a template) or "cold"."""
+    return "template" if isinstance(state, VmState) and state.template else "cold"
+
+
 # mode name -> its state type; a new isolation mode adds one line here
 STATE_TYPES: dict[str, type[HostState] | type[VmState] | type[VmImageState]] = {
     HostState.mode: HostState,

@@ -30,7 +30,7 @@ from criv.errors import (
     NotFound,
     PermissionDenied,
 )
-from criv.sandbox import userns
+from criv.sandbox import isostate, userns
 from criv.sandbox.cleanup import PodCleanup
 from criv.sandbox.context import SandboxContext
 from criv.sandbox.events import EventKind
@@ -191,8 +191,7 @@ class PodService:
             async with ctx.locks.hold(pod_id):
                 with metrics.pod_start(mode) as start:
                     await self._bring_up(pod_id)
-                    st = ctx.pods.must(pod_id).isolation_state
-                    start.kind = "template" if getattr(st, "template", "") else "cold"
+                    start.kind = isostate.start_kind(ctx.pods.must(pod_id).isolation_state)
                     return pod_id
         except BaseException as e:
             log.warning("RunPodSandbox %s (%s) failed: %s", spec.name, pod_id[:12], e)

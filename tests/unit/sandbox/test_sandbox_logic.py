@@ -13,7 +13,7 @@ from criv.errors import AlreadyExists, AmbiguousId, FailedPrecondition, NotFound
 from criv.sandbox import events
 from criv.sandbox.containers import host_log_path
 from criv.sandbox.events import EventBus, EventKind
-from criv.sandbox.isostate import HostState, VmState
+from criv.sandbox.isostate import HostState, VmImageState, VmState, start_kind
 from criv.sandbox.locks import KeyedLocks
 from criv.sandbox.names import NameIndex
 from criv.sandbox.records import (
@@ -316,3 +316,11 @@ def test_event_bus_fan_out_and_overflow(monkeypatch: pytest.MonkeyPatch) -> None
         await asyncio.gather(*tasks)
 
     asyncio.run(go())
+
+
+def test_start_kind_is_template_only_for_a_cloned_vm() -> None:
+    assert start_kind(VmState(template="k" * 16)) == "template"
+    assert start_kind(VmState()) == "cold"
+    assert start_kind(HostState(pid=1)) == "cold"
+    assert start_kind(VmImageState(domain="d")) == "cold"
+    assert start_kind(None) == "cold"
