@@ -188,6 +188,18 @@ def check_templates(cfg: Config) -> Check:
     return Check("templates", "OK", f"{len(ready)} in {root}: " + ", ".join(parts))
 
 
+def check_uefi(cfg: Config) -> Check:
+    """OVMF, for vm-image disks that only boot under UEFI (a WARN: other pods need none)."""
+    missing = [p for p in (cfg.vm.uefi_code, cfg.vm.uefi_vars) if not Path(p).is_file()]
+    if missing:
+        return Check(
+            "uefi firmware", "WARN",
+            f"{missing[0]} missing: vm-image disks that need UEFI are refused "
+            "(apt-get install ovmf)",
+        )  # fmt: skip
+    return Check("uefi firmware", "OK", f"OVMF {cfg.vm.uefi_code} (vm-image disks that need UEFI)")
+
+
 def check_crun(cfg: Config) -> Check:
     exe = shutil.which(cfg.runtime.crun)
     if exe is None:
@@ -278,6 +290,7 @@ def collect(cfg: Config) -> list[Check]:
         lambda: check_vsock(cfg),
         lambda: check_guest_image(cfg),
         lambda: check_templates(cfg),
+        lambda: check_uefi(cfg),
         lambda: check_crun(cfg),
         lambda: check_cni(cfg),
         lambda: check_registries(cfg),

@@ -86,3 +86,14 @@ def test_templates_are_listed(tmp_path: Path) -> None:
     assert "2.0 h old" in got.detail
     off = Config(vm=VmConfig(template="off", template_dir=str(tmp_path)))
     assert "boots cold" in doctor.check_templates(off).detail
+
+
+@pytest.mark.timeout(10)
+def test_uefi_firmware_is_a_warning_when_missing(tmp_path: Path) -> None:
+    code, vars_ = tmp_path / "CODE.fd", tmp_path / "VARS.fd"
+    cfg = Config(vm=VmConfig(uefi_code=str(code), uefi_vars=str(vars_)))
+    got = doctor.check_uefi(cfg)
+    assert got.level == "WARN" and str(code) in got.detail and "apt-get install ovmf" in got.detail
+    code.write_bytes(b"x")
+    vars_.write_bytes(b"y")
+    assert doctor.check_uefi(cfg).level == "OK"
