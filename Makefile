@@ -8,7 +8,8 @@ APT_PACKAGES := python3-venv python3-dev gcc libc6-dev pkg-config iproute2 iptab
 	docker-registry apache2-utils skopeo containerd runc openssh-server \
 	qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev cpio lz4 \
 	linux-source-6.1 linux-headers-amd64 debootstrap flex bison bc libelf-dev libssl-dev xz-utils binutils make \
-	genisoimage syslinux syslinux-common mtools dosfstools fdisk dropbear-bin
+	genisoimage syslinux syslinux-common mtools dosfstools fdisk dropbear-bin \
+	ovmf systemd-boot-efi
 CRI_PROTO := proto/runtime/v1/api.proto
 AGENT_PROTO := proto/agent/v1/agent.proto
 

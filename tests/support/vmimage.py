@@ -30,11 +30,14 @@ def push_containerdisk(
     return registry.ref(repo, tag)
 
 
-def create(cri: Cri, pod: str, name: str, image: str) -> str:
+def create(
+    cri: Cri, pod: str, name: str, image: str, annotations: dict[str, str] | None = None
+) -> str:
     cfg = api_pb2.ContainerConfig(
         metadata=api_pb2.ContainerMetadata(name=name),
         image=api_pb2.ImageSpec(image=image),
         log_path=f"{name}.log",
+        annotations=annotations or {},
     )
     resp = cri.rt.CreateContainer(
         api_pb2.CreateContainerRequest(

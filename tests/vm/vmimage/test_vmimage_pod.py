@@ -59,6 +59,8 @@ def test_vmimage_pod_lifecycle(
     boot_to_exec = time.monotonic() - t0
     print(f"[vm-image] RunPodSandbox to first ExecSync answer: {boot_to_exec:.1f} s")
     assert (r.exit_code, r.stdout) == (0, b"vmi\n"), (r, cri.proc.logs())
+    # an MBR disk with boot code: SeaBIOS, so the guest sees no EFI (test_vmimage_uefi.py)
+    assert cri.exec(cid, ["test", "-d", "/sys/firmware/efi"]).exit_code == 1
     r = cri.exec(cid, ["sh", "-c", "echo out; echo err >&2; exit 3"])
     assert (r.exit_code, r.stdout, r.stderr) == (3, b"out\n", b"err\n")
     ip = cri.pod_status(pod).network.ip
