@@ -9,6 +9,7 @@ import os
 import xml.etree.ElementTree as ET
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -49,6 +50,18 @@ def _pod(**kw: object) -> PodVm:
     return PodVm(**base)  # type: ignore[arg-type]
 
 
+def _image_vm(**kw: Any) -> ImageVm:
+    return ImageVm(
+        sandbox_id="e" * 64,
+        disk=Path("/var/lib/criv/vmimage/pods/eeee/overlay-eeee.qcow2"),
+        seed=Path("/var/lib/criv/vmimage/pods/eeee/seed-eeee.iso"),
+        size=VmSize(1, 256),
+        accel="tcg",
+        console_log=Path("/var/lib/criv/sandboxes/eeee/vmimage/eeee/console.log"),
+        **kw,
+    )
+
+
 CASES: dict[str, Domain] = {
     # 1 vCPU booted, 2 hot-pluggable; 256 MiB, up to 512 behind the balloon
     # (UpdatePodSandboxResources)
@@ -79,32 +92,17 @@ CASES: dict[str, Domain] = {
         shared_memory=False,
     ),
     "vm-image-tcg": image_domain(
-        ImageVm(
-            sandbox_id="e" * 64,
-            disk=Path("/var/lib/criv/vmimage/pods/eeee/overlay-eeee.qcow2"),
-            seed=Path("/var/lib/criv/vmimage/pods/eeee/seed-eeee.iso"),
-            size=VmSize(1, 256),
-            accel="tcg",
-            console_log=Path("/var/lib/criv/sandboxes/eeee/vmimage/eeee/console.log"),
-            tap="crivteeeeeeeeee",
-            mac="02:00:00:00:00:01",
-            mtu=1500,
-            owner="/var/lib/criv#vm-image",
+        _image_vm(
+            tap="crivteeeeeeeeee", mac="02:00:00:00:00:01", mtu=1500, owner="/var/lib/criv#vm-image"
         )
     ),
     # a disk that needs UEFI: OVMF's code read-only, the VM's own variable store
     "vm-image-uefi-tcg": image_domain(
-        ImageVm(
-            sandbox_id="e" * 64,
-            disk=Path("/var/lib/criv/vmimage/pods/eeee/overlay-eeee.qcow2"),
-            seed=Path("/var/lib/criv/vmimage/pods/eeee/seed-eeee.iso"),
-            size=VmSize(1, 256),
-            accel="tcg",
-            console_log=Path("/var/lib/criv/sandboxes/eeee/vmimage/eeee/console.log"),
+        _image_vm(
             uefi=UefiFirmware(
                 Path("/usr/share/OVMF/OVMF_CODE_4M.fd"),
                 Path("/var/lib/criv/vmimage/pods/eeee/vars-eeee.fd"),
-            ),
+            )
         )
     ),
 }
