@@ -20,15 +20,19 @@ Beside them, in the same invocation:
   networking) on an overlay of the same disk with a NoCloud seed, same accelerator (TCG),
   vCPUs and memory, until its forwarded SSH port gives a banner.
 
+``--firmware uefi`` runs both on the test disk's UEFI variant (GPT, systemd-boot): criv
+picks OVMF from its partition table, and the floor boots it with the same OVMF files.
+
 Figures and ratios only, never pass/fail. Needs root and libvirtd. Usage:
 
-    .venv/bin/python bench/vmimage.py [--runs 3] [--skip-commit]
+    .venv/bin/python bench/vmimage.py [--runs 3] [--skip-commit] [--firmware bios|uefi]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import shutil
 import socket
 import subprocess
 import sys
@@ -42,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import ROOT, Runtime, Samples, bench_env, criv_runtime, pct
 
+from criv.config import VmConfig
 from criv.hypervisor.hostsetup import start_libvirtd
 from criv.hypervisor.sizing import tb_cache_mib
 from criv.vmimage import seed
@@ -80,15 +85,17 @@ def poll_banner(host: str, t0: float, stop: threading.Event, out: list[float]) -
     out.append(wait_banner(host, 22, t0, stop))
 
 
-def test_disk() -> Path:
+def test_disk(firmware: str) -> Path:
     r = subprocess.run(
-        [sys.executable, str(BUILD)], capture_output=True, text=True, timeout=900, check=True
-    )
+        [sys.executable, str(BUILD), "--firmware", firmware],
+        capture_output=True, text=True, timeout=900, check=True,
+    )  # fmt: skip
     return Path(r.stdout.strip().splitlines()[-1])
 
 
-def qemu_floor(disk: Path, runs: int, work: Path) -> Samples:
-    """Plain QEMU on an overlay of ``disk`` (user networking, a forwarded port) to a banner."""
+def qemu_floor(disk: Path, runs: int, work: Path, uefi: VmConfig | None) -> Samples:
+    """Plain QEMU on an overlay of ``disk`` (user networking, a forwarded port) to a banner;
+    with ``uefi``, under its OVMF (code read-only, a copy of the variable store)."""
     s: Samples = {}
     key = ensure_pod_key(work / "key", "criv-bench")
     mac = "52:54:00:c0:ff:ee"
@@ -122,6 +129,12 @@ def qemu_floor(disk: Path, runs: int, work: Path) -> Samples:
             "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:22",
             "-device", f"virtio-net-pci,netdev=n0,mac={mac}", "-device", "virtio-rng-pci",
         ]  # fmt: skip
+        if uefi is not None:
+            shutil.copyfile(uefi.uefi_vars, d / "vars.fd")
+            argv += [
+                "-drive", f"if=pflash,format=raw,readonly=on,file={uefi.uefi_code}",
+                "-drive", f"if=pflash,format=raw,file={d / 'vars.fd'}",
+            ]  # fmt: skip
         t0 = time.perf_counter()
         qemu = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)  # fmt: skip
@@ -214,9 +227,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--skip-commit", action="store_true")
+    ap.add_argument("--firmware", choices=("bios", "uefi"), default="bios")
     args = ap.parse_args()
     start_libvirtd()
-    disk = test_disk()
+    disk = test_disk(args.firmware)
     results: dict[str, Samples] = {}
     notes: list[str] = []
     commit = not args.skip_commit and has_commit()
@@ -228,7 +242,8 @@ def main() -> int:
     }
     with bench_env("criv-bench-vmi-") as env:
         print(f"qemu floor: {args.runs} runs...", flush=True)
-        results["qemu floor"] = qemu_floor(disk, args.runs, env.root / "floor")
+        uefi = VmConfig() if args.firmware == "uefi" else None
+        results["qemu floor"] = qemu_floor(disk, args.runs, env.root / "floor", uefi)
         with contextlib.ExitStack() as stack:
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=env.root)))
             ref = push_containerdisk(env.registry, disk, tmp)
