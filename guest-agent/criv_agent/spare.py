@@ -60,15 +60,18 @@ class SpareHolder:
         self._ready = False
 
     async def start(self) -> None:
-        self._proc = await asyncio.create_subprocess_exec(
-            *holder_argv("--spare"),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            # a failure's message comes back in place of "ready" (the pod's dir, where
-            # a holder's log goes, is not known yet)
-            stderr=asyncio.subprocess.STDOUT,
-            # the agent's process group, as a holder's (sandbox.py)
-        )
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                *holder_argv("--spare"),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                # a failure's message comes back in place of "ready" (the pod's dir,
+                # where a holder's log goes, is not known yet)
+                stderr=asyncio.subprocess.STDOUT,
+                # the agent's process group, as a holder's (sandbox.py)
+            )
+        except OSError as e:  # no spare: pods start their holders as before
+            log.warning("spare namespace holder: %s", e)
 
     async def wait_ready(self, timeout: float) -> bool:
         """Until the spare waits for orders (its Python has started). A spare that does

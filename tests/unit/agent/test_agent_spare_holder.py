@@ -274,3 +274,11 @@ async def test_a_pod_without_a_holder_lets_the_spare_go(tmp_path: Path, fake_hol
     await pods.setup("sb1", cfg, str(tmp_path / "pod"), [])
     assert proc is not None and proc.returncode is not None
     assert fake_holder.read_bytes() == b""
+
+
+async def test_a_spare_that_cannot_be_started_is_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(spare, "holder_argv", lambda *a: ["/nonexistent/python", *a])
+    s = SpareHolder()
+    await s.start()  # logged, not raised: the agent serves without one
+    assert not await s.wait_ready(1)
+    assert s.take() is None
