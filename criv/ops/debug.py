@@ -89,8 +89,17 @@ def holder_of(agent_pid: int) -> int:
         for child in children:
             args = procinfo.argv(int(child))
             if any("criv_agent.holder" in a or "criv_agent/holder" in a for a in args):
+                if _same_ns(agent_pid, int(child), "ipc"):
+                    continue  # the agent's spare holder, not (yet) the pod's
                 return int(child)
     return 0
+
+
+def _same_ns(a: int, b: int, ns: str) -> bool:
+    try:
+        return os.stat(f"/proc/{a}/ns/{ns}").st_ino == os.stat(f"/proc/{b}/ns/{ns}").st_ino
+    except OSError:
+        return False
 
 
 def nsenter_argv(agent_pid: int, holder_pid: int, command: list[str]) -> list[str]:

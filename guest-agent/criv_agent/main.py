@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from criv_agent.runtime import Runtime
 
 PR_SET_CHILD_SUBREAPER = 36
+SPARE_TIMEOUT = 30.0  # the spare holder's Python start; under TCG about a second
 log = logging.getLogger("criv_agent")
 
 
@@ -47,6 +48,16 @@ def set_subreaper() -> None:
 
 
 async def serve(args: argparse.Namespace) -> None:
+    from criv_agent.spare import SpareHolder
+
+    # the pod's namespace holder, started now (beside the imports) and waiting for orders
+    # before the agent serves: a VM template snapshotted after that holds it (spare.py).
+    # Not for an agent that restarts beside its pod (the record is there)
+    spare: SpareHolder | None = None
+    if not os.path.exists(os.path.join(args.state_dir, "sandbox.json")):
+        spare = SpareHolder()
+        await spare.start()
+
     import grpc
 
     from criv_agent import address
@@ -79,6 +90,8 @@ async def serve(args: argparse.Namespace) -> None:
     server.add_insecure_port(str(control))
     data_server = DataServer(runtime)
     data_listener = await asyncio.start_server(data_server.handle, sock=address.listen(data))
+    if spare is not None and await spare.wait_ready(SPARE_TIMEOUT):
+        runtime.pod.spare = spare
     await server.start()
     os.chmod(control.path, 0o600)
     forwarder: Forwarder | None = None
@@ -119,6 +132,8 @@ async def serve(args: argparse.Namespace) -> None:
     data_listener.close()
     await data_server.close()
     runtime.close()
+    if spare is not None:
+        await spare.close()
     for path in (control.path, data.path):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)

@@ -9,6 +9,7 @@ import os
 from criv_agent.api.runtime.v1 import api_pb2
 from criv_agent.errors import FailedPrecondition
 from criv_agent.sandbox import Sandbox
+from criv_agent.spare import SpareHolder, check_hostname
 
 POD = api_pb2.NamespaceMode.POD
 
@@ -33,6 +34,8 @@ class PodSandbox:
         self._state_dir = state_dir
         self.current: Sandbox | None = None
         self._lock = asyncio.Lock()
+        # a holder started with the agent, for the pod's (spare.py); main.py sets it
+        self.spare: SpareHolder | None = None
 
     def load(self) -> None:
         self.current = Sandbox.load(self._state_dir)
@@ -57,6 +60,7 @@ class PodSandbox:
         sb = self.current
         if sb is not None and sb.sandbox_id != sandbox_id:
             raise FailedPrecondition(f"this agent serves sandbox {sb.sandbox_id}")
+        check_hostname(config.hostname)  # before it is written into the pod's files
         if sb is None:
             sb = Sandbox(sandbox_id, sandbox_dir or os.path.join(self._state_dir, "sandbox"),
                          config)  # fmt: skip
@@ -68,9 +72,11 @@ class PodSandbox:
         await asyncio.to_thread(sb.mount_shm)
         self.current = sb
         try:
-            await sb.start_holder()
+            await sb.start_holder(self.spare)
         finally:
             await sb.save(self._state_dir)
+        if not sb.needs_holder():
+            await self.close_spare()  # nothing will want it: its memory back
         return sb
 
     async def ensure(self, sandbox_id: str, config: api_pb2.PodSandboxConfig) -> Sandbox:
@@ -82,11 +88,16 @@ class PodSandbox:
             if sb.sandbox_id != sandbox_id:
                 raise FailedPrecondition(f"this agent serves sandbox {sb.sandbox_id}")
             if sb.needs_holder() and not sb.holder_alive():
-                await sb.start_holder()  # it died (or the node rebooted): a new one
+                await sb.start_holder(self.spare)  # it died (or the node rebooted): a new one
                 await sb.save(self._state_dir)
             return sb
 
+    async def close_spare(self) -> None:
+        if self.spare is not None:
+            await self.spare.close()
+
     async def release(self) -> None:
+        await self.close_spare()
         if self.current is not None:
             await asyncio.to_thread(self.current.release)
             await self.current.save(self._state_dir)

@@ -17,12 +17,13 @@ import logging
 import os
 import shutil
 import signal
-import sys
+from asyncio.subprocess import Process
 from dataclasses import dataclass, field
 
 from criv_agent import cgroups
 from criv_agent.api.runtime.v1 import api_pb2
 from criv_agent.atomicfile import write_atomic, write_json_atomic
+from criv_agent.spare import HOLDER, SpareHolder, check_hostname, holder_argv, order_line
 from criv_agent.spec.mounts import PodFiles
 from criv_agent.spec.namespaces import PodNamespaces
 
@@ -31,7 +32,6 @@ log = logging.getLogger(__name__)
 POD = api_pb2.NamespaceMode.POD
 NODE = api_pb2.NamespaceMode.NODE
 SANDBOX_VERSION = 1
-HOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "holder.py")
 _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 2, 4, 8
 _MNT_DETACH = 2
 
@@ -169,37 +169,71 @@ class Sandbox:
         try:
             with open(f"/proc/{self.holder_pid}/cmdline", "rb") as f:
                 cmd = f.read()
+            ipc = os.stat(f"/proc/{self.holder_pid}/ns/ipc").st_ino
         except OSError:
             return False
-        return HOLDER.encode() in cmd
+        # a holder always has an IPC namespace of its own: a process in the agent's is a
+        # spare not yet ordered (that got a dead holder's pid), never the pod's
+        return HOLDER.encode() in cmd and ipc != _own_ipc_ns()
 
     def needs_holder(self) -> bool:
         o = self.ns_options
         return o.network != NODE or o.ipc == POD or o.pid == POD
 
-    async def start_holder(self) -> None:
+    async def start_holder(self, spare: SpareHolder | None = None) -> None:
+        """The pod's holder: the agent's spare (spare.py) when it has one that waits,
+        else a holder started now."""
         if self.holder_alive() or not self.needs_holder():
             return
-        # by file path, without site: starts fastest and needs only the stdlib
-        args = [sys.executable, "-S", "-E", HOLDER, self.config.hostname]
-        if self.ns_options.pid == POD:
-            args.append("--pid")
+        hostname = check_hostname(self.config.hostname)
+        share_pid = self.ns_options.pid == POD
+        proc = spare.take() if spare is not None else None
+        if proc is not None:
+            if await self._order_spare(proc, hostname, share_pid):
+                self.holder_pid = proc.pid
+                return
+            log.warning("the spare namespace holder was dead: starting a holder")
+        args = [hostname, "--pid"] if share_pid else [hostname]
         errlog = self.path("holder.log")
         with open(errlog, "wb") as err:
             proc = await asyncio.create_subprocess_exec(
-                *args,
+                *holder_argv(*args),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=err,
                 # the agent's process group: whoever kills the agent's group (criv
                 # destroying a pod whose agent does not answer) kills the holder too
             )
-        assert proc.stdout is not None
-        line = await asyncio.wait_for(proc.stdout.readline(), 10)
-        if line.strip() != b"ready":
+        if await _answer(proc) != b"ready\n":
             await proc.wait()
             raise OSError(f"namespace holder failed: {_read_or(errlog, '').strip()}")
         self.holder_pid = proc.pid
+
+    async def _order_spare(self, proc: Process, hostname: str, share_pid: bool) -> bool:
+        """Give the spare its orders. False: it was dead, and said nothing (whatever it
+        had done died with it)."""
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            proc.stdin.write(order_line(hostname, share_pid))
+            await proc.stdin.drain()
+            proc.stdin.close()
+        except (BrokenPipeError, ConnectionResetError):
+            line = b""
+        else:
+            line = await _answer(proc)
+        if line == b"ready\n":
+            return True
+        if line:  # a failure: its message, then it exits (stderr is its stdout)
+            with contextlib.suppress(TimeoutError):
+                line += await asyncio.wait_for(proc.stdout.read(), 5)
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        if not line:
+            return False
+        msg = line.decode(errors="replace").strip()
+        await asyncio.to_thread(write_atomic, self.path("holder.log"), line, 0o644)
+        raise OSError(f"namespace holder failed: {msg}")
 
     def stop_holder(self) -> None:
         if self.holder_alive():
@@ -238,6 +272,26 @@ class Sandbox:
                 return cls.from_json(json.load(f))
         except FileNotFoundError:
             return None
+
+
+HOLDER_TIMEOUT = 10.0
+
+
+async def _answer(proc: Process) -> bytes:
+    """A holder's first line: ``ready``, or (EOF) that it failed; one that does not
+    answer in time is killed."""
+    assert proc.stdout is not None
+    try:
+        return await asyncio.wait_for(proc.stdout.readline(), HOLDER_TIMEOUT)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise OSError(f"namespace holder: no answer in {HOLDER_TIMEOUT:.0f}s") from None
+
+
+def _own_ipc_ns() -> int:
+    return os.stat("/proc/self/ns/ipc").st_ino
 
 
 def _read_or(path: str, default: str) -> str:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -99,6 +102,45 @@ def test_pod_files_hostname_and_shared_ipc_pid(agent: Agent) -> None:
     out = [c for _, _, c in agent.logs("b")]
     code = info.exit_code
     assert (code, out) == (0, ["shared", "1"])
+
+
+def _spares(agent: Agent) -> list[int]:
+    return [int(m.split()[1].rstrip(":")) for m in agent.group_members()
+            if "criv_agent/holder.py --spare" in m]  # fmt: skip
+
+
+@pytest.mark.timeout(60)
+def test_the_pods_holder_is_the_spare_the_agent_started(agent: Agent) -> None:
+    """The agent starts a spare holder before it serves (spare.py); the pod's holder is
+    that process, in namespaces of its own. An agent restarting beside its pod starts
+    none."""
+    [spare] = _spares(agent)
+    own = {ns: os.stat(f"/proc/self/ns/{ns}").st_ino for ns in ("ipc", "uts")}
+    assert {ns: os.stat(f"/proc/{spare}/ns/{ns}").st_ino for ns in own} == own
+    agent.setup(pid=NS.POD, network=NS.POD)
+    record = json.loads((agent.state_dir / "sandbox.json").read_text())
+    assert record["holder_pid"] == spare
+    for ns, ino in own.items():
+        assert os.stat(f"/proc/{spare}/ns/{ns}").st_ino != ino
+    uts = subprocess.run(["nsenter", f"--uts=/proc/{spare}/ns/uts", "hostname"],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    assert uts.stdout == "podhost\n"
+    agent.stop_process()
+    agent.start()
+    assert _spares(agent) == []  # (the holder stays in the first agent's group)
+    assert os.path.exists(f"/proc/{spare}")
+
+
+@pytest.mark.timeout(60)
+def test_a_hostname_that_is_not_one_is_refused(agent: Agent) -> None:
+    cfg = agent.sandbox_config()
+    cfg.hostname = "podhost\npid other"
+    with pytest.raises(grpc.RpcError) as e:
+        agent.setup(cfg)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+    assert len(_spares(agent)) == 1  # still waiting, for a pod with a good name
+    assert not agent.sandbox_dir.exists()
+    agent.setup()
 
 
 @pytest.mark.timeout(60)

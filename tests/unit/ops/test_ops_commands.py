@@ -170,6 +170,20 @@ def test_debug_enters_agent_net_and_holder_uts_ipc() -> None:
     assert debug.nsenter_argv(10, 0, ["id"]) == ["nsenter", "--net=/proc/10/ns/net", "--", "id"]
 
 
+def test_debug_does_not_take_the_agents_spare_holder_for_the_pods() -> None:
+    """A spare holder (criv_agent/spare.py) waits in the agent's namespaces: no holder."""
+    import criv_agent.spare
+
+    argv = [sys.executable, "-S", "-E", criv_agent.spare.HOLDER, "--spare"]
+    spare = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert spare.stdout is not None and spare.stdout.readline() == b"spare\n"
+        assert debug.holder_of(os.getpid()) == 0
+    finally:
+        spare.kill()
+        spare.wait()
+
+
 def test_audit_records_are_private_json_lines(tmp_path: Path) -> None:
     cfg = Config(state_dir=str(tmp_path))
     debug.audit(cfg, "debug-start", pod="p1", command=["sh"])
