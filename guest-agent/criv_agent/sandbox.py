@@ -226,9 +226,7 @@ class Sandbox:
         if line:  # a failure: its message, then it exits (stderr is its stdout)
             with contextlib.suppress(TimeoutError):
                 line += await asyncio.wait_for(proc.stdout.read(), 5)
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
+        await _reap_ending(proc)
         if not line:
             return False
         msg = line.decode(errors="replace").strip()
@@ -288,6 +286,18 @@ async def _answer(proc: Process) -> bytes:
             proc.kill()
         await proc.wait()
         raise OSError(f"namespace holder: no answer in {HOLDER_TIMEOUT:.0f}s") from None
+
+
+async def _reap_ending(proc: Process, grace: float = 5.0) -> None:
+    """Wait for a holder that is ending (it failed, or died); kill it only if it does not
+    end in ``grace`` s. Not kill first: killing one that has exited lets Popen.poll reap it
+    before asyncio's child watcher, which then reports 255, not its exit code."""
+    try:
+        await asyncio.wait_for(proc.wait(), grace)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
 
 
 def _own_ipc_ns() -> int:
