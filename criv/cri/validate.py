@@ -37,13 +37,11 @@ from criv.cri.validate_linux import (
     show,
 )
 from criv_agent.api.runtime.v1 import api_pb2
+from criv_agent.hostname import hostname_problem
 
 # What CNI_ARGS (``K=V;K=V``), reserved names (``name_namespace_uid_attempt``) and log
 # lines can carry: printable, no separator of theirs, kubelet's longest name.
 _NAME_RE = re.compile(r"^[^\s;=\x00-\x1f\x7f]{1,253}$")
-# RFC 1123 host name; the kernel's sethostname takes at most 64 bytes.
-_HOST_LABEL_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
-HOSTNAME_MAX = 64
 _PROTOCOLS = frozenset(api_pb2.Protocol.values())
 _PROPAGATIONS = frozenset(api_pb2.MountPropagation.values())
 _ENV_KEY_RE = re.compile(r"^[^=]+$")
@@ -106,12 +104,9 @@ def check_abs_path(value: str, path: str, required: bool = True) -> None:
 
 
 def check_hostname(value: str, path: str) -> None:
-    if not value:
-        return
-    if len(value.encode()) > HOSTNAME_MAX:
-        raise fail(path, f"{show(value)} is longer than {HOSTNAME_MAX} bytes")
-    if not all(_HOST_LABEL_RE.match(label) for label in value.split(".")):
-        raise fail(path, f"{show(value)} is not an RFC 1123 host name")
+    problem = hostname_problem(value)
+    if problem:
+        raise fail(path, f"{show(value)} {problem}")
 
 
 def check_ip(value: str, path: str, required: bool) -> None:

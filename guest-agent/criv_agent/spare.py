@@ -18,17 +18,15 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 import sys
 from asyncio.subprocess import Process
 
 from criv_agent.errors import InvalidArgument
+from criv_agent.hostname import hostname_problem
 
 log = logging.getLogger(__name__)
 
 HOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "holder.py")
-HOSTNAME_MAX = 64  # sethostname's limit; the host checks the same (criv/cri/validate.py)
-_HOST_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 
 def holder_argv(*args: str) -> list[str]:
@@ -37,15 +35,11 @@ def holder_argv(*args: str) -> list[str]:
 
 
 def check_hostname(name: str) -> str:
-    """The pod hostname as the host validates it: empty (keep the guest's), or an
-    RFC 1123 host name of at most 64 bytes. It goes to the holder as an argument or a
-    line of its orders: nothing else gets through."""
-    if not name:
-        return name
-    if len(name.encode()) > HOSTNAME_MAX:
-        raise InvalidArgument(f"hostname {name[:80]!r} is longer than {HOSTNAME_MAX} bytes")
-    if not all(_HOST_LABEL.fullmatch(label) for label in name.split(".")):
-        raise InvalidArgument(f"hostname {name[:80]!r} is not an RFC 1123 host name")
+    """The pod hostname as the host validates it (:mod:`.hostname`). It goes to the
+    holder as an argument or a line of its orders: nothing else gets through."""
+    problem = hostname_problem(name)
+    if problem:
+        raise InvalidArgument(f"hostname {name[:80]!r} {problem}")
     return name
 
 

@@ -134,7 +134,7 @@ def test_the_holder_refuses_bad_orders(line: bytes) -> None:
 def test_hostnames_as_the_host_checks_them() -> None:
     for ok in ["", "podhost", "web-0", "a.b-c.d", "A1", "a" * 63, ".".join(["a" * 31] * 2)]:
         assert check_hostname(ok) == ok
-    for bad in ["a\nb", "a\x00b", "-x", "--spare", "a b", "a..b", "x-", "é", "a" * 64,
+    for bad in ["a\nb", "a\n", "a\x00b", "-x", "--spare", "a b", "a..b", "x-", "é", "a" * 64,
                 ".".join(["a" * 32] * 2)]:  # fmt: skip
         with pytest.raises(InvalidArgument):
             check_hostname(bad)

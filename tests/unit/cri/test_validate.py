@@ -181,6 +181,7 @@ BAD = [
     (pod("hostname", "-a"), "config.hostname:"),
     (pod("hostname", "a." * 33), "config.hostname:"),
     (pod("hostname", "x\nhost"), "config.hostname:"),
+    (pod("hostname", "host\n"), "config.hostname:"),  # a trailing newline too
     (pod("log_directory", "logs"), "config.log_directory:"),
     (_pod(lambda c: c.dns_config.servers.append("dns")), "config.dns_config.servers[2]:"),
     (_pod(lambda c: c.dns_config.searches.append("a\nb")), "config.dns_config.searches[2]:"),
