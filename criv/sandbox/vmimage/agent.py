@@ -222,7 +222,7 @@ class VmImageAgent(AgentClient):
             self._root,
             cid,
             base,
-            args.config,
+            annotations,
             firmware,
         )
         self.keeper.box = box

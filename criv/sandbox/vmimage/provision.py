@@ -81,11 +81,12 @@ async def provision(
     root: Path,
     cid: str,
     base: machine.BaseDisk,
-    container_config: bytes,
+    annotations: dict[str, str],
     firmware: Firmware,
 ) -> VmContainer:
-    """The container, its files made (overlay, key, seed); CREATED."""
-    user = convert.container_annotations(container_config).get(SSH_USER_ANNOTATION, "root")
+    """The container, its files made (overlay, key, seed); CREATED. ``annotations``: the
+    container's."""
+    user = annotations.get(SSH_USER_ANNOTATION, "root")
     await asyncio.to_thread(machine.make_pod_dir, root, pod.id)
     paths = box_paths(pod_state, root, pod.id, cid)
     box = VmContainer(
