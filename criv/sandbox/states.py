@@ -22,9 +22,13 @@ how it ended. Every record change goes through ``Store.update``, which calls
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
+from typing import TypeVar
 
 from criv.errors import FailedPrecondition
+
+S = TypeVar("S", bound=StrEnum)
 
 
 class PodState(StrEnum):
@@ -60,11 +64,16 @@ CONTAINER_TRANSITIONS: dict[ContainerState, frozenset[ContainerState]] = {
 }
 
 
-def check_pod(old: PodState, new: PodState, what: str = "pod") -> None:
-    if new not in POD_TRANSITIONS[old]:
+def check_transition(table: Mapping[S, frozenset[S]], old: S, new: S, what: str) -> None:
+    """FAILED_PRECONDITION unless ``table`` lets ``what`` go from ``old`` to ``new``
+    (every state machine of the sandbox layer: pods, containers, vm-image containers)."""
+    if new not in table[old]:
         raise FailedPrecondition(f"{what} cannot go from {old.value} to {new.value}")
+
+
+def check_pod(old: PodState, new: PodState, what: str = "pod") -> None:
+    check_transition(POD_TRANSITIONS, old, new, what)
 
 
 def check_container(old: ContainerState, new: ContainerState, what: str = "container") -> None:
-    if new not in CONTAINER_TRANSITIONS[old]:
-        raise FailedPrecondition(f"{what} cannot go from {old.value} to {new.value}")
+    check_transition(CONTAINER_TRANSITIONS, old, new, what)

@@ -20,7 +20,7 @@ from __future__ import annotations
 from enum import StrEnum
 
 from criv.agent.types import AgentContainerState
-from criv.errors import FailedPrecondition
+from criv.sandbox.states import check_transition
 
 
 class BoxState(StrEnum):
@@ -51,5 +51,5 @@ VM_STATES = frozenset({BoxState.RUNNING, BoxState.STOPPING})
 
 
 def check_box(old: BoxState, new: BoxState, what: str = "vm-image container") -> None:
-    if new is not old and new not in BOX_TRANSITIONS[old]:
-        raise FailedPrecondition(f"{what} cannot go from {old.value} to {new.value}")
+    if new is not old:  # staying put is always allowed
+        check_transition(BOX_TRANSITIONS, old, new, what)
