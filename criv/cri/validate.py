@@ -41,11 +41,11 @@ from criv_agent.hostname import hostname_problem
 
 # What CNI_ARGS (``K=V;K=V``), reserved names (``name_namespace_uid_attempt``) and log
 # lines can carry: printable, no separator of theirs, kubelet's longest name.
-_NAME_RE = re.compile(r"^[^\s;=\x00-\x1f\x7f]{1,253}$")
+_NAME_RE = re.compile(r"[^\s;=\x00-\x1f\x7f]{1,253}")
 _PROTOCOLS = frozenset(api_pb2.Protocol.values())
 _PROPAGATIONS = frozenset(api_pb2.MountPropagation.values())
-_ENV_KEY_RE = re.compile(r"^[^=]+$")
-_DNS_WORD_RE = re.compile(r"^\S{1,253}$")
+_ENV_KEY_RE = re.compile(r"[^=]+")
+_DNS_WORD_RE = re.compile(r"\S{1,253}")
 
 
 # -- every string --------------------------------------------------------------------
@@ -87,7 +87,7 @@ def require(value: str, path: str) -> None:
 
 def check_name(value: str, path: str) -> None:
     require(value, path)
-    if not _NAME_RE.match(value):
+    if not _NAME_RE.fullmatch(value):
         raise fail(
             path,
             f"{show(value)} is not a name: 1-253 printable characters, no whitespace, ';' or '='",
@@ -155,7 +155,7 @@ def check_pod_config(cfg: api_pb2.PodSandboxConfig, path: str) -> None:
         check_ip(s, f"{path}.dns_config.servers[{i}]", required=True)
     for name, words in (("searches", dns.searches), ("options", dns.options)):
         for i, w in enumerate(words):
-            if not _DNS_WORD_RE.match(w):
+            if not _DNS_WORD_RE.fullmatch(w):
                 raise fail(f"{path}.dns_config.{name}[{i}]", f"{show(w)} is not one word")
     for i, pm in enumerate(cfg.port_mappings):
         p = f"{path}.port_mappings[{i}]"
@@ -177,7 +177,7 @@ def _create_container(req: api_pb2.CreateContainerRequest) -> None:
     require(cfg.image.image, "config.image.image")
     check_abs_path(cfg.working_dir, "config.working_dir", required=False)
     for i, kv in enumerate(cfg.envs):
-        if not _ENV_KEY_RE.match(kv.key):
+        if not _ENV_KEY_RE.fullmatch(kv.key):
             raise fail(f"config.envs[{i}].key", f"{show(kv.key)} is not a variable name")
     for i, m in enumerate(cfg.mounts):
         p = f"config.mounts[{i}]"

@@ -284,6 +284,31 @@ def test_bad_field_is_refused_by_name(request_: Any, field: str) -> None:
     assert field in exc.value.message, exc.value.message
 
 
+# Checks whose regex once ended in ``$`` under ``.match``: ``$`` also matches before a
+# final "\n", so "web\n" passed as a name. Each takes a good value and refuses it with a
+# trailing newline, naming the field.
+TRAILING_NEWLINE = [
+    (lambda v: pod("metadata.name", v), "web", "config.metadata.name:"),
+    (lambda v: pod("metadata.namespace", v), "default", "config.metadata.namespace:"),
+    (lambda v: pod("metadata.uid", v), UID, "config.metadata.uid:"),
+    (lambda v: ctr("metadata.name", v), "app", "config.metadata.name:"),
+    (lambda v: pod("dns_config.searches.0", v), "cluster.local", "dns_config.searches[0]:"),
+    (lambda v: pod("dns_config.options.0", v), "ndots:5", "dns_config.options[0]:"),
+]
+
+
+@pytest.mark.parametrize(
+    ("make", "good", "field"),
+    TRAILING_NEWLINE,
+    ids=[f"{f}{g}" for _, g, f in TRAILING_NEWLINE],
+)
+def test_a_trailing_newline_is_refused(make: Callable[[str], Any], good: str, field: str) -> None:
+    validate.check(make(good))
+    with pytest.raises(InvalidArgument) as exc:
+        validate.check(make(good + "\n"))
+    assert field in exc.value.message, exc.value.message
+
+
 def test_huge_values_are_clipped_in_the_message() -> None:
     req = _pod(lambda c: setattr(c, "hostname", "-" * 1_000_000))
     with pytest.raises(InvalidArgument) as exc:
