@@ -11,13 +11,13 @@ from criv.errors import InvalidArgument
 from criv_agent.api.runtime.v1 import api_pb2
 
 # Kubernetes' sysctl name rule (pkg/apis/core/validation): dot or slash separated words.
-_SYSCTL_RE = re.compile(r"^([a-z0-9]([-_a-z0-9]*[a-z0-9])?[./])*[a-z0-9]([-_a-z0-9]*[a-z0-9])?$")
-_CPUSET_RE = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
-_PAGE_SIZE_RE = re.compile(r"^\d+[KMGTP]B$")
+_SYSCTL_RE = re.compile(r"([a-z0-9]([-_a-z0-9]*[a-z0-9])?[./])*[a-z0-9]([-_a-z0-9]*[a-z0-9])?")
+_CPUSET_RE = re.compile(r"\d+(-\d+)?(,\d+(-\d+)?)*")
+_PAGE_SIZE_RE = re.compile(r"\d+[KMGTP]B")
 # a cgroup v2 interface file of the container's own cgroup (never a path)
-_CGROUP_FILE_RE = re.compile(r"^[a-z][a-z0-9_]*\.[a-z0-9_.]+$")
-_CAPABILITY_RE = re.compile(r"^[A-Za-z_]{1,64}$")
-_SLICE_RE = re.compile(r"^[^/]+\.slice$")
+_CGROUP_FILE_RE = re.compile(r"[a-z][a-z0-9_]*\.[a-z0-9_.]+")
+_CAPABILITY_RE = re.compile(r"[A-Za-z_]{1,64}")
+_SLICE_RE = re.compile(r"[^/]+\.slice")
 # cgroup and CFS limits (kernel/sched: quota and period 1 ms .. 1 s, shares 2 .. 262144)
 CPU_PERIOD_RANGE = (1000, 1_000_000)
 CPU_QUOTA_RANGE = (1000, 2**44 - 1)
@@ -68,13 +68,13 @@ def check_resources(
         )
     for name in ("cpuset_cpus", "cpuset_mems"):
         value = getattr(r, name)
-        if value and not _CPUSET_RE.match(value):
+        if value and not _CPUSET_RE.fullmatch(value):
             raise fail(f"{path}.{name}", f"{show(value)} is not a CPU/node list (0-3,5)")
     for i, h in enumerate(r.hugepage_limits):
-        if not _PAGE_SIZE_RE.match(h.page_size):
+        if not _PAGE_SIZE_RE.fullmatch(h.page_size):
             raise fail(f"{path}.hugepage_limits[{i}].page_size", f"{show(h.page_size)}")
     for key, value in r.unified.items():
-        if not _CGROUP_FILE_RE.match(key):
+        if not _CGROUP_FILE_RE.fullmatch(key):
             raise fail(f"{path}.unified", f"{show(key)} is not a cgroup interface file")
         if "\n" in value:
             raise fail(f"{path}.unified[{show(key)}]", "is more than one line")
@@ -167,7 +167,7 @@ def check_security(sc: api_pb2.LinuxContainerSecurityContext, path: str) -> None
     caps = sc.capabilities
     for name in ("add_capabilities", "drop_capabilities", "add_ambient_capabilities"):
         for i, c in enumerate(getattr(caps, name)):
-            if not _CAPABILITY_RE.match(c):
+            if not _CAPABILITY_RE.fullmatch(c):
                 raise fail(f"{path}.capabilities.{name}[{i}]", f"{show(c)} is no capability")
 
 
@@ -186,13 +186,13 @@ def check_mount(m: api_pb2.Mount, path: str) -> None:
 def check_pod_linux(linux: api_pb2.LinuxPodSandboxConfig, path: str) -> None:
     parent = linux.cgroup_parent
     absolute = parent.startswith("/") and ".." not in parent.split("/")
-    if parent and not (absolute or _SLICE_RE.match(parent)):
+    if parent and not (absolute or _SLICE_RE.fullmatch(parent)):
         raise fail(
             f"{path}.cgroup_parent",
             f"{show(parent)} is neither an absolute cgroup path nor a systemd slice",
         )
     for key, value in linux.sysctls.items():
-        if not _SYSCTL_RE.match(key):
+        if not _SYSCTL_RE.fullmatch(key):
             raise fail(f"{path}.sysctls", f"{show(key)} is not a sysctl name")
         if "\n" in value:
             raise fail(f"{path}.sysctls[{show(key)}]", "is more than one line")

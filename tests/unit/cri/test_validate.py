@@ -294,6 +294,42 @@ TRAILING_NEWLINE = [
     (lambda v: ctr("metadata.name", v), "app", "config.metadata.name:"),
     (lambda v: pod("dns_config.searches.0", v), "cluster.local", "dns_config.searches[0]:"),
     (lambda v: pod("dns_config.options.0", v), "ndots:5", "dns_config.options[0]:"),
+    # validate_linux
+    (lambda v: pod("linux.cgroup_parent", v), "kubepods.slice", "config.linux.cgroup_parent:"),
+    (
+        lambda v: _pod(lambda c: c.linux.sysctls.update({v: "1"})),
+        "kernel.shm_rmid_forced",
+        "config.linux.sysctls:",
+    ),
+    (lambda v: ctr(f"{RES}.cpuset_cpus", v), "0-3,6", "resources.cpuset_cpus:"),
+    (lambda v: ctr(f"{RES}.cpuset_mems", v), "0", "resources.cpuset_mems:"),
+    (
+        lambda v: ctr(f"{RES}.hugepage_limits.0.page_size", v),
+        "1GB",
+        "hugepage_limits[0].page_size:",
+    ),
+    (
+        lambda v: _ctr(lambda c: c.linux.resources.unified.update({v: "1"})),
+        "memory.max",
+        "resources.unified:",
+    ),
+    (
+        lambda v: ctr(f"{SC}.capabilities.add_capabilities.0", v),
+        "NET_ADMIN",
+        "capabilities.add_capabilities[0]:",
+    ),
+    (
+        lambda v: ctr(f"{SC}.capabilities.drop_capabilities.0", v),
+        "ALL",
+        "capabilities.drop_capabilities[0]:",
+    ),
+    (
+        lambda v: _ctr(
+            lambda c: c.linux.security_context.capabilities.add_ambient_capabilities.append(v)
+        ),
+        "NET_BIND_SERVICE",
+        "capabilities.add_ambient_capabilities[0]:",
+    ),
 ]
 
 
