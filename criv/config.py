@@ -209,6 +209,9 @@ class VmConfig:
     # where templates are kept (guest RAM + device state, ~100 MiB each): "" means
     # <run_dir>/templates (tmpfs on most hosts)
     template_dir: str = ""
+    # clones of the last templated pod's shape kept started, loaded and paused for the next
+    # pods (docs/vm.md, Spare VMs): each holds its guest RAM (~100 MiB) and no CPU; 0: none
+    spare_vms: int = 1
 
     def validate(self, key: str) -> None:
         if self.libvirt_call_timeout_seconds < 1:
@@ -228,6 +231,8 @@ class VmConfig:
             raise ConfigError(f"{key}.max_memory_mib", "must be 0 (the boot size) or 64..65536")
         if not 0 <= self.max_vcpus <= 64:
             raise ConfigError(f"{key}.max_vcpus", "must be 0 (host CPUs, at most 16) .. 64")
+        if not 0 <= self.spare_vms <= 8:
+            raise ConfigError(f"{key}.spare_vms", "must be 0..8")
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,6 @@ from pathlib import Path
 from criv.commands import run_command
 from criv.errors import CrivError
 from criv.hypervisor.libvirtbase import qemu_pid
-from criv.hypervisor.spec import domain_name
 from criv.network.tap import tap_name
 from criv.procscan import same_process
 from criv.sandbox import podcgroup
@@ -29,6 +28,7 @@ from criv.sandbox.isolation import PodPaths
 from criv.sandbox.isostate import VmState
 from criv.sandbox.records import PodRecord
 from criv.sandbox.vm import virtiofs
+from criv.sandbox.vm.spares import vm_domain
 
 log = logging.getLogger("criv.sandbox.podmetrics")
 
@@ -138,7 +138,7 @@ def vm_processes(pod: PodRecord, paths: PodPaths) -> list[int]:
     st = pod.isolation_state
     if not isinstance(st, VmState):
         return []
-    roots = [qemu_pid(domain_name(pod.id))]
+    roots = [qemu_pid(vm_domain(pod.id, st))]
     if same_process(st.backend_pid, st.backend_start_time):
         roots.append(st.backend_pid)
     roots += virtiofs.pids(str(virtiofs.fs_socket(paths)))

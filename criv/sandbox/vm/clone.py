@@ -6,6 +6,9 @@ where the template was saved: its agent already listens. Then what is the pod's 
 hot-plugged into its empty PCIe root ports: the share (virtiofsd), the NIC (the pod's tap
 and MAC) and the vsock device (the pod's backend). The agent takes the pod's identity
 (clock, RNG reseed, machine-id, share mount, NIC) at SetupSandbox.
+
+A spare (:mod:`.spares`) is such a clone started and loaded before its pod came: the pod
+only resumes it and plugs its devices in.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 from criv import metrics
 from criv.errors import CrivError, FailedPrecondition
@@ -31,6 +35,7 @@ from criv.hypervisor.spec import (
 )
 from criv.sandbox.vm.coldpath import StepClock
 from criv.sandbox.vm.host import VmHost
+from criv.sandbox.vm.spares import Spare, SpareVms
 from criv.sandbox.vm.template import Template, Templates, template_key
 
 log = logging.getLogger("criv.sandbox.vm")
@@ -48,6 +53,28 @@ def clone_domain(vm: PodVm) -> Domain:
             uuid=vm.uuid, incoming=True,
         )
     )  # fmt: skip
+
+
+async def plug_pod_devices(hv: Hypervisor, vm: PodVm, name: str) -> None:
+    """Hot-plug ``vm``'s own devices into the running clone ``name``'s empty root ports."""
+    ports = await snapshot.root_ports(hv, name)
+    if len(ports) < HOTPLUGS:
+        raise FailedPrecondition(f"clone {name} has {len(ports)} free root ports, needs {HOTPLUGS}")
+    # the vsock device first: the agent is reachable once it is in
+    qmp = VhostUserVsock(vm.vsock_socket).hotplug_commands(ports[2]) if vm.vsock_socket else []
+    devices = []
+    if vm.fs_socket is not None:
+        devices.append(device_xml(VirtioFs(vm.fs_socket, tag=SHARE_TAG, bus=ports[0])))
+    if vm.tap:
+        mac = vm.mac or mac_for(vm.sandbox_id)
+        devices.append(device_xml(TapInterface(vm.tap, mac, vm.mtu, ports[1])))
+    await snapshot.plug(hv, name, qmp, devices)
+
+
+async def _undo(hv: Hypervisor, name: str) -> None:
+    with contextlib.suppress(CrivError):
+        await hv.destroy(name)
+        await hv.wait_stopped(name, 10.0)
 
 
 async def start_clone(
@@ -69,51 +96,79 @@ async def start_clone(
                 LOAD_TIMEOUT,
             )
         with clock.step("hot-plug"):
-            ports = await snapshot.root_ports(hv, domain.name)
-            if len(ports) < HOTPLUGS:
-                raise FailedPrecondition(
-                    f"clone {domain.name} has {len(ports)} free root ports, needs {HOTPLUGS}"
-                )
-            # the vsock device first: the agent is reachable once it is in
-            qmp = (
-                VhostUserVsock(vm.vsock_socket).hotplug_commands(ports[2])
-                if vm.vsock_socket
-                else []
-            )
-            devices = []
-            if vm.fs_socket is not None:
-                devices.append(device_xml(VirtioFs(vm.fs_socket, tag=SHARE_TAG, bus=ports[0])))
-            if vm.tap:
-                mac = vm.mac or mac_for(vm.sandbox_id)
-                devices.append(device_xml(TapInterface(vm.tap, mac, vm.mtu, ports[1])))
-            await snapshot.plug(hv, domain.name, qmp, devices)
+            await plug_pod_devices(hv, vm, domain.name)
     except BaseException:
-        with contextlib.suppress(CrivError):
-            await hv.destroy(domain.name)
-            await hv.wait_stopped(domain.name, 10.0)
+        await asyncio.shield(_undo(hv, domain.name))
         raise
     return info, domain
 
 
+async def start_spare(hv: Hypervisor, vm: PodVm, spare: Spare, clock: StepClock) -> None:
+    """Run the paused ``spare`` as ``vm``'s VM, its devices plugged in; on any failure
+    the spare is destroyed and the error raised."""
+    try:
+        with clock.step("resume spare"):
+            await snapshot.resume(hv, spare.name)
+        with clock.step("hot-plug"):
+            await plug_pod_devices(hv, vm, spare.name)
+    except BaseException:
+        await asyncio.shield(_undo(hv, spare.name))
+        raise
+
+
+@dataclass(frozen=True)
+class Started:
+    """The pod's running domain: its console log, and its template's key ("": cold)."""
+
+    info: DomainInfo
+    domain: Domain
+    console_log: Path
+    template: str = ""
+
+
 async def start_pod_domain(
-    hv: Hypervisor, vm: PodVm, templates: Templates | None, host: VmHost, clock: StepClock
-) -> tuple[DomainInfo, Domain, str]:
-    """``vm``'s domain: a clone of its template when ``templates`` (``vm.template: auto``)
-    holds one (its key is returned), else a cold boot, which has the template built for the
-    next pod ("" returned). A clone that fails is destroyed, its template dropped, and the
-    pod boots cold."""
+    hv: Hypervisor,
+    vm: PodVm,
+    templates: Templates | None,
+    spares: SpareVms | None,
+    host: VmHost,
+    clock: StepClock,
+) -> Started:
+    """``vm``'s domain: when ``templates`` (``vm.template: auto``) holds its template, a
+    spare clone of it (:mod:`.spares`) if one waits, else a clone started now; without a
+    template, a cold boot, which has the template built for the next pod. A clone that
+    fails is destroyed, its template dropped, and the pod boots cold; a spare that fails
+    is destroyed and the pod starts as a clone."""
     key = ""
     if templates is not None and vm.machine == "q35" and not vm.vsock_cid:
         key = template_key(vm)
+        if spares is not None:
+            spares.want(key, vm)  # a refill, once this start is done
         template = await asyncio.to_thread(templates.find, key)
         if template is not None:
+            spare = await spares.take(key) if spares is not None else None
+            if spare is not None:
+                try:
+                    await start_spare(hv, vm, spare, clock)
+                    metrics.TEMPLATE_HITS.inc()
+                    return Started(spare.info, spare.domain, spare.console_log, key)
+                except CrivError as e:
+                    log.warning(
+                        "pod %s: spare %s failed (%s); starting a clone",
+                        vm.sandbox_id[:12], spare.name, e,
+                    )  # fmt: skip
+                    await host.settle_stop(spare.name)
+                    if spares is not None:
+                        await spares.release(spare.name)
             try:
                 info, domain = await start_clone(hv, vm, template, clock)
                 metrics.TEMPLATE_HITS.inc()
-                return info, domain, key
+                return Started(info, domain, vm.console_log, key)
             except CrivError as e:
                 log.warning("pod %s: clone failed (%s); booting cold", vm.sandbox_id[:12], e)
                 await asyncio.to_thread(templates.drop, key)
+                if spares is not None:
+                    spares.drop(key)
                 await host.settle_stop(domain_name(vm.sandbox_id))
     domain = pod_domain(vm)
     with clock.step("domain"):
@@ -121,4 +176,4 @@ async def start_pod_domain(
     if key and templates is not None:
         metrics.TEMPLATE_MISSES.inc()
         templates.ensure(key, vm)
-    return info, domain, ""
+    return Started(info, domain, vm.console_log)

@@ -24,6 +24,7 @@ from criv.agent.client import AgentClient
 from criv.agent.types import GuestIdentity, GuestInterface, GuestNetwork, GuestRoute
 from criv.config import Config
 from criv.errors import AgentError, CrivError, InvalidArgument
+from criv.hypervisor.driver import Hypervisor
 from criv.hypervisor.hostsetup import QEMU_USER
 from criv.hypervisor.libvirtbase import qemu_pid
 from criv.hypervisor.sizing import PodResources, max_memory_for, max_vcpus_for, vm_size
@@ -51,6 +52,7 @@ from criv.sandbox.vm.layout import (
     vhost_socket,
 )
 from criv.sandbox.vm.ready import http2_answers
+from criv.sandbox.vm.spares import SpareVms, is_spare_name, spare_console, vm_domain
 from criv.sandbox.vm.sweep import sweep_vm_orphans
 from criv.sandbox.vm.template import Templates, template_root
 from criv.state.runtime_state import RuntimeState
@@ -80,6 +82,10 @@ def _state(pod: PodRecord) -> VmState | None:
     return st if isinstance(st, VmState) else None
 
 
+def _domain(pod: PodRecord) -> str:
+    return vm_domain(pod.id, _state(pod))
+
+
 class VmIsolation:
     mode = "vm"
     # a VM that stops takes its containers with it
@@ -94,6 +100,13 @@ class VmIsolation:
         self._backends = VsockBackends()
         self._prepared: dict[str, coldpath.Prepared] = {}  # pod id -> its prepared steps
         self._templates = Templates(template_root(config), self._host, self._owner)
+        self._spares = SpareVms(
+            Path(config.run_dir) / "spares",
+            self._host,
+            self._templates,
+            config.vm.spare_vms if config.vm.template == "auto" else 0,
+            self._owner,
+        )
         if self.mode in config.runtime.handlers.values():
             self._host.start_probes()  # in the background: not in the first pod's latency
 
@@ -169,22 +182,28 @@ class VmIsolation:
         )  # fmt: skip
         self._host.stops.pop(name, None)
         templates = self._templates if self._config.vm.template == "auto" else None
-        info, domain, template = await start_pod_domain(hv, vm, templates, self._host, clock)
-        failpoints.hit("vm_boot.after_domain")
-        if tap:
-            # QEMU holds the tap open now; it keeps working in the pod netns
-            with clock.step("attach tap"):
-                await attach_tap(Path(pod.netns), tap)
+        started = await start_pod_domain(hv, vm, templates, self._spares, self._host, clock)
+        name = started.info.name  # a spare keeps its own
+        try:
+            failpoints.hit("vm_boot.after_domain")
+            if tap:
+                # QEMU holds the tap open now; it keeps working in the pod netns
+                with clock.step("attach tap"):
+                    await attach_tap(Path(pod.netns), tap)
+        except BaseException:
+            # the pod's record does not name this domain yet: destroy() would miss a spare
+            await asyncio.shield(self._forget_domain(hv, name))
+            raise
         return VmState(
             domain=name,
-            uuid=info.uuid,
+            uuid=started.info.uuid,
             accel=prep.accel.accel,
             accel_reason=prep.accel.reason,
-            console_log=str(console_log(paths)),
+            console_log=str(started.console_log),
             vcpus=size.vcpus,
-            max_vcpus=max(domain.max_vcpus, size.vcpus),
+            max_vcpus=max(started.domain.max_vcpus, size.vcpus),
             memory_mib=size.memory_mib,
-            max_memory_mib=domain.memory_mib,
+            max_memory_mib=started.domain.memory_mib,
             vsock="backend",
             cid=prep.cid,
             backend_pid=prep.backend_pid,
@@ -193,13 +212,24 @@ class VmIsolation:
             tap=tap,
             mac=mac,
             mtu=mtu,
-            template=template,
+            template=started.template,
         )
+
+    def _console(self, pod: PodRecord, paths: PodPaths) -> Path:
+        """The pod VM's console log: a spare's stays in the spare's directory."""
+        name = _domain(pod)
+        return spare_console(self._spares.root, name) if is_spare_name(name) else console_log(paths)
+
+    async def _forget_domain(self, hv: Hypervisor, name: str) -> None:
+        with contextlib.suppress(CrivError):
+            await hv.destroy(name)
+            await hv.wait_stopped(name, VM_EXIT_TIMEOUT)
+        await self._spares.release(name)
 
     # -- agent -----------------------------------------------------------------------
 
     async def alive(self, pod: PodRecord) -> bool:
-        name = domain_name(pod.id)
+        name = _domain(pod)
         if name in self._host.stops:
             return False
 
@@ -221,17 +251,17 @@ class VmIsolation:
 
     async def connect(self, pod: PodRecord, paths: PodPaths, timeout: float) -> AgentClient:
         control = control_socket(paths)
+        console = self._console(pod, paths)
         timeout = max(timeout, VM_CONNECT_TIMEOUT) if pod.state is PodState.PENDING else timeout
         t0 = time.monotonic()
         deadline = t0 + timeout
         last: Exception | None = None
         while time.monotonic() < deadline:
             if not await self.alive(pod):
-                why = self._host.stops.get(domain_name(pod.id), "gone")
-                tail = await asyncio.to_thread(console_tail, console_log(paths))
+                why = self._host.stops.get(_domain(pod), "gone")
+                tail = await asyncio.to_thread(console_tail, console)
                 raise AgentError(
-                    f"VM of pod {pod.id[:12]} stopped ({why}); console log "
-                    f"{console_log(paths)}:\n{tail}"
+                    f"VM of pod {pod.id[:12]} stopped ({why}); console log {console}:\n{tail}"
                 )
             if await http2_answers(control, READY_PROBE_TIMEOUT):
                 # a fresh channel each time: a failed one would wait out its backoff
@@ -252,33 +282,33 @@ class VmIsolation:
             await asyncio.sleep(READY_POLL_INTERVAL)
         raise AgentError(
             f"agent of pod {pod.id[:12]} did not answer in {timeout:.0f}s ({last}); "
-            f"console log {console_log(paths)}"
+            f"console log {console}"
         )
 
     async def vcpus(self, pod: PodRecord) -> tuple[int, int]:
         """(live vCPUs, most vCPUs) of the pod's VM, as libvirt sees them."""
         hv = await self._host.hypervisor()
-        return await hv.vcpus(domain_name(pod.id))
+        return await hv.vcpus(_domain(pod))
 
     async def set_vcpus(self, pod: PodRecord, count: int) -> int:
         """Hot-plug or unplug the pod VM's vCPUs (UpdatePodSandboxResources); the live count."""
         hv = await self._host.hypervisor()
-        return await hv.set_vcpus(domain_name(pod.id), count)
+        return await hv.set_vcpus(_domain(pod), count)
 
     async def memory(self, pod: PodRecord) -> int:
         """MiB the pod VM's guest has now, behind its balloon."""
         hv = await self._host.hypervisor()
-        return await hv.memory(domain_name(pod.id))
+        return await hv.memory(_domain(pod))
 
     async def memory_use(self, pod: PodRecord) -> tuple[int, int]:
         """(MiB the guest has, MiB of it in use), as the guest's balloon driver says."""
         hv = await self._host.hypervisor()
-        return await hv.memory_use(domain_name(pod.id))
+        return await hv.memory_use(_domain(pod))
 
     async def set_memory(self, pod: PodRecord, mib: int) -> None:
         """Set the pod VM's balloon target (UpdatePodSandboxResources)."""
         hv = await self._host.hypervisor()
-        await hv.set_memory(domain_name(pod.id), mib)
+        await hv.set_memory(_domain(pod), mib)
 
     def guest_network(self, pod: PodRecord) -> GuestNetwork | None:
         st = _state(pod)
@@ -307,7 +337,7 @@ class VmIsolation:
     async def stop(
         self, pod: PodRecord, paths: PodPaths, client: AgentClient | None, timeout: int
     ) -> None:
-        name = domain_name(pod.id)
+        name = _domain(pod)
         if client is not None and await self.alive(pod):
             try:
                 # the agent stops the containers and exits; the guest init then powers off
@@ -321,11 +351,12 @@ class VmIsolation:
         await self.destroy(pod, paths)
 
     async def destroy(self, pod: PodRecord, paths: PodPaths) -> None:
-        name = domain_name(pod.id)
+        name = _domain(pod)
         self._prepared.pop(pod.id, None)
         hv = await self._host.hypervisor()
         await hv.destroy(name)
         await hv.wait_stopped(name, VM_EXIT_TIMEOUT)
+        await self._spares.release(name)
         await self._backends.stop(pod.id, paths)
         await virtiofs.stop(paths)  # exits with QEMU; not if QEMU never connected
         await delete_tap(pod_tap_name(pod.id))  # only if it never reached the pod netns
@@ -379,13 +410,17 @@ class VmIsolation:
     async def sweep(self, pods: list[PodRecord]) -> None:
         live = [p for p in pods if p.isolation == self.mode and p.state is not PodState.NOTREADY]
         keep = {await asyncio.to_thread(self._backends.pid, p.id, _state(p)) for p in live}
+        domains = {_domain(p) for p in live} | self._spares.names()
         await sweep_vm_orphans(
-            self._host, self._backends, self._owner, self._run_root, pods, live, keep
+            self._host, self._backends, self._owner, self._run_root, pods, live, domains, keep
         )
+        for name in await self._spares.sweep(domains):
+            log.warning("removed the directory of orphan spare %s", name)
 
     async def close(self) -> None:
         """Drop criv's side (libvirt connection); VMs and backends keep running (template
         builds do not: their VMs are destroyed)."""
+        await self._spares.close()
         await self._templates.close()
         self._backends.forget_all()
         await self._host.close()

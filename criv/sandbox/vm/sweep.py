@@ -9,7 +9,6 @@ import logging
 from pathlib import Path
 
 from criv.errors import CrivError
-from criv.hypervisor.spec import domain_name
 from criv.network.tap import delete_tap, host_taps, tap_name
 from criv.sandbox.records import PodRecord
 from criv.sandbox.vm import virtiofs
@@ -26,9 +25,11 @@ async def sweep_vm_orphans(
     run_root: Path,
     pods: list[PodRecord],
     live: list[PodRecord],
+    names: set[str],
     keep_backends: set[int],
 ) -> None:
-    names = {domain_name(p.id) for p in live}
+    """Destroy this criv's domains not in ``names``; kill backends and virtiofsds no pod
+    in ``live`` owns; delete taps no pod in ``pods`` names."""
     try:
         hv = await host.hypervisor()
         domains = await hv.list_domains()
