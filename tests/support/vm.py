@@ -23,6 +23,7 @@ import pytest
 from criv.guestimage import DEFAULT_CACHE_ROOT, GuestImage, build_guest_image
 from criv.hypervisor.hostsetup import start_libvirtd
 from criv.hypervisor.spec import TEMPLATE_DOMAIN_PREFIX
+from criv.sandbox.vm.spares import SPARE_DOMAIN_PREFIX
 from criv_agent.api.runtime.v1 import api_pb2
 from tests.support.cri import Cri
 from tests.support.daemon import merge
@@ -49,15 +50,18 @@ def wait_template(tdir: Path, timeout: float = 300) -> Path:
 
 
 def criv_domains(templates: bool = False) -> set[str]:
-    """criv's domains in libvirt; template builds only with ``templates`` (one may still
-    run when a test ends: it goes when its criv stops; see ``template_dir``)."""
+    """criv's domains in libvirt; template builds and spare VMs only with ``templates``
+    (they may still be there when a test ends: they go when their criv stops; see
+    ``template_dir``)."""
     r = subprocess.run(
         ["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
         capture_output=True,
         text=True,
     )
     names = {n for n in r.stdout.split() if n.startswith("criv-")}
-    return names if templates else {n for n in names if not n.startswith(TEMPLATE_DOMAIN_PREFIX)}
+    if templates:
+        return names
+    return {n for n in names if not n.startswith((TEMPLATE_DOMAIN_PREFIX, SPARE_DOMAIN_PREFIX))}
 
 
 @pytest.fixture(scope="session")

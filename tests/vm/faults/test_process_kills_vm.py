@@ -99,7 +99,7 @@ def test_guest_agent_killed(vm_cri: Cri) -> None:
         vm_cri.exec(cid, ["kill", "-9", *[a.decode() for a in agents]], timeout=5)
     assert _notready(vm_cri, pod, cid).reason == "VMExited"
     assert "its VM stopped unexpectedly" in vm_cri.proc.logs()
-    console = Path(vm_cri.proc.config["state_dir"]) / "sandboxes" / pod / "console.log"
+    console = Path(vm_cri.isolation_state(pod)["console_log"])
     assert "criv-agent exited" in console.read_text(errors="replace")
     faults.check_gone(vm_cri, ipam)
 

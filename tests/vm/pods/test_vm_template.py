@@ -1,19 +1,22 @@
 """VM templates (docs/vm.md): the first pod of a shape boots cold and has its template
 built; later pods start as clones of it, each with its own identity (RNG, clock,
 machine-id, MAC, hostname, IP); a template a clone cannot load is dropped and the pod
-boots cold; ``vm.template: off`` never clones.
+boots cold; ``vm.template: off`` never clones; a spare VM (a clone loaded ahead) is taken
+by the next pod.
 
 Each test has its own template directory (the session's shared one would hide the cold
 start and the build)."""
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from criv.sandbox.vm.spares import is_spare_name
 from criv_agent.api.runtime.v1 import api_pb2
 from tests.support.cri import Cri
 from tests.support.vm import GUEST_ROOT, PRIVILEGED_POD, wait_template
@@ -104,3 +107,63 @@ def test_template_off_boots_every_pod_cold(
         assert cri.isolation_state(pod)["template"] == ""
     time.sleep(2)
     assert not tdir.exists() or not any(tdir.iterdir())
+
+
+def _spares() -> dict[str, str]:
+    """criv's spare VMs in libvirt: name -> state."""
+    out = subprocess.run(
+        ["virsh", "-c", "qemu:///system", "list", "--all"], capture_output=True, text=True
+    ).stdout
+    rows = (line.split(None, 2) for line in out.splitlines()[2:] if line.strip())
+    return {r[1]: r[2].strip() for r in rows if len(r) == 3 and is_spare_name(r[1])}
+
+
+def _wait_spare(not_in: set[str], timeout: float = 120) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready = {n for n, st in _spares().items() if st == "paused"} - not_in
+        if ready:
+            return ready.pop()
+        time.sleep(0.5)
+    raise AssertionError(f"no spare VM after {timeout}s: {_spares()}")
+
+
+@pytest.mark.timeout(900)
+def test_a_spare_vm_is_taken_by_the_next_pod_and_goes_with_it(
+    vm_cri_factory: Callable[..., Cri], tmp_path: Path
+) -> None:
+    """vm.spare_vms (1 by default): once a pod starts as a clone, criv loads the next one
+    ahead and keeps it paused; the next pod takes it, with an identity of its own; the
+    spare's domain and directory go with that pod, another spare replaces it, and the
+    last one goes when criv stops."""
+    tdir = tmp_path / "templates"
+    cri = vm_cri_factory(vm={"template_dir": str(tdir)})
+    cri.run_pod("cold")
+    key = wait_template(tdir).name
+    before = set(_spares())  # other crivs' (none in a serial run)
+    clone_facts, clone, _ = _guest_facts(cri, "clone")
+    assert not is_spare_name(cri.isolation_state(clone)["domain"])  # none was there yet
+    spare = _wait_spare(before)
+    spare_root = Path(cri.proc.config["run_dir"]) / "spares"
+    assert (spare_root / spare).is_dir()
+
+    facts, pod, cid = _guest_facts(cri, "from-spare")
+    iso = cri.isolation_state(pod)
+    assert iso["domain"] == spare and iso["template"] == key
+    assert Path(iso["console_log"]) == spare_root / spare / "console.log"
+    assert _spares().get(spare) == "running"
+    # the pod's own identity, not the template's or the other clone's
+    assert facts[0] != clone_facts[0] and facts[2] != clone_facts[2]  # machine-id, RNG
+    assert facts[1] == iso["mac"] and facts[4] == "from-spare"
+    assert cri.exec(cid, ["cat", "/etc/hostname"]).stdout.decode().strip() == "from-spare"
+    assert cri.pod_status(pod).network.ip
+
+    nxt = _wait_spare(before | {spare})  # its successor
+    cri.rt.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=pod), timeout=120)
+    cri.rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod), timeout=120)
+    assert spare not in _spares() and not (spare_root / spare).exists()
+    assert nxt in _spares()
+    cri.teardown()
+    assert cri.proc.stop() == 0
+    assert not set(_spares()) - before, "criv left a spare VM when it stopped"
+    assert not spare_root.exists() or not any(spare_root.iterdir())
