@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -253,3 +254,72 @@ def containerd_samples(env: BenchEnv, what: str, measure: Callable[[Runtime], Sa
         r.pull(env.pause)
         print(f"containerd: {what}...", flush=True)
         return measure(r)
+
+
+# --- host memory of a VM ---------------------------------------------------------------
+
+
+def rollup(pid: int) -> dict[str, int]:
+    """smaps_rollup's Pss lines (KiB); {} when the process is gone or ``pid`` is 0."""
+    out: dict[str, int] = {}
+    if pid <= 0:
+        return out
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss"):
+                k, v = line.split(":", 1)
+                out[k] = int(v.split()[0])
+    except (OSError, ValueError):
+        return {}
+    return out
+
+
+def pss_kib(pid: int) -> int:
+    return rollup(pid).get("Pss", 0)
+
+
+def memfd_pss_kib(pid: int) -> int:
+    """The part of ``pid``'s PSS in memfd mappings (a VM's guest RAM)."""
+    total, in_memfd = 0, False
+    if pid <= 0:
+        return 0
+    try:
+        for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+            head = line.split()
+            if head and "-" in head[0] and len(head) >= 5:  # a mapping's header line
+                in_memfd = len(head) >= 6 and head[5].startswith("/memfd:")
+            elif in_memfd and line.startswith("Pss:"):
+                total += int(head[1])
+    except (OSError, ValueError):
+        pass
+    return total
+
+
+def guest_ram_kib(qemu: int) -> int:
+    """KiB allocated in QEMU's guest RAM memfd: every page the guest has, mapped by some
+    process or not. A clone's pages loaded from its template are written through the fd,
+    so until the guest touches one no process maps it and no PSS counts it."""
+    kib = 0
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{qemu}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                if os.readlink(fd).startswith("/memfd:"):
+                    st = os.stat(fd)
+                    if st.st_size >= 64 << 20:
+                        kib += st.st_blocks // 2
+    return kib
+
+
+def vm_memory_kib(qemu: int, backend: int = 0, virtiofsd: int = 0) -> dict[str, int]:
+    """One VM's host memory, KiB: its guest RAM (QEMU's memfd, counted once); QEMU's own
+    anonymous (TCG's translation cache, heap) and file-backed PSS (kernel, initramfs,
+    QEMU's binary: shared between VMs); the vsock backend's and virtiofsd's PSS without
+    their guest RAM mappings."""
+    q = rollup(qemu)
+    return {
+        "guest RAM": guest_ram_kib(qemu),
+        "qemu anon": q.get("Pss_Anon", 0),
+        "qemu file": q.get("Pss_File", 0),
+        "backend": max(pss_kib(backend) - memfd_pss_kib(backend), 0),
+        "virtiofsd": max(pss_kib(virtiofsd) - memfd_pss_kib(virtiofsd), 0),
+    }

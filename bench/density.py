@@ -5,10 +5,12 @@ Starts idle vm pods (one busybox ``sleep`` container each) one after another unt
 next would push the host's MemAvailable under 10% of its memory (judged from what the
 last pod took) or ``--max`` pods (default 150) run. Prints:
 
-- host memory per pod (PSS, /proc/<pid>/smaps_rollup) at 1, 10, 50 and N pods: QEMU split
-  into anonymous memory (TCG's translation cache, QEMU's heap), shared memory (the guest's
-  RAM, a memfd) and file-backed pages (the kernel, initramfs and QEMU's own binary, shared
-  between pods), the vsock backend, virtiofsd and criv's own growth divided by the pods;
+- host memory per pod at 1, 10, 50 and N pods: the guest's RAM (the pages allocated in
+  QEMU's memfd, counted once: PSS misses a clone's pages loaded from its template that no
+  process has mapped since), QEMU's anonymous memory (TCG's translation cache, its heap)
+  and file-backed pages (the kernel, initramfs and QEMU's own binary, shared between
+  pods), the vsock backend and virtiofsd without their guest RAM mappings (PSS), and
+  criv's own growth, divided by the pods;
 - the time to READY (RunPodSandbox) of the last pod started;
 - that every pod answers ExecSync;
 - CRI ``Status``/``ListPodSandbox``/``ListContainers`` latency p50/p99 with N pods, and
@@ -32,7 +34,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Runtime, Samples, bench_env, containerd_samples, criv_runtime, pct
+from _common import (
+    Runtime,
+    Samples,
+    bench_env,
+    containerd_samples,
+    criv_runtime,
+    pct,
+    pss_kib,
+    vm_memory_kib,
+)
 
 from criv.guestimage import build_guest_image
 from criv.hypervisor.hostsetup import start_libvirtd
@@ -40,7 +51,7 @@ from criv_agent.api.runtime.v1 import api_pb2
 
 FLOOR = 0.10  # of MemTotal: stop before MemAvailable would fall under it
 CHECKPOINTS = (1, 10, 50)
-PARTS = ("qemu anon", "qemu shmem", "qemu file", "backend", "virtiofsd", "criv", "total")
+PARTS = ("guest RAM", "qemu anon", "qemu file", "backend", "virtiofsd", "criv", "total")
 
 
 @dataclass
@@ -57,19 +68,6 @@ def meminfo() -> dict[str, int]:
     for line in Path("/proc/meminfo").read_text().splitlines():
         k, v = line.split(":", 1)
         out[k] = int(v.split()[0])  # KiB
-    return out
-
-
-def rollup(pid: int) -> dict[str, int]:
-    """smaps_rollup's Pss lines (KiB); {} when the process is gone."""
-    out: dict[str, int] = {}
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss"):
-                k, v = line.split(":", 1)
-                out[k] = int(v.split()[0])
-    except (OSError, ValueError):
-        return {}
     return out
 
 
@@ -107,14 +105,12 @@ def vm_pss(r: Runtime, pods: list[str], criv_base: int) -> dict[str, float]:
             api_pb2.PodSandboxStatusRequest(pod_sandbox_id=pid, verbose=True), timeout=30
         )
         iso = json.loads(resp.info["info"])["isolationState"]
-        qemu = rollup(int(Path(f"/run/libvirt/qemu/{iso['domain']}.pid").read_text()))
-        kib["qemu anon"] += qemu.get("Pss_Anon", 0)
-        kib["qemu shmem"] += qemu.get("Pss_Shmem", 0)
-        kib["qemu file"] += qemu.get("Pss_File", 0)
-        kib["backend"] += rollup(int(iso["backend_pid"])).get("Pss", 0)
-        kib["virtiofsd"] += rollup(int(iso.get("virtiofsd_pid", 0))).get("Pss", 0)
+        qemu = int(Path(f"/run/libvirt/qemu/{iso['domain']}.pid").read_text())
+        m = vm_memory_kib(qemu, int(iso["backend_pid"]), int(iso.get("virtiofsd_pid", 0)))
+        for k, v in m.items():
+            kib[k] += v
     assert r.proc is not None and r.proc.proc is not None
-    kib["criv"] = max(rollup(r.proc.proc.pid).get("Pss", 0) - criv_base, 0)
+    kib["criv"] = max(pss_kib(r.proc.proc.pid) - criv_base, 0)
     kib["total"] = sum(v for k, v in kib.items() if k != "total")
     return {k: v / len(pods) / 1024 for k, v in kib.items()}
 
@@ -149,7 +145,7 @@ def cri_latency(r: Runtime, calls: int) -> Samples:
 
 def fill_vm(r: Runtime, image: str, logs: Path, cap: int, calls: int) -> VmFill:
     assert r.proc is not None and r.proc.proc is not None
-    criv_base = rollup(r.proc.proc.pid).get("Pss", 0)
+    criv_base = pss_kib(r.proc.proc.pid)
     total = meminfo()["MemTotal"]
     pods: list[str] = []
     ctrs: list[str] = []

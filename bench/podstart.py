@@ -12,6 +12,8 @@ pod boots cold and has the template built, the bench waits for it, then the meas
 are clones. Beside them, in the same invocation:
 
 - ``criv vm cold``: the same runs with ``vm.template: off`` (every pod booted);
+- ``criv vm clone``: the same runs with ``vm.spare_vms: 0``: each pod's clone starts when
+  the pod comes (the default keeps one loaded ahead, docs/vm.md, Spare VMs);
 
 - ``qemu floor``: ``qemu-system-x86_64`` started directly (no libvirt, no CNI, no 9p) on the
   same kernel + initramfs with the same agent arguments and the vsock backend, until the
@@ -19,8 +21,11 @@ are clones. Beside them, in the same invocation:
 - ``criv host``: criv's host isolation (the agent without a VM);
 - ``containerd``: Debian's containerd 1.6 + runc for the same pod (skipped if absent).
 
-Then host memory per idle vm pod (PSS, /proc/<pid>/smaps_rollup) with 1 and 10 pods: the
-domain's QEMU + its vsock backend + criv's own growth divided by the pod count. VMs boot
+Then host memory per idle vm pod with 1 and 10 pods: its guest RAM (the pages allocated in
+QEMU's guest RAM memfd, counted once: PSS alone misses a clone's pages loaded from its
+template that nothing has mapped since), QEMU's own PSS without it, the helpers' (vsock
+backend + virtiofsd) PSS without their guest RAM mappings, and criv's own growth, divided
+by the pod count; spare VMs waiting beside them are printed apart. VMs boot
 one after another (TCG on two cores). Figures only, never pass/fail. Needs root, libvirtd
 and the guest image (`criv image build`). ``--compare-free-page-reporting`` measures the
 PSS again with ``vm.free_page_reporting: false`` (the baseline), same run. Usage:
@@ -49,6 +54,8 @@ from _common import (
     containerd_samples,
     criv_runtime,
     pct,
+    pss_kib,
+    vm_memory_kib,
 )
 
 from criv.agent.client import AgentClient
@@ -150,16 +157,6 @@ async def _wait_health(target: str, t0: float) -> None:
         await asyncio.sleep(0.025)
 
 
-def pss_kib(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return 0
-
-
 def vm_pss(r: Runtime, image: str, logs: Path, counts: list[int]) -> dict[int, dict[str, float]]:
     """Per idle pod (one sleeping container each): QEMU, backend and criv's growth, MiB."""
     assert r.proc is not None and r.proc.proc is not None
@@ -188,24 +185,40 @@ def vm_pss(r: Runtime, image: str, logs: Path, counts: list[int]) -> dict[int, d
                 r.rt.StartContainer(api_pb2.StartContainerRequest(container_id=cid), timeout=300)
                 pods.append(pid)
             time.sleep(5)  # idle: the guests settle
-            qemu = backend = 0
+            guest = qemu = backend = 0
+            domains = set()
             for pid in pods:
                 resp = r.rt.PodSandboxStatus(
                     api_pb2.PodSandboxStatusRequest(pod_sandbox_id=pid, verbose=True), timeout=30
                 )
                 iso = json.loads(resp.info["info"])["isolationState"]
                 dom = iso["domain"]
+                domains.add(dom)
                 qpid = int(Path(f"/run/libvirt/qemu/{dom}.pid").read_text())
-                qemu += pss_kib(qpid)
-                backend += pss_kib(int(iso["backend_pid"]))
+                m = vm_memory_kib(qpid, int(iso["backend_pid"]), int(iso.get("virtiofsd_pid", 0)))
+                guest += m["guest RAM"]
+                qemu += m["qemu anon"] + m["qemu file"]
+                backend += m["backend"] + m["virtiofsd"]
             crivd = max(pss_kib(criv_pid) - base, 0)
             out[n] = {
+                "guest": guest / n / 1024,
                 "qemu": qemu / n / 1024,
                 "backend": backend / n / 1024,
                 "criv": crivd / n / 1024,
-                "total": (qemu + backend + crivd) / n / 1024,
+                "total": (guest + qemu + backend + crivd) / n / 1024,
             }
             print(f"  {n} pod(s): {out[n]['total']:.1f} MiB per pod", flush=True)
+            # spares waiting for a pod (a pod that took one keeps its name)
+            spares = [
+                p for p in Path("/run/libvirt/qemu").glob("criv-spare-*.pid")
+                if p.name[: -len(".pid")] not in domains
+            ]  # fmt: skip
+            if spares:
+                kib = 0
+                for p in spares:
+                    kib += sum(vm_memory_kib(int(p.read_text())).values())
+                out[n]["spares"] = len(spares)
+                out[n]["spare_mib"] = kib / 1024
     finally:
         for pid in pods:
             r.rt.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=pid), timeout=300)
@@ -237,12 +250,15 @@ def report(results: dict[str, Samples], pss: dict[int, dict[str, float]]) -> Non
         for metric, xs in s.items():
             print(f"{name:<14}{metric:<10}{pct(xs, 0.5):>8.0f}ms{pct(xs, 0.9):>8.0f}ms{len(xs):>6}")
     if pss:
-        head = f"{'idle vm pods':<14}{'qemu':>10}{'backend':>10}{'criv':>10}{'total':>10}"
-        print(f"\n{head}  MiB/pod PSS")
+        head = f"{'idle vm pods':<14}{'guest RAM':>10}{'qemu':>10}{'helpers':>10}{'criv':>10}"
+        print(f"\n{head}{'total':>10}  MiB/pod")
         for n, m in pss.items():
             print(
-                f"{n:<14}{m['qemu']:>10.1f}{m['backend']:>10.1f}{m['criv']:>10.1f}{m['total']:>10.1f}"
+                f"{n:<14}{m['guest']:>10.1f}{m['qemu']:>10.1f}{m['backend']:>10.1f}"
+                f"{m['criv']:>10.1f}{m['total']:>10.1f}"
             )
+            if m.get("spares"):
+                print(f"{'':<14}+ {m['spares']:.0f} spare VM(s) waiting: {m['spare_mib']:.1f} MiB")
 
 
 def main() -> int:
@@ -287,6 +303,14 @@ def main() -> int:
             if not args.skip_pss:
                 print("criv vm: PSS of idle pods...", flush=True)
                 pss = vm_pss(r, image, logs / "pss", [1, args.pss_pods])
+            if r.proc is not None:
+                print_breakdown(r.proc.log_path)
+        # the baseline of spare VMs, same run: each clone started when its pod comes
+        no_spare = {**vm_cfg, "vm": {**vm_cfg["vm"], "spare_vms": 0}}
+        with criv_runtime(env.root, reg, cni, no_spare, name="criv-vm-nospare") as r:
+            r.pull(image)
+            print(f"criv vm, vm.spare_vms 0 (clones): {args.runs} runs...", flush=True)
+            results["criv vm clone"] = pod_start(r, image, args.runs, logs / "nospare")
             if r.proc is not None:
                 print_breakdown(r.proc.log_path)
         # the baseline, same run: every pod booted cold
