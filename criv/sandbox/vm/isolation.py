@@ -416,6 +416,7 @@ class VmIsolation:
         )
         for name in await self._spares.sweep(domains):
             log.warning("removed the directory of orphan spare %s", name)
+        await asyncio.to_thread(self._templates.prune)
 
     async def close(self) -> None:
         """Drop criv's side (libvirt connection); VMs and backends keep running (template

@@ -25,6 +25,7 @@ import enum
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, replace
@@ -52,6 +53,11 @@ SAVE_TIMEOUT = 60.0
 # delay is 2 s), so the saved RAM, and every clone's, is smaller
 SETTLE_SECONDS = 2.5
 RETRY_AFTER = 600.0
+# a template no pod was cloned from for this long is removed (a new criv, guest image or
+# shape makes a new key; the old ones would pile up in vm.template_dir)
+MAX_UNUSED = 24 * 3600.0
+# a build directory this old is a killed criv's leftover
+STALE_BUILD = 3600.0
 CONSOLE_SCAN_BYTES = 64 * 1024
 
 
@@ -128,7 +134,17 @@ class Templates:
             return None
         if meta.get("format") != FORMAT or not (t.state.is_file() and t.ram.is_file()):
             return None
+        with contextlib.suppress(OSError):
+            os.utime(t.dir / "meta.json")  # its last use: see prune()
         return t
+
+    def prune(self) -> list[str]:
+        """Remove what no pod will clone again (blocking): :func:`prune`, sparing the
+        templates being built."""
+        gone = prune(self._root, set(self._builds), time.time())
+        for name in gone:
+            log.info("template %s removed: unused, or its guest image is gone", name[:16])
+        return gone
 
     def state(self, key: str) -> str:
         """``ready``, ``building``, ``failed`` or ``none`` (for status and doctor)."""
@@ -185,8 +201,12 @@ class Templates:
             finally:
                 with contextlib.suppress(CrivError):
                     await asyncio.shield(hv.destroy(name))
-            meta = {"format": FORMAT, "key": key, "created": time.time(), "bytes": size}
+            meta = {
+                "format": FORMAT, "key": key, "created": time.time(), "bytes": size,
+                "kernel": str(vm.kernel), "initrd": str(vm.initrd),
+            }  # fmt: skip
             await asyncio.to_thread(_publish, work, self._root / key, meta)
+            await asyncio.to_thread(self.prune)
             self._states[key] = (BuildState.READY, time.monotonic())
             log.info(
                 "template %s ready in %.1fs (%d MiB of guest RAM)",
@@ -201,6 +221,51 @@ class Templates:
             log.warning("template %s failed: %s; pods boot cold\n%s", key[:12], e, tail)
             shutil.rmtree(work, ignore_errors=True)
             self._states[key] = (BuildState.FAILED, time.monotonic())
+
+
+def prune(root: Path, building: set[str], now: float, max_unused: float = MAX_UNUSED) -> list[str]:
+    """Remove from ``root`` the templates no pod will clone again: one whose guest image
+    (kernel or initramfs, as its meta.json records) is gone, or that no pod was cloned
+    from for ``max_unused`` seconds (meta.json's mtime, refreshed by each clone); and
+    build directories older than :data:`STALE_BUILD` not in ``building`` (a killed
+    criv's). Templates of another format stay until unused that long: a newer criv may
+    share the directory. The names removed."""
+    gone = []
+    with contextlib.suppress(FileNotFoundError):
+        for d in sorted(root.iterdir()):
+            if not d.is_dir() or d.is_symlink():
+                continue
+            if d.name.startswith("."):
+                key = d.name[1:].removesuffix(".building")
+                if key not in building and now - d.stat().st_mtime > STALE_BUILD:
+                    shutil.rmtree(d, ignore_errors=True)
+                    gone.append(d.name)
+                continue
+            if d.name in building:
+                continue
+            if _unusable(d, now, max_unused):
+                shutil.rmtree(d, ignore_errors=True)
+                gone.append(d.name)
+    return gone
+
+
+def _unusable(d: Path, now: float, max_unused: float) -> bool:
+    meta_file = d / "meta.json"
+    try:
+        used = meta_file.stat().st_mtime
+    except OSError:
+        used = d.stat().st_mtime  # no meta: judged by the directory's age
+    if now - used > max_unused:
+        return True
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError):
+        return False
+    for k in ("kernel", "initrd"):
+        path = meta.get(k) if isinstance(meta, dict) else None
+        if isinstance(path, str) and path.startswith("/") and not Path(path).exists():
+            return True
+    return False
 
 
 def _fresh_dir(path: Path) -> None:

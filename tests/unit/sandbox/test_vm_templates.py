@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -162,3 +164,50 @@ def test_the_template_shape_keeps_nothing_of_the_pod() -> None:
     )  # fmt: skip
     assert shape.hotplug_ports == TEMPLATE_HOTPLUG_PORTS
     assert replace(shape, size=VmSize(1, 256)) == shape
+
+
+def _template(root: Path, key: str, used_ago: float, **meta: object) -> Path:
+    d = root / key
+    d.mkdir(parents=True)
+    (d / "state.bin").write_bytes(b"s")
+    (d / "ram.bin").write_bytes(b"")
+    (d / "meta.json").write_text(json.dumps({"format": tmpl.FORMAT, "key": key, **meta}))
+    t = time.time() - used_ago
+    os.utime(d / "meta.json", (t, t))
+    return d
+
+
+@pytest.mark.timeout(10)
+def test_prune_removes_what_no_pod_will_clone_again(tmp_path: Path) -> None:
+    image = tmp_path / "image"
+    image.mkdir()
+    (image / "vmlinux").write_bytes(b"k")
+    (image / "initramfs.cpio").write_bytes(b"i")
+    live = {"kernel": str(image / "vmlinux"), "initrd": str(image / "initramfs.cpio")}
+    root = tmp_path / "templates"
+    fresh = _template(root, "fresh", 60, **live)
+    _template(root, "unused", tmpl.MAX_UNUSED + 60, **live)
+    _template(root, "image-gone", 60, kernel=live["kernel"], initrd=str(tmp_path / "old.cpio"))
+    other_format = _template(root, "newer", 60, format=tmpl.FORMAT + 1)  # a newer criv's
+    busy = _template(root, "busy", tmpl.MAX_UNUSED + 60)  # being rebuilt now
+    old_build = root / ".old.building"
+    old_build.mkdir()
+    t = time.time() - tmpl.STALE_BUILD - 60
+    os.utime(old_build, (t, t))
+    new_build = root / ".new.building"
+    new_build.mkdir()
+
+    gone = tmpl.prune(root, {"busy"}, time.time())
+    assert sorted(gone) == [".old.building", "image-gone", "unused"]
+    assert sorted(p.name for p in root.iterdir()) == sorted(
+        [fresh.name, other_format.name, busy.name, new_build.name]
+    )
+
+
+@pytest.mark.timeout(10)
+def test_a_clone_marks_its_template_used(tmp_path: Path) -> None:
+    d = _template(tmp_path, "k", tmpl.MAX_UNUSED - 60)
+    store = Templates(tmp_path, host=None, owner="")  # type: ignore[arg-type]
+    assert store.find("k") is not None
+    assert time.time() - (d / "meta.json").stat().st_mtime < 60
+    assert tmpl.prune(tmp_path, set(), time.time() + 120) == []  # not unused any more
