@@ -90,6 +90,16 @@ def _pool(tmp_path: Path, hv: FakeHv, templates: FakeTemplates, count: int = 1) 
     )  # fmt: skip
 
 
+async def _one_spare(tmp_path: Path, keys: set[str]) -> tuple[FakeHv, SpareVms, str]:
+    """A pool holding one spare of template "k"; (hypervisor, pool, the spare's name)."""
+    hv = FakeHv()
+    pool = _pool(tmp_path, hv, FakeTemplates(tmp_path, keys))
+    pool.want("k", _vm())
+    await _until(lambda: len(pool.names()) == 1)
+    (name,) = pool.names()
+    return hv, pool, name
+
+
 async def _until(cond: Any, timeout: float = 5.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not cond():
@@ -100,11 +110,7 @@ async def _until(cond: Any, timeout: float = 5.0) -> None:
 @pytest.mark.timeout(20)
 def test_a_spare_is_loaded_paused_taken_once_and_replaced(tmp_path: Path) -> None:
     async def go() -> None:
-        hv = FakeHv()
-        pool = _pool(tmp_path, hv, FakeTemplates(tmp_path, {"k"}))
-        pool.want("k", _vm())
-        await _until(lambda: len(pool.names()) == 1)
-        (name,) = pool.names()
+        hv, pool, name = await _one_spare(tmp_path, {"k"})
         assert is_spare_name(name) and hv.domains[name] == "paused"
         assert hv.loads == [(name, False)]  # loaded, not run
         xml = hv.xml[name]
@@ -150,11 +156,7 @@ def test_a_refill_waits_until_pods_stop_starting(tmp_path: Path) -> None:
 @pytest.mark.timeout(20)
 def test_a_spare_that_is_not_paused_is_destroyed_not_given(tmp_path: Path) -> None:
     async def go() -> None:
-        hv = FakeHv()
-        pool = _pool(tmp_path, hv, FakeTemplates(tmp_path, {"k"}))
-        pool.want("k", _vm())
-        await _until(lambda: len(pool.names()) == 1)
-        (name,) = pool.names()
+        hv, pool, name = await _one_spare(tmp_path, {"k"})
         hv.domains[name] = "running"  # resumed by someone else: not a clean spare
         assert await pool.take("k") is None
         assert name not in hv.domains and not (tmp_path / "spares" / name).exists()
@@ -166,11 +168,7 @@ def test_a_spare_that_is_not_paused_is_destroyed_not_given(tmp_path: Path) -> No
 @pytest.mark.timeout(20)
 def test_another_shape_or_a_dropped_template_takes_the_spares_with_it(tmp_path: Path) -> None:
     async def go() -> None:
-        hv = FakeHv()
-        pool = _pool(tmp_path, hv, FakeTemplates(tmp_path, {"k", "k2"}))
-        pool.want("k", _vm())
-        await _until(lambda: len(pool.names()) == 1)
-        (first,) = pool.names()
+        hv, pool, first = await _one_spare(tmp_path, {"k", "k2"})
         pool.want("k2", _vm())
         await _until(lambda: first not in hv.domains and len(pool.names()) == 1)
         (second,) = pool.names()
