@@ -147,19 +147,23 @@ async def start_pod_domain(
         template = await asyncio.to_thread(templates.find, key)
         if template is not None:
             spare = await spares.take(key) if spares is not None else None
-            if spare is not None:
+            if spares is not None and spare is not None:
+                taken = False
                 try:
                     await start_spare(hv, vm, spare, clock)
-                    metrics.TEMPLATE_HITS.inc()
-                    return Started(spare.info, spare.domain, spare.console_log, key)
+                    taken = True
                 except CrivError as e:
                     log.warning(
                         "pod %s: spare %s failed (%s); starting a clone",
                         vm.sandbox_id[:12], spare.name, e,
                     )  # fmt: skip
                     await host.settle_stop(spare.name)
-                    if spares is not None:
-                        await spares.release(spare.name)
+                finally:
+                    if not taken:  # start_spare destroyed it; its directory goes too
+                        await asyncio.shield(spares.release(spare.name))
+                if taken:
+                    metrics.TEMPLATE_HITS.inc()
+                    return Started(spare.info, spare.domain, spare.console_log, key)
             try:
                 info, domain = await start_clone(hv, vm, template, clock)
                 metrics.TEMPLATE_HITS.inc()
