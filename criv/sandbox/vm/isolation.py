@@ -27,8 +27,7 @@ from criv.errors import AgentError, CrivError, InvalidArgument
 from criv.hypervisor.driver import Hypervisor
 from criv.hypervisor.hostsetup import QEMU_USER
 from criv.hypervisor.libvirtbase import qemu_pid
-from criv.hypervisor.sizing import PodResources, max_memory_for, max_vcpus_for, vm_size
-from criv.hypervisor.spec import SHARE_TAG, PodVm, domain_name
+from criv.hypervisor.spec import SHARE_TAG, domain_name
 from criv.network.tap import attach_tap, delete_tap, guest_addressing, pod_link
 from criv.network.tap import tap_name as pod_tap_name
 from criv.sandbox import propagation
@@ -43,14 +42,12 @@ from criv.sandbox.vm.clone import start_pod_domain
 from criv.sandbox.vm.console import console_tail
 from criv.sandbox.vm.host import VmHost
 from criv.sandbox.vm.layout import (
-    CONTROL_PORT,
-    DATA_PORT,
-    GUEST_AGENT_STATE,
     console_log,
     control_socket,
     data_socket,
     vhost_socket,
 )
+from criv.sandbox.vm.podvm import pod_vm
 from criv.sandbox.vm.ready import http2_answers
 from criv.sandbox.vm.spares import SpareVms, is_spare_name, spare_console, vm_domain
 from criv.sandbox.vm.sweep import sweep_vm_orphans
@@ -148,38 +145,7 @@ class VmIsolation:
             mac, mtu = link.mac, link.mtu
         hv = await self._host.hypervisor()  # connected while preparing
         await asyncio.to_thread(_open_to_qemu, paths)
-        size = vm_size(
-            PodResources(**pod.resources),
-            self._config.vm.vcpus,
-            self._config.vm.memory_mib,
-            os.cpu_count() or 1,
-        )
-        # the slots above size.vcpus let UpdatePodSandboxResources hot-plug vCPUs
-        most = max_vcpus_for(size.vcpus, self._config.vm.max_vcpus, os.cpu_count() or 1)
-        # above size.memory_mib, the balloon holds memory back for a live resize to give
-        most_mib = max_memory_for(size.memory_mib, self._config.vm.max_memory_mib)
-        vm = PodVm(
-            sandbox_id=pod.id,
-            kernel=prep.kernel,
-            initrd=prep.initrd,
-            size=size,
-            accel=prep.accel.accel,
-            console_log=console_log(paths),
-            max_vcpus=most,
-            max_memory_mib=most_mib,
-            free_page_reporting=self._config.vm.free_page_reporting,
-            fs_socket=virtiofs.fs_socket(paths),
-            tap=tap,
-            mac=mac,
-            mtu=mtu,
-            vsock_socket=vhost_socket(paths),
-            machine=self._config.vm.machine,
-            agent_args=[
-                "--control", f"vsock:{CONTROL_PORT}", "--data", f"vsock:{DATA_PORT}",
-                "--state-dir", GUEST_AGENT_STATE, "--crun", "crun",
-            ],
-            owner=self._owner,
-        )  # fmt: skip
+        vm = pod_vm(self._config, self._owner, pod, paths, prep, mac, mtu)
         self._host.stops.pop(name, None)
         templates = self._templates if self._config.vm.template == "auto" else None
         started = await start_pod_domain(hv, vm, templates, self._spares, self._host, clock)
@@ -200,9 +166,9 @@ class VmIsolation:
             accel=prep.accel.accel,
             accel_reason=prep.accel.reason,
             console_log=str(started.console_log),
-            vcpus=size.vcpus,
-            max_vcpus=max(started.domain.max_vcpus, size.vcpus),
-            memory_mib=size.memory_mib,
+            vcpus=vm.size.vcpus,
+            max_vcpus=max(started.domain.max_vcpus, vm.size.vcpus),
+            memory_mib=vm.size.memory_mib,
             max_memory_mib=started.domain.memory_mib,
             vsock="backend",
             cid=prep.cid,
@@ -414,7 +380,9 @@ class VmIsolation:
         await sweep_vm_orphans(
             self._host, self._backends, self._owner, self._run_root, pods, live, domains, keep
         )
-        for name in await self._spares.sweep(domains):
+        # a NOTREADY pod's console stays until the pod is removed, in a spare's dir too
+        recorded = {_domain(p) for p in pods if p.isolation == self.mode}
+        for name in await self._spares.sweep(domains | recorded):
             log.warning("removed the directory of orphan spare %s", name)
         await asyncio.to_thread(self._templates.prune)
 

@@ -1,0 +1,65 @@
+"""The VM a vm pod gets (:class:`~criv.hypervisor.spec.PodVm`): its size from the pod's
+resources and criv's config (with room to grow live), its devices from the pod's paths
+and what the cold path prepared, the agent's command line."""
+
+from __future__ import annotations
+
+import os
+
+from criv.config import Config
+from criv.hypervisor.sizing import PodResources, max_memory_for, max_vcpus_for, vm_size
+from criv.hypervisor.spec import PodVm
+from criv.sandbox.isolation import PodPaths
+from criv.sandbox.records import PodRecord
+from criv.sandbox.vm import coldpath, virtiofs
+from criv.sandbox.vm.layout import (
+    CONTROL_PORT,
+    DATA_PORT,
+    GUEST_AGENT_STATE,
+    console_log,
+    vhost_socket,
+)
+
+
+def pod_vm(
+    config: Config,
+    owner: str,
+    pod: PodRecord,
+    paths: PodPaths,
+    prep: coldpath.Prepared,
+    mac: str,
+    mtu: int,
+) -> PodVm:
+    """``pod``'s VM; ``mac`` and ``mtu`` are its eth0's (CNI's), "" and 0 without a tap."""
+    size = vm_size(
+        PodResources(**pod.resources),
+        config.vm.vcpus,
+        config.vm.memory_mib,
+        os.cpu_count() or 1,
+    )
+    # the slots above size.vcpus let UpdatePodSandboxResources hot-plug vCPUs
+    most = max_vcpus_for(size.vcpus, config.vm.max_vcpus, os.cpu_count() or 1)
+    # above size.memory_mib, the balloon holds memory back for a live resize to give
+    most_mib = max_memory_for(size.memory_mib, config.vm.max_memory_mib)
+    return PodVm(
+        sandbox_id=pod.id,
+        kernel=prep.kernel,
+        initrd=prep.initrd,
+        size=size,
+        accel=prep.accel.accel,
+        console_log=console_log(paths),
+        max_vcpus=most,
+        max_memory_mib=most_mib,
+        free_page_reporting=config.vm.free_page_reporting,
+        fs_socket=virtiofs.fs_socket(paths),
+        tap=prep.tap,
+        mac=mac,
+        mtu=mtu,
+        vsock_socket=vhost_socket(paths),
+        machine=config.vm.machine,
+        agent_args=[
+            "--control", f"vsock:{CONTROL_PORT}", "--data", f"vsock:{DATA_PORT}",
+            "--state-dir", GUEST_AGENT_STATE, "--crun", "crun",
+        ],
+        owner=owner,
+    )  # fmt: skip
