@@ -68,6 +68,7 @@ async def serve(args: argparse.Namespace) -> None:
     from criv_agent.runtime import Runtime
     from criv_agent.service import AgentService
     from criv_agent.vsock_splice import Forwarder
+    from criv_agent.warmup import warm_when_idle
 
     public = address.parse(args.control)
     data = address.parse(args.data)
@@ -109,8 +110,11 @@ async def serve(args: argparse.Namespace) -> None:
         forwarder.start()
     # in a VM (vsock) only: vCPUs the host hot-plugs come up offline (cpuonline.py)
     onliner = CpuOnliner()
+    warming: asyncio.Future[None] | None = None
     if in_vm:
         onliner.start()
+        # a spare VM's agent warms its own code paths before its pod comes (warmup.py)
+        warming = asyncio.ensure_future(warm_when_idle(service.first_call, control.path))
     log.info("criv-agent serving control=%s data=%s", public, data)
 
     stop = asyncio.Event()
@@ -124,6 +128,8 @@ async def serve(args: argparse.Namespace) -> None:
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     for w in [*waiters, reaping]:
         w.cancel()
+    if warming is not None:
+        warming.cancel()
     # let the ShutdownSandbox answer (or other in-flight calls) go out first
     if forwarder is not None:
         forwarder.close()

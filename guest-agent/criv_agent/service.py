@@ -3,6 +3,7 @@ status codes here and nowhere else."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
@@ -104,11 +105,13 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         self.rt = runtime
         # host mode unless told otherwise: a host-mode agent ignores a GuestIdentity
         self.identity = identity or IdentityTaker(in_vm=False)
+        self.first_call = asyncio.Event()  # set by the host's first Health or SetupSandbox
 
     @mapped
     async def Health(
         self, request: agent_pb2.HealthRequest, context: Context
     ) -> agent_pb2.HealthResponse:
+        self.first_call.set()
         return agent_pb2.HealthResponse(
             agent_version=__version__,
             api_version=API_VERSION,
@@ -122,6 +125,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
     ) -> agent_pb2.SetupSandboxResponse:
         # a VM cloned from a template first takes the pod's clock, RNG, machine-id and
         # share; what is left of its wait budget goes to the hot-plugged NIC
+        self.first_call.set()
         nic_wait = 0.0
         t0 = time.monotonic()
         if request.HasField("identity"):
