@@ -209,8 +209,8 @@ class VmConfig:
     # where templates are kept (guest RAM + device state, ~100 MiB each): "" means
     # <run_dir>/templates (tmpfs on most hosts)
     template_dir: str = ""
-    # clones of the last templated pod's shape kept started, loaded and paused for the next
-    # pods (docs/vm.md, Spare VMs): each holds its guest RAM (~100 MiB) and no CPU; 0: none
+    # clones of the last templated pod's shape kept started, loaded and running idle for the
+    # next pods (docs/vm.md, Spare VMs): each holds its guest RAM (~100 MiB); 0: none
     spare_vms: int = 1
 
     def validate(self, key: str) -> None:

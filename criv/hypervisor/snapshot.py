@@ -98,16 +98,10 @@ def save_state(
 
 
 def load_state(
-    conn: libvirt.virConnect,
-    name: str,
-    state: Path,
-    ram: Path,
-    ram_bytes: int,
-    timeout: float,
-    run: bool = True,
+    conn: libvirt.virConnect, name: str, state: Path, ram: Path, ram_bytes: int, timeout: float
 ) -> None:
     """Load ``ram`` and ``state`` into a domain started paused with ``-incoming defer``,
-    then run it (``run``; else it stays paused, a spare: :func:`resume_domain`)."""
+    then run it."""
     dom = conn.lookupByName(name)
     _ignore_shared(dom)
     try:
@@ -121,13 +115,7 @@ def load_state(
         os.close(fd)
     _qmp(dom, {"execute": "migrate-incoming", "arguments": {"uri": f"fd:{FD_NAME}"}})
     _wait_migration(dom, f"loading domain {name}", timeout)
-    if run:
-        dom.resume()
-
-
-def resume_domain(conn: libvirt.virConnect, name: str) -> None:
-    """Run a paused domain (a spare whose state was loaded earlier)."""
-    conn.lookupByName(name).resume()
+    dom.resume()
 
 
 def free_root_ports(conn: libvirt.virConnect, name: str) -> list[int]:
@@ -178,25 +166,13 @@ async def save(
 
 
 async def load(
-    hv: Hypervisor,
-    name: str,
-    state: Path,
-    ram: Path,
-    ram_bytes: int,
-    timeout: float,
-    run: bool = True,
+    hv: Hypervisor, name: str, state: Path, ram: Path, ram_bytes: int, timeout: float
 ) -> None:
-    """Load a saved RAM and state into a paused ``-incoming`` domain and run it (``run``;
-    else it stays paused)."""
+    """Load a saved RAM and state into a paused ``-incoming`` domain and run it."""
     await hv.on_live(
-        load_state, name, state, ram, ram_bytes, timeout, run,
+        load_state, name, state, ram, ram_bytes, timeout,
         what=f"loading domain {name}", timeout=timeout + 30,
     )  # fmt: skip
-
-
-async def resume(hv: Hypervisor, name: str) -> None:
-    """Run a paused domain whose state is loaded."""
-    await hv.on_live(resume_domain, name, what=f"resuming domain {name}")
 
 
 async def root_ports(hv: Hypervisor, name: str) -> list[int]:

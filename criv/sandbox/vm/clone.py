@@ -7,8 +7,8 @@ hot-plugged into its empty PCIe root ports: the share (virtiofsd), the NIC (the 
 and MAC) and the vsock device (the pod's backend). The agent takes the pod's identity
 (clock, RNG reseed, machine-id, share mount, NIC) at SetupSandbox.
 
-A spare (:mod:`.spares`) is such a clone started and loaded before its pod came: the pod
-only resumes it and plugs its devices in.
+A spare (:mod:`.spares`) is such a clone started, loaded and run before its pod came:
+the pod only plugs its devices in.
 """
 
 from __future__ import annotations
@@ -104,11 +104,9 @@ async def start_clone(
 
 
 async def start_spare(hv: Hypervisor, vm: PodVm, spare: Spare, clock: StepClock) -> None:
-    """Run the paused ``spare`` as ``vm``'s VM, its devices plugged in; on any failure
-    the spare is destroyed and the error raised."""
+    """Make the running ``spare`` ``vm``'s VM: its devices plugged in; on any failure the
+    spare is destroyed and the error raised."""
     try:
-        with clock.step("resume spare"):
-            await snapshot.resume(hv, spare.name)
         with clock.step("hot-plug"):
             await plug_pod_devices(hv, vm, spare.name)
     except BaseException:

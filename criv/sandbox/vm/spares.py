@@ -3,9 +3,11 @@
 Most of a clone's own start needs nothing of its pod: libvirt starting QEMU and loading
 the template's RAM and device state (~0.85 s of ~2.6 s under TCG, measured by
 bench/podstart.py). Only the devices hot-plugged after it are the pod's. So criv keeps
-``vm.spare_vms`` such clones of the shape of the last templated pod, loaded and paused
-(no CPU; their RAM is loaded), and a pod takes one: it resumes it and plugs its devices
-in (:mod:`.clone`). What makes the guest the pod's own (clock, RNG reseed, machine-id,
+``vm.spare_vms`` such clones of the shape of the last templated pod, loaded and running
+idle, and a pod takes one: it plugs its devices in (:mod:`.clone`). A spare runs so that
+its agent can warm its code paths before its pod comes (under TCG a clone starts with no
+translated code: the guest agent's warmup.py), which halves what the agent's first answer
+and SetupSandbox take. What makes the guest the pod's own (clock, RNG reseed, machine-id,
 hostname, MAC, IP) happens at SetupSandbox, as for any clone; a spare serves one pod and
 is never handed back.
 
@@ -17,7 +19,7 @@ a criv that was killed is an orphan domain to the start-up sweep.
 
 One spare::
 
-    (refill) --created, loaded--> PAUSED --take()--> the pod's VM
+    (refill) --created, loaded, run--> RUNNING (idle) --take()--> the pod's VM
                   \\--failed--> destroyed   \\--drop(), another shape, close()--> destroyed
 
 A refill starts once no pod has started for ``quiet`` seconds: on a 2-core host a refill
@@ -65,7 +67,7 @@ def is_spare_name(name: str) -> bool:
 
 @dataclass(frozen=True)
 class Spare:
-    """A loaded, paused clone of the template ``key``."""
+    """A loaded clone of the template ``key``, running idle."""
 
     key: str
     info: DomainInfo
@@ -135,7 +137,7 @@ class SpareVms:
         self._last_start = time.monotonic()
 
     async def take(self, key: str) -> Spare | None:
-        """A paused spare of template ``key`` for a pod to resume, or None."""
+        """A running spare of template ``key`` for a pod, or None."""
         self.note_start()
         while self._ready and self._key == key:
             spare = self._ready.pop(0)
@@ -144,10 +146,10 @@ class SpareVms:
                 state = await hv.state(spare.name)
             except CrivError as e:
                 state = f"unknown ({e})"
-            if state == "paused":
+            if state == "running":
                 self._kick()  # its successor, once starts are quiet
                 return spare
-            log.warning("spare %s is %s, not paused: destroyed", spare.name, state)
+            log.warning("spare %s is %s, not running: destroyed", spare.name, state)
             await self._discard(spare)
         return None
 
@@ -255,7 +257,7 @@ class SpareVms:
             info = await asyncio.shield(creating)
             await snapshot.load(
                 hv, name, template.state, template.ram, domain.memory_mib << 20,
-                LOAD_TIMEOUT, run=False,
+                LOAD_TIMEOUT,
             )  # fmt: skip
         except BaseException:
             # cancelled (criv stopping): the create goes on in libvirt's thread; wait for

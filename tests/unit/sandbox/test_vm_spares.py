@@ -35,7 +35,7 @@ class FakeHv:
     def __init__(self) -> None:
         self.domains: dict[str, str] = {}  # name -> state
         self.xml: dict[str, str] = {}
-        self.loads: list[tuple[str, bool]] = []
+        self.loads: list[str] = []
         self.fail_create = False
         self.create_delay = 0.0
 
@@ -49,7 +49,8 @@ class FakeHv:
 
     async def on_live(self, fn: Any, name: str, *args: Any, what: str, timeout: Any = None) -> Any:
         assert fn is snapshot.load_state, fn
-        self.loads.append((name, args[-1]))  # run?
+        self.loads.append(name)
+        self.domains[name] = "running"  # loaded, then run
         return None
 
     async def state(self, name: str) -> str:
@@ -108,11 +109,11 @@ async def _until(cond: Any, timeout: float = 5.0) -> None:
 
 
 @pytest.mark.timeout(20)
-def test_a_spare_is_loaded_paused_taken_once_and_replaced(tmp_path: Path) -> None:
+def test_a_spare_is_loaded_run_taken_once_and_replaced(tmp_path: Path) -> None:
     async def go() -> None:
         hv, pool, name = await _one_spare(tmp_path, {"k"})
-        assert is_spare_name(name) and hv.domains[name] == "paused"
-        assert hv.loads == [(name, False)]  # loaded, not run
+        assert is_spare_name(name) and hv.domains[name] == "running"
+        assert hv.loads == [name]
         xml = hv.xml[name]
         # the template's shape: none of the pod's devices, names or console
         assert "tapaaaa0" not in xml and "v.sock" not in xml and "a" * 32 not in xml
@@ -154,10 +155,10 @@ def test_a_refill_waits_until_pods_stop_starting(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(20)
-def test_a_spare_that_is_not_paused_is_destroyed_not_given(tmp_path: Path) -> None:
+def test_a_spare_that_is_not_running_is_destroyed_not_given(tmp_path: Path) -> None:
     async def go() -> None:
         hv, pool, name = await _one_spare(tmp_path, {"k"})
-        hv.domains[name] = "running"  # resumed by someone else: not a clean spare
+        hv.domains[name] = "paused"  # not as criv left it (or crashed): not a clean spare
         assert await pool.take("k") is None
         assert name not in hv.domains and not (tmp_path / "spares" / name).exists()
         await pool.close()

@@ -121,7 +121,7 @@ def _spares() -> dict[str, str]:
 def _wait_spare(not_in: set[str], timeout: float = 120) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        ready = {n for n, st in _spares().items() if st == "paused"} - not_in
+        ready = {n for n, st in _spares().items() if st == "running"} - not_in
         if ready:
             return ready.pop()
         time.sleep(0.5)
@@ -133,7 +133,7 @@ def test_a_spare_vm_is_taken_by_the_next_pod_and_goes_with_it(
     vm_cri_factory: Callable[..., Cri], tmp_path: Path
 ) -> None:
     """vm.spare_vms (1 by default): once a pod starts as a clone, criv loads the next one
-    ahead and keeps it paused; the next pod takes it, with an identity of its own; the
+    ahead and keeps it running idle; the next pod takes it, with an identity of its own; the
     spare's domain and directory go with that pod, another spare replaces it, and the
     last one goes when criv stops."""
     tdir = tmp_path / "templates"
