@@ -13,7 +13,9 @@ are clones. Beside them, in the same invocation:
 
 - ``criv vm cold``: the same runs with ``vm.template: off`` (every pod booted);
 - ``criv vm clone``: the same runs with ``vm.spare_vms: 0``: each pod's clone starts when
-  the pod comes (the default keeps one loaded ahead, docs/vm.md, Spare VMs);
+  the pod comes (the default keeps one loaded ahead, docs/vm.md, Spare VMs). Back to
+  back, a pod may find its spare not yet made or not yet warmed up; ``--gap S`` waits S
+  seconds before each vm pod (all three vm rows alike);
 
 - ``qemu floor``: ``qemu-system-x86_64`` started directly (no libvirt, no CNI, no 9p) on the
   same kernel + initramfs with the same agent arguments and the vsock backend, until the
@@ -32,6 +34,7 @@ PSS again with ``vm.free_page_reporting: false`` (the baseline), same run. Usage
 
     .venv/bin/python bench/podstart.py [--runs 10] [--skip-containerd] [--skip-pss]
         [--skip-host] [--pss-pods 10] [--max-vcpus N] [--compare-free-page-reporting]
+        [--gap S]
 """
 
 from __future__ import annotations
@@ -68,10 +71,13 @@ from criv_agent.api.runtime.v1 import api_pb2
 AGENT_ARGS = "criv.agent_args=--control,vsock:1024,--data,vsock:1025,--state-dir,/run/criv/agent"
 
 
-def pod_start(r: Runtime, image: str, runs: int, logs: Path) -> Samples:
+def pod_start(r: Runtime, image: str, runs: int, logs: Path, gap: float = 0.0) -> Samples:
+    """``runs`` pods one after another, each removed before the next; ``gap`` s of quiet
+    before each (pods that do not come back to back)."""
     s: Samples = {}
     rt = r.rt
     for _ in range(runs):
+        time.sleep(gap)
         cfg = r.pod_config(logs)
         t0 = time.perf_counter()
         pid = rt.RunPodSandbox(api_pb2.RunPodSandboxRequest(config=cfg), timeout=300).pod_sandbox_id
@@ -268,6 +274,9 @@ def main() -> int:
     ap.add_argument("--skip-pss", action="store_true")
     ap.add_argument("--skip-host", action="store_true")
     ap.add_argument("--pss-pods", type=int, default=10)
+    # seconds of quiet before each criv vm pod: a spare VM is made once pods stop coming
+    # for 3 s and warms up 2-3 s after (docs/vm.md, Spare VMs); 0: back to back
+    ap.add_argument("--gap", type=float, default=0.0)
     # 1: no hot-pluggable vCPU slot (as before UpdatePodSandboxResources could add vCPUs)
     ap.add_argument("--max-vcpus", type=int, default=0, help="vm.max_vcpus (0: criv's default)")
     # the same PSS measurement again with vm.free_page_reporting off: what reporting saves
@@ -299,7 +308,7 @@ def main() -> int:
             # auto): the pods after it are clones
             print(f"criv vm: template built in {wait_template(templates):.1f}s", flush=True)
             print(f"criv vm (clones): {args.runs} runs...", flush=True)
-            results["criv vm"] = pod_start(r, image, args.runs, logs / "vm")
+            results["criv vm"] = pod_start(r, image, args.runs, logs / "vm", args.gap)
             if not args.skip_pss:
                 print("criv vm: PSS of idle pods...", flush=True)
                 pss = vm_pss(r, image, logs / "pss", [1, args.pss_pods])
@@ -310,7 +319,7 @@ def main() -> int:
         with criv_runtime(env.root, reg, cni, no_spare, name="criv-vm-nospare") as r:
             r.pull(image)
             print(f"criv vm, vm.spare_vms 0 (clones): {args.runs} runs...", flush=True)
-            results["criv vm clone"] = pod_start(r, image, args.runs, logs / "nospare")
+            results["criv vm clone"] = pod_start(r, image, args.runs, logs / "nospare", args.gap)
             if r.proc is not None:
                 print_breakdown(r.proc.log_path)
         # the baseline, same run: every pod booted cold
@@ -318,7 +327,7 @@ def main() -> int:
         with criv_runtime(env.root, reg, cni, cold, name="criv-vm-cold") as r:
             r.pull(image)
             print(f"criv vm, vm.template off (cold): {args.runs} runs...", flush=True)
-            results["criv vm cold"] = pod_start(r, image, args.runs, logs / "cold")
+            results["criv vm cold"] = pod_start(r, image, args.runs, logs / "cold", args.gap)
             if not args.skip_pss:
                 print("criv vm, vm.template off (cold): PSS of idle pods...", flush=True)
                 pss_cold = vm_pss(r, image, logs / "pss-cold", [1, args.pss_pods])
