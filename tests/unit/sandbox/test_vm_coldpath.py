@@ -158,9 +158,10 @@ async def test_a_boot_cancelled_mid_step_is_undone_after_its_steps(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     events: list[str] = []
-    gate = asyncio.Event()
+    gate, started = asyncio.Event(), asyncio.Event()
 
     async def spawning() -> tuple[int, int]:
+        started.set()
         await gate.wait()  # as a worker thread spawning the backend would
         events.append("backend")
         return 1, 2
@@ -173,7 +174,8 @@ async def test_a_boot_cancelled_mid_step_is_undone_after_its_steps(
     boot = asyncio.create_task(
         iso.boot(_pod(tmp_path), PodPaths(state=tmp_path / "s", run=tmp_path / "r"))
     )
-    await asyncio.sleep(0.02)
+    # cancel once the steps run: the preflight's thread hops before them take their time
+    await asyncio.wait_for(started.wait(), 10)
     boot.cancel()
     await asyncio.sleep(0.02)
     assert events == [], "no undo while a step still runs"
