@@ -289,6 +289,13 @@ class Hypervisor:
         self._stopped.pop(name, None)
         return done
 
+    async def destroy_quietly(self, name: str, timeout: float = 10.0) -> None:
+        """Destroy the VM and wait up to ``timeout`` s for it to stop, libvirt's errors
+        ignored: an undo path's cleanup, which must not hide the error that caused it."""
+        with contextlib.suppress(CrivError):
+            await self.destroy(name)
+            await self.wait_stopped(name, timeout)
+
     async def shutdown(self, name: str, timeout: float) -> str:
         """Ask the guest to power off (ACPI), wait up to ``timeout`` s, then destroy.
 

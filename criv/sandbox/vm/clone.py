@@ -14,7 +14,6 @@ the pod only plugs its devices in.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -71,12 +70,6 @@ async def plug_pod_devices(hv: Hypervisor, vm: PodVm, name: str) -> None:
     await snapshot.plug(hv, name, qmp, devices)
 
 
-async def _undo(hv: Hypervisor, name: str) -> None:
-    with contextlib.suppress(CrivError):
-        await hv.destroy(name)
-        await hv.wait_stopped(name, 10.0)
-
-
 async def start_clone(
     hv: Hypervisor, vm: PodVm, template: Template, clock: StepClock
 ) -> tuple[DomainInfo, Domain]:
@@ -98,7 +91,7 @@ async def start_clone(
         with clock.step("hot-plug"):
             await plug_pod_devices(hv, vm, domain.name)
     except BaseException:
-        await asyncio.shield(_undo(hv, domain.name))
+        await asyncio.shield(hv.destroy_quietly(domain.name))
         raise
     return info, domain
 
@@ -110,7 +103,7 @@ async def start_spare(hv: Hypervisor, vm: PodVm, spare: Spare, clock: StepClock)
         with clock.step("hot-plug"):
             await plug_pod_devices(hv, vm, spare.name)
     except BaseException:
-        await asyncio.shield(_undo(hv, spare.name))
+        await asyncio.shield(hv.destroy_quietly(spare.name))
         raise
 
 

@@ -187,9 +187,7 @@ class VmIsolation:
         return spare_console(self._spares.root, name) if is_spare_name(name) else console_log(paths)
 
     async def _forget_domain(self, hv: Hypervisor, name: str) -> None:
-        with contextlib.suppress(CrivError):
-            await hv.destroy(name)
-            await hv.wait_stopped(name, VM_EXIT_TIMEOUT)
+        await hv.destroy_quietly(name, VM_EXIT_TIMEOUT)
         await self._spares.release(name)
 
     # -- agent -----------------------------------------------------------------------

@@ -278,9 +278,7 @@ class SpareVms:
 
 
 async def _destroy(hv: Hypervisor, host: VmHost, name: str) -> None:
-    with contextlib.suppress(CrivError):
-        await hv.destroy(name)
-        await hv.wait_stopped(name, 10.0)
+    await hv.destroy_quietly(name)
     await host.settle_stop(name, 1.0)
 
 

@@ -62,6 +62,9 @@ class FakeHv:
     async def wait_stopped(self, name: str, timeout: float | None = None) -> bool:
         return True
 
+    async def destroy_quietly(self, name: str, timeout: float = 10.0) -> None:
+        await self.destroy(name)
+
 
 class FakeHost:
     def __init__(self, hv: FakeHv) -> None:
