@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 APT_PACKAGES := python3-venv python3-dev gcc libc6-dev pkg-config iproute2 iptables \
 	crun containernetworking-plugins busybox-static \
 	docker-registry apache2-utils skopeo containerd runc openssh-server \
-	qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev cpio lz4 \
+	qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev cpio lz4 erofs-utils \
 	linux-source-6.1 linux-headers-amd64 debootstrap flex bison bc libelf-dev libssl-dev xz-utils binutils make \
 	genisoimage syslinux syslinux-common mtools dosfstools fdisk dropbear-bin \
 	ovmf systemd-boot-efi

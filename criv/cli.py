@@ -116,7 +116,10 @@ def _image_build(args: argparse.Namespace) -> int:
 
         for name in prune_cache(cache, img):
             print(f"pruned {cache / name}")
-    print(f"kernel: {img.kernel}\ninitrd: {img.initrd}\nhash:   {img.hash}")
+    print(f"kernel: {img.kernel}\ninitrd: {img.initrd}")
+    if img.root_disk is not None:
+        print(f"root:   {img.root_disk}")
+    print(f"hash:   {img.hash}")
     return 0
 
 

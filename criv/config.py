@@ -193,6 +193,9 @@ class VmConfig:
     # explicit kernel/initramfs instead of the built guest image (both or neither)
     kernel: str = ""
     initrd: str = ""
+    # with them: the guest root's read-only disk image (a built image's root.erofs, mounted
+    # by its initramfs); "" means the root is in the initramfs
+    root_disk: str = ""
     # a libvirt call that does not answer within this releases its caller (UNAVAILABLE)
     libvirt_call_timeout_seconds: int = 60
     # vm-image pods: how long after a VM's start the first exec waits for its SSH host
@@ -223,6 +226,10 @@ class VmConfig:
                 raise ConfigError(f"{key}.{k}", "must be an absolute path")
         if bool(self.kernel) != bool(self.initrd):
             raise ConfigError(f"{key}.kernel", "kernel and initrd go together")
+        if self.root_disk and not self.kernel:
+            raise ConfigError(f"{key}.root_disk", "goes with kernel and initrd")
+        if self.root_disk and not self.root_disk.startswith("/"):
+            raise ConfigError(f"{key}.root_disk", "must be an absolute path")
         if self.vcpus < 1:
             raise ConfigError(f"{key}.vcpus", "must be >= 1")
         if self.memory_mib < 64:

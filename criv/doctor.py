@@ -67,6 +67,7 @@ def check_accel(cfg: Config) -> Check:
         Path(cfg.run_dir) / "kvm-probe.json",
         img.kernel if img else None,
         img.initrd if img else None,
+        root_disk=img.root_disk if img else None,
     )
     if choice.accel == "kvm":
         level: Level = "OK" if "works" in choice.reason else "WARN"
@@ -157,12 +158,9 @@ def check_guest_image(cfg: Config) -> Check:
     cache = guest_image_cache(cfg)
     img = cached_image(cache)
     if img is not None:
-        return Check(
-            "guest image",
-            "OK",
-            f"{img.directory} (kernel {img.kernel_release}, {img.initrd.name} "
-            f"{img.initrd.stat().st_size >> 20} MiB)",
-        )
+        files = [img.initrd, *([img.root_disk] if img.root_disk else [])]
+        sizes = ", ".join(f"{f.name} {f.stat().st_size >> 20} MiB" for f in files)
+        return Check("guest image", "OK", f"{img.directory} (kernel {img.kernel_release}, {sizes})")
     level: Level = "FAIL" if _uses_vm(cfg) else "WARN"
     return Check(
         "guest image",

@@ -1,10 +1,12 @@
-"""`criv image build`: the guest kernel + initramfs, cached by the content hash of their inputs.
+"""`criv image build`: the guest kernel, initramfs and root disk, cached by the content hash
+of their inputs.
 
 Cache layout (``cache_root``, default /var/lib/criv/cache/guest-image)::
 
     kernel-<khash>/vmlinux, kernel.config      the kernel stage
     base-<bhash>/rootfs/                       debootstrap + wheels, trimmed
-    image-<ihash>/vmlinux, initramfs.cpio[.lz4], manifest.json   what VMs boot
+    image-<ihash>/vmlinux, initramfs-early.cpio, root.erofs, manifest.json   what VMs boot
+                                               (the Debian kernel: initramfs.cpio[.lz4])
     work/                                      kernel build tree (incremental), scratch dirs
     .lock                                      one builder at a time (flock)
 
@@ -30,7 +32,7 @@ from pathlib import Path
 from typing import Literal
 
 from criv.errors import FailedPrecondition
-from criv.guestimage import cpio, debian_kernel, kernel, rootfs, slim
+from criv.guestimage import cpio, debian_kernel, kernel, rootdisk, rootfs, slim
 
 # Bump when the build procedure changes in a way the hashed inputs do not show.
 BUILDER_VERSION = "1"
@@ -43,12 +45,14 @@ Progress = Callable[[str], None]
 
 @dataclass(frozen=True)
 class GuestImage:
-    """A built guest image: what a VM's ``<kernel>`` and ``<initrd>`` point at."""
+    """A built guest image: what a VM's ``<kernel>`` and ``<initrd>`` point at, and its
+    read-only root disk (None: the root is in the initramfs)."""
 
     kernel: Path
     initrd: Path
     hash: str
     kernel_release: str = ""
+    root_disk: Path | None = None
 
     @property
     def directory(self) -> Path:
@@ -61,6 +65,7 @@ class Inputs:
 
     fragment: Path = REPO_ROOT / "images/kernel/criv.config"
     init: Path = REPO_ROOT / "images/init"
+    early_init: Path = REPO_ROOT / "images/early-init"
     agent_src: Path = REPO_ROOT / "guest-agent/criv_agent"
     # extra guest modules: path under site-packages -> source file
     extra: dict[str, Path] = field(default_factory=dict)
@@ -68,6 +73,12 @@ class Inputs:
     compress: bool = False  # lz4 (legacy format, as the kernel's unpacker wants) or plain
     # "criv": our kernel from linux-source; "debian": the packaged kernel + modules (fallback)
     kernel: Literal["criv", "debian"] = "criv"
+    # "disk": the root on a read-only erofs disk (rootdisk); "initramfs": in the initramfs
+    root: Literal["disk", "initramfs"] = "disk"
+
+    @property
+    def root_on_disk(self) -> bool:
+        return self.root == "disk" and self.kernel == "criv"  # see rootdisk
 
     @classmethod
     def default(cls) -> Inputs:
@@ -115,6 +126,10 @@ def base_hash(mirror: str) -> str:
 def image_hash(inputs: Inputs, khash: str, bhash: str) -> str:
     h = hashlib.sha256(f"criv-image {BUILDER_VERSION} {khash} {bhash} {inputs.compress}\n".encode())
     _hash_file(h, inputs.init, "init")
+    if inputs.root_on_disk:
+        h.update(b"root on disk\n")
+        _hash_file(h, inputs.early_init, "early-init")
+        _hash_file(h, debian_kernel.static_busybox(), "busybox")
     hash_tree(h, inputs.agent_src, "agent")
     # the assembly code itself (cheap to rerun); the kernel and base stages use explicit
     # versions instead, since a rebuild there costs minutes
@@ -211,10 +226,10 @@ def cached_image(
     inputs = inputs or Inputs.default()
     try:
         khash = kernel_hash(inputs, _kernel_identity(cache_root, inputs))
+        mirror = inputs.mirror or rootfs.mirror_from_sources()
+        ihash = image_hash(inputs, khash, base_hash(mirror))
     except FailedPrecondition:
         return None
-    mirror = inputs.mirror or rootfs.mirror_from_sources()
-    ihash = image_hash(inputs, khash, base_hash(mirror))
     return _load(cache_root / f"image-{ihash}")
 
 
@@ -223,8 +238,10 @@ def _load(d: Path) -> GuestImage | None:
         m = json.loads((d / "manifest.json").read_text())
     except (OSError, ValueError):
         return None
-    img = GuestImage(d / m["kernel"], d / m["initrd"], m["hash"], m.get("kernel_release", ""))
-    return img if img.kernel.is_file() and img.initrd.is_file() else None
+    disk = d / m["root_disk"] if m.get("root_disk") else None
+    img = GuestImage(d / m["kernel"], d / m["initrd"], m["hash"], m.get("kernel_release", ""), disk)
+    files = [img.kernel, img.initrd, *([disk] if disk else [])]
+    return img if all(f.is_file() for f in files) else None
 
 
 def build_guest_image(
@@ -234,7 +251,7 @@ def build_guest_image(
 ) -> GuestImage:
     """Build (or find) the guest image; blocking, minutes on first use, instant when cached."""
     inputs = inputs or Inputs.default()
-    for p in (inputs.fragment, inputs.init):
+    for p in (inputs.fragment, inputs.init, inputs.early_init):
         if not p.is_file():
             raise FailedPrecondition(f"guest image input missing: {p}")
     if not (inputs.agent_src / "__init__.py").is_file():
@@ -261,8 +278,17 @@ def build_guest_image(
             own = sorted({inputs.agent_src.name, *(r.split("/")[0] for r in inputs.extra)})
             rootfs.precompile(root, scratch / "build.log", own)
             rootfs.reset_dev(root)
-            # the Debian kernel needs more RAM itself: a plain cpio does not unpack in 256 MiB
-            initrd = _pack(root, scratch, inputs.compress or inputs.kernel == "debian", progress)
+            disk = None
+            if inputs.root_on_disk:
+                disk = rootdisk.make_erofs(root, scratch, ihash)
+                progress(f"root disk: erofs {disk.stat().st_size // (1 << 20)} MiB")
+                busybox = debian_kernel.static_busybox()
+                initrd = rootdisk.pack_early(busybox, inputs.early_init, scratch, SOURCE_DATE_EPOCH)
+            else:
+                # the Debian kernel needs more RAM itself: a plain cpio does not unpack in
+                # 256 MiB
+                compress = inputs.compress or inputs.kernel == "debian"
+                initrd = _pack(root, scratch, compress, progress)
             shutil.rmtree(root)
             scratch.chmod(0o755)  # mkdtemp made it 0700; QEMU may run unprivileged one day
             # a hard link keeps one copy of the kernel on disk
@@ -274,6 +300,7 @@ def build_guest_image(
                 "hash": ihash,
                 "kernel": "vmlinux",
                 "initrd": initrd.name,
+                **({"root_disk": disk.name} if disk else {}),
                 "kernel_hash": khash,
                 "base_hash": bhash,
                 "kernel_release": kernel.kernel_release(vmlinux),

@@ -76,7 +76,10 @@ def static_busybox() -> Path:
         p = Path(cand)
         if p.is_file() and b"ld-linux" not in p.read_bytes()[:8192]:
             return p
-    raise FailedPrecondition("the Debian kernel fallback needs busybox-static (apt-get install)")
+    raise FailedPrecondition(
+        "the guest image needs a static busybox (early init, the Debian kernel's insmod): "
+        "apt-get install busybox-static"
+    )
 
 
 def extract_vmlinux(vmlinuz: bytes) -> bytes:

@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
+from criv.hypervisor.spec import ROOT_DISK_CMDLINE
+
 log = logging.getLogger(__name__)
 
 Accel = Literal["kvm", "tcg"]
@@ -136,12 +138,13 @@ def run_probe(
     initrd: Path | None = None,
     cpu: str = "host",
     qemu: str = QEMU,
+    root_disk: Path | None = None,
 ) -> tuple[bool, str, float]:
     """Boot a probe guest under ``accel``; (ok, detail, seconds).
 
-    Without ``kernel``: the tiny PVH ELF. With it (and ``initrd``): the real guest in its
-    ``criv.test=boot`` mode, which is what must work (on nested PVM KVM the tiny guest can
-    run while the real kernel hangs).
+    Without ``kernel``: the tiny PVH ELF. With it (and ``initrd``, and the image's root
+    disk): the real guest in its ``criv.test=boot`` mode, which is what must work (on
+    nested PVM KVM the tiny guest can run while the real kernel hangs).
     """
     exe = shutil.which(qemu)
     if exe is None:
@@ -156,7 +159,13 @@ def run_probe(
         else:
             cmd += ["-device", "virtio-rng-pci", "-no-reboot", "-kernel", str(kernel)]
             cmd += ["-initrd", str(initrd)] if initrd else []
-            cmd += ["-append", "console=ttyS0 quiet panic=-1 reboot=t criv.test=boot"]
+            append = "console=ttyS0 quiet panic=-1 reboot=t criv.test=boot"
+            if root_disk is not None:
+                drive = str(root_disk).replace(",", ",,")  # QEMU's option escaping
+                cmd += ["-drive", f"file={drive},if=none,id=root,format=raw,readonly=on"]
+                cmd += ["-device", "virtio-blk-pci,drive=root"]
+                append += " " + ROOT_DISK_CMDLINE
+            cmd += ["-append", append]
             marker, what = GUEST_MARKER, f"guest kernel {kernel.name}"
         found, rc, err, secs = _run_until(cmd, marker, timeout)
     if found:
@@ -180,6 +189,7 @@ def choose_accel(
     initrd: Path | None = None,
     timeout: float = 5.0,
     guest_timeout: float = 15.0,
+    root_disk: Path | None = None,
 ) -> AccelChoice:
     """The accelerator for VMs: config ``vm.accel`` (auto|kvm|tcg) + the probe, logged.
 
@@ -197,7 +207,7 @@ def choose_accel(
     key = _cache_key(bid, kernel)
     found = _read_cache(cache_file, key)
     if found is None:
-        found, final = _probe(bid, timeout, kernel, initrd, guest_timeout)
+        found, final = _probe(bid, timeout, kernel, initrd, guest_timeout, root_disk)
         if final:
             _write_cache(cache_file, key, found)
     if wanted == "kvm" and found.accel != "kvm":
@@ -218,7 +228,12 @@ def kvm_node_problem() -> str:
 
 
 def _probe(
-    bid: str, timeout: float, kernel: Path | None, initrd: Path | None, guest_timeout: float
+    bid: str,
+    timeout: float,
+    kernel: Path | None,
+    initrd: Path | None,
+    guest_timeout: float,
+    root_disk: Path | None = None,
 ) -> tuple[AccelChoice, bool]:
     """(choice, final): final when the answer does not depend on a later guest image."""
     if problem := kvm_node_problem():
@@ -230,7 +245,7 @@ def _probe(
     if kernel is None:
         reason = f"/dev/kvm works ({detail}); not yet verified with the guest kernel"
         return AccelChoice("kvm", reason, secs, bid), False
-    ok, detail, secs2 = run_probe("kvm", guest_timeout, kernel, initrd)
+    ok, detail, secs2 = run_probe("kvm", guest_timeout, kernel, initrd, root_disk=root_disk)
     if ok:
         return AccelChoice("kvm", f"/dev/kvm works: {detail}", secs + secs2, bid), True
     reason = f"/dev/kvm runs a tiny guest but not the guest kernel ({detail}); using TCG"

@@ -37,6 +37,10 @@ SHARE_TAG = "criv"
 # ends a wedged guest at once; reboot=t makes a guest reboot end the domain (on_reboot=destroy).
 BASE_CMDLINE = ("console=ttyS0", "quiet", "panic=-1", "reboot=t")
 _SAFE_ARG = re.compile(r"^[A-Za-z0-9_./:=@+-]*$")
+# the guest root's read-only disk (criv.guestimage.rootdisk): the only virtio disk of a pod
+# VM, so the guest names it vda; images/early-init mounts what ``criv.root=`` names
+ROOT_DISK_TARGET = "vda"
+ROOT_DISK_CMDLINE = f"criv.root={ROOT_DISK_TARGET}"
 
 
 def domain_name(sandbox_id: str) -> str:
@@ -73,6 +77,7 @@ class PodVm:
     size: VmSize
     accel: Accel
     console_log: Path
+    root_disk: Path | None = None  # the guest root, read-only (None: in the initramfs)
     max_vcpus: int = 0  # above size.vcpus: hot-pluggable vCPU slots (sizing.max_vcpus_for)
     max_memory_mib: int = 0  # above size.memory_mib: held back by the balloon (max_memory_for)
     free_page_reporting: bool = True
@@ -96,9 +101,10 @@ class PodVm:
     name: str = ""  # instead of the sandbox's domain name (a template's)
 
 
-# A template and its clones: libvirt puts the rng and the balloon on root ports 1-2; the
-# share, the NIC and the vsock device are hot-plugged into a clone's ports 3-5.
-TEMPLATE_HOTPLUG_PORTS = 5
+# A template and its clones: libvirt puts the rng, the root disk and the balloon on root
+# ports 1-3; the share, the NIC and the vsock device are hot-plugged into a clone's free
+# ports (4-6).
+TEMPLATE_HOTPLUG_PORTS = 6
 TEMPLATE_DOMAIN_PREFIX = DOMAIN_PREFIX + "tmpl-"
 
 
@@ -127,13 +133,17 @@ def pod_domain(vm: PodVm) -> Domain:
         if vm.accel == "tcg":
             # TSC calibration hangs under TCG on microvm (no PIT/HPET calibration source)
             cmdline.append(f"tsc_early_khz={vm.tsc_khz or host_tsc_khz()}")
+    if vm.root_disk is not None:
+        cmdline.append(ROOT_DISK_CMDLINE)
     if a := agent_cmdline(vm.agent_args):
         cmdline.append(a)
     cmdline += vm.extra_cmdline
-    devices: list[SerialLog | Rng | VirtioFs | TapInterface | KernelVsock] = [
+    devices: list[SerialLog | Rng | Disk | VirtioFs | TapInterface | KernelVsock] = [
         SerialLog(vm.console_log),
         Rng(),
     ]
+    if vm.root_disk is not None:
+        devices.append(Disk(vm.root_disk, ROOT_DISK_TARGET, "raw", readonly=True))
     if vm.fs_socket is not None:
         devices.append(VirtioFs(vm.fs_socket, tag=SHARE_TAG))
     if vm.tap:

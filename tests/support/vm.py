@@ -92,6 +92,7 @@ def vm_config(guest_image: GuestImage, libvirtd: None, template_dir: Path) -> di
         "vm": {
             "kernel": str(guest_image.kernel),
             "initrd": str(guest_image.initrd),
+            "root_disk": str(guest_image.root_disk or ""),
             "accel": "tcg",
             "template_dir": str(template_dir),
         },

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from criv import failpoints
+from criv.guestimage import GuestImage
 from criv.hypervisor.hostsetup import QEMU_USER
 from criv.hypervisor.kvm import AccelChoice
 from criv.network.tap import create_tap
@@ -61,6 +62,7 @@ class Prepared:
 
     kernel: Path
     initrd: Path
+    root_disk: Path | None
     accel: AccelChoice
     cid: int
     backend_pid: int
@@ -76,7 +78,7 @@ async def prepare(
     clock = StepClock()
     with clock.step("host"):
         await host.preflight()
-        kernel, initrd = await asyncio.to_thread(host.guest_image)
+        image = await asyncio.to_thread(host.guest_image)
 
     def dirs() -> None:
         for d in (paths.run, paths.state):
@@ -91,9 +93,12 @@ async def prepare(
         clock.timed("[backend]", start_backend(backends, pod.id, paths, cid)),
         clock.timed("[share+virtiofsd]", start_share(paths)),
         clock.timed("[tap]", make_tap(pod, owner)),
-        clock.timed("[probes]", host_ready(host, kernel, initrd)),
+        clock.timed("[probes]", host_ready(host, image)),
     )
-    return Prepared(kernel, initrd, accel, cid, backend_pid, backend_start, fs_pid, tap, clock)
+    return Prepared(
+        image.kernel, image.initrd, image.root_disk, accel, cid, backend_pid, backend_start,
+        fs_pid, tap, clock,
+    )  # fmt: skip
 
 
 async def start_backend(
@@ -120,8 +125,8 @@ async def make_tap(pod: PodRecord, owner: str) -> str:
     return tap
 
 
-async def host_ready(host: VmHost, kernel: Path, initrd: Path) -> AccelChoice:
+async def host_ready(host: VmHost, image: GuestImage) -> AccelChoice:
     await host.probed()  # the start-up probes, if they still run
-    accel = await host.accel(kernel, initrd)
+    accel = await host.accel(image)
     await host.hypervisor()
     return accel

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from criv.config import Config
 from criv.errors import CrivError, FailedPrecondition
-from criv.guestimage import DEFAULT_CACHE_ROOT, cached_image
+from criv.guestimage import DEFAULT_CACHE_ROOT, GuestImage, cached_image
 from criv.hypervisor.driver import Hypervisor
 from criv.hypervisor.hostsetup import host_mount_issues, qemu_conf_issues
 from criv.hypervisor.kvm import AccelChoice, choose_accel
@@ -94,11 +94,13 @@ class VmHost:
                 + "): run `criv doctor --fix`, then restart libvirtd"
             )  # fmt: skip
 
-    def guest_image(self) -> tuple[Path, Path]:
-        """(kernel, initrd): ``vm.kernel``/``vm.initrd`` or the cached guest image."""
+    def guest_image(self) -> GuestImage:
+        """``vm.kernel``/``vm.initrd`` (the root in that initramfs) or the cached guest
+        image (its root on a read-only disk)."""
         vm = self._config.vm
         if vm.kernel:
-            return Path(vm.kernel), Path(vm.initrd)
+            disk = Path(vm.root_disk) if vm.root_disk else None
+            return GuestImage(Path(vm.kernel), Path(vm.initrd), hash="", root_disk=disk)
         cache = Path(vm.guest_image_cache) if vm.guest_image_cache else None
         cache = cache or Path(self._config.state_dir) / "cache" / "guest-image"
         img = cached_image(cache) or (
@@ -109,14 +111,19 @@ class VmHost:
                 f"no guest image for this criv in {cache}: run `criv image build` "
                 "(or set vm.kernel and vm.initrd)"
             )
-        return img.kernel, img.initrd
+        return img
 
-    async def accel(self, kernel: Path, initrd: Path) -> AccelChoice:
+    async def accel(self, image: GuestImage) -> AccelChoice:
         async with self._accel_lock:
             if self._accel is None:
                 probe = Path(self._config.run_dir) / "kvm-probe.json"
                 self._accel = await asyncio.to_thread(
-                    choose_accel, self._config.vm.accel, probe, kernel, initrd
+                    choose_accel,
+                    self._config.vm.accel,
+                    probe,
+                    image.kernel,
+                    image.initrd,
+                    root_disk=image.root_disk,
                 )
                 self._publish()
             return self._accel
@@ -147,10 +154,10 @@ class VmHost:
 
         async def kvm() -> None:
             try:
-                kernel, initrd = await asyncio.to_thread(self.guest_image)
+                image = await asyncio.to_thread(self.guest_image)
             except FailedPrecondition:
                 return  # no guest image yet: its kernel is part of the probe
-            choice = await self.accel(kernel, initrd)
+            choice = await self.accel(image)
             found.append(f"accel={choice.accel} {time.monotonic() - t0:.2f}s")
 
         # independent: libvirtd works in its own process, the KVM probe in a QEMU of its own

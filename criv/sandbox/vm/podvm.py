@@ -45,6 +45,7 @@ def pod_vm(
         sandbox_id=pod.id,
         kernel=prep.kernel,
         initrd=prep.initrd,
+        root_disk=prep.root_disk,
         size=size,
         accel=prep.accel.accel,
         console_log=console_log(paths),

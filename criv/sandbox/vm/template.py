@@ -204,6 +204,7 @@ class Templates:
             meta = {
                 "format": FORMAT, "key": key, "created": time.time(), "bytes": size,
                 "kernel": str(vm.kernel), "initrd": str(vm.initrd),
+                "root_disk": str(vm.root_disk or ""),
             }  # fmt: skip
             await asyncio.to_thread(_publish, work, self._root / key, meta)
             await asyncio.to_thread(self.prune)
@@ -261,7 +262,7 @@ def _unusable(d: Path, now: float, max_unused: float) -> bool:
         meta = json.loads(meta_file.read_text())
     except (OSError, ValueError):
         return False
-    for k in ("kernel", "initrd"):
+    for k in ("kernel", "initrd", "root_disk"):
         path = meta.get(k) if isinstance(meta, dict) else None
         if isinstance(path, str) and path.startswith("/") and not Path(path).exists():
             return True

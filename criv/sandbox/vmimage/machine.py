@@ -220,8 +220,8 @@ class Machines:
         accel = self._config.vm.accel
         if accel == "auto":
             await self.host.probed()
-            kernel, initrd = await asyncio.to_thread(self.host.guest_image)
-            accel = (await self.host.accel(kernel, initrd)).accel
+            image = await asyncio.to_thread(self.host.guest_image)
+            accel = (await self.host.accel(image)).accel
         hv = await self.host.hypervisor()
         tap, mac, mtu = "", "", 0
         if pod.netns:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -19,9 +21,11 @@ def inputs(tmp_path: Path) -> Inputs:
     (src / "criv_agent/main.py").write_text("def main(): return 0\n")
     (src / "criv.config").write_text("CONFIG_A=y\n")
     (src / "init").write_text("#!/bin/sh\n")
+    (src / "early-init").write_text("#!/bin/busybox sh\n")
     return Inputs(
         fragment=src / "criv.config",
         init=src / "init",
+        early_init=src / "early-init",
         agent_src=src / "criv_agent",
         mirror="http://deb.example/debian",
     )
@@ -56,7 +60,10 @@ def test_builds_once_then_cached(tmp_path: Path, inputs: Inputs, calls: dict[str
     img = build_guest_image(cache, lines.append, inputs)
     assert calls == {"kernel": 1, "base": 1}
     assert img.kernel.read_bytes().startswith(b"ELF")
-    assert img.initrd.name == "initramfs.cpio" and img.initrd.stat().st_size > 0
+    # the root on a read-only erofs disk; the initramfs only mounts it
+    assert img.initrd.name == "initramfs-early.cpio" and img.initrd.stat().st_size > 0
+    assert img.root_disk is not None and img.root_disk.name == "root.erofs"
+    assert img.root_disk.stat().st_mode & 0o777 == 0o644  # QEMU runs unprivileged
     assert img.kernel_release == "6.1.0-criv"
     assert any("kernel" in line for line in lines)
     again = build_guest_image(cache, lines.append, inputs)
@@ -125,3 +132,47 @@ def test_prune_keeps_only_what_the_image_uses(
     assert old.directory.name in removed and any(r.startswith("kernel-") for r in removed)
     assert new.kernel.is_file() and new.initrd.is_file()
     assert cached_image(cache, inputs) == new
+
+
+def _cpio_names(path: Path) -> list[str]:
+    out = subprocess.run(["cpio", "-t"], stdin=path.open("rb"), capture_output=True, text=True)
+    return sorted(out.stdout.split())
+
+
+@pytest.mark.timeout(30)
+def test_the_root_disk_holds_the_root_and_the_early_initramfs_only_mounts_it(
+    tmp_path: Path, inputs: Inputs, calls: dict[str, int]
+) -> None:
+    img = build_guest_image(tmp_path / "cache", lambda s: None, inputs)
+    assert img.root_disk is not None
+    out = tmp_path / "x"
+    r = subprocess.run(
+        ["fsck.erofs", f"--extract={out}", str(img.root_disk)], capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr
+    assert (out / "init").read_text() == "#!/bin/sh\n"  # images/init, PID 1 after the switch
+    assert (out / "usr/bin/python3").is_file()
+    assert (out / "usr/local/lib/python3.11/dist-packages/criv_agent/main.py").is_file()
+    early = _cpio_names(img.initrd)
+    assert early == ["bin", "bin/busybox", "dev", "dev/console", "init", "lower",
+                     "newroot", "proc", "rw"]  # fmt: skip
+    assert "usr" not in early
+
+
+@pytest.mark.timeout(30)
+def test_root_in_the_initramfs_when_asked_or_with_the_debian_kernel(
+    tmp_path: Path, inputs: Inputs, calls: dict[str, int]
+) -> None:
+    ram = dataclasses.replace(inputs, root="initramfs")
+    assert build.image_hash(ram, "k", "b") != build.image_hash(inputs, "k", "b")
+    img = build_guest_image(tmp_path / "cache", lambda s: None, ram)
+    assert img.root_disk is None and img.initrd.name == "initramfs.cpio"
+    assert "usr/bin/python3" in _cpio_names(img.initrd)
+    assert not dataclasses.replace(inputs, kernel="debian").root_on_disk
+
+
+@pytest.mark.timeout(10)
+def test_the_image_hash_covers_the_early_init(inputs: Inputs) -> None:
+    before = build.image_hash(inputs, "k", "b")
+    inputs.early_init.write_text("#!/bin/busybox sh\necho changed\n")
+    assert build.image_hash(inputs, "k", "b") != before

@@ -50,6 +50,13 @@ def _pod(**kw: object) -> PodVm:
     return PodVm(**base)  # type: ignore[arg-type]
 
 
+# the default guest image: a small initramfs that mounts the root from a read-only disk
+ROOT_DISK: dict[str, Any] = {
+    "initrd": IMG / "initramfs-early.cpio",
+    "root_disk": IMG / "root.erofs",
+}
+
+
 def _image_vm(**kw: Any) -> ImageVm:
     return ImageVm(
         sandbox_id="e" * 64,
@@ -65,7 +72,8 @@ def _image_vm(**kw: Any) -> ImageVm:
 CASES: dict[str, Domain] = {
     # 1 vCPU booted, 2 hot-pluggable; 256 MiB, up to 512 behind the balloon
     # (UpdatePodSandboxResources)
-    "q35-tcg-backend": pod_domain(_pod(max_vcpus=2, max_memory_mib=512)),
+    # the guest root on a read-only disk (the default image): criv.root= names it
+    "q35-tcg-backend": pod_domain(_pod(max_vcpus=2, max_memory_mib=512, **ROOT_DISK)),
     "q35-kvm-kernel-vsock": pod_domain(
         _pod(accel="kvm", vsock_socket=None, vsock_cid=42, size=VmSize(2, 512))
     ),
@@ -76,14 +84,14 @@ CASES: dict[str, Domain] = {
     # a template: the pod's shape, no device of its own, empty root ports for a clone's
     "q35-tcg-template": pod_domain(
         replace(
-            template_shape(_pod(max_vcpus=2, max_memory_mib=512)),
+            template_shape(_pod(max_vcpus=2, max_memory_mib=512, **ROOT_DISK)),
             name=TEMPLATE_DOMAIN_PREFIX + "0123456789abcdef",
             console_log=Path("/run/criv/templates/.k.building/console.log"),
             owner="/var/lib/criv",
         )
     ),
     # its clone: the same but the pod's name, UUID, console, and -incoming
-    "q35-tcg-clone": clone_domain(_pod(max_vcpus=2, max_memory_mib=512)),
+    "q35-tcg-clone": clone_domain(_pod(max_vcpus=2, max_memory_mib=512, **ROOT_DISK)),
     "minimal": Domain(
         name="criv-minimal",
         uuid="00000000-0000-0000-0000-000000000001",

@@ -27,8 +27,14 @@ def test_probe_elf_has_a_pvh_note_pointing_at_the_code() -> None:
 def _fake(monkeypatch: pytest.MonkeyPatch, tiny: bool, guest: bool) -> list[str]:
     calls: list[str] = []
 
-    def run_probe(accel: str, timeout: float = 5.0, kernel: Path | None = None, *a: object):  # type: ignore[no-untyped-def]
-        calls.append("guest" if kernel else "tiny")
+    def run_probe(
+        accel: str,
+        timeout: float = 5.0,
+        kernel: Path | None = None,
+        *a: object,
+        root_disk: Path | None = None,
+    ):  # type: ignore[no-untyped-def]
+        calls.append(("guest" + (f" {root_disk.name}" if root_disk else "")) if kernel else "tiny")
         ok = guest if kernel else tiny
         return ok, "ran" if ok else "hangs", 0.1
 
@@ -85,3 +91,15 @@ def test_forced_kvm_is_honoured_with_the_reason(
     _fake(monkeypatch, tiny=False, guest=False)
     c = kvm.choose_accel("kvm", tmp_path / "p.json")
     assert c.accel == "kvm" and "but" in c.reason
+
+
+@pytest.mark.timeout(10)
+def test_the_guest_probe_boots_the_image_with_its_root_disk(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    calls = _fake(monkeypatch, tiny=True, guest=True)
+    kernel = tmp_path / "vmlinux"
+    kernel.write_bytes(b"k")
+    disk = tmp_path / "root.erofs"
+    got = kvm.choose_accel("auto", None, kernel, tmp_path / "initrd", root_disk=disk)
+    assert got.accel == "kvm" and calls == ["tiny", "guest root.erofs"]

@@ -17,6 +17,7 @@ import pytest
 
 from criv.config import Config, RuntimeConfig
 from criv.errors import Internal
+from criv.guestimage import GuestImage
 from criv.hypervisor.kvm import AccelChoice
 from criv.sandbox.isolation import PodPaths
 from criv.sandbox.records import PodRecord
@@ -117,7 +118,7 @@ def _stub_steps(
     }
     host: Any = iso._host
     host.preflight = nothing
-    host.guest_image = lambda: (Path("/k"), Path("/i"))
+    host.guest_image = lambda: GuestImage(Path("/k"), Path("/i"), "h", root_disk=Path("/r"))
     for name, fn in (defaults | steps).items():
         monkeypatch.setattr(coldpath, name, lambda *_a, fn=fn: fn())
     iso.destroy = destroy  # type: ignore[method-assign]
@@ -212,12 +213,14 @@ async def _probing(
     image = tmp / "vmlinux"
     image.write_bytes(b"k")
 
-    def choose(wanted: str, cache: Path, kernel: Path, initrd: Path) -> AccelChoice:
+    def choose(
+        wanted: str, cache: Path, kernel: Path, initrd: Path, root_disk: Path | None = None
+    ) -> AccelChoice:
         calls.append(f"kvm-probe {kernel.name}")
         return AccelChoice("tcg", "probed")
 
     monkeypatch.setattr(vmhost, "choose_accel", choose)
-    monkeypatch.setattr(vmhost.VmHost, "guest_image", lambda self: (image, image))
+    monkeypatch.setattr(vmhost.VmHost, "guest_image", lambda self: GuestImage(image, image, "h"))
     hv = FakeHv(gate, calls)
 
     async def hypervisor(self: vmhost.VmHost) -> FakeHv:
@@ -240,7 +243,9 @@ async def test_start_up_probes_run_once_in_the_background(
         assert sorted(calls) == ["caps", "kvm-probe vmlinux"], "started without any pod"
         assert iso._host._accel is not None
         # a pod now waits for the libvirt probe that still runs, then the choice is made
-        ready = coldpath.host_ready(iso._host, tmp_path / "vmlinux", tmp_path / "i")
+        ready = coldpath.host_ready(
+            iso._host, GuestImage(tmp_path / "vmlinux", tmp_path / "i", "h")
+        )
         waiter = asyncio.create_task(ready)
         await asyncio.sleep(0.02)
         assert not waiter.done()

@@ -57,6 +57,7 @@ def test_pods_of_one_shape_share_a_template_and_any_change_makes_another() -> No
         {"max_memory_mib": 1024},
         {"free_page_reporting": False},
         {"initrd": Path("/var/lib/criv/cache/guest-image/image-fedcba9876543210/i.cpio")},
+        {"root_disk": Path("/var/lib/criv/cache/guest-image/image-fedcba9876543210/r.erofs")},
         {"agent_args": ["--control", "vsock:2048"]},
         {"accel": "kvm"},
     ):
@@ -183,11 +184,18 @@ def test_prune_removes_what_no_pod_will_clone_again(tmp_path: Path) -> None:
     image.mkdir()
     (image / "vmlinux").write_bytes(b"k")
     (image / "initramfs.cpio").write_bytes(b"i")
-    live = {"kernel": str(image / "vmlinux"), "initrd": str(image / "initramfs.cpio")}
+    (image / "root.erofs").write_bytes(b"r")
+    live = {
+        "kernel": str(image / "vmlinux"),
+        "initrd": str(image / "initramfs.cpio"),
+        "root_disk": str(image / "root.erofs"),
+    }
     root = tmp_path / "templates"
     fresh = _template(root, "fresh", 60, **live)
     _template(root, "unused", tmpl.MAX_UNUSED + 60, **live)
     _template(root, "image-gone", 60, kernel=live["kernel"], initrd=str(tmp_path / "old.cpio"))
+    _template(root, "disk-gone", 60, **(live | {"root_disk": str(tmp_path / "old.erofs")}))
+    _template(root, "no-disk", 60, **(live | {"root_disk": ""}))  # root in the initramfs
     other_format = _template(root, "newer", 60, format=tmpl.FORMAT + 1)  # a newer criv's
     busy = _template(root, "busy", tmpl.MAX_UNUSED + 60)  # being rebuilt now
     old_build = root / ".old.building"
@@ -198,9 +206,9 @@ def test_prune_removes_what_no_pod_will_clone_again(tmp_path: Path) -> None:
     new_build.mkdir()
 
     gone = tmpl.prune(root, {"busy"}, time.time())
-    assert sorted(gone) == [".old.building", "image-gone", "unused"]
+    assert sorted(gone) == [".old.building", "disk-gone", "image-gone", "unused"]
     assert sorted(p.name for p in root.iterdir()) == sorted(
-        [fresh.name, other_format.name, busy.name, new_build.name]
+        [fresh.name, other_format.name, busy.name, new_build.name, "no-disk"]
     )
 
 

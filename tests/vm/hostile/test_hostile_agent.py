@@ -11,13 +11,15 @@ is untouched.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from criv.guestimage import GuestImage
+from criv.guestimage import DEFAULT_CACHE_ROOT, GuestImage, Inputs, build_guest_image
 from criv.guestimage.cpio import write_cpio
 from criv_agent.api.runtime.v1 import api_pb2
 from tests.support.cri import Cri
@@ -71,7 +73,11 @@ sys.exit(main())
 
 
 def forging_initrd(image: GuestImage, out: Path) -> Path:
-    """The guest image's initramfs with the forging launcher appended over it."""
+    """The guest image's initramfs with the forging launcher appended over it (an image
+    with its root in the initramfs: a root disk is read-only)."""
+    cache = Path(os.environ.get("CRIV_GUEST_IMAGE_CACHE", str(DEFAULT_CACHE_ROOT)))
+    image = build_guest_image(cache, lambda s: None, replace(Inputs.default(), root="initramfs"))
+    assert image.root_disk is None
     root = out / "overlay"
     launcher = root / "usr" / "local" / "bin" / "criv-agent"
     launcher.parent.mkdir(parents=True)
@@ -92,7 +98,7 @@ def test_a_forged_event_for_another_pods_container_is_dropped(
     vm_cri_factory: Callable[..., Cri], guest_image: GuestImage, tmp_path: Path
 ) -> None:
     initrd = forging_initrd(guest_image, tmp_path)
-    cri = vm_cri_factory(vm={"initrd": str(initrd)})
+    cri = vm_cri_factory(vm={"initrd": str(initrd), "root_disk": ""})
     victim_pod = cri.run_pod("victim")
     victim = cri.run(victim_pod, "victim", ["sleep", "3600"])
     sb_sec = api_pb2.LinuxSandboxSecurityContext(privileged=True)

@@ -54,6 +54,7 @@ def _vm(
         sandbox_id="test-" + uuid.uuid4().hex[:12],
         kernel=image.kernel,
         initrd=image.initrd,
+        root_disk=image.root_disk,
         size=VmSize(1, 256),
         accel="tcg",
         console_log=tmp / "console.log",

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from criv.guestimage import DEFAULT_CACHE_ROOT, GuestImage, Inputs, build_guest_image
+from criv.hypervisor.spec import ROOT_DISK_CMDLINE
 
 pytestmark = pytest.mark.vm
 
@@ -37,8 +38,12 @@ def boot(image: GuestImage, mode: str, timeout: float = 90.0) -> tuple[str, dict
         "-initrd",
         str(image.initrd),
         "-append",
-        f"console=ttyS0 quiet panic=-1 reboot=t criv.test={mode}",
+        f"console=ttyS0 quiet panic=-1 reboot=t criv.test={mode}"
+        + (f" {ROOT_DISK_CMDLINE}" if image.root_disk else ""),
     ]
+    if image.root_disk is not None:
+        cmd += ["-drive", f"file={image.root_disk},if=none,id=root,format=raw,readonly=on"]
+        cmd += ["-device", "virtio-blk-pci,drive=root"]
     t0 = time.monotonic()
     proc = subprocess.Popen(
         cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
@@ -75,19 +80,25 @@ def test_guest_reaches_init_and_runs_python(guest_image: GuestImage) -> None:
     assert "CRIV-GUEST-MARKER init reached" in out, out[-3000:]
     assert f"CRIV-GUEST-UNAME {guest_image.kernel_release}" in out
     assert "CRIV-GUEST-PYTHON grpc 1.85.3 protobuf 7.36.2" in out, out[-3000:]
+    # the root is the image's read-only erofs disk, and the guest cannot write to it
+    assert "CRIV-GUEST-ROOT erofs /dev/vda" in out, out[-3000:]
+    assert "CRIV-GUEST-ROOT-DISK read-only" in out, out[-3000:]
     assert "CRIV-GUEST-DONE" in out
     assert "Kernel panic" not in out
     assert "reboot: Power down" in out or times["exit"] < 90  # powered itself off
 
 
 @pytest.mark.timeout(600)
-def test_lz4_initramfs_boots(guest_image: GuestImage) -> None:
+def test_root_in_an_lz4_initramfs_boots(guest_image: GuestImage) -> None:
     cache = Path(os.environ.get("CRIV_GUEST_IMAGE_CACHE", str(DEFAULT_CACHE_ROOT)))
-    lz4 = build_guest_image(cache, lambda s: None, replace(Inputs.default(), compress=True))
+    inputs = replace(Inputs.default(), compress=True, root="initramfs")
+    lz4 = build_guest_image(cache, lambda s: None, inputs)
     assert lz4.initrd.suffix == ".lz4" and lz4.kernel_release == guest_image.kernel_release
+    assert lz4.root_disk is None
     out, times = boot(lz4, "boot")
     print(f"lz4 boot timings: {times}")
     assert "CRIV-GUEST-MARKER init reached" in out, out[-3000:]
+    assert "CRIV-GUEST-ROOT initramfs" in out
 
 
 @pytest.mark.timeout(900)

@@ -1,0 +1,65 @@
+"""The guest root as a read-only erofs disk image, and the small initramfs that mounts it.
+
+With the root in the initramfs every VM held the whole unpacked root (~70 MiB) in its own
+RAM, and every clone copied it from its template. On a read-only virtio disk, a VM holds in
+its page cache only the pages it reads; the host holds the image once, in its page cache,
+for all VMs. ``images/early-init`` (PID 1 of the small initramfs) mounts the disk the kernel
+command line names under a tmpfs overlay and hands PID 1 to the root's ``/init``.
+
+Only for criv's own kernel: it has erofs, overlayfs and virtio-blk built in. The Debian
+kernel fallback has them as modules and keeps its root in the initramfs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import uuid
+from pathlib import Path
+
+from criv.errors import FailedPrecondition
+from criv.guestimage import cpio
+
+ROOT_DISK = "root.erofs"
+EARLY_INITRD = "initramfs-early.cpio"
+# mount points the early init uses, made in the initramfs (it has no writable root else)
+_EARLY_DIRS = ("bin", "dev", "proc", "lower", "rw", "newroot")
+
+
+def make_erofs(root: Path, out_dir: Path, image_hash: str) -> Path:
+    """``out_dir``/root.erofs from ``root``: uncompressed (a TCG guest would pay for
+    decompression in every VM), owned by root, fixed timestamps and UUID (from the image's
+    hash), no xattrs (the initramfs carried none either)."""
+    mkfs = shutil.which("mkfs.erofs")
+    if mkfs is None:
+        raise FailedPrecondition("mkfs.erofs not found: apt-get install erofs-utils")
+    out = out_dir / ROOT_DISK
+    fs_uuid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"criv-guest-root:{image_hash}"))
+    cmd = [mkfs, "--quiet", "-T0", f"-U{fs_uuid}", "--all-root", "-x-1", str(out), str(root)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise FailedPrecondition(f"mkfs.erofs failed: {(r.stderr or r.stdout).strip()}")
+    out.chmod(0o644)  # QEMU runs unprivileged and opens it read-only
+    return out
+
+
+def pack_early(busybox: Path, early_init: Path, out_dir: Path, mtime: int) -> Path:
+    """``out_dir``/initramfs-early.cpio: the early init, a static busybox and /dev/console
+    (the kernel opens it for init's stdio from the initramfs itself)."""
+    tree = out_dir / "early"
+    tree.mkdir()
+    for d in _EARLY_DIRS:
+        (tree / d).mkdir(mode=0o755)
+    shutil.copyfile(busybox, tree / "bin/busybox")
+    (tree / "bin/busybox").chmod(0o755)
+    shutil.copyfile(early_init, tree / "init")
+    (tree / "init").chmod(0o755)
+    os.mknod(tree / "dev/console", 0o600 | stat.S_IFCHR, os.makedev(5, 1))
+    out = out_dir / EARLY_INITRD
+    with out.open("wb") as f:
+        cpio.write_cpio(tree, f, mtime=mtime)
+    shutil.rmtree(tree)
+    out.chmod(0o644)
+    return out
