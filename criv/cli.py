@@ -11,6 +11,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import Literal
 
 from criv import __version__
 from criv.config import Config, load_config
@@ -106,7 +107,8 @@ def _image_build(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     cache = Path(args.cache) if args.cache else guest_image_cache(cfg)
     kernel = args.kernel or cfg.vm.guest_kernel
-    inputs = dataclasses.replace(Inputs.default(), compress=args.lz4, kernel=kernel)
+    root: Literal["disk", "initramfs"] = "initramfs" if args.lz4 else args.root
+    inputs = dataclasses.replace(Inputs.default(), compress=args.lz4, kernel=kernel, root=root)
     from criv.progress import BuildProgress, expected_builds
 
     with BuildProgress(cache, expected_builds(cache, inputs)) as show:
@@ -171,7 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     p = isub.add_parser("build", help="build the guest image, or find it cached")
     p.add_argument("--config", help="config file (default /etc/criv/config.yaml)")
     p.add_argument("--cache", help="cache directory (default <state_dir>/cache/guest-image)")
-    p.add_argument("--lz4", action="store_true", help="lz4-compress the initramfs")
+    p.add_argument(
+        "--root",
+        choices=["disk", "initramfs"],
+        default="disk",
+        help="the guest root: a read-only erofs disk (default) or in the initramfs",
+    )
+    p.add_argument("--lz4", action="store_true", help="the root in an lz4-compressed initramfs")
     p.add_argument(
         "--kernel",
         choices=["criv", "debian"],
