@@ -24,6 +24,8 @@ sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
 
+from criv.guestimage import GuestImage  # noqa: E402
+from criv.hypervisor.spec import ROOT_DISK_CMDLINE  # noqa: E402
 from criv_agent.api.runtime.v1 import api_pb2, api_pb2_grpc  # noqa: E402
 from tests.support.daemon import CrivProcess, default_config, merge  # noqa: E402
 from tests.support.images import busybox_image  # noqa: E402
@@ -208,6 +210,26 @@ def containerd_runtime(root: Path, reg: RegistryServer, cni: Path, pause: str) -
         ]
         for m in sorted(mounts, key=len, reverse=True):
             subprocess.run(["umount", "-l", m], capture_output=True)
+
+
+def image_config(img: GuestImage) -> dict[str, str]:
+    """criv's ``vm`` config keys that boot ``img`` (its root disk, if it has one)."""
+    return {
+        "kernel": str(img.kernel),
+        "initrd": str(img.initrd),
+        "root_disk": str(img.root_disk or ""),
+    }
+
+
+def qemu_image_args(img: GuestImage, append: str) -> list[str]:
+    """Raw QEMU's arguments that boot ``img`` with kernel command line ``append``, as a
+    pod's domain does (its root disk read-only on virtio-blk)."""
+    args = ["-kernel", str(img.kernel), "-initrd", str(img.initrd)]
+    if img.root_disk is not None:
+        args += ["-drive", f"file={img.root_disk},if=none,id=root,format=raw,readonly=on"]
+        args += ["-device", "virtio-blk-pci,drive=root"]
+        append += " " + ROOT_DISK_CMDLINE
+    return [*args, "-append", append]
 
 
 def pct(xs: list[float], p: float) -> float:

@@ -40,6 +40,7 @@ from _common import (
     bench_env,
     containerd_samples,
     criv_runtime,
+    image_config,
     pct,
     pss_kib,
     vm_memory_kib,
@@ -215,7 +216,7 @@ def main() -> int:
     start_libvirtd()
     img = build_guest_image(progress=lambda line: print(f"[guest-image] {line}", flush=True))
     vm_cfg = {
-        "vm": {"kernel": str(img.kernel), "initrd": str(img.initrd)},
+        "vm": image_config(img),
         "runtime": {"handlers": {"": "vm", "vm": "vm", "host": "host"}},
     }
     with bench_env("criv-bench-dens-") as env:

@@ -30,11 +30,13 @@ backend + virtiofsd) PSS without their guest RAM mappings, and criv's own growth
 by the pod count; spare VMs waiting beside them are printed apart. VMs boot
 one after another (TCG on two cores). Figures only, never pass/fail. Needs root, libvirtd
 and the guest image (`criv image build`). ``--compare-free-page-reporting`` measures the
-PSS again with ``vm.free_page_reporting: false`` (the baseline), same run. Usage:
+PSS again with ``vm.free_page_reporting: false`` (the baseline), same run;
+``--compare-initramfs-root`` the clones and PSS again with the guest root in the
+initramfs (no root disk: as before the root moved to a read-only erofs disk). Usage:
 
     .venv/bin/python bench/podstart.py [--runs 10] [--skip-containerd] [--skip-pss]
         [--skip-host] [--pss-pods 10] [--max-vcpus N] [--compare-free-page-reporting]
-        [--gap S]
+        [--compare-initramfs-root] [--gap S]
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -56,13 +59,15 @@ from _common import (
     bench_env,
     containerd_samples,
     criv_runtime,
+    image_config,
     pct,
     pss_kib,
+    qemu_image_args,
     vm_memory_kib,
 )
 
 from criv.agent.client import AgentClient
-from criv.guestimage import build_guest_image
+from criv.guestimage import GuestImage, Inputs, build_guest_image
 from criv.hypervisor.hostsetup import start_libvirtd
 from criv.sandbox.vm.ready import http2_answers
 from criv.vsock.process import VsockBackendProcess
@@ -96,17 +101,18 @@ def pod_start(r: Runtime, image: str, runs: int, logs: Path, gap: float = 0.0) -
     return s
 
 
-def wait_template(root: Path, timeout: float = 600) -> float:
-    """Seconds until a template is ready under ``root`` (criv builds it after a cold boot)."""
+def wait_template(root: Path, timeout: float = 600, known: frozenset[Path] = frozenset()) -> float:
+    """Seconds until a template other than ``known`` is ready under ``root`` (criv builds
+    it after a cold boot)."""
     t0 = time.monotonic()
-    while not any(root.glob("[!.]*/meta.json")):
+    while not set(root.glob("[!.]*/meta.json")) - known:
         if time.monotonic() - t0 > timeout:
             raise SystemExit(f"no template in {root} after {timeout}s")
         time.sleep(0.2)
     return time.monotonic() - t0
 
 
-def qemu_floor(kernel: Path, initrd: Path, runs: int, work: Path) -> Samples:
+def qemu_floor(img: GuestImage, runs: int, work: Path) -> Samples:
     """Raw QEMU (the domain's devices minus NIC and 9p) to the agent's first Health answer."""
     s: Samples = {}
     for i in range(runs):
@@ -121,8 +127,8 @@ def qemu_floor(kernel: Path, initrd: Path, runs: int, work: Path) -> Samples:
         argv = [
             "qemu-system-x86_64", "-M", "q35", "-cpu", "max",
             "-m", "256", "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none",
-            "-serial", f"file:{d / 'console.log'}", "-kernel", str(kernel), "-initrd", str(initrd),
-            "-append", f"console=ttyS0 quiet panic=-1 reboot=t {AGENT_ARGS}",
+            "-serial", f"file:{d / 'console.log'}",
+            *qemu_image_args(img, f"console=ttyS0 quiet panic=-1 reboot=t {AGENT_ARGS}"),
             "-object", "memory-backend-memfd,id=mem,size=256M,share=on",
             # one -accel: QEMU takes the first that works and ignores the rest, so a second
             # "-accel tcg,tb-size=64" after a plain one left the floor QEMU's default cache
@@ -281,6 +287,8 @@ def main() -> int:
     ap.add_argument("--max-vcpus", type=int, default=0, help="vm.max_vcpus (0: criv's default)")
     # the same PSS measurement again with vm.free_page_reporting off: what reporting saves
     ap.add_argument("--compare-free-page-reporting", action="store_true")
+    # clones and PSS again with the guest root in the initramfs (no root disk)
+    ap.add_argument("--compare-initramfs-root", action="store_true")
     args = ap.parse_args()
     start_libvirtd()
     img = build_guest_image(progress=lambda line: print(f"[guest-image] {line}", flush=True))
@@ -288,8 +296,9 @@ def main() -> int:
     pss: dict[int, dict[str, float]] = {}
     pss_off: dict[int, dict[str, float]] = {}
     pss_cold: dict[int, dict[str, float]] = {}
+    pss_ram: dict[int, dict[str, float]] = {}
     vm_cfg = {
-        "vm": {"kernel": str(img.kernel), "initrd": str(img.initrd), "max_vcpus": args.max_vcpus},
+        "vm": {**image_config(img), "max_vcpus": args.max_vcpus},
         "runtime": {"handlers": {"": "vm", "vm": "vm", "host": "host"}},
     }
     with bench_env("criv-bench-ps-") as env:
@@ -297,7 +306,7 @@ def main() -> int:
         templates = env.root / "templates"
         vm_cfg["vm"]["template_dir"] = str(templates)
         print(f"qemu floor: {args.runs} runs...", flush=True)
-        results["qemu floor"] = qemu_floor(img.kernel, img.initrd, args.runs, env.root / "floor")
+        results["qemu floor"] = qemu_floor(img, args.runs, env.root / "floor")
         with criv_runtime(env.root, reg, cni, vm_cfg, name="criv-vm") as r:
             r.pull(image)
             # the first pod after criv starts: the start-up probes (KVM, libvirt's QEMU
@@ -337,6 +346,21 @@ def main() -> int:
                 r.pull(image)
                 print("criv vm, free page reporting off: PSS of idle pods...", flush=True)
                 pss_off = vm_pss(r, image, logs / "pss-off", [1, args.pss_pods])
+        if args.compare_initramfs_root:
+            ram_img = build_guest_image(inputs=replace(Inputs.default(), root="initramfs"))
+            ram = {**vm_cfg, "vm": {**vm_cfg["vm"], **image_config(ram_img)}}
+            known = frozenset(templates.glob("[!.]*/meta.json"))
+            with criv_runtime(env.root, reg, cni, ram, name="criv-vm-ramroot") as r:
+                r.pull(image)
+                pod_start(r, image, 1, logs / "ramroot-warm")  # cold: builds its template
+                secs = wait_template(templates, known=known)
+                print(f"root in initramfs: template in {secs:.1f}s", flush=True)
+                print(f"criv vm, root in initramfs (clones): {args.runs} runs...", flush=True)
+                results["criv vm ramroot"] = pod_start(
+                    r, image, args.runs, logs / "ramroot", args.gap
+                )
+                if not args.skip_pss:
+                    pss_ram = vm_pss(r, image, logs / "pss-ramroot", [1, args.pss_pods])
         host_cfg = {"runtime": {"handlers": {"": "host", "host": "host"}}}
         if not args.skip_host:
             with criv_runtime(env.root, reg, cni, host_cfg, name="criv-host") as r:
@@ -353,6 +377,9 @@ def main() -> int:
     if pss_cold:
         print("\nsame, vm.template: off (every pod booted cold; the baseline, same run):")
         report({}, pss_cold)
+    if pss_ram:
+        print("\nsame, the guest root in the initramfs (the baseline, same run):")
+        report({}, pss_ram)
     if pss_off:
         print("\nsame, vm.free_page_reporting: false (the baseline, same run):")
         report({}, pss_off)

@@ -24,7 +24,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import BenchEnv, Runtime, bench_env, criv_runtime
+from _common import BenchEnv, Runtime, bench_env, criv_runtime, image_config
 
 from criv.guestimage import build_guest_image
 from criv.hypervisor.hostsetup import start_libvirtd
@@ -100,7 +100,7 @@ def main() -> int:
     if args.mode == "vm":
         start_libvirtd()
         img = build_guest_image(progress=lambda line: print(f"[guest-image] {line}", flush=True))
-        cfg["vm"] = {"kernel": str(img.kernel), "initrd": str(img.initrd)}
+        cfg["vm"] = image_config(img)
         cfg["runtime"]["handlers"]["vm"] = "vm"
     with bench_env(f"criv-soak-{args.mode}-") as env:
         env.root.chmod(0o711)  # QEMU (unprivileged) reaches the pods' sockets under it
