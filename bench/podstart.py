@@ -356,7 +356,7 @@ def main() -> int:
                 secs = wait_template(templates, known=known)
                 print(f"root in initramfs: template in {secs:.1f}s", flush=True)
                 print(f"criv vm, root in initramfs (clones): {args.runs} runs...", flush=True)
-                results["criv vm ramroot"] = pod_start(
+                results["criv ramroot"] = pod_start(
                     r, image, args.runs, logs / "ramroot", args.gap
                 )
                 if not args.skip_pss:

@@ -65,6 +65,7 @@ async def serve(args: argparse.Namespace) -> None:
     from criv_agent.cpuonline import CpuOnliner
     from criv_agent.datastream import DataServer
     from criv_agent.identity import IdentityTaker
+    from criv_agent.pagecache import drop_clean_pages
     from criv_agent.runtime import Runtime
     from criv_agent.service import AgentService
     from criv_agent.vsock_splice import Forwarder
@@ -112,6 +113,7 @@ async def serve(args: argparse.Namespace) -> None:
     onliner = CpuOnliner()
     warming: asyncio.Future[None] | None = None
     if in_vm:
+        drop_clean_pages()  # before the host saves a template of this VM (pagecache.py)
         onliner.start()
         # a spare VM's agent warms its own code paths before its pod comes (warmup.py)
         warming = asyncio.ensure_future(warm_when_idle(service.first_call, control.path))

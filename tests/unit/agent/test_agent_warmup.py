@@ -1,5 +1,6 @@
 """The agent's warm-up (criv_agent/warmup.py): only when no call came for WARM_AFTER s of
-running time, a Health call to itself over its real gRPC socket, and never a failure."""
+running time, a Health call to itself over its real gRPC socket, and never a failure; and
+its page-cache drop (criv_agent/pagecache.py): page cache only, never a failure."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from criv_agent import warmup
+from criv_agent import pagecache, warmup
 from criv_agent.api.agent.v1 import agent_pb2_grpc
 from criv_agent.runtime import Runtime
 from criv_agent.service import AgentService
@@ -89,3 +90,22 @@ def test_the_warm_up_outlasts_the_template_settle() -> None:
     from criv.sandbox.vm.template import SETTLE_SECONDS
 
     assert warmup.WARM_AFTER >= SETTLE_SECONDS + 2
+
+
+# -- the page-cache drop (criv_agent/pagecache.py) ----------------------------------------
+
+
+@pytest.mark.timeout(10)
+def test_the_drop_asks_for_clean_page_cache_only(tmp_path: Path) -> None:
+    knob = tmp_path / "drop_caches"
+    knob.write_text("")
+    pagecache.drop_clean_pages(str(knob))
+    assert knob.read_text() == "1\n"  # 1: page cache; not 2 or 3 (dentries and inodes)
+
+
+@pytest.mark.timeout(10)
+def test_a_drop_that_fails_is_logged_not_raised(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    pagecache.drop_clean_pages(str(tmp_path / "no" / "such"))
+    assert "dropping the page cache failed" in caplog.text
