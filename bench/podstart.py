@@ -356,9 +356,7 @@ def main() -> int:
                 secs = wait_template(templates, known=known)
                 print(f"root in initramfs: template in {secs:.1f}s", flush=True)
                 print(f"criv vm, root in initramfs (clones): {args.runs} runs...", flush=True)
-                results["criv ramroot"] = pod_start(
-                    r, image, args.runs, logs / "ramroot", args.gap
-                )
+                results["criv ramroot"] = pod_start(r, image, args.runs, logs / "ramroot", args.gap)
                 if not args.skip_pss:
                     pss_ram = vm_pss(r, image, logs / "pss-ramroot", [1, args.pss_pods])
         host_cfg = {"runtime": {"handlers": {"": "host", "host": "host"}}}
