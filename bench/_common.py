@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 import grpc  # noqa: E402
 
 from criv.guestimage import GuestImage  # noqa: E402
-from criv.hypervisor.spec import ROOT_DISK_CMDLINE  # noqa: E402
+from criv.hypervisor.spec import ROOT_DISK_CMDLINE, root_disk_qemu_args  # noqa: E402
 from criv_agent.api.runtime.v1 import api_pb2, api_pb2_grpc  # noqa: E402
 from tests.support.daemon import CrivProcess, default_config, merge  # noqa: E402
 from tests.support.images import busybox_image  # noqa: E402
@@ -226,8 +226,7 @@ def qemu_image_args(img: GuestImage, append: str) -> list[str]:
     pod's domain does (its root disk read-only on virtio-blk)."""
     args = ["-kernel", str(img.kernel), "-initrd", str(img.initrd)]
     if img.root_disk is not None:
-        args += ["-drive", f"file={img.root_disk},if=none,id=root,format=raw,readonly=on"]
-        args += ["-device", "virtio-blk-pci,drive=root"]
+        args += root_disk_qemu_args(img.root_disk)
         append += " " + ROOT_DISK_CMDLINE
     return [*args, "-append", append]
 

@@ -9,8 +9,10 @@ last pod took) or ``--max`` pods (default 150) run. Prints:
   QEMU's memfd, counted once: PSS misses a clone's pages loaded from its template that no
   process has mapped since), QEMU's anonymous memory (TCG's translation cache, its heap)
   and file-backed pages (the kernel, initramfs and QEMU's own binary, shared between
-  pods), the vsock backend and virtiofsd without their guest RAM mappings (PSS), and
-  criv's own growth, divided by the pods;
+  pods; the guest root disk is read into guest RAM, and its host page cache, at most the
+  image's size once for all pods, is in no pod's figure), the vsock backend and
+  virtiofsd without their guest RAM mappings (PSS), and criv's own growth, divided by the
+  pods;
 - the time to READY (RunPodSandbox) of the last pod started;
 - that every pod answers ExecSync;
 - CRI ``Status``/``ListPodSandbox``/``ListContainers`` latency p50/p99 with N pods, and

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-from criv.hypervisor.spec import ROOT_DISK_CMDLINE
+from criv.hypervisor.spec import ROOT_DISK_CMDLINE, root_disk_qemu_args
 
 log = logging.getLogger(__name__)
 
@@ -161,9 +161,7 @@ def run_probe(
             cmd += ["-initrd", str(initrd)] if initrd else []
             append = "console=ttyS0 quiet panic=-1 reboot=t criv.test=boot"
             if root_disk is not None:
-                drive = str(root_disk).replace(",", ",,")  # QEMU's option escaping
-                cmd += ["-drive", f"file={drive},if=none,id=root,format=raw,readonly=on"]
-                cmd += ["-device", "virtio-blk-pci,drive=root"]
+                cmd += root_disk_qemu_args(root_disk)
                 append += " " + ROOT_DISK_CMDLINE
             cmd += ["-append", append]
             marker, what = GUEST_MARKER, f"guest kernel {kernel.name}"

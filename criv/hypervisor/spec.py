@@ -43,6 +43,17 @@ ROOT_DISK_TARGET = "vda"
 ROOT_DISK_CMDLINE = f"criv.root={ROOT_DISK_TARGET}"
 
 
+def root_disk_qemu_args(path: Path) -> list[str]:
+    """Raw QEMU's arguments for the guest root disk as a pod's domain has it (read-only,
+    virtio-blk; the kernel command line then needs ``ROOT_DISK_CMDLINE``): the KVM probe's
+    guest, the benchmarks' floor and the image's boot tests."""
+    drive = str(path).replace(",", ",,")  # QEMU's option escaping
+    return [
+        "-drive", f"file={drive},if=none,id=root,format=raw,readonly=on",
+        "-device", "virtio-blk-pci,drive=root",
+    ]  # fmt: skip
+
+
 def domain_name(sandbox_id: str) -> str:
     """criv's domain name for a sandbox (libvirt names are unique per host)."""
     return DOMAIN_PREFIX + sandbox_id[:32]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from criv.guestimage import DEFAULT_CACHE_ROOT, GuestImage, Inputs, build_guest_image
-from criv.hypervisor.spec import ROOT_DISK_CMDLINE
+from criv.hypervisor.spec import ROOT_DISK_CMDLINE, root_disk_qemu_args
 
 pytestmark = pytest.mark.vm
 
@@ -42,8 +42,7 @@ def boot(image: GuestImage, mode: str, timeout: float = 90.0) -> tuple[str, dict
         + (f" {ROOT_DISK_CMDLINE}" if image.root_disk else ""),
     ]
     if image.root_disk is not None:
-        cmd += ["-drive", f"file={image.root_disk},if=none,id=root,format=raw,readonly=on"]
-        cmd += ["-device", "virtio-blk-pci,drive=root"]
+        cmd += root_disk_qemu_args(image.root_disk)
     t0 = time.monotonic()
     proc = subprocess.Popen(
         cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
