@@ -70,10 +70,14 @@ def test_nested_kvm_that_hangs_falls_back_to_tcg_and_is_cached(
 
 @pytest.mark.timeout(10)
 def test_kvm_when_the_guest_kernel_runs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    _fake(monkeypatch, tiny=True, guest=True)
+    calls = _fake(monkeypatch, tiny=True, guest=True)
     kernel = tmp_path / "vmlinux"
     kernel.write_bytes(b"x")
     assert kvm.choose_accel("auto", tmp_path / "p.json", kernel, None).accel == "kvm"
+    # the guest probe boots the image with its root disk
+    disk = tmp_path / "root.erofs"
+    got = kvm.choose_accel("auto", None, kernel, tmp_path / "initrd", root_disk=disk)
+    assert got.accel == "kvm" and calls == ["tiny", "guest", "tiny", "guest root.erofs"]
 
 
 @pytest.mark.timeout(10)
@@ -91,15 +95,3 @@ def test_forced_kvm_is_honoured_with_the_reason(
     _fake(monkeypatch, tiny=False, guest=False)
     c = kvm.choose_accel("kvm", tmp_path / "p.json")
     assert c.accel == "kvm" and "but" in c.reason
-
-
-@pytest.mark.timeout(10)
-def test_the_guest_probe_boots_the_image_with_its_root_disk(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    calls = _fake(monkeypatch, tiny=True, guest=True)
-    kernel = tmp_path / "vmlinux"
-    kernel.write_bytes(b"k")
-    disk = tmp_path / "root.erofs"
-    got = kvm.choose_accel("auto", None, kernel, tmp_path / "initrd", root_disk=disk)
-    assert got.accel == "kvm" and calls == ["tiny", "guest root.erofs"]
