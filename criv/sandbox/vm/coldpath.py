@@ -15,7 +15,6 @@ import contextlib
 import time
 from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from criv import failpoints
@@ -60,9 +59,7 @@ class StepClock:
 class Prepared:
     """What the steps made, for the domain."""
 
-    kernel: Path
-    initrd: Path
-    root_disk: Path | None
+    image: GuestImage  # kernel, initramfs, root disk
     accel: AccelChoice
     cid: int
     backend_pid: int
@@ -95,10 +92,7 @@ async def prepare(
         clock.timed("[tap]", make_tap(pod, owner)),
         clock.timed("[probes]", host_ready(host, image)),
     )
-    return Prepared(
-        image.kernel, image.initrd, image.root_disk, accel, cid, backend_pid, backend_start,
-        fs_pid, tap, clock,
-    )  # fmt: skip
+    return Prepared(image, accel, cid, backend_pid, backend_start, fs_pid, tap, clock)
 
 
 async def start_backend(

@@ -43,9 +43,9 @@ def pod_vm(
     most_mib = max_memory_for(size.memory_mib, config.vm.max_memory_mib)
     return PodVm(
         sandbox_id=pod.id,
-        kernel=prep.kernel,
-        initrd=prep.initrd,
-        root_disk=prep.root_disk,
+        kernel=prep.image.kernel,
+        initrd=prep.image.initrd,
+        root_disk=prep.image.root_disk,
         size=size,
         accel=prep.accel.accel,
         console_log=console_log(paths),
