@@ -44,7 +44,9 @@ from criv_agent.hostname import hostname_problem
 _NAME_RE = re.compile(r"[^\s;=\x00-\x1f\x7f]{1,253}")
 _PROTOCOLS = frozenset(api_pb2.Protocol.values())
 _PROPAGATIONS = frozenset(api_pb2.MountPropagation.values())
-_ENV_KEY_RE = re.compile(r"[^=]+")
+# Kubernetes' rule: any printable character but "=" (a control character, a newline above
+# all, would split the variable in every line-based env file downstream)
+_ENV_KEY_RE = re.compile(r"[^=\x00-\x1f\x7f]+")
 _DNS_WORD_RE = re.compile(r"\S{1,253}")
 
 

@@ -17,7 +17,10 @@ _PAGE_SIZE_RE = re.compile(r"\d+[KMGTP]B")
 # a cgroup v2 interface file of the container's own cgroup (never a path)
 _CGROUP_FILE_RE = re.compile(r"[a-z][a-z0-9_]*\.[a-z0-9_.]+")
 _CAPABILITY_RE = re.compile(r"[A-Za-z_]{1,64}")
-_SLICE_RE = re.compile(r"[^/]+\.slice")
+# a systemd slice name, or a cgroup path: no control character (a newline would end the
+# path in crun's and systemd's line-based files)
+_SLICE_RE = re.compile(r"[^/\x00-\x1f\x7f]+\.slice")
+_CGROUP_PATH_RE = re.compile(r"/[^\x00-\x1f\x7f]*")
 # cgroup and CFS limits (kernel/sched: quota and period 1 ms .. 1 s, shares 2 .. 262144)
 CPU_PERIOD_RANGE = (1000, 1_000_000)
 CPU_QUOTA_RANGE = (1000, 2**44 - 1)
@@ -185,7 +188,7 @@ def check_mount(m: api_pb2.Mount, path: str) -> None:
 
 def check_pod_linux(linux: api_pb2.LinuxPodSandboxConfig, path: str) -> None:
     parent = linux.cgroup_parent
-    absolute = parent.startswith("/") and ".." not in parent.split("/")
+    absolute = bool(_CGROUP_PATH_RE.fullmatch(parent)) and ".." not in parent.split("/")
     if parent and not (absolute or _SLICE_RE.fullmatch(parent)):
         raise fail(
             f"{path}.cgroup_parent",

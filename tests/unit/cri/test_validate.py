@@ -195,6 +195,8 @@ BAD = [
     (pod("port_mappings.0.host_ip", "x"), "port_mappings[0].host_ip"),
     (pod("linux.cgroup_parent", "kubepods"), "config.linux.cgroup_parent:"),
     (pod("linux.cgroup_parent", "/a/../../b"), "config.linux.cgroup_parent:"),
+    (pod("linux.cgroup_parent", "/kubepods\n/pod1"), "config.linux.cgroup_parent:"),
+    (pod("linux.cgroup_parent", "kube\tpods.slice"), "config.linux.cgroup_parent:"),
     (_pod(lambda c: c.linux.sysctls.update({"../../x": "1"})), "config.linux.sysctls:"),
     (_pod(lambda c: c.linux.sysctls.update({"kernel.x": "1\n2"})), "config.linux.sysctls["),
     (pod(f"{SC}.run_as_user.value", -1), "security_context.run_as_user:"),
@@ -226,6 +228,7 @@ BAD = [
     (ctr("working_dir", "srv"), "config.working_dir:"),
     (_ctr(lambda c: c.envs.add(key="A=B", value=b"c")), "config.envs[1].key:"),
     (_ctr(lambda c: c.envs.add(key="", value=b"c")), "config.envs[1].key:"),
+    (_ctr(lambda c: c.envs.add(key="A\nB", value=b"c")), "config.envs[1].key:"),
     (ctr("mounts.0.host_path", ""), "config.mounts[0].host_path:"),
     (ctr("mounts.0.host_path", "rel"), "config.mounts[0].host_path:"),
     (ctr("mounts.0.container_path", ""), "config.mounts[0].container_path:"),
@@ -296,6 +299,8 @@ TRAILING_NEWLINE = [
     (lambda v: pod("dns_config.options.0", v), "ndots:5", "dns_config.options[0]:"),
     # validate_linux
     (lambda v: pod("linux.cgroup_parent", v), "kubepods.slice", "config.linux.cgroup_parent:"),
+    (lambda v: pod("linux.cgroup_parent", v), "/kubepods/pod1", "config.linux.cgroup_parent:"),
+    (lambda v: _ctr(lambda c: c.envs.add(key=v, value=b"1")), "HOME", "config.envs[1].key:"),
     (
         lambda v: _pod(lambda c: c.linux.sysctls.update({v: "1"})),
         "kernel.shm_rmid_forced",
