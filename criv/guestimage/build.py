@@ -33,6 +33,7 @@ from typing import Literal
 
 from criv.errors import FailedPrecondition
 from criv.guestimage import cpio, debian_kernel, kernel, rootdisk, rootfs, slim
+from criv.guestimage.statmemo import StatMemo
 
 # Bump when the build procedure changes in a way the hashed inputs do not show.
 BUILDER_VERSION = "1"
@@ -41,6 +42,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 SOURCE_DATE_EPOCH = 0
 
 Progress = Callable[[str], None]
+# a pod start looks the image up: these spare it the hashing while no input changed
+_IMAGE_HASHES: StatMemo[str] = StatMemo()
 
 
 @dataclass(frozen=True)
@@ -91,12 +94,13 @@ def _hash_file(h: hashlib._Hash, path: Path, name: str) -> None:
     h.update(hashlib.sha256(path.read_bytes()).digest())
 
 
-def hash_tree(h: hashlib._Hash, root: Path, name: str) -> None:
-    """Hash the files under ``root`` by relative path and content (not mtimes)."""
-    for p in sorted(root.rglob("*")):
-        if "__pycache__" in p.parts or p.suffix == ".pyc" or not p.is_file():
-            continue
-        _hash_file(h, p, f"{name}/{p.relative_to(root).as_posix()}")
+def _tree_files(root: Path, name: str) -> list[tuple[str, Path]]:
+    """The files under ``root`` (bytecode left out), each named by its relative path."""
+    return [
+        (f"{name}/{p.relative_to(root).as_posix()}", p)
+        for p in sorted(root.rglob("*"))
+        if "__pycache__" not in p.parts and p.suffix != ".pyc" and p.is_file()
+    ]
 
 
 def kernel_hash(inputs: Inputs, source_version: str) -> str:
@@ -123,19 +127,28 @@ def base_hash(mirror: str) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def image_hash(inputs: Inputs, khash: str, bhash: str) -> str:
-    h = hashlib.sha256(f"criv-image {BUILDER_VERSION} {khash} {bhash} {inputs.compress}\n".encode())
-    _hash_file(h, inputs.init, "init")
+def _image_files(inputs: Inputs) -> list[tuple[str, Path]]:
+    """The files the image stage is made of, each with the name it is hashed under."""
+    files = [("init", inputs.init)]
     if inputs.root_on_disk:
-        h.update(b"root on disk\n")
-        _hash_file(h, inputs.early_init, "early-init")
-        _hash_file(h, debian_kernel.static_busybox(), "busybox")
-    hash_tree(h, inputs.agent_src, "agent")
+        files += [("early-init", inputs.early_init), ("busybox", debian_kernel.static_busybox())]
+    files += _tree_files(inputs.agent_src, "agent")
     # the assembly code itself (cheap to rerun); the kernel and base stages use explicit
     # versions instead, since a rebuild there costs minutes
-    hash_tree(h, Path(__file__).parent, "builder")
-    for rel, src in sorted(inputs.extra.items()):
-        _hash_file(h, src, f"extra/{rel}")
+    files += _tree_files(Path(__file__).parent, "builder")
+    files += [(f"extra/{rel}", src) for rel, src in sorted(inputs.extra.items())]
+    return files
+
+
+def image_hash(inputs: Inputs, khash: str, bhash: str) -> str:
+    return _image_hash(inputs, khash, bhash, _image_files(inputs))
+
+
+def _image_hash(inputs: Inputs, khash: str, bhash: str, files: list[tuple[str, Path]]) -> str:
+    h = hashlib.sha256(f"criv-image {BUILDER_VERSION} {khash} {bhash} {inputs.compress}\n".encode())
+    h.update(f"root {inputs.root_on_disk}\n".encode())
+    for name, path in files:
+        _hash_file(h, path, name)
     return h.hexdigest()[:16]
 
 
@@ -227,7 +240,12 @@ def cached_image(
     try:
         khash = kernel_hash(inputs, _kernel_identity(cache_root, inputs))
         mirror = inputs.mirror or rootfs.mirror_from_sources()
-        ihash = image_hash(inputs, khash, base_hash(mirror))
+        bhash = base_hash(mirror)
+        files = _image_files(inputs)
+        key = (khash, bhash, inputs.compress, inputs.root_on_disk, tuple(files))
+        ihash = _IMAGE_HASHES.get(
+            key, (p for _, p in files), lambda: _image_hash(inputs, khash, bhash, files)
+        )
     except FailedPrecondition:
         return None
     return _load(cache_root / f"image-{ihash}")

@@ -16,10 +16,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from criv.errors import FailedPrecondition, Internal
+from criv.guestimage.statmemo import StatMemo
 
 # Debian ships the source as one tarball; the package version names the build tree.
 SOURCE_PACKAGE = "linux-source-6.1"
 SOURCE_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
+DPKG_STATUS = Path("/var/lib/dpkg/status")
+_SOURCE_VERSIONS: StatMemo[str] = StatMemo()
 
 # Reproducible builds: the kernel embeds these in its version banner.
 KBUILD_ENV = {
@@ -64,6 +67,11 @@ def missing_options(fragment: str, config: str) -> list[str]:
 
 def source_version() -> str:
     """The installed linux-source package version (part of the cache key)."""
+    # dpkg's answer changes only with its database or the tarball: a pod start asks
+    return _SOURCE_VERSIONS.get(SOURCE_PACKAGE, (DPKG_STATUS, SOURCE_TARBALL), _query_version)
+
+
+def _query_version() -> str:
     try:
         out = subprocess.run(
             ["dpkg-query", "-W", "-f=${Version}", SOURCE_PACKAGE],

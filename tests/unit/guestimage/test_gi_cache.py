@@ -176,3 +176,27 @@ def test_the_image_hash_covers_the_early_init(inputs: Inputs) -> None:
     before = build.image_hash(inputs, "k", "b")
     inputs.early_init.write_text("#!/bin/busybox sh\necho changed\n")
     assert build.image_hash(inputs, "k", "b") != before
+
+
+@pytest.mark.timeout(30)
+def test_the_lookup_hashes_again_only_when_an_input_changes(
+    tmp_path: Path, inputs: Inputs, calls: dict[str, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = tmp_path / "cache"
+    img = build_guest_image(cache, lambda s: None, inputs)
+    hashed: list[Path] = []
+    real = build._hash_file
+
+    def counting(h: object, path: Path, name: str) -> None:
+        hashed.append(path)
+        real(h, path, name)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(build, "_hash_file", counting)
+    assert cached_image(cache, inputs) == img
+    hashed.clear()
+    assert cached_image(cache, inputs) == img
+    # nothing changed: no file of the image stage read (the kernel's small config is)
+    assert hashed == [inputs.fragment]
+    (inputs.agent_src / "main.py").write_text("def main(): return 2\n")
+    assert cached_image(cache, inputs) is None  # another image, not built yet
+    assert inputs.agent_src / "main.py" in hashed
