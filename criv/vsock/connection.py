@@ -98,11 +98,14 @@ class Connection:
         self.fwd_cnt += n
 
     def needs_credit_update(self) -> bool:
-        """Like Linux: announce once the guest's view of our free space drops below half."""
+        """Announce our progress once the guest has used half of the window it may have in
+        flight. Linux (6.1 as Debian ships it) keeps at most the smaller of our buf_alloc and
+        its own socket's buffer in flight, and says its own in every header: half of ours
+        alone could wait for data a guest with a small socket buffer never sends."""
         if self.fwd_cnt == self.last_fwd_cnt:
             return False
-        seen_free = self.buf_alloc - (self.rx_cnt - self.last_fwd_cnt)
-        return seen_free < self.buf_alloc // 2
+        window = min(self.buf_alloc, self.peer_buf_alloc or self.buf_alloc)
+        return self.rx_cnt - self.last_fwd_cnt > window - window // 2
 
     # -- headers ---------------------------------------------------------------------
     def _fields(self, op: int, length: int, flags: int) -> tuple[int, ...]:

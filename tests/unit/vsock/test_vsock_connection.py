@@ -47,6 +47,24 @@ def test_credit_update_threshold() -> None:
     assert not c.on_received(1001)  # overrun detected
 
 
+def test_credit_update_comes_within_a_smaller_guest_window() -> None:
+    """Linux keeps at most its own socket buffer in flight (its buf_alloc, in every header
+    it sends): the update is due at half of that, not at half of ours."""
+    c = make(buf_alloc=1000)
+    c.update_peer(200, 0)
+    assert c.on_received(100)
+    c.on_forwarded(100)
+    assert not c.needs_credit_update()  # half of the guest's 200 not passed yet
+    assert c.on_received(10)
+    c.on_forwarded(10)
+    assert c.needs_credit_update()
+    c.header(P.OP_CREDIT_UPDATE)
+    c.update_peer(5000, 0)  # a bigger guest buffer: ours is the window again
+    assert c.on_received(400)
+    c.on_forwarded(400)
+    assert not c.needs_credit_update()
+
+
 def test_header_and_shutdown_gate() -> None:
     c = make()
     c.update_peer(10, 0)

@@ -233,6 +233,32 @@ def test_256mib_each_way_sha256(vm: VM) -> None:
 
 
 @pytest.mark.timeout(120)
+def test_a_guest_socket_with_a_small_buffer_does_not_stall(vm: VM) -> None:
+    """Linux keeps at most its own socket's buffer size in flight to the host, whatever
+    credit the host gave: the backend must grant more before that window is used up (it
+    once waited for half of its own 256 KiB, and a 32 KiB guest socket stopped)."""
+    n = 8 * MiB
+    expect = hashlib.sha256()
+    for blk in stream_blocks(n, 21):
+        expect.update(blk)
+    s = vm.connect(f"BUFSIZE {32 * 1024} SOURCE {n} 21", timeout=30)
+    got = hashlib.sha256()
+    total = 0
+    buf = bytearray(MiB)
+
+    def down() -> None:
+        nonlocal total
+        while k := s.recv_into(buf):
+            got.update(memoryview(buf)[:k])
+            total += k
+
+    no_stall(vm, "guest -> host from a 32 KiB socket", down)
+    s.close()
+    assert total == n
+    assert got.hexdigest() == expect.hexdigest()
+
+
+@pytest.mark.timeout(120)
 def test_stalled_stream_is_reported(vm: VM) -> None:
     """Nobody reads the echo: both directions fill up and stop.  The backend says so, with
     the credit counters, and says so again when the stream moves."""

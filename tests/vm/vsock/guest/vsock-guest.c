@@ -15,6 +15,9 @@
  *   SERIAL <name> <mode> [...] same modes over the virtio-serial port called <name>; a
  *                             port has no EOF, so DRAIN and RTT need their count argument
  *   RTT <size> [<count>]      answer every <size>-byte message immediately (ping-pong)
+ *   BUFSIZE <bytes> <mode> [...] set the connection's SO_VM_SOCKETS_BUFFER_SIZE (Linux then
+ *                             also keeps at most that much in flight to the host), then
+ *                             run ECHO|SINK|DRAIN|SOURCE|RTT on it as above
  *   REBOOT                    reboot(2) the guest
  * Test stream: 64 KiB blocks; block k is a xorshift64 block of the seed with the first 8
  * bytes replaced by k (little endian).
@@ -241,6 +244,15 @@ static void handle(int fd) {
         run_mode(fd, cmd, rest, msg, -1, 1);
         int rf = open(RESULT_FILE ".tmp", O_WRONLY | O_CREAT | O_TRUNC, 0644);
         if (rf >= 0) { dprint(rf, "%s\n", msg); close(rf); rename(RESULT_FILE ".tmp", RESULT_FILE); }
+    } else if (!strcmp(cmd, "BUFSIZE")) {
+        char *size = strtok_r(NULL, " ", &save), *mode = strtok_r(NULL, " ", &save);
+        if (!size || !mode) { dprint(fd, "ERR bad-args\n"); return; }
+        unsigned long long b = strtoull(size, NULL, 10);
+        if (setsockopt(fd, AF_VSOCK, SO_VM_SOCKETS_BUFFER_SIZE, &b, sizeof b) < 0) {
+            dprint(fd, "ERR %d\n", errno);
+            return;
+        }
+        run_mode(fd, mode, save, msg, fd, 1);
     } else if (!strcmp(cmd, "RESULT")) {
         int rf = open(RESULT_FILE, O_RDONLY);
         if (rf >= 0) { ssize_t r = read(rf, msg, sizeof msg - 1); if (r > 0) write_all(fd, msg, (size_t)r); close(rf); }
