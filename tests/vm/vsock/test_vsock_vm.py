@@ -175,6 +175,32 @@ def no_stall(vm: VM, what: str, step: Callable[[], None]) -> None:
         pytest.fail(f"{what} stalled:\n{vm.diagnose()}")
 
 
+def receive_source(vm: VM, command: str, n: int, seed: int, what: str) -> float:
+    """Send ``command`` (the guest then sends ``n`` bytes of the ``seed`` test stream),
+    receive it all and check it; the seconds that took."""
+    expect = hashlib.sha256()
+    for blk in stream_blocks(n, seed):
+        expect.update(blk)
+    s = vm.connect(command, timeout=60)
+    got = hashlib.sha256()
+    total = 0
+    buf = bytearray(MiB)
+    t0 = time.monotonic()
+
+    def down() -> None:
+        nonlocal total
+        while k := s.recv_into(buf):
+            got.update(memoryview(buf)[:k])
+            total += k
+
+    no_stall(vm, what, down)
+    secs = time.monotonic() - t0
+    s.close()
+    assert total == n
+    assert got.hexdigest() == expect.hexdigest()
+    return secs
+
+
 @pytest.mark.timeout(300)
 def test_256mib_each_way_sha256(vm: VM) -> None:
     n = 256 * MiB
@@ -205,26 +231,7 @@ def test_256mib_each_way_sha256(vm: VM) -> None:
     assert int(count) == n
     assert digest.decode() == h.hexdigest()
     # guest -> host
-    expect = hashlib.sha256()
-    for blk in stream_blocks(n, 12):
-        expect.update(blk)
-    s = vm.connect(f"SOURCE {n} 12", timeout=60)
-    got = hashlib.sha256()
-    total = 0
-    buf = bytearray(MiB)
-    t0 = time.monotonic()
-
-    def down() -> None:
-        nonlocal total
-        while k := s.recv_into(buf):
-            got.update(memoryview(buf)[:k])
-            total += k
-
-    no_stall(vm, "guest -> host", down)
-    down_mbs = n / (time.monotonic() - t0) / 1e6
-    s.close()
-    assert total == n
-    assert got.hexdigest() == expect.hexdigest()
+    down_mbs = n / receive_source(vm, f"SOURCE {n} 12", n, 12, "guest -> host") / 1e6
     assert STALL_REPORT not in log.read_bytes()[log_start:]
     print(
         f"\n256 MiB host->guest {up_mbs:.0f} MB/s (guest sha256 under TCG),"
@@ -238,24 +245,7 @@ def test_a_guest_socket_with_a_small_buffer_does_not_stall(vm: VM) -> None:
     credit the host gave: the backend must grant more before that window is used up (it
     once waited for half of its own 256 KiB, and a 32 KiB guest socket stopped)."""
     n = 8 * MiB
-    expect = hashlib.sha256()
-    for blk in stream_blocks(n, 21):
-        expect.update(blk)
-    s = vm.connect(f"BUFSIZE {32 * 1024} SOURCE {n} 21", timeout=30)
-    got = hashlib.sha256()
-    total = 0
-    buf = bytearray(MiB)
-
-    def down() -> None:
-        nonlocal total
-        while k := s.recv_into(buf):
-            got.update(memoryview(buf)[:k])
-            total += k
-
-    no_stall(vm, "guest -> host from a 32 KiB socket", down)
-    s.close()
-    assert total == n
-    assert got.hexdigest() == expect.hexdigest()
+    receive_source(vm, f"BUFSIZE {32 * 1024} SOURCE {n} 21", n, 21, "a 32 KiB guest socket")
 
 
 @pytest.mark.timeout(120)
