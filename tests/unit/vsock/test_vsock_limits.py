@@ -162,3 +162,33 @@ def test_idle_stream_is_not_a_stall(guest: Guest, caplog: pytest.LogCaptureFixtu
         guest.dev.monitor.check()
         now[0] += STALL_AFTER
     assert "stalled" not in caplog.text and guest.dev.stats["stalls"] == 0
+
+
+def test_a_guest_claiming_a_tiny_or_huge_buffer_moves_only_its_own_credit(guest: Guest) -> None:
+    """The credit-update window follows the buf_alloc the guest claims (Linux keeps no more
+    than its own buffer in flight). Claiming 1 byte buys at most one update per packet the
+    guest itself sends; claiming 4 GiB does not widen our window; and the credit we enforce
+    stays our own buf_alloc either way."""
+    c = connect(guest, buf_alloc=1)
+    conn = only_conn(guest)
+    updates = 0
+    for _ in range(8):
+        guest.send(P.OP_RW, payload=b"x" * 4096, buf_alloc=1)
+        updates += sum(h.op == P.OP_CREDIT_UPDATE for h, _ in guest.recv())
+    assert 0 < updates <= 8
+    assert conn.buf_alloc == BUF
+    c.settimeout(5)
+    got = 0
+    while got < 8 * 4096:
+        got += len(c.recv(65536))
+    # a huge claim: updates again only at half of our own 64 KiB
+    updates = 0
+    for _ in range(4):  # 16 KiB, under half of ours
+        guest.send(P.OP_RW, payload=b"y" * 4096, buf_alloc=0xFFFFFFFF)
+        updates += sum(h.op == P.OP_CREDIT_UPDATE for h, _ in guest.recv())
+    assert updates == 0
+    # and sending past our credit while the host reads nothing is still a reset
+    choke(conn)
+    got_back = flood(guest, 77, 40)
+    assert [h.op for h in got_back].count(P.OP_RST) == 1
+    assert guest.dev.stats["credit_overruns"] == 1
