@@ -35,6 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from criv.procscan import cpu_ns  # noqa: E402
 from criv.vsock.connector import hybrid_connect  # noqa: E402
 from criv.vsock.splice import Forwarder  # noqa: E402
 from tests.vm.vsock.vsockvm import GUEST_PORT, VM, read_line  # noqa: E402
@@ -49,8 +50,10 @@ Figures = tuple[float, float, float]
 
 def cpu_s(pid: int) -> float:
     """User + system CPU seconds of process ``pid`` (all its threads) so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ns = cpu_ns(pid)
+    if ns is None:
+        raise RuntimeError(f"process {pid} is gone")
+    return ns / 1e9
 
 
 class CpuMeter:

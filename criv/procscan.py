@@ -16,17 +16,31 @@ from pathlib import Path
 PROC = Path("/proc")
 
 
-def process_start_time(pid: int) -> int | None:
-    """Start time (clock ticks since boot) of ``pid``, None if it is gone or a zombie."""
+_TICK_NS = 1_000_000_000 // (os.sysconf("SC_CLK_TCK") or 100)
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (the state first)."""
     try:
         stat = (PROC / str(pid) / "stat").read_text()
     except OSError:
         return None
     # comm may hold spaces and parens: the fields after the last ')' are fixed.
-    fields = stat[stat.rfind(")") + 2 :].split()
-    if fields[0] in ("Z", "X"):
+    return stat[stat.rfind(")") + 2 :].split()
+
+
+def process_start_time(pid: int) -> int | None:
+    """Start time (clock ticks since boot) of ``pid``, None if it is gone or a zombie."""
+    fields = _stat_fields(pid)
+    if fields is None or fields[0] in ("Z", "X"):
         return None
     return int(fields[19])
+
+
+def cpu_ns(pid: int) -> int | None:
+    """User + system CPU time of ``pid``, all its threads, in nanoseconds (None: gone)."""
+    fields = _stat_fields(pid)
+    return None if fields is None else (int(fields[11]) + int(fields[12])) * _TICK_NS
 
 
 def same_process(pid: int, start_time: int | None) -> bool:

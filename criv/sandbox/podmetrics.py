@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from criv.commands import run_command
 from criv.errors import CrivError
 from criv.hypervisor.libvirtbase import qemu_pid
 from criv.network.tap import tap_name
-from criv.procscan import same_process
+from criv.procscan import cpu_ns, same_process
 from criv.sandbox import podcgroup
 from criv.sandbox.isolation import PodPaths
 from criv.sandbox.isostate import VmState
@@ -33,7 +32,6 @@ from criv.sandbox.vm.spares import vm_domain
 log = logging.getLogger("criv.sandbox.podmetrics")
 
 PROC = Path("/proc")
-_TICK_NS = 1_000_000_000 // (os.sysconf("SC_CLK_TCK") or 100)
 
 
 @dataclass(frozen=True)
@@ -118,13 +116,13 @@ def _tree(roots: list[int]) -> set[int]:
 
 def _process_cost(pid: int) -> tuple[int, int, int] | None:
     """(cpu ns, resident bytes, anonymous resident bytes) of one process."""
+    cpu = cpu_ns(pid)
     try:
-        stat = (PROC / str(pid) / "stat").read_text()
         status = (PROC / str(pid) / "status").read_text()
     except OSError:
         return None
-    fields = stat[stat.rfind(")") + 2 :].split()
-    cpu = (int(fields[11]) + int(fields[12])) * _TICK_NS  # utime + stime
+    if cpu is None:
+        return None
     kb = {}
     for line in status.splitlines():
         k, _, v = line.partition(":")
