@@ -106,7 +106,6 @@ async def serve(args: argparse.Namespace) -> None:
             return s
 
         listener = address.listen(public)
-        listener.setblocking(True)  # the forwarder's accept thread blocks
         forwarder = Forwarder(listener, dial)
         forwarder.start()
     # in a VM (vsock) only: vCPUs the host hot-plugs come up offline (cpuonline.py)

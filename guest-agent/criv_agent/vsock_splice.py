@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import select
 import socket
 import threading
 from collections.abc import Callable
@@ -90,13 +91,19 @@ def join(a: socket.socket, b: socket.socket) -> tuple[int, int]:
 
 
 class Forwarder:
-    """Accept on ``listener``; for each connection ``dial()`` the other end and join them."""
+    """Accept on ``listener``; for each connection ``dial()`` the other end and join them.
+
+    The accept thread polls the listener and a wake pipe: ``shutdown()`` of a listening
+    AF_VSOCK socket fails with ENOTCONN and wakes no ``accept()``, so closing through the
+    listener alone left ``close()`` waiting out its join timeout (2 s of every pod stop).
+    """
 
     def __init__(self, listener: socket.socket, dial: Callable[[], socket.socket]) -> None:
         self.listener = listener
         self.dial = dial
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._wake_r, self._wake_w = os.pipe()
 
     @classmethod
     def unix_listener(cls, path: str, dial: Callable[[], socket.socket]) -> Forwarder:
@@ -112,10 +119,17 @@ class Forwarder:
         self._thread.start()
 
     def serve(self) -> None:
+        # non-blocking: a connection reset between poll and accept must not block the thread
+        self.listener.setblocking(False)
+        poller = select.poll()
+        poller.register(self.listener.fileno(), select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
         while not self._closed:
+            if any(fd == self._wake_r for fd, _ in poller.poll()):
+                return
             try:
                 c, _ = self.listener.accept()
-            except OSError:
+            except OSError:  # EAGAIN (taken back), ECONNABORTED, EMFILE...
                 if self._closed:
                     return
                 continue
@@ -131,9 +145,12 @@ class Forwarder:
         join(c, other)
 
     def close(self) -> None:
+        if self._closed:
+            return
         self._closed = True
-        with contextlib.suppress(OSError):
-            self.listener.shutdown(socket.SHUT_RDWR)
-        self.listener.close()
+        os.write(self._wake_w, b"x")
         if self._thread is not None:
             self._thread.join(timeout=2)
+        self.listener.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)

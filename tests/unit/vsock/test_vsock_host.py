@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import threading
@@ -102,6 +103,29 @@ def test_forwarder(tmp_path: Path) -> None:
     c.close()
     fwd.close()
     srv.close()
+
+
+class _VsockLikeListener(socket.socket):
+    """A unix listener whose shutdown() behaves as a listening AF_VSOCK socket's does:
+    ENOTCONN, and no blocked accept() is woken."""
+
+    def shutdown(self, how: int) -> None:
+        raise OSError(errno.ENOTCONN, "listening vsock socket")
+
+
+def test_forwarder_close_ends_its_accept_thread_on_a_vsock_like_listener(tmp_path: Path) -> None:
+    path = str(tmp_path / "fwd.sock")
+    listener = _VsockLikeListener(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(8)
+    fwd = Forwarder(listener, lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+    fwd.start()
+    threading.Event().wait(0.1)  # the thread is waiting for a connection
+    fwd.close()
+    assert not any(t.name == "splice-forwarder" and t.is_alive() for t in threading.enumerate())
+    with pytest.raises(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+        c.connect(path)
+    fwd.close()  # a second close is harmless
 
 
 def test_kernel_connector_fails_cleanly() -> None:
