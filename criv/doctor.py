@@ -90,7 +90,7 @@ def check_libvirt(cfg: Config) -> list[Check]:
         Check(
             "libvirt",
             "OK" if ok else level,
-            detail + ("" if ok else "; start: virtlogd -d; libvirtd -d"),
+            detail + ("" if ok else "; start: criv doctor --fix (or make services)"),
         )
     ]
     issues = qemu_conf_issues() + host_mount_issues()

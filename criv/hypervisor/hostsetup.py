@@ -23,12 +23,14 @@ import os
 import re
 import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 
 from criv.commands import run_sync
 
 QEMU_CONF = Path("/etc/libvirt/qemu.conf")
+REAPER = Path(__file__).with_name("reaper.py")  # run as a script: stdlib only
 QEMU_USER = "criv-qemu"
 WANTED = {
     "user": f'"{QEMU_USER}"',
@@ -168,11 +170,16 @@ def libvirtd_running() -> bool:
 
 
 def start_libvirtd(wait: float = 10.0) -> None:
-    """Start virtlogd and libvirtd as daemons when they are not running (no systemd needed)."""
+    """Start virtlogd and libvirtd as daemons when they are not running (no systemd needed).
+
+    libvirtd runs under criv's reaper (reaper.py): QEMUs are orphans, and libvirt counts
+    a domain stopped only once its QEMU is reaped, which a container's PID 1 may delay."""
     if not _pids("virtlogd"):
         run_sync(["virtlogd", "-d"], check=True, capture=False)
     if not libvirtd_running():
-        run_sync(["libvirtd", "-d"], check=True, capture=False)
+        if shutil.which("libvirtd") is None:
+            raise FileNotFoundError("libvirtd is not installed (make install)")
+        run_sync([sys.executable, str(REAPER), "--detach", "libvirtd"], check=True, capture=False)
     deadline = time.monotonic() + wait
     sock = Path("/run/libvirt/libvirt-sock")
     while not sock.exists() and time.monotonic() < deadline:
