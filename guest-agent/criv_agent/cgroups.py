@@ -102,10 +102,17 @@ def read_stats(path: str) -> Stats:
     return st
 
 
+def memory_events_file(path: str) -> str | None:
+    """The container's ``memory.events`` (cgroup v2; None on v1, which has no such file
+    to watch)."""
+    return os.path.join(ROOT, path.lstrip("/"), "memory.events") if is_v2() else None
+
+
 def oom_kills(path: str) -> int:
     """OOM kills in the container's memory cgroup so far (0 when unknown)."""
-    if is_v2():
-        return _kv(os.path.join(ROOT, path.lstrip("/"), "memory.events")).get("oom_kill", 0)
+    events = memory_events_file(path)
+    if events is not None:
+        return _kv(events).get("oom_kill", 0)
     return _kv(f"{_v1('memory', path)}/memory.oom_control").get("oom_kill", 0)
 
 

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from criv_agent.runtime import Runtime
 
 PR_SET_CHILD_SUBREAPER = 36
+REAP_SWEEP = 30.0  # s between orphan sweeps (SIGCHLD reaps at once; this is the backstop)
 SPARE_TIMEOUT = 30.0  # the spare holder's Python start; under TCG about a second
 log = logging.getLogger("criv_agent")
 
@@ -148,15 +149,23 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 async def _reap_periodically(runtime: Runtime) -> None:
-    # SIGCHLD can coalesce: a slow sweep catches what a signal missed; and OOM kills of
-    # a container's children are noticed here (cgroup counters, no eventfd plumbing)
-    tick = 0
+    # SIGCHLD can coalesce: a slow sweep catches what a signal missed. OOM kills of a
+    # container's children come as inotify events (oomwatch.py); the counters of a running
+    # container no watch covers (cgroup v1, no inotify) are polled each second. An idle
+    # guest wakes for neither: under TCG every wake-up is emulated work in every pod.
+    loop = asyncio.get_running_loop()
+    swept = loop.time()
     while True:
-        await asyncio.sleep(1)
-        runtime.check_ooms()
-        tick += 1
-        if tick % 5 == 0:
+        if runtime.polls_ooms():
+            await asyncio.sleep(1)
+        else:
+            runtime.oom_poll_wanted.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(runtime.oom_poll_wanted.wait(), REAP_SWEEP)
+        runtime.poll_ooms()
+        if loop.time() - swept >= 5:
             runtime.reap_orphans()
+            swept = loop.time()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,6 +26,7 @@ from criv_agent.execstream import ExecRegistry
 from criv_agent.execsync import ExecResult, exec_sync
 from criv_agent.exitwatch import ExitWatcher
 from criv_agent.hostinfo import host_info
+from criv_agent.oomwatch import OomWatch
 from criv_agent.podsandbox import PodSandbox
 from criv_agent.reaper import Reaper
 from criv_agent.sandbox import Sandbox
@@ -63,6 +64,8 @@ class Runtime:
         self._creating: set[int] = set()
         self.reaper = Reaper(self._container_pids)
         self._ooms_seen: dict[str, int] = {}
+        self.ooms = OomWatch(self.check_oom)  # memory.events changes (oomwatch.py)
+        self.oom_poll_wanted = asyncio.Event()  # a container started that no watch covers
         self.execs = ExecRegistry(self.crun)
 
     # --- startup -----------------------------------------------------------------------
@@ -82,6 +85,8 @@ class Runtime:
             alive = st is not None and st.get("status") in ("created", "running")
             if alive and st is not None and int(st.get("pid", 0)) == rec.pid:
                 self.exits.watch(rec.id, rec.pid)
+                if rec.state == State.RUNNING:
+                    self._watch_ooms(rec)
                 continue
             await self._mark_exited(rec.id, None, "exit status lost: the agent restarted")
         # crun containers without a record: the agent died between crun create and
@@ -97,16 +102,37 @@ class Runtime:
     def _container_pids(self) -> set[int]:
         return {r.pid for r in self.store.all() if r.state != State.EXITED} | self._creating
 
-    def check_ooms(self) -> None:
-        """OOM kills inside still-running containers (a child killed, init alive) become
-        OOM events as they happen; one at exit is reported by _mark_exited."""
-        for rec in self.store.all():
-            if rec.state != State.RUNNING:
-                continue
-            n = cgroups.oom_kills(rec.cgroups_path)
-            if n > self._ooms_seen.get(rec.id, 0):
-                self._ooms_seen[rec.id] = n
-                self.hub.publish("oom", rec)
+    def check_oom(self, cid: str) -> None:
+        """An OOM kill inside a still-running container (a child killed, init alive)
+        becomes an OOM event as it happens; one at exit is reported by _mark_exited."""
+        rec = self.store.find(cid)
+        if rec is None or rec.state != State.RUNNING:
+            return
+        n = cgroups.oom_kills(rec.cgroups_path)
+        if n > self._ooms_seen.get(rec.id, 0):
+            self._ooms_seen[rec.id] = n
+            log.warning("container %s: a process in it was OOM-killed (%d so far)", cid[:12], n)
+            self.hub.publish("oom", rec)
+
+    def _unwatched(self) -> list[ContainerRecord]:
+        return [
+            r for r in self.store.all() if r.state == State.RUNNING and not self.ooms.watching(r.id)
+        ]
+
+    def polls_ooms(self) -> bool:
+        """Whether a running container's OOM counters must be polled (no inotify watch)."""
+        return bool(self._unwatched())
+
+    def poll_ooms(self) -> None:
+        for rec in self._unwatched():
+            self.check_oom(rec.id)
+
+    def _watch_ooms(self, rec: ContainerRecord) -> None:
+        events = cgroups.memory_events_file(rec.cgroups_path)
+        if events is not None and self.ooms.watch(rec.id, events):
+            self.check_oom(rec.id)  # a kill before the watch was set
+        else:
+            self.oom_poll_wanted.set()
 
     def reap_orphans(self) -> None:
         for pid in self.reaper.reap():
@@ -208,6 +234,7 @@ class Runtime:
                 x.started_at_ns = time.time_ns()
 
             rec = await self.store.update(cid, started)
+            self._watch_ooms(rec)
             self.hub.publish("started", rec)
             return rec
 
@@ -233,6 +260,7 @@ class Runtime:
             x.message = message
 
         rec = await self.store.update(cid, exited)
+        self.ooms.unwatch(cid)
         self._exited.setdefault(cid, asyncio.Event()).set()
         if ooms > self._ooms_seen.pop(cid, 0):
             self.hub.publish("oom", rec)
@@ -374,6 +402,7 @@ class Runtime:
             io.close()
         self.ios.clear()
         self.exits.close()
+        self.ooms.close()
 
 
 def _rmtree(path: str) -> None:

@@ -129,6 +129,24 @@ def test_two_containers_share_localhost_and_an_empty_dir(vm_cri: Cri, tmp_path: 
 
 
 @pytest.mark.timeout(600)
+def test_an_oom_kill_inside_a_running_container_is_noticed_as_it_happens(vm_cri: Cri) -> None:
+    # the guest's cgroup v2 memory.events, watched with inotify (criv_agent/oomwatch.py):
+    # no poll would catch it any more. A child is the victim (oom_score_adj 1000), the
+    # container's init lives on.
+    pod = vm_cri.run_pod("oom-child")
+    limit = api_pb2.LinuxContainerResources(memory_limit_in_bytes=32 * 1024 * 1024)
+    hog = "(echo 1000 >/proc/self/oom_score_adj; x=a; while :; do x=$x$x; done); sleep 3600"
+    cid = vm_cri.run(pod, "main", ["sh", "-c", hog], resources=limit)
+    console = Path(vm_cri.isolation_state(pod)["console_log"])
+    line = f"container {cid[:12]}: a process in it was OOM-killed (1 so far)"
+    deadline = time.monotonic() + 120
+    while line not in console.read_text(errors="replace"):
+        assert time.monotonic() < deadline, "no OOM kill noticed while the container ran"
+        time.sleep(0.5)
+    assert vm_cri.status(cid).state == api_pb2.CONTAINER_RUNNING
+
+
+@pytest.mark.timeout(600)
 def test_qemu_killed_makes_the_pod_notready_and_removal_leaves_nothing(
     vm_cri_factory: Callable[..., Cri],
 ) -> None:
