@@ -226,14 +226,7 @@ def install_init(root: Path, init: Path) -> None:
     helper = root / "usr/local/sbin/criv-poweroff"
     helper.parent.mkdir(parents=True, exist_ok=True)
     helper.write_text(
-        "#!/usr/bin/python3\n"
-        "import ctypes, os\n"
-        "os.sync()\n"
-        "libc = ctypes.CDLL(None, use_errno=True)\n"
-        "# POWER_OFF needs ACPI (q35); without it (microvm) it only halts, so restart instead:\n"
-        "# reboot=t on the cmdline + on_reboot=destroy (or -no-reboot) end the VM as well\n"
-        "acpi = os.path.exists('/sys/firmware/acpi/tables')\n"
-        "libc.reboot(0x4321FEDC if acpi else 0x01234567)\n"
+        "#!/usr/bin/python3\nfrom criv_agent.poweroff import power_off\n\nraise power_off()\n"
     )
     helper.chmod(0o755)
     for d in ("proc", "sys", "dev", "run", "tmp"):

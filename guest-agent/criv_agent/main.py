@@ -39,6 +39,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--state-dir", required=True)
     p.add_argument("--crun", default="crun", help="crun binary (default: from PATH)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    # the VM's own agent (criv puts it on the guest's kernel command line): after
+    # ShutdownSandbox it powers the VM off itself (poweroff.py); never on a host
+    p.add_argument("--power-off-on-shutdown", action="store_true")
     return p.parse_args(argv)
 
 
@@ -48,7 +51,8 @@ def set_subreaper() -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
 
 
-async def serve(args: argparse.Namespace) -> None:
+async def serve(args: argparse.Namespace) -> bool:
+    """Serve until ShutdownSandbox (True) or a signal (False)."""
     from criv_agent.spare import SpareHolder
 
     # the pod's namespace holder, started now (beside the imports) and waiting for orders
@@ -146,6 +150,7 @@ async def serve(args: argparse.Namespace) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
     log.info("criv-agent stopped")
+    return runtime.shutdown_requested.is_set()
 
 
 async def _reap_periodically(runtime: Runtime) -> None:
@@ -178,7 +183,14 @@ def main(argv: list[str] | None = None) -> None:
         stream=sys.stderr,
     )
     set_subreaper()
-    asyncio.run(serve(args))
+    shut_down = asyncio.run(serve(args))
+    if shut_down and args.power_off_on_shutdown:
+        from criv_agent.poweroff import power_off
+
+        log.info("powering the VM off")
+        logging.shutdown()
+        err = power_off()
+        log.error("%s; exiting (the init powers off)", err)
 
 
 if __name__ == "__main__":

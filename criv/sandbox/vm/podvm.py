@@ -60,7 +60,7 @@ def pod_vm(
         machine=config.vm.machine,
         agent_args=[
             "--control", f"vsock:{CONTROL_PORT}", "--data", f"vsock:{DATA_PORT}",
-            "--state-dir", GUEST_AGENT_STATE, "--crun", "crun",
+            "--state-dir", GUEST_AGENT_STATE, "--crun", "crun", "--power-off-on-shutdown",
         ],
         owner=owner,
     )  # fmt: skip
