@@ -20,6 +20,10 @@ from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
+# memory.events also moves on every "max"/"high" event: a container pressing on its limit
+# can change it up to 100 times a second (cgroup's notify interval); one check per
+# container in this long is enough
+SETTLE = 0.1
 IN_MODIFY = 0x00000002
 IN_IGNORED = 0x00008000  # the watch is gone (its cgroup was removed)
 IN_Q_OVERFLOW = 0x00004000  # events were lost: check everything
@@ -28,12 +32,14 @@ _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (then len bytes of name)
 
 class OomWatch:
     """inotify watches on ``memory.events`` files; ``changed(cid)`` runs on the event loop
-    for each container whose file changed (every watched one after a queue overflow)."""
+    for each container whose file changed (every watched one after a queue overflow),
+    ``SETTLE`` s after the first change, once for all the changes in between."""
 
     def __init__(self, changed: Callable[[str], None]) -> None:
         self._changed = changed
         self._cids: dict[int, str] = {}  # watch descriptor -> container id
         self._wds: dict[str, int] = {}
+        self._due: set[str] = set()  # containers with a check scheduled
         self._libc = ctypes.CDLL(None, use_errno=True)
         self._fd: int = self._libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -91,7 +97,14 @@ class OomWatch:
                     del self._wds[cid]
             elif wd in self._cids:
                 changed.append(self._cids[wd])
-        for cid in dict.fromkeys(changed):  # once each, in order
+        for cid in changed:
+            if cid not in self._due and self._loop is not None:
+                self._due.add(cid)
+                self._loop.call_later(SETTLE, self._check, cid)
+
+    def _check(self, cid: str) -> None:
+        self._due.discard(cid)
+        if cid in self._wds:  # not unwatched meanwhile (its exit is checked on its own)
             self._changed(cid)
 
     def close(self) -> None:

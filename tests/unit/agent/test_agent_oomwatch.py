@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
+from criv_agent import oomwatch
 from criv_agent.oomwatch import OomWatch
 
 
@@ -84,3 +87,32 @@ def test_a_removed_file_drops_its_watch_and_a_missing_one_cannot_be_watched(
             w.close()
 
     assert asyncio.run(run()) == (False, False)
+
+
+def test_a_burst_of_changes_gives_one_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a container pressing on its limit moves memory.events again and again; each change
+    # is read by the loop before the next (inotify would merge unread identical events)
+    monkeypatch.setattr(oomwatch, "SETTLE", 1.0)
+    f = tmp_path / "memory.events"
+    f.write_text("max 0\n")
+
+    async def run() -> list[str]:
+        seen: list[str] = []
+        w = OomWatch(seen.append)
+        try:
+            assert w.watch("c", str(f))
+            for i in range(10):
+                f.write_text(f"max {i + 1}\n")
+                await asyncio.sleep(0.005)
+            for _ in range(500):
+                if seen:
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)
+        finally:
+            w.close()
+        return seen
+
+    assert asyncio.run(run()) == ["c"]
