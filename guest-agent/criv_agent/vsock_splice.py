@@ -129,8 +129,13 @@ class Forwarder:
                 return
             try:
                 c, _ = self.listener.accept()
-            except OSError:  # EAGAIN (taken back), ECONNABORTED, EMFILE...
+            except (BlockingIOError, InterruptedError):  # taken back before the accept
+                continue
+            except OSError as e:  # ECONNABORTED, EMFILE...: the listener stays readable
                 if self._closed:
+                    return
+                log.debug("forwarder: accept: %s", e)
+                if select.select([self._wake_r], [], [], 0.1)[0]:  # no busy loop meanwhile
                     return
                 continue
             threading.Thread(target=self._one, args=(c,), daemon=True).start()

@@ -128,6 +128,31 @@ def test_forwarder_close_ends_its_accept_thread_on_a_vsock_like_listener(tmp_pat
     fwd.close()  # a second close is harmless
 
 
+class _OutOfFilesListener(socket.socket):
+    """A listener with a connection waiting whose accept() fails as at the fd limit."""
+
+    accepts = 0
+
+    def accept(self) -> tuple[socket.socket, object]:
+        type(self).accepts += 1
+        raise OSError(errno.EMFILE, "Too many open files")
+
+
+def test_forwarder_does_not_spin_while_accept_fails(tmp_path: Path) -> None:
+    path = str(tmp_path / "fwd.sock")
+    listener = _OutOfFilesListener(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(8)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as waiting:
+        waiting.connect(path)  # the listener stays readable
+        fwd = Forwarder(listener, lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+        fwd.start()
+        threading.Event().wait(0.5)
+        fwd.close()
+    # ~5 tries in 0.5 s with the pause; a busy loop makes thousands
+    assert 1 <= _OutOfFilesListener.accepts < 50, _OutOfFilesListener.accepts
+
+
 def test_kernel_connector_fails_cleanly() -> None:
     from criv.vsock.connector import KernelVsockConnector, VsockError
 
