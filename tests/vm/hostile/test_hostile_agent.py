@@ -1,12 +1,15 @@
 """A modified agent (docs/security.md: the guest controls every byte the agent sends).
 
 The guest image is booted with one more initramfs archive appended, which the kernel
-unpacks over the first: it replaces the agent's launcher with one that wraps the agent's
-``Events`` stream, so that whenever guest root writes a container id to
-``/run/criv-forge`` the agent also sends an EXITED event (exit code 99) for that id. An
-attacker pod's guest root uses it against a container of another pod; the assertions
-are on the host: the forged event reached criv and was dropped, the other pod's container
-is untouched.
+unpacks over the first: it replaces the agent's launcher with a modified one.
+
+- The forging launcher wraps the agent's ``Events`` stream, so that whenever guest root
+  writes a container id to ``/run/criv-forge`` the agent also sends an EXITED event (exit
+  code 99) for that id. An attacker pod's guest root uses it against a container of
+  another pod; the assertions are on the host: the forged event reached criv and was
+  dropped, the other pod's container is untouched.
+- The staying launcher answers ShutdownSandbox and then keeps the VM up (no power-off,
+  no exit for the init to power off after): criv must end the VM itself.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from criv.guestimage import DEFAULT_CACHE_ROOT, GuestImage, Inputs, build_guest_
 from criv.guestimage.cpio import write_cpio
 from criv_agent.api.runtime.v1 import api_pb2
 from tests.support.cri import Cri
+from tests.support.vm import criv_domains
 
 pytestmark = pytest.mark.vm
 
@@ -72,9 +76,23 @@ sys.exit(main())
 '''
 
 
-def forging_initrd(image: GuestImage, out: Path) -> Path:
-    """The guest image's initramfs with the forging launcher appended over it (an image
-    with its root in the initramfs: a root disk is read-only)."""
+# guest root that answers ShutdownSandbox, then declines to power off and keeps running
+STAYING_LAUNCHER = """#!/usr/bin/python3
+import time
+
+from criv_agent import poweroff
+from criv_agent.main import main
+
+poweroff.power_off = lambda: OSError(1, "declined")
+main()
+while True:
+    time.sleep(3600)
+"""
+
+
+def launcher_initrd(image: GuestImage, out: Path, launcher_text: str) -> Path:
+    """The guest image's initramfs with ``launcher_text`` as the agent's launcher appended
+    over it (an image with its root in the initramfs: a root disk is read-only)."""
     cache = Path(os.environ.get("CRIV_GUEST_IMAGE_CACHE", str(DEFAULT_CACHE_ROOT)))
     image = build_guest_image(cache, lambda s: None, replace(Inputs.default(), root="initramfs"))
     assert image.root_disk is None
@@ -83,9 +101,9 @@ def forging_initrd(image: GuestImage, out: Path) -> Path:
     launcher.parent.mkdir(parents=True)
     for d in (root / "usr", root / "usr" / "local", launcher.parent):
         d.chmod(0o755)
-    launcher.write_text(FORGING_LAUNCHER)
+    launcher.write_text(launcher_text)
     launcher.chmod(0o755)
-    initrd = out / "forging-initramfs.cpio"
+    initrd = out / "agent-initramfs.cpio"
     with initrd.open("wb") as f:
         f.write(image.initrd.read_bytes())
         write_cpio(root, f)
@@ -97,7 +115,7 @@ def forging_initrd(image: GuestImage, out: Path) -> Path:
 def test_a_forged_event_for_another_pods_container_is_dropped(
     vm_cri_factory: Callable[..., Cri], guest_image: GuestImage, tmp_path: Path
 ) -> None:
-    initrd = forging_initrd(guest_image, tmp_path)
+    initrd = launcher_initrd(guest_image, tmp_path, FORGING_LAUNCHER)
     cri = vm_cri_factory(vm={"initrd": str(initrd), "root_disk": ""})
     victim_pod = cri.run_pod("victim")
     victim = cri.run(victim_pod, "victim", ["sleep", "3600"])
@@ -140,3 +158,20 @@ def test_a_forged_event_for_another_pods_container_is_dropped(
         time.sleep(0.5)
     assert cri.status(own).exit_code == 99
     assert cri.status(victim).state == api_pb2.CONTAINER_RUNNING
+
+
+@pytest.mark.timeout(600)
+def test_a_guest_that_stays_up_after_shutdown_is_destroyed(
+    vm_cri_factory: Callable[..., Cri], guest_image: GuestImage, tmp_path: Path
+) -> None:
+    initrd = launcher_initrd(guest_image, tmp_path, STAYING_LAUNCHER)
+    cri = vm_cri_factory(vm={"initrd": str(initrd), "root_disk": ""})
+    pod = cri.run_pod("stays-up")
+    cri.run(pod, "c", ["sleep", "3600"])
+    domain = cri.isolation_state(pod)["domain"]
+    cri.rt.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=pod), timeout=120)
+    # the agent answered and its VM ran on: criv waited its deadline, then destroyed it
+    assert "VM still up after the agent left: destroying" in cri.proc.logs()
+    assert domain not in criv_domains(templates=True)
+    assert cri.pod_status(pod).state == api_pb2.SANDBOX_NOTREADY
+    cri.rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod), timeout=60)
