@@ -12,6 +12,15 @@ from criv_agent import oomwatch
 from criv_agent.oomwatch import OomWatch
 
 
+async def _settled(seen: list[str], within: float, then: float) -> None:
+    """Wait for a first callback (at most ``within`` s), then ``then`` s for any more."""
+    for _ in range(int(within / 0.01)):
+        if seen:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(then)
+
+
 async def _changes(watch_files: dict[str, Path], write: list[Path]) -> list[str]:
     seen: list[str] = []
     got = asyncio.Event()
@@ -55,11 +64,7 @@ def test_an_unwatched_container_is_not_reported(tmp_path: Path) -> None:
             assert not w.watching("ca") and w.watching("cb")
             a.write_text("oom_kill 1\n")
             b.write_text("oom_kill 1\n")
-            for _ in range(200):
-                if seen:
-                    break
-                await asyncio.sleep(0.01)
-            await asyncio.sleep(0.05)
+            await _settled(seen, within=2.0, then=0.05)
         finally:
             w.close()
         return seen
@@ -106,11 +111,7 @@ def test_a_burst_of_changes_gives_one_check(
             for i in range(10):
                 f.write_text(f"max {i + 1}\n")
                 await asyncio.sleep(0.005)
-            for _ in range(500):
-                if seen:
-                    break
-                await asyncio.sleep(0.01)
-            await asyncio.sleep(0.1)
+            await _settled(seen, within=5.0, then=0.1)
         finally:
             w.close()
         return seen

@@ -113,13 +113,19 @@ class _VsockLikeListener(socket.socket):
         raise OSError(errno.ENOTCONN, "listening vsock socket")
 
 
-def test_forwarder_close_ends_its_accept_thread_on_a_vsock_like_listener(tmp_path: Path) -> None:
-    path = str(tmp_path / "fwd.sock")
-    listener = _VsockLikeListener(socket.AF_UNIX, socket.SOCK_STREAM)
+def _forwarding(listener_type: type[socket.socket], path: str) -> Forwarder:
+    """A started Forwarder on a unix listener of ``listener_type`` at ``path``."""
+    listener = listener_type(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(8)
     fwd = Forwarder(listener, lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
     fwd.start()
+    return fwd
+
+
+def test_forwarder_close_ends_its_accept_thread_on_a_vsock_like_listener(tmp_path: Path) -> None:
+    path = str(tmp_path / "fwd.sock")
+    fwd = _forwarding(_VsockLikeListener, path)
     threading.Event().wait(0.1)  # the thread is waiting for a connection
     fwd.close()
     assert not any(t.name == "splice-forwarder" and t.is_alive() for t in threading.enumerate())
@@ -140,13 +146,9 @@ class _OutOfFilesListener(socket.socket):
 
 def test_forwarder_does_not_spin_while_accept_fails(tmp_path: Path) -> None:
     path = str(tmp_path / "fwd.sock")
-    listener = _OutOfFilesListener(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    listener.listen(8)
+    fwd = _forwarding(_OutOfFilesListener, path)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as waiting:
         waiting.connect(path)  # the listener stays readable
-        fwd = Forwarder(listener, lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
-        fwd.start()
         threading.Event().wait(0.5)
         fwd.close()
     # ~5 tries in 0.5 s with the pause; a busy loop makes thousands

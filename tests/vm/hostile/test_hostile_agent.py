@@ -111,12 +111,25 @@ def launcher_initrd(image: GuestImage, out: Path, launcher_text: str) -> Path:
     return initrd
 
 
+@pytest.fixture
+def launcher_cri(
+    vm_cri_factory: Callable[..., Cri], guest_image: GuestImage, tmp_path: Path
+) -> Callable[[str], Cri]:
+    """A criv whose vm pods boot the guest image with the given text as the agent's
+    launcher."""
+
+    def make(launcher_text: str) -> Cri:
+        initrd = launcher_initrd(guest_image, tmp_path, launcher_text)
+        return vm_cri_factory(vm={"initrd": str(initrd), "root_disk": ""})
+
+    return make
+
+
 @pytest.mark.timeout(600)
 def test_a_forged_event_for_another_pods_container_is_dropped(
-    vm_cri_factory: Callable[..., Cri], guest_image: GuestImage, tmp_path: Path
+    launcher_cri: Callable[[str], Cri],
 ) -> None:
-    initrd = launcher_initrd(guest_image, tmp_path, FORGING_LAUNCHER)
-    cri = vm_cri_factory(vm={"initrd": str(initrd), "root_disk": ""})
+    cri = launcher_cri(FORGING_LAUNCHER)
     victim_pod = cri.run_pod("victim")
     victim = cri.run(victim_pod, "victim", ["sleep", "3600"])
     sb_sec = api_pb2.LinuxSandboxSecurityContext(privileged=True)
@@ -162,10 +175,9 @@ def test_a_forged_event_for_another_pods_container_is_dropped(
 
 @pytest.mark.timeout(600)
 def test_a_guest_that_stays_up_after_shutdown_is_destroyed(
-    vm_cri_factory: Callable[..., Cri], guest_image: GuestImage, tmp_path: Path
+    launcher_cri: Callable[[str], Cri],
 ) -> None:
-    initrd = launcher_initrd(guest_image, tmp_path, STAYING_LAUNCHER)
-    cri = vm_cri_factory(vm={"initrd": str(initrd), "root_disk": ""})
+    cri = launcher_cri(STAYING_LAUNCHER)
     pod = cri.run_pod("stays-up")
     cri.run(pod, "c", ["sleep", "3600"])
     domain = cri.isolation_state(pod)["domain"]
