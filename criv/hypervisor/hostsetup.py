@@ -30,7 +30,7 @@ from pathlib import Path
 from criv.commands import run_sync
 
 QEMU_CONF = Path("/etc/libvirt/qemu.conf")
-REAPER = Path(__file__).with_name("reaper.py")  # run as a script: stdlib only
+REAPER = Path(__file__).with_name("reaper.py")  # run as a script (criv's python)
 QEMU_USER = "criv-qemu"
 WANTED = {
     "user": f'"{QEMU_USER}"',

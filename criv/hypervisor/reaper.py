@@ -7,33 +7,28 @@ has been reaped. systemd reaps at once; a container's PID 1 may not (1.1-1.8 s h
 and then every VM stop and destroy waits for it. criv's host set-up starts libvirtd under
 this reaper where it starts libvirtd itself (no systemd).
 
-Usage: ``python reaper.py [--detach] libvirtd [args...]`` (a script: it imports nothing of
-criv). With ``--detach`` it forks into the background first, stdio on /dev/null, as
-``libvirtd -d`` would. The daemon runs in the foreground as the reaper's child; SIGTERM,
-SIGINT and SIGHUP are passed on to it; the reaper exits with the daemon's status once the
-daemon exits (QEMUs still running are then adopted by PID 1 again, as before).
+Usage: ``python reaper.py [--detach] libvirtd [args...]`` (a script; of criv's code it
+imports only the agent's ``set_subreaper``, which criv's venv has). With ``--detach`` it
+forks into the background first, stdio on /dev/null, as ``libvirtd -d`` would. The daemon
+runs in the foreground as the reaper's child; SIGTERM, SIGINT and SIGHUP are passed on to
+it; the reaper exits with the daemon's status once the daemon exits (QEMUs still running
+are then adopted by PID 1 again, as before).
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import sys
 
-PR_SET_CHILD_SUBREAPER = 36
+from criv_agent.main import set_subreaper
+
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-
-
-def become_subreaper() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
 
 
 def supervise(argv: list[str]) -> int:
     """Spawn ``argv`` and reap every child until it exits; its exit code."""
-    become_subreaper()
+    set_subreaper()
     daemon = os.posix_spawnp(argv[0], argv, dict(os.environ))
     for sig in FORWARDED:
         signal.signal(sig, lambda s, _f: os.kill(daemon, s))
