@@ -61,6 +61,10 @@ class GuestImage:
     def directory(self) -> Path:
         return self.initrd.parent
 
+    def root_disk_bytes(self) -> int:
+        """The root disk's size (0: none): a VM's pmem device is the whole file."""
+        return self.root_disk.stat().st_size if self.root_disk is not None else 0
+
 
 @dataclass(frozen=True)
 class Inputs:

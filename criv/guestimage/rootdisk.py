@@ -1,12 +1,14 @@
 """The guest root as a read-only erofs disk image, and the small initramfs that mounts it.
 
 With the root in the initramfs every VM held the whole unpacked root (~70 MiB) in its own
-RAM, and every clone copied it from its template. On a read-only virtio disk, a VM holds in
-its page cache only the pages it reads; the host holds the image once, in its page cache,
-for all VMs. ``images/early-init`` (PID 1 of the small initramfs) mounts the disk the kernel
-command line names under a tmpfs overlay and hands PID 1 to the root's ``/init``.
+RAM, and every clone copied it from its template. The image is a read-only virtio-pmem
+device (``criv.hypervisor.domain.ReadOnlyPmem``; a read-only virtio disk with
+``vm.root_dax: false``) mounted with DAX: the guest maps its files
+straight from the host's page cache, which holds the image once for all VMs, and caches none
+of it in its own RAM. ``images/early-init`` (PID 1 of the small initramfs) mounts the device
+the kernel command line names under a tmpfs overlay and hands PID 1 to the root's ``/init``.
 
-Only for criv's own kernel: it has erofs, overlayfs and virtio-blk built in. The Debian
+Only for criv's own kernel: it has erofs, overlayfs, virtio-pmem and DAX built in. The Debian
 kernel fallback has them as modules and keeps its root in the initramfs.
 """
 
@@ -24,6 +26,9 @@ from criv.guestimage import cpio
 
 ROOT_DISK = "root.erofs"
 EARLY_INITRD = "initramfs-early.cpio"
+# the root image's size is a multiple of this: the guest kernel maps a virtio-pmem device's
+# memory (for DAX) in 2 MiB subsections
+PMEM_ALIGN = 2 << 20
 # mount points the early init uses, made in the initramfs (it has no writable root else)
 _EARLY_DIRS = ("bin", "dev", "proc", "lower", "rw", "newroot")
 
@@ -37,10 +42,16 @@ def make_erofs(root: Path, out_dir: Path, image_hash: str) -> Path:
         raise FailedPrecondition("mkfs.erofs not found: apt-get install erofs-utils")
     out = out_dir / ROOT_DISK
     fs_uuid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"criv-guest-root:{image_hash}"))
-    cmd = [mkfs, "--quiet", "-T0", f"-U{fs_uuid}", "--all-root", "-x-1", str(out), str(root)]
+    # noinline_data: every file's data in whole blocks of its own, which DAX can map (an
+    # inline tail would be read through the guest's page cache)
+    cmd = [mkfs, "--quiet", "-T0", f"-U{fs_uuid}", "--all-root", "-x-1", "-Enoinline_data",
+           str(out), str(root)]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise FailedPrecondition(f"mkfs.erofs failed: {(r.stderr or r.stdout).strip()}")
+    # a virtio-pmem device is this file, whole: the guest maps it in 2 MiB sections
+    size = out.stat().st_size
+    os.truncate(out, -(-size // PMEM_ALIGN) * PMEM_ALIGN)
     out.chmod(0o644)  # QEMU runs unprivileged and opens it read-only
     return out
 

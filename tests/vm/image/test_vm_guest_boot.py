@@ -42,7 +42,7 @@ def boot(image: GuestImage, mode: str, timeout: float = 90.0) -> tuple[str, dict
         + (f" {ROOT_DISK_CMDLINE}" if image.root_disk else ""),
     ]
     if image.root_disk is not None:
-        cmd += root_disk_qemu_args(image.root_disk)
+        cmd += root_disk_qemu_args(image.root_disk, 256)
     t0 = time.monotonic()
     proc = subprocess.Popen(
         cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
@@ -79,9 +79,11 @@ def test_guest_reaches_init_and_runs_python(guest_image: GuestImage) -> None:
     assert "CRIV-GUEST-MARKER init reached" in out, out[-3000:]
     assert f"CRIV-GUEST-UNAME {guest_image.kernel_release}" in out
     assert "CRIV-GUEST-PYTHON grpc 1.85.3 protobuf 7.36.2" in out, out[-3000:]
-    # the root is the image's read-only erofs disk, and the guest cannot write to it
-    assert "CRIV-GUEST-ROOT erofs /dev/vda" in out, out[-3000:]
+    # the root is the image's erofs on its read-only pmem device, mapped with DAX, and the
+    # guest cannot change it
+    assert "CRIV-GUEST-ROOT erofs /dev/pmem0" in [ln.strip() for ln in out.splitlines()], out
     assert "CRIV-GUEST-ROOT-DISK read-only" in out, out[-3000:]
+    assert "CRIV-GUEST-ROOT-DAX on" in out, out[-3000:]
     assert "CRIV-GUEST-DONE" in out
     assert "Kernel panic" not in out
     assert "reboot: Power down" in out or times["exit"] < 90  # powered itself off
