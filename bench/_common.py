@@ -221,12 +221,12 @@ def image_config(img: GuestImage) -> dict[str, str]:
     }
 
 
-def qemu_image_args(img: GuestImage, append: str) -> list[str]:
+def qemu_image_args(img: GuestImage, append: str, memory_mib: int = 256) -> list[str]:
     """Raw QEMU's arguments that boot ``img`` with kernel command line ``append``, as a
-    pod's domain does (its root disk read-only on virtio-blk)."""
+    pod's domain does (its root image read-only on virtio-pmem) in a VM of ``memory_mib``."""
     args = ["-kernel", str(img.kernel), "-initrd", str(img.initrd)]
     if img.root_disk is not None:
-        args += root_disk_qemu_args(img.root_disk)
+        args += root_disk_qemu_args(img.root_disk, memory_mib)
         append += " " + ROOT_DISK_CMDLINE
     return [*args, "-append", append]
 

@@ -196,6 +196,10 @@ class VmConfig:
     # with them: the guest root's read-only disk image (a built image's root.erofs, mounted
     # by its initramfs); "" means the root is in the initramfs
     root_disk: str = ""
+    # the root disk as a read-only virtio-pmem device mapped with DAX: every VM maps its
+    # pages from the host's page cache (one copy for all) instead of copying what it reads
+    # into its own RAM; false: a read-only virtio disk (no page mapped into two VMs)
+    root_dax: bool = True
     # a libvirt call that does not answer within this releases its caller (UNAVAILABLE)
     libvirt_call_timeout_seconds: int = 60
     # vm-image pods: how long after a VM's start the first exec waits for its SSH host

@@ -17,6 +17,9 @@ CRIV_NS = "https://criv.dev/xmlns/domain/1"
 DOMAIN_PREFIX = "criv-"
 # PCI slot of the vhost-user-vsock device on the root bus; far above what libvirt allocates
 VSOCK_PCI_SLOT = 0x10
+# and of the guest root's virtio-pmem device, beside it
+PMEM_PCI_SLOT = 0x11
+MIB = 1 << 20
 
 Machine = Literal["q35", "microvm", "pc"]
 DomainType = Literal["kvm", "qemu"]  # libvirt's names: "qemu" means TCG
@@ -217,6 +220,38 @@ class VhostUserVsock:
         ]  # fmt: skip
 
 
+@dataclass(frozen=True)
+class ReadOnlyPmem:
+    """A host file as a read-only virtio-pmem device: the guest maps its pages (DAX) instead
+    of copying them into its own RAM, and every VM maps the same host page cache.
+
+    libvirt 9.0 cannot make a virtio-pmem device read-only (its ``<readonly/>`` is for
+    nvdimm only): QEMU would open the file for writing and map it shared, so one guest could
+    change what every pod maps. So QEMU gets it through its own arguments: the file opened
+    and mapped read-only (``readonly=on``: QEMU drops a guest's writes to it) and shared
+    (``share=on``, which also keeps it out of a template's saved state: ``x-ignore-shared``).
+    A memory device needs hot-pluggable memory room (``maxMemory``, which the Domain adds).
+    """
+
+    path: Path
+    size: int  # bytes: the whole file, a multiple of the page size
+    id: str = "criv-root"
+
+    @property
+    def size_mib(self) -> int:
+        return -(-self.size // MIB)
+
+    def qemu_args(self, machine: Machine) -> list[str]:
+        path = str(self.path).replace(",", ",,")  # QEMU's option escaping
+        bus = "pcie.0" if machine == "q35" else "pci.0"
+        return [
+            "-object", f"memory-backend-file,id={self.id},mem-path={path},share=on,"
+            f"readonly=on,size={self.size}",
+            "-device", f"virtio-pmem-pci,memdev={self.id},id={self.id}-pmem,bus={bus},"
+            f"addr={PMEM_PCI_SLOT:#x}",
+        ]  # fmt: skip
+
+
 Device = SerialLog | Rng | VirtioFs | TapInterface | KernelVsock | Disk
 
 
@@ -238,6 +273,8 @@ class Domain:
     machine: Machine = "q35"
     devices: tuple[Device, ...] = ()
     vhost_user_vsock: VhostUserVsock | None = None
+    # the guest root's image (not on microvm: no PCI there)
+    root_pmem: ReadOnlyPmem | None = None
     # TCG translation cache cap (QEMU's default scales with RAM and dominates RSS)
     tb_cache_mib: int = 0
     # memfd + shared: required by vhost-user devices (vsock backend, virtiofsd map it)
@@ -260,6 +297,10 @@ class Domain:
             pod = _sub(md, f"{{{CRIV_NS}}}pod")
             for k, v in sorted(self.metadata.items()):
                 _sub(pod, f"{{{CRIV_NS}}}{k}", v)
+        if self.root_pmem is not None:
+            # room for the one memory device; libvirt then wants a guest NUMA node (below)
+            most = self.memory_mib + self.root_pmem.size_mib
+            _sub(dom, "maxMemory", str(most), slots="1", unit="MiB")
         _sub(dom, "memory", str(self.memory_mib), unit="MiB")
         if 0 < self.current_memory_mib < self.memory_mib:
             _sub(dom, "currentMemory", str(self.current_memory_mib), unit="MiB")
@@ -293,10 +334,15 @@ class Domain:
             tcg = _sub(feats, "tcg")
             _sub(tcg, "tb-cache", str(self.tb_cache_mib), unit="MiB")
         if self.type == "kvm":
-            _sub(dom, "cpu", mode="host-passthrough")
+            cpu = _sub(dom, "cpu", mode="host-passthrough")
         else:
             # TCG's "max" model: x86-64-v2+ features that images built for newer CPUs need
-            _sub(dom, "cpu", mode="maximum", migratable="off")
+            cpu = _sub(dom, "cpu", mode="maximum", migratable="off")
+        if self.root_pmem is not None:
+            last = max(self.max_vcpus, self.vcpus) - 1
+            shared = {"memAccess": "shared"} if self.shared_memory else {}
+            cell = {"id": "0", "cpus": f"0-{last}" if last else "0", "memory": str(self.memory_mib)}
+            _sub(_sub(cpu, "numa"), "cell", **cell, unit="MiB", **shared)
         _sub(dom, "clock", offset="utc")
         _sub(dom, "on_poweroff", "destroy")
         _sub(dom, "on_reboot", "destroy")
@@ -317,6 +363,8 @@ class Domain:
         args = (
             [] if self.vhost_user_vsock is None else self.vhost_user_vsock.qemu_args(self.machine)
         )
+        if self.root_pmem is not None:
+            args += self.root_pmem.qemu_args(self.machine)
         if isinstance(self.boot, FirmwareBoot):
             args += FirmwareBoot.QEMU_ARGS
         if self.hotplug_ports and self.machine == "q35":

@@ -37,6 +37,7 @@ EXIT_CODE = (EXIT_VALUE << 1) | 1
 LOAD_ADDR = 0x100000
 CODE_OFFSET = 0x100
 QEMU = "qemu-system-x86_64"
+PROBE_MEMORY_MIB = 256
 CACHE_VERSION = 1
 
 
@@ -89,7 +90,7 @@ def probe_elf() -> bytes:
 
 
 def _qemu_base(exe: str, accel: Accel, cpu: str) -> list[str]:
-    cmd = [exe, "-accel", accel, "-machine", "q35", "-m", "256", "-nodefaults"]
+    cmd = [exe, "-accel", accel, "-machine", "q35", "-m", str(PROBE_MEMORY_MIB), "-nodefaults"]
     cmd += ["-no-user-config", "-display", "none", "-serial", "stdio", "-monitor", "none"]
     # the same CPU model the domain gets: host-passthrough under KVM
     return cmd + (["-cpu", cpu] if accel == "kvm" else [])
@@ -161,7 +162,7 @@ def run_probe(
             cmd += ["-initrd", str(initrd)] if initrd else []
             append = "console=ttyS0 quiet panic=-1 reboot=t criv.test=boot"
             if root_disk is not None:
-                cmd += root_disk_qemu_args(root_disk)
+                cmd += root_disk_qemu_args(root_disk, PROBE_MEMORY_MIB)
                 append += " " + ROOT_DISK_CMDLINE
             cmd += ["-append", append]
             marker, what = GUEST_MARKER, f"guest kernel {kernel.name}"

@@ -20,6 +20,7 @@ from criv.hypervisor.domain import (
     FirmwareBoot,
     KernelVsock,
     Machine,
+    ReadOnlyPmem,
     Rng,
     SerialLog,
     TapInterface,
@@ -37,21 +38,28 @@ SHARE_TAG = "criv"
 # ends a wedged guest at once; reboot=t makes a guest reboot end the domain (on_reboot=destroy).
 BASE_CMDLINE = ("console=ttyS0", "quiet", "panic=-1", "reboot=t")
 _SAFE_ARG = re.compile(r"^[A-Za-z0-9_./:=@+-]*$")
-# the guest root's read-only disk (criv.guestimage.rootdisk): the only virtio disk of a pod
-# VM, so the guest names it vda; images/early-init mounts what ``criv.root=`` names
+# the guest root's read-only image (criv.guestimage.rootdisk): a pod VM's only virtio-pmem
+# device, so the guest names it pmem0 (images/early-init mounts what ``criv.root=`` names,
+# with DAX); with vm.root_dax off, or on microvm (no PCI), its only virtio disk, vda
+ROOT_DISK_CMDLINE = "criv.root=pmem0"
 ROOT_DISK_TARGET = "vda"
-ROOT_DISK_CMDLINE = f"criv.root={ROOT_DISK_TARGET}"
+ROOT_DISK_CMDLINE_BLK = f"criv.root={ROOT_DISK_TARGET}"
 
 
-def root_disk_qemu_args(path: Path) -> list[str]:
-    """Raw QEMU's arguments for the guest root disk as a pod's domain has it (read-only,
-    virtio-blk; the kernel command line then needs ``ROOT_DISK_CMDLINE``): the KVM probe's
-    guest, the benchmarks' floor and the image's boot tests."""
-    drive = str(path).replace(",", ",,")  # QEMU's option escaping
-    return [
-        "-drive", f"file={drive},if=none,id=root,format=raw,readonly=on",
-        "-device", "virtio-blk-pci,drive=root",
-    ]  # fmt: skip
+def root_pmem(path: Path, size: int) -> ReadOnlyPmem:
+    """The guest root image as a read-only virtio-pmem device of the file's ``size``."""
+    if size <= 0:
+        raise InvalidArgument(f"the guest root image {path}: its size is needed")
+    return ReadOnlyPmem(path, size)
+
+
+def root_disk_qemu_args(path: Path, memory_mib: int) -> list[str]:
+    """Raw QEMU's arguments for the guest root image as a pod's domain has it (read-only
+    virtio-pmem; the kernel command line then needs ``ROOT_DISK_CMDLINE``) in a q35 VM of
+    ``memory_mib`` (QEMU merges this ``-m`` with the caller's): the KVM probe's guest, the
+    benchmarks' floor and the image's boot tests."""
+    pmem = root_pmem(path, path.stat().st_size)
+    return ["-m", f"slots=1,maxmem={memory_mib + pmem.size_mib}M", *pmem.qemu_args("q35")]
 
 
 def domain_name(sandbox_id: str) -> str:
@@ -89,6 +97,8 @@ class PodVm:
     accel: Accel
     console_log: Path
     root_disk: Path | None = None  # the guest root, read-only (None: in the initramfs)
+    root_disk_bytes: int = 0  # its size (the whole file is the guest's pmem device)
+    root_dax: bool = True  # the root disk on virtio-pmem with DAX (False: a virtio disk)
     max_vcpus: int = 0  # above size.vcpus: hot-pluggable vCPU slots (sizing.max_vcpus_for)
     max_memory_mib: int = 0  # above size.memory_mib: held back by the balloon (max_memory_for)
     free_page_reporting: bool = True
@@ -112,9 +122,9 @@ class PodVm:
     name: str = ""  # instead of the sandbox's domain name (a template's)
 
 
-# A template and its clones: libvirt puts the rng, the root disk and the balloon on root
-# ports 1-3; the share, the NIC and the vsock device are hot-plugged into a clone's free
-# ports (4-6).
+# A template and its clones: libvirt puts the rng and the balloon on root ports (the root
+# image's pmem device is on the root bus); the share, the NIC and the vsock device are
+# hot-plugged into a clone's free ports.
 TEMPLATE_HOTPLUG_PORTS = 6
 TEMPLATE_DOMAIN_PREFIX = DOMAIN_PREFIX + "tmpl-"
 
@@ -144,8 +154,12 @@ def pod_domain(vm: PodVm) -> Domain:
         if vm.accel == "tcg":
             # TSC calibration hangs under TCG on microvm (no PIT/HPET calibration source)
             cmdline.append(f"tsc_early_khz={vm.tsc_khz or host_tsc_khz()}")
-    if vm.root_disk is not None:
+    pmem = None
+    if vm.root_disk is not None and vm.root_dax and vm.machine != "microvm":
+        pmem = root_pmem(vm.root_disk, vm.root_disk_bytes)
         cmdline.append(ROOT_DISK_CMDLINE)
+    elif vm.root_disk is not None:
+        cmdline.append(ROOT_DISK_CMDLINE_BLK)
     if a := agent_cmdline(vm.agent_args):
         cmdline.append(a)
     cmdline += vm.extra_cmdline
@@ -153,7 +167,7 @@ def pod_domain(vm: PodVm) -> Domain:
         SerialLog(vm.console_log),
         Rng(),
     ]
-    if vm.root_disk is not None:
+    if vm.root_disk is not None and pmem is None:
         devices.append(Disk(vm.root_disk, ROOT_DISK_TARGET, "raw", readonly=True))
     if vm.fs_socket is not None:
         devices.append(VirtioFs(vm.fs_socket, tag=SHARE_TAG))
@@ -178,6 +192,7 @@ def pod_domain(vm: PodVm) -> Domain:
         machine=vm.machine,
         devices=tuple(devices),
         vhost_user_vsock=VhostUserVsock(vm.vsock_socket) if vm.vsock_socket else None,
+        root_pmem=pmem,
         tb_cache_mib=tb_cache_mib(vm.size.memory_mib) if vm.accel == "tcg" else 0,
         shared_memory=True,
         hotplug_ports=vm.hotplug_ports,

@@ -46,6 +46,8 @@ def pod_vm(
         kernel=prep.image.kernel,
         initrd=prep.image.initrd,
         root_disk=prep.image.root_disk,
+        root_disk_bytes=prep.image.root_disk_bytes(),
+        root_dax=config.vm.root_dax,
         size=size,
         accel=prep.accel.accel,
         console_log=console_log(paths),

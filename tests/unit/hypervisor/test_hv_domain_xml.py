@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from criv.errors import InvalidArgument
-from criv.hypervisor.domain import DirectBoot, Domain, Rng, SerialLog, UefiFirmware
+from criv.hypervisor.domain import QEMU_NS, DirectBoot, Domain, Rng, SerialLog, UefiFirmware
 from criv.hypervisor.sizing import VmSize
 from criv.hypervisor.spec import (
     TEMPLATE_DOMAIN_PREFIX,
@@ -54,6 +54,7 @@ def _pod(**kw: object) -> PodVm:
 ROOT_DISK: dict[str, Any] = {
     "initrd": IMG / "initramfs-early.cpio",
     "root_disk": IMG / "root.erofs",
+    "root_disk_bytes": 72 << 20,
 }
 
 
@@ -162,6 +163,38 @@ def test_policy_choices() -> None:
         for d in micro.find("devices")  # type: ignore[union-attr]
         if d.tag in ("rng", "filesystem", "interface")
     )
+
+
+@pytest.mark.timeout(10)
+def test_the_root_image_is_a_read_only_shared_pmem_device() -> None:
+    el = pod_domain(_pod(size=VmSize(1, 256), max_vcpus=4, **ROOT_DISK)).to_element()
+    assert "criv.root=pmem0" in (el.findtext("os/cmdline") or "")
+    assert el.find("devices/disk") is None  # not also a virtio disk
+    args = [a.get("value") for a in el.iter(f"{{{QEMU_NS}}}arg")]
+    backend = args[args.index("-object") + 1] or ""
+    # read-only: no guest can write the file every pod maps; shared: the host's page cache,
+    # and left out of a template's state
+    assert backend.startswith("memory-backend-file,id=criv-root,")
+    assert "readonly=on" in backend.split(",") and "share=on" in backend.split(",")
+    assert f"size={72 << 20}" in backend.split(",")
+    # room for the one memory device, and the guest NUMA node libvirt then wants, with all
+    # vCPUs (booted and hot-pluggable) and the RAM shared with the vhost-user daemons
+    mx = el.find("maxMemory")
+    assert mx is not None and (mx.text, mx.get("slots")) == (str(256 + 72), "1")
+    cell = el.find("cpu/numa/cell")
+    assert cell is not None and cell.attrib == {
+        "id": "0", "cpus": "0-3", "memory": "256", "unit": "MiB", "memAccess": "shared",
+    }  # fmt: skip
+    # vm.root_dax false: a read-only virtio disk, no page of it mapped into two VMs
+    disk = pod_domain(_pod(root_dax=False, **ROOT_DISK)).to_element()
+    assert disk.find("maxMemory") is None and disk.find("cpu/numa") is None
+    assert not [a for a in disk.iter(f"{{{QEMU_NS}}}arg") if "pmem" in (a.get("value") or "")]
+    assert disk.find("devices/disk/readonly") is not None
+    assert "criv.root=vda" in (disk.findtext("os/cmdline") or "")
+    # microvm has no PCI: the root stays a virtio disk there
+    micro = pod_domain(_pod(machine="microvm", fs_socket=None, **ROOT_DISK)).to_element()
+    assert micro.find("maxMemory") is None and micro.find("devices/disk") is not None
+    assert "criv.root=vda" in (micro.findtext("os/cmdline") or "")
 
 
 @pytest.mark.timeout(10)

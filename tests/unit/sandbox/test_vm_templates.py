@@ -57,7 +57,11 @@ def test_pods_of_one_shape_share_a_template_and_any_change_makes_another() -> No
         {"max_memory_mib": 1024},
         {"free_page_reporting": False},
         {"initrd": Path("/var/lib/criv/cache/guest-image/image-fedcba9876543210/i.cpio")},
-        {"root_disk": Path("/var/lib/criv/cache/guest-image/image-fedcba9876543210/r.erofs")},
+        {
+            "root_disk": Path("/var/lib/criv/cache/guest-image/image-fedcba9876543210/r.erofs"),
+            "root_disk_bytes": 2 << 20,
+        },
+        {"root_disk": IMG / "root.erofs", "root_disk_bytes": 4 << 20},
         {"agent_args": ["--control", "vsock:2048"]},
         {"accel": "kvm"},
     ):

@@ -55,6 +55,7 @@ def _vm(
         kernel=image.kernel,
         initrd=image.initrd,
         root_disk=image.root_disk,
+        root_disk_bytes=image.root_disk_bytes(),
         size=VmSize(1, 256),
         accel="tcg",
         console_log=tmp / "console.log",
