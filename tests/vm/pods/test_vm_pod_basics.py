@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 from criv.sandbox.vm.spares import is_spare_name
 from criv_agent.api.runtime.v1 import api_pb2
 from tests.support.cri import Cri
-from tests.support.vm import criv_domains
+from tests.support.vm import GUEST_ROOT, PRIVILEGED_POD, criv_domains
 
 pytestmark = pytest.mark.vm
 
@@ -212,3 +213,22 @@ def test_restart_collects_a_vm_whose_record_is_gone(vm_cri: Cri) -> None:
         time.sleep(0.1)
     assert not state.exists()
     assert not vm_cri.rt.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=10).items
+
+
+@pytest.mark.timeout(600)
+def test_root_dax_off_reads_the_root_from_a_read_only_disk(
+    vm_cri_factory: Callable[..., Cri],
+) -> None:
+    """``vm.root_dax: false``: the guest root is a read-only virtio disk (no page of it is
+    mapped into two VMs); the default, a DAX-mapped pmem device, is every other test's."""
+    cri = vm_cri_factory(vm={"root_dax": False, "template": "off"})
+    pod = cri.run_pod("disk-root", linux=PRIVILEGED_POD)
+    cid = cri.run(pod, "root", ["sleep", "3600"], security=GUEST_ROOT)
+    domain = str(cri.isolation_state(pod)["domain"])
+    xml = subprocess.run(
+        ["virsh", "-c", "qemu:///system", "dumpxml", domain],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert "<readonly/>" in xml and "root.erofs" in xml and "virtio-pmem" not in xml
+    r = cri.exec(cid, ["nsenter", "-t", "1", "-m", "--", "ls", "/sys/fs/erofs"], timeout=60)
+    assert r.exit_code == 0 and "vda" in r.stdout.decode().split(), r
