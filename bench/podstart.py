@@ -32,11 +32,13 @@ one after another (TCG on two cores). Figures only, never pass/fail. Needs root,
 and the guest image (`criv image build`). ``--compare-free-page-reporting`` measures the
 PSS again with ``vm.free_page_reporting: false`` (the baseline), same run;
 ``--compare-initramfs-root`` the clones and PSS again with the guest root in the
-initramfs (no root disk: as before the root moved to a read-only erofs disk). Usage:
+initramfs (no root disk: as before the root moved to a read-only erofs disk);
+``--compare-root-disk`` the same with ``vm.root_dax: false`` (the root on a read-only
+virtio disk, copied into each VM's page cache, as before it was mapped with DAX). Usage:
 
     .venv/bin/python bench/podstart.py [--runs 10] [--skip-containerd] [--skip-pss]
         [--skip-host] [--pss-pods 10] [--max-vcpus N] [--compare-free-page-reporting]
-        [--compare-initramfs-root] [--gap S]
+        [--compare-initramfs-root] [--compare-root-disk] [--gap S]
 """
 
 from __future__ import annotations
@@ -50,10 +52,12 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (
+    BenchEnv,
     Runtime,
     Samples,
     bench_env,
@@ -273,6 +277,24 @@ def report(results: dict[str, Samples], pss: dict[int, dict[str, float]]) -> Non
                 print(f"{'':<14}+ {m['spares']:.0f} spare VM(s) waiting: {m['spare_mib']:.1f} MiB")
 
 
+def variant_clones(
+    env: BenchEnv, cfg: dict[str, Any], name: str, args: argparse.Namespace
+) -> tuple[Samples, dict[int, dict[str, float]]]:
+    """Clones (and the PSS of idle pods) under a variant of criv's config, in a criv of its
+    own: its first pod boots cold and has the variant's template built."""
+    templates = Path(cfg["vm"]["template_dir"])
+    known = frozenset(templates.glob("[!.]*/meta.json"))
+    with criv_runtime(env.root, env.registry, env.cni, cfg, name=f"criv-vm-{name}") as r:
+        r.pull(env.image)
+        pod_start(r, env.image, 1, env.logs / f"{name}-warm")
+        print(f"{name}: template in {wait_template(templates, known=known):.1f}s", flush=True)
+        print(f"criv vm, {name} (clones): {args.runs} runs...", flush=True)
+        samples = pod_start(r, env.image, args.runs, env.logs / name, args.gap)
+        pss = {} if args.skip_pss else vm_pss(r, env.image, env.logs / f"pss-{name}",
+                                              [1, args.pss_pods])  # fmt: skip
+    return samples, pss
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=10)
@@ -289,6 +311,8 @@ def main() -> int:
     ap.add_argument("--compare-free-page-reporting", action="store_true")
     # clones and PSS again with the guest root in the initramfs (no root disk)
     ap.add_argument("--compare-initramfs-root", action="store_true")
+    # clones and PSS again with vm.root_dax off (the root on a read-only virtio disk)
+    ap.add_argument("--compare-root-disk", action="store_true")
     args = ap.parse_args()
     start_libvirtd()
     img = build_guest_image(progress=lambda line: print(f"[guest-image] {line}", flush=True))
@@ -297,6 +321,7 @@ def main() -> int:
     pss_off: dict[int, dict[str, float]] = {}
     pss_cold: dict[int, dict[str, float]] = {}
     pss_ram: dict[int, dict[str, float]] = {}
+    pss_disk: dict[int, dict[str, float]] = {}
     vm_cfg = {
         "vm": {**image_config(img), "max_vcpus": args.max_vcpus},
         "runtime": {"handlers": {"": "vm", "vm": "vm", "host": "host"}},
@@ -349,16 +374,10 @@ def main() -> int:
         if args.compare_initramfs_root:
             ram_img = build_guest_image(inputs=replace(Inputs.default(), root="initramfs"))
             ram = {**vm_cfg, "vm": {**vm_cfg["vm"], **image_config(ram_img)}}
-            known = frozenset(templates.glob("[!.]*/meta.json"))
-            with criv_runtime(env.root, reg, cni, ram, name="criv-vm-ramroot") as r:
-                r.pull(image)
-                pod_start(r, image, 1, logs / "ramroot-warm")  # cold: builds its template
-                secs = wait_template(templates, known=known)
-                print(f"root in initramfs: template in {secs:.1f}s", flush=True)
-                print(f"criv vm, root in initramfs (clones): {args.runs} runs...", flush=True)
-                results["criv ramroot"] = pod_start(r, image, args.runs, logs / "ramroot", args.gap)
-                if not args.skip_pss:
-                    pss_ram = vm_pss(r, image, logs / "pss-ramroot", [1, args.pss_pods])
+            results["criv ramroot"], pss_ram = variant_clones(env, ram, "ramroot", args)
+        if args.compare_root_disk:
+            disk = {**vm_cfg, "vm": {**vm_cfg["vm"], "root_dax": False}}
+            results["criv rootdisk"], pss_disk = variant_clones(env, disk, "rootdisk", args)
         host_cfg = {"runtime": {"handlers": {"": "host", "host": "host"}}}
         if not args.skip_host:
             with criv_runtime(env.root, reg, cni, host_cfg, name="criv-host") as r:
@@ -378,6 +397,9 @@ def main() -> int:
     if pss_ram:
         print("\nsame, the guest root in the initramfs (the baseline, same run):")
         report({}, pss_ram)
+    if pss_disk:
+        print("\nsame, vm.root_dax: false (the root on a read-only virtio disk; the baseline):")
+        report({}, pss_disk)
     if pss_off:
         print("\nsame, vm.free_page_reporting: false (the baseline, same run):")
         report({}, pss_off)
