@@ -12,9 +12,11 @@ import yaml
 
 from criv.config import Config
 
-# Host memory per idle `vm` pod, PSS of QEMU + its vsock backend + criv's growth, with 10
-# pods at the default vm.memory_mib (256): bench/podstart.py, table in docs/vm.md.
-VM_POD_OVERHEAD_MIB = 292
+# Host memory per idle `vm` pod (its guest RAM, QEMU's own PSS, its vsock backend and
+# virtiofsd, criv's growth) with 10 pods at the default vm.memory_mib (256), the larger of
+# clones (161.7) and cold boots (171.4): bench/podstart.py, docs/vm.md (Guest root mapped
+# with DAX).
+VM_POD_OVERHEAD_MIB = 172
 
 SECTIONS = ("flags", "kubelet", "runtimeclasses")
 
