@@ -8,9 +8,10 @@ last pod took) or ``--max`` pods (default 150) run. Prints:
 - host memory per pod at 1, 10, 50 and N pods: the guest's RAM (the pages allocated in
   QEMU's memfd, counted once: PSS misses a clone's pages loaded from its template that no
   process has mapped since), QEMU's anonymous memory (TCG's translation cache, its heap)
-  and file-backed pages (the kernel, initramfs and QEMU's own binary, shared between
-  pods; the guest root disk is read into guest RAM, and its host page cache, at most the
-  image's size once for all pods, is in no pod's figure), the vsock backend and
+  and file-backed pages (the kernel, initramfs, the guest root image that every guest
+  maps with DAX, and QEMU's own binary: shared between pods, each pod's PSS a share of
+  them; with ``vm.root_dax: false`` the root is read into guest RAM instead), the vsock
+  backend and
   virtiofsd without their guest RAM mappings (PSS), and criv's own growth, divided by the
   pods;
 - the time to READY (RunPodSandbox) of the last pod started;
