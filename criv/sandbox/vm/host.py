@@ -67,10 +67,10 @@ class VmHost:
 
     def _on_stop(self, name: str, reason: str) -> None:
         self.stops[name] = reason
-        # a microvm guest ends by a reset (reboot=t, on_reboot=destroy); on q35 a reset is a
-        # guest panic (panic=-1) or a reboot
-        normal = ("shutdown", "reset") if self._config.vm.machine == "microvm" else ("shutdown",)
-        if reason not in normal:
+        # a pod VM ends itself with a reset (criv-poweroff's emergency restart; reboot=t,
+        # on_reboot=destroy), or with a shutdown from the ACPI button; a guest panic
+        # (panic=-1) resets too, and says so on the console
+        if reason not in ("shutdown", "reset"):
             log.warning("domain %s stopped: %s", name, reason)
 
     async def settle_stop(self, name: str, timeout: float = 5.0) -> None:

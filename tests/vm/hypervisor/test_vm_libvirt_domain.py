@@ -104,11 +104,12 @@ async def test_boot_console_share_and_self_poweroff(
     assert "CRIV-GUEST-PYTHON grpc 1.85.3" in log
     assert "CRIV-GUEST-SHARE ok" in log, _tail(vm.console_log)
     assert (tmp_path / "shared/criv-test-marker").read_text() == "written by the guest\n"
-    # the init powers the VM off; on_poweroff=destroy removes the transient domain
+    # the init ends the VM (an emergency restart: docs/vm.md, Stopping); on_reboot=destroy
+    # removes the transient domain
     assert await hv.wait_stopped(dom.name, timeout=60)
     assert await hv.state(dom.name) == "gone"
     await asyncio.sleep(0.2)
-    assert (dom.name, "shutdown") in stops
+    assert (dom.name, "reset") in stops
     assert not _qemu_for(dom.name)
 
 
