@@ -335,8 +335,7 @@ def vm_memory_kib(qemu: int, backend: int = 0, virtiofsd: int = 0) -> dict[str, 
     """One VM's host memory, KiB: its guest RAM (QEMU's memfd, counted once); QEMU's own
     anonymous (TCG's translation cache, heap) and file-backed PSS (kernel, initramfs, the
     DAX-mapped root image, QEMU's binary: shared between VMs); the vsock backend's and
-    virtiofsd's PSS without
-    their guest RAM mappings."""
+    virtiofsd's PSS without their guest RAM mappings."""
     q = rollup(qemu)
     return {
         "guest RAM": guest_ram_kib(qemu),

@@ -11,9 +11,8 @@ last pod took) or ``--max`` pods (default 150) run. Prints:
   and file-backed pages (the kernel, initramfs, the guest root image that every guest
   maps with DAX, and QEMU's own binary: shared between pods, each pod's PSS a share of
   them; with ``vm.root_dax: false`` the root is read into guest RAM instead), the vsock
-  backend and
-  virtiofsd without their guest RAM mappings (PSS), and criv's own growth, divided by the
-  pods;
+  backend and virtiofsd without their guest RAM mappings (PSS), and criv's own growth,
+  divided by the pods;
 - the time to READY (RunPodSandbox) of the last pod started;
 - that every pod answers ExecSync;
 - CRI ``Status``/``ListPodSandbox``/``ListContainers`` latency p50/p99 with N pods, and

@@ -2,11 +2,12 @@
 
 With the root in the initramfs every VM held the whole unpacked root (~70 MiB) in its own
 RAM, and every clone copied it from its template. The image is a read-only virtio-pmem
-device (``criv.hypervisor.domain.ReadOnlyPmem``; a read-only virtio disk with
-``vm.root_dax: false``) mounted with DAX: the guest maps its files
+device (``criv.hypervisor.domain.ReadOnlyPmem``) mounted with DAX: the guest maps its files
 straight from the host's page cache, which holds the image once for all VMs, and caches none
-of it in its own RAM. ``images/early-init`` (PID 1 of the small initramfs) mounts the device
-the kernel command line names under a tmpfs overlay and hands PID 1 to the root's ``/init``.
+of it in its own RAM (with ``vm.root_dax: false``, a read-only virtio disk whose pages each
+VM reads into its own page cache). ``images/early-init`` (PID 1 of the small initramfs)
+mounts the device the kernel command line names under a tmpfs overlay and hands PID 1 to the
+root's ``/init``.
 
 Only for criv's own kernel: it has erofs, overlayfs, virtio-pmem and DAX built in. The Debian
 kernel fallback has them as modules and keeps its root in the initramfs.
