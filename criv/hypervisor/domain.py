@@ -279,8 +279,8 @@ class Domain:
     tb_cache_mib: int = 0
     # memfd + shared: required by vhost-user devices (vsock backend, virtiofsd map it)
     shared_memory: bool = True
-    # q35: this many empty PCIe root ports beyond those libvirt adds, for hot-plugs, with
-    # native PCIe hot-plug (the guest kernel has pciehp, not ACPI PCI hot-plug)
+    # q35: this many empty PCIe root ports beyond those libvirt adds, for hot-plugs, by
+    # ACPI (criv's guest kernel has acpiphp: pciehp waits 120 ms per slot for the link)
     hotplug_ports: int = 0
     # QEMU waits for a migration stream (``-incoming defer``): a template's clone
     incoming: bool = False
@@ -368,7 +368,7 @@ class Domain:
         if isinstance(self.boot, FirmwareBoot):
             args += FirmwareBoot.QEMU_ARGS
         if self.hotplug_ports and self.machine == "q35":
-            args += ["-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off"]
+            args += ["-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=on"]
         if self.incoming:
             args += ["-incoming", "defer"]
         if args:
