@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 SYS_NET = "/sys/class/net"
-POLL = 0.05  # seconds between looks for a hot-plugged NIC
+POLL = 0.01  # seconds between looks for a hot-plugged NIC (a listdir)
 
 
 def nic_by_mac(mac: str, root: str = SYS_NET) -> str:
