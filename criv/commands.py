@@ -78,9 +78,9 @@ async def reap(proc: asyncio.subprocess.Process) -> None:
 
 
 async def run_command(
-    *argv: str, merge_stderr: bool = True, timeout: float | None = None
+    *argv: str, merge_stderr: bool = True, timeout: float | None = None, stdin: bytes = b""
 ) -> tuple[int, str]:
-    """Run ``argv``; return (exit code, output stripped).
+    """Run ``argv`` (``stdin`` on its standard input); return (exit code, output stripped).
 
     ``merge_stderr`` folds stderr into the output (for error messages); turn it off when
     stdout is parsed and warnings on stderr would pollute it. ``timeout`` (seconds)
@@ -90,14 +90,14 @@ async def run_command(
     limit = timeout if timeout is not None else timeout_for(argv[0])
     proc = await asyncio.create_subprocess_exec(
         *argv,
-        stdin=asyncio.subprocess.DEVNULL,
+        stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT if merge_stderr else asyncio.subprocess.DEVNULL,
         start_new_session=True,  # its own group: the kill reaches what it started
     )
     try:
         async with asyncio.timeout(limit) as cm:
-            out, _ = await proc.communicate()
+            out, _ = await proc.communicate(stdin or None)
     except TimeoutError:
         await reap(proc)
         if not cm.expired():

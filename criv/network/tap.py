@@ -37,8 +37,8 @@ def tap_name(sandbox_id: str) -> str:
     return TAP_PREFIX + sandbox_id[:10]
 
 
-async def _check(*argv: str) -> str:
-    rc, out = await run_command(*argv)
+async def _check(*argv: str, stdin: bytes = b"") -> str:
+    rc, out = await run_command(*argv, stdin=stdin)
     if rc != 0:
         raise Internal(f"{' '.join(argv)}: {out}")
     return out
@@ -79,17 +79,17 @@ async def delete_tap(name: str) -> None:
 
 
 async def attach_tap(netns: Path, tap: str, ifname: str = POD_IFNAME) -> None:
-    """Move ``tap`` (already opened by QEMU) into the pod netns and mirror it with eth0."""
-    await _check("ip", "link", "set", "dev", tap, "netns", str(netns))
-    ns = _in_ns(netns)
-    await _check(*ns, "ip", "link", "set", "dev", tap, "up")
+    """Move ``tap`` (already opened by QEMU) into the pod netns and mirror it with eth0:
+    two processes (``ip`` moves it and sets it up in one request, one ``tc -batch``)."""
+    await _check("ip", "link", "set", "dev", tap, "netns", str(netns), "up")
+    batch = []
     for dev, peer in ((ifname, tap), (tap, ifname)):
-        await _check(*ns, "tc", "qdisc", "replace", "dev", dev, "ingress")
-        await _check(
-            *ns, "tc", "filter", "replace", "dev", dev, "parent", "ffff:", "protocol", "all",
-            "u32", "match", "u32", "0", "0", "action", "mirred", "egress", "redirect",
-            "dev", peer,
-        )  # fmt: skip
+        batch += [
+            f"qdisc replace dev {dev} ingress",
+            f"filter replace dev {dev} parent ffff: protocol all u32 match u32 0 0 "
+            f"action mirred egress redirect dev {peer}",
+        ]
+    await _check(*_in_ns(netns), "tc", "-batch", "-", stdin="\n".join(batch).encode() + b"\n")
 
 
 def host_taps(owner: str) -> list[str]:

@@ -28,7 +28,7 @@ from criv.hypervisor.driver import Hypervisor
 from criv.hypervisor.hostsetup import QEMU_USER
 from criv.hypervisor.libvirtbase import qemu_pid
 from criv.hypervisor.spec import SHARE_TAG, domain_name
-from criv.network.tap import attach_tap, delete_tap, guest_addressing, pod_link
+from criv.network.tap import delete_tap, guest_addressing, pod_link
 from criv.network.tap import tap_name as pod_tap_name
 from criv.sandbox import propagation
 from criv.sandbox.isolation import PodPaths
@@ -51,6 +51,7 @@ from criv.sandbox.vm.podvm import pod_vm
 from criv.sandbox.vm.ready import http2_answers
 from criv.sandbox.vm.spares import SpareVms, is_spare_name, spare_console, vm_domain
 from criv.sandbox.vm.sweep import sweep_vm_orphans
+from criv.sandbox.vm.tapmoves import TapMoves
 from criv.sandbox.vm.template import Templates, template_root
 from criv.state.runtime_state import RuntimeState
 
@@ -96,6 +97,7 @@ class VmIsolation:
         self.host = self._host  # shared with vm-image isolation (criv.sandbox.modes)
         self._backends = VsockBackends()
         self._prepared: dict[str, coldpath.Prepared] = {}  # pod id -> its prepared steps
+        self._taps = TapMoves()  # a booted pod's tap on its way into the pod netns
         self._templates = Templates(template_root(config), self._host, self._owner)
         self._spares = SpareVms(
             Path(config.run_dir) / "spares",
@@ -152,10 +154,8 @@ class VmIsolation:
         name = started.info.name  # a spare keeps its own
         try:
             failpoints.hit("vm_boot.after_domain")
-            if tap:
-                # QEMU holds the tap open now; it keeps working in the pod netns
-                with clock.step("attach tap"):
-                    await attach_tap(Path(pod.netns), tap)
+            if tap:  # QEMU holds it open now; it keeps working in the pod netns
+                self._taps.start(pod.id, Path(pod.netns), tap)
         except BaseException:
             # the pod's record does not name this domain yet: destroy() would miss a spare
             await asyncio.shield(self._forget_domain(hv, name))
@@ -228,6 +228,7 @@ class VmIsolation:
                     f"VM of pod {pod.id[:12]} stopped ({why}); console log {console}:\n{tail}"
                 )
             if await http2_answers(control, READY_PROBE_TIMEOUT):
+                await self._taps.wait(pod.id)  # the boot's tap move, if it still runs
                 # a fresh channel each time: a failed one would wait out its backoff
                 client = AgentClient(f"unix:{control}")
                 try:
@@ -317,6 +318,7 @@ class VmIsolation:
     async def destroy(self, pod: PodRecord, paths: PodPaths) -> None:
         name = _domain(pod)
         self._prepared.pop(pod.id, None)
+        await self._taps.cancel(pod.id)
         hv = await self._host.hypervisor()
         await hv.destroy(name)
         await hv.wait_stopped(name, VM_EXIT_TIMEOUT)

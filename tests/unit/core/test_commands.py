@@ -48,6 +48,11 @@ async def test_output_and_exit_code() -> None:
     assert (rc, out) == (0, "hi")
 
 
+async def test_stdin_is_fed_or_empty() -> None:
+    assert await run_command("sh", "-c", "tr a-z A-Z", stdin=b"tc -batch\n") == (0, "TC -BATCH")
+    assert await run_command("cat") == (0, "")  # /dev/null: never waits for input
+
+
 async def test_deadline_kills_the_group_and_names_the_command(tmp_path: Path) -> None:
     pidfile = tmp_path / "pid"
     with pytest.raises(CommandTimeout) as e:
