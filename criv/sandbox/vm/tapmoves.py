@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from criv.network.tap import attach_tap
+from criv.sandbox.vm.coldpath import StepClock
 
 log = logging.getLogger("criv.sandbox.vm")
 
@@ -47,8 +47,8 @@ class TapMoves:
             await asyncio.gather(task, return_exceptions=True)
 
     async def _move(self, pod_id: str, netns: Path, tap: str) -> None:
-        t0 = time.monotonic()
-        await self._move_tap(netns, tap)
+        clock = StepClock()
+        await clock.timed("[attach tap]", self._move_tap(netns, tap))
         # a "cold path" line of its own (bench/podstart.py reads them): it ends after the
         # boot's line, beside the agent's wait
-        log.info("pod %s cold path: [attach tap] %.3fs", pod_id[:12], time.monotonic() - t0)
+        log.info("pod %s cold path: %s", pod_id[:12], clock.line())
