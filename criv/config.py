@@ -200,6 +200,9 @@ class VmConfig:
     # pages from the host's page cache (one copy for all) instead of copying what it reads
     # into its own RAM; false: a read-only virtio disk (no page mapped into two VMs)
     root_dax: bool = True
+    # under TCG only: the agent's helpers (crun, ip) run without ASLR, so QEMU translates
+    # their code once per VM, not once per run; containers keep ASLR (docs/security.md)
+    fixed_helper_layout: bool = True
     # a libvirt call that does not answer within this releases its caller (UNAVAILABLE)
     libvirt_call_timeout_seconds: int = 60
     # vm-image pods: how long after a VM's start the first exec waits for its SSH host

@@ -42,6 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # the VM's own agent (criv puts it on the guest's kernel command line): after
     # ShutdownSandbox it powers the VM off itself (poweroff.py); never on a host
     p.add_argument("--power-off-on-shutdown", action="store_true")
+    # under TCG (criv passes it then): helpers load at fixed addresses (fixedlayout.py)
+    p.add_argument("--fixed-helper-layout", action="store_true")
     return p.parse_args(argv)
 
 
@@ -183,6 +185,11 @@ def main(argv: list[str] | None = None) -> None:
         stream=sys.stderr,
     )
     set_subreaper()
+    if args.fixed_helper_layout:
+        # before the spare holder and any helper starts: they inherit it
+        from criv_agent.fixedlayout import fix_helper_layout
+
+        fix_helper_layout()
     shut_down = asyncio.run(serve(args))
     if shut_down and args.power_off_on_shutdown:
         from criv_agent.poweroff import power_off

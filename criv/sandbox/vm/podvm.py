@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import os
 
-from criv.config import Config
+from criv.config import Config, VmConfig
 from criv.hypervisor.sizing import PodResources, max_memory_for, max_vcpus_for, vm_size
-from criv.hypervisor.spec import PodVm
+from criv.hypervisor.spec import Accel, PodVm
 from criv.sandbox.isolation import PodPaths
 from criv.sandbox.records import PodRecord
 from criv.sandbox.vm import coldpath, virtiofs
@@ -19,6 +19,12 @@ from criv.sandbox.vm.layout import (
     console_log,
     vhost_socket,
 )
+
+
+def fixed_helper_layout(vm: VmConfig, accel: Accel) -> bool:
+    """Whether the agent's helpers run without ASLR: under TCG (whose translations are
+    keyed on virtual addresses too) unless ``vm.fixed_helper_layout`` is off."""
+    return vm.fixed_helper_layout and accel == "tcg"
 
 
 def pod_vm(
@@ -41,6 +47,7 @@ def pod_vm(
     most = max_vcpus_for(size.vcpus, config.vm.max_vcpus, os.cpu_count() or 1)
     # above size.memory_mib, the balloon holds memory back for a live resize to give
     most_mib = max_memory_for(size.memory_mib, config.vm.max_memory_mib)
+    accel = prep.accel.accel
     return PodVm(
         sandbox_id=pod.id,
         kernel=prep.image.kernel,
@@ -49,7 +56,7 @@ def pod_vm(
         root_disk_bytes=prep.image.root_disk_bytes(),
         root_dax=config.vm.root_dax,
         size=size,
-        accel=prep.accel.accel,
+        accel=accel,
         console_log=console_log(paths),
         max_vcpus=most,
         max_memory_mib=most_mib,
@@ -63,6 +70,7 @@ def pod_vm(
         agent_args=[
             "--control", f"vsock:{CONTROL_PORT}", "--data", f"vsock:{DATA_PORT}",
             "--state-dir", GUEST_AGENT_STATE, "--crun", "crun", "--power-off-on-shutdown",
+            *(["--fixed-helper-layout"] if fixed_helper_layout(config.vm, accel) else []),
         ],
         owner=owner,
     )  # fmt: skip

@@ -119,6 +119,9 @@ def build_spec(inp: SpecInput) -> dict[str, Any]:
         "resources": res,
         "maskedPaths": masked,
         "readonlyPaths": ro_paths,
+        # the default persona, named so that crun sets it: it clears the fixed layout
+        # the agent's helpers may run with (fixedlayout.py), so the container has ASLR
+        "personality": {"domain": "LINUX"},
     }
     if devs:
         linux["devices"] = devs

@@ -246,6 +246,15 @@ def test_unknown_cap_is_an_error() -> None:
         spec(cfg)
 
 
+def test_every_container_names_the_default_persona() -> None:
+    # crun sets it in the init and every exec: it clears the no-ASLR flag the agent's
+    # helpers may run with (fixedlayout.py), privileged containers included
+    assert spec()["linux"]["personality"] == {"domain": "LINUX"}
+    assert spec(sc_cfg(privileged=True), sandbox=privileged_sandbox())["linux"]["personality"] == {
+        "domain": "LINUX"
+    }
+
+
 def test_masked_readonly_defaults_and_overrides() -> None:
     s = spec()
     assert s["linux"]["maskedPaths"] == DEFAULT_MASKED_PATHS
