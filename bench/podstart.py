@@ -34,11 +34,13 @@ PSS again with ``vm.free_page_reporting: false`` (the baseline), same run;
 ``--compare-initramfs-root`` the clones and PSS again with the guest root in the
 initramfs (no root disk: as before the root moved to a read-only erofs disk);
 ``--compare-root-disk`` the same with ``vm.root_dax: false`` (the root on a read-only
-virtio disk, copied into each VM's page cache, as before it was mapped with DAX). Usage:
+virtio disk, copied into each VM's page cache, as before it was mapped with DAX);
+``--compare-helper-aslr`` the same with ``vm.fixed_helper_layout: false`` (under TCG the
+agent's helpers keep ASLR, so QEMU translates crun anew at every run). Usage:
 
     .venv/bin/python bench/podstart.py [--runs 10] [--skip-containerd] [--skip-pss]
         [--skip-host] [--pss-pods 10] [--max-vcpus N] [--compare-free-page-reporting]
-        [--compare-initramfs-root] [--compare-root-disk] [--gap S]
+        [--compare-initramfs-root] [--compare-root-disk] [--compare-helper-aslr] [--gap S]
 """
 
 from __future__ import annotations
@@ -313,6 +315,8 @@ def main() -> int:
     ap.add_argument("--compare-initramfs-root", action="store_true")
     # clones and PSS again with vm.root_dax off (the root on a read-only virtio disk)
     ap.add_argument("--compare-root-disk", action="store_true")
+    # clones and PSS again with vm.fixed_helper_layout off (the agent's helpers keep ASLR)
+    ap.add_argument("--compare-helper-aslr", action="store_true")
     args = ap.parse_args()
     start_libvirtd()
     img = build_guest_image(progress=lambda line: print(f"[guest-image] {line}", flush=True))
@@ -322,6 +326,7 @@ def main() -> int:
     pss_cold: dict[int, dict[str, float]] = {}
     pss_ram: dict[int, dict[str, float]] = {}
     pss_disk: dict[int, dict[str, float]] = {}
+    pss_aslr: dict[int, dict[str, float]] = {}
     vm_cfg = {
         "vm": {**image_config(img), "max_vcpus": args.max_vcpus},
         "runtime": {"handlers": {"": "vm", "vm": "vm", "host": "host"}},
@@ -378,6 +383,9 @@ def main() -> int:
         if args.compare_root_disk:
             disk = {**vm_cfg, "vm": {**vm_cfg["vm"], "root_dax": False}}
             results["criv rootdisk"], pss_disk = variant_clones(env, disk, "rootdisk", args)
+        if args.compare_helper_aslr:
+            aslr = {**vm_cfg, "vm": {**vm_cfg["vm"], "fixed_helper_layout": False}}
+            results["criv helperaslr"], pss_aslr = variant_clones(env, aslr, "helperaslr", args)
         host_cfg = {"runtime": {"handlers": {"": "host", "host": "host"}}}
         if not args.skip_host:
             with criv_runtime(env.root, reg, cni, host_cfg, name="criv-host") as r:
@@ -400,6 +408,9 @@ def main() -> int:
     if pss_disk:
         print("\nsame, vm.root_dax: false (the root on a read-only virtio disk; the baseline):")
         report({}, pss_disk)
+    if pss_aslr:
+        print("\nsame, vm.fixed_helper_layout: false (helpers keep ASLR; the baseline):")
+        report({}, pss_aslr)
     if pss_off:
         print("\nsame, vm.free_page_reporting: false (the baseline, same run):")
         report({}, pss_off)
