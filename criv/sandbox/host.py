@@ -150,6 +150,9 @@ class HostIsolation:
             await asyncio.sleep(0.05)
         await self.destroy(pod, paths)
 
+    async def forget(self, pod: PodRecord, paths: PodPaths) -> None:
+        pass  # everything of a host pod is in its own directories
+
     async def destroy(self, pod: PodRecord, paths: PodPaths) -> None:
         proc = self._procs.get(pod.id)
         pid = proc.pid if proc is not None else _state(pod).pid

@@ -330,6 +330,9 @@ class PodService:
                 ctx.bus.publish(EventKind.DELETED, c.id, full)
             failpoints.hit("remove_pod.after_containers")
             paths = ctx.paths(full)
+            iso = ctx.isolations.get(pod.isolation)
+            if iso is not None:
+                await iso.forget(pod, paths)
             await unmount_all_under(paths.state)
             failpoints.hit("remove_pod.after_unmount")
             await ctx.pods.delete(full, remove_dir=paths.state)

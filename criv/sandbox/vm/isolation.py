@@ -322,7 +322,6 @@ class VmIsolation:
         hv = await self._host.hypervisor()
         await hv.destroy(name)
         await hv.wait_stopped(name, VM_EXIT_TIMEOUT)
-        await self._spares.release(name)
         await self._backends.stop(pod.id, paths)
         await virtiofs.stop(paths)  # exits with QEMU; not if QEMU never connected
         await delete_tap(pod_tap_name(pod.id))  # only if it never reached the pod netns
@@ -338,6 +337,11 @@ class VmIsolation:
 
         await asyncio.to_thread(clean)
         self._host.stops.pop(name, None)  # nothing to remember once it is gone for good
+
+    async def forget(self, pod: PodRecord, paths: PodPaths) -> None:
+        """A pod that took a spare VM keeps its console log in the spare's directory
+        while it is stopped, as any pod keeps its own: it goes with the pod."""
+        await self._spares.release(_domain(pod))
 
     # -- containers' files --------------------------------------------------------------
 

@@ -156,6 +156,9 @@ class VmImageIsolation:
                 log.warning("pod %s: VM shutdown failed: %s", pod.id[:12], e)
         await self.destroy(pod, paths)
 
+    async def forget(self, pod: PodRecord, paths: PodPaths) -> None:
+        pass  # no spare VMs here: destroy and the containers' removal clean up
+
     async def destroy(self, pod: PodRecord, paths: PodPaths) -> None:
         with contextlib.suppress(CrivError):
             await self._vms.destroy(pod)

@@ -148,6 +148,9 @@ class FakeIsolation:
             await client.shutdown(timeout)
         await self.destroy(pod, paths)
 
+    async def forget(self, pod: PodRecord, paths: PodPaths) -> None:
+        self.steps.calls.append("forget")
+
     async def destroy(self, pod: PodRecord, paths: PodPaths) -> None:
         self.steps.calls.append("destroy")
         self.booted.discard(pod.id)

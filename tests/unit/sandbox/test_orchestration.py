@@ -349,6 +349,20 @@ def test_overlapping_stop_and_remove_calls_each_clean_up_once(rig: Rig) -> None:
     run(go())
 
 
+def test_a_stopped_pod_keeps_what_its_isolation_forgets_only_at_removal(rig: Rig) -> None:
+    # a vm pod on a spare VM keeps its console log in the spare's directory while stopped
+    async def go() -> None:
+        pod_id, _ = await _pod_with_running_container(rig)
+        await rig.mgr.stop_pod(pod_id)
+        assert "destroy" in rig.steps.calls
+        assert "forget" not in rig.steps.calls
+        await rig.mgr.remove_pod(pod_id)
+        assert rig.steps.count("forget") == 1
+        await rig.mgr.close()
+
+    run(go())
+
+
 def test_container_stats_give_a_cpu_rate_from_two_samples(rig: Rig) -> None:
     async def go() -> None:
         pod_id, cid = await _pod_with_running_container(rig)

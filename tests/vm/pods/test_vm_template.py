@@ -140,8 +140,8 @@ def test_a_spare_vm_is_taken_by_the_next_pod_and_goes_with_it(
 ) -> None:
     """vm.spare_vms (1 by default): once a pod starts as a clone, criv loads the next one
     ahead and keeps it running idle; the next pod takes it, with an identity of its own; the
-    spare's domain and directory go with that pod, another spare replaces it, and the
-    last one goes when criv stops."""
+    spare's domain goes with that pod's stop and its directory (the pod's console log) with
+    its removal, another spare replaces it, and the last one goes when criv stops."""
     tdir = tmp_path / "templates"
     before = set(_spares())  # other crivs' (none in a serial run)
     cri = vm_cri_factory(vm={"template_dir": str(tdir)})
@@ -167,8 +167,11 @@ def test_a_spare_vm_is_taken_by_the_next_pod_and_goes_with_it(
 
     nxt = _wait_spare(before | pods_vms | {spare})  # its successor
     cri.rt.StopPodSandbox(api_pb2.StopPodSandboxRequest(pod_sandbox_id=pod), timeout=120)
+    # stopped, the pod keeps its console log (in the spare's directory) as any pod does
+    assert spare not in _spares()
+    assert "sysrq: Resetting" in Path(iso["console_log"]).read_text(errors="replace")
     cri.rt.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod), timeout=120)
-    assert spare not in _spares() and not (spare_root / spare).exists()
+    assert not (spare_root / spare).exists()
     assert nxt in _spares()
     cri.teardown()
     assert cri.proc.stop() == 0
