@@ -126,6 +126,15 @@ def resize_refusal(current: VmSize, most: VmSize, new: VmSize) -> str:
     return ""
 
 
-def tb_cache_mib(memory_mib: int) -> int:
-    """TCG translation cache: 64 MiB measured enough for the agent (QEMU's default is larger)."""
-    return 64 if memory_mib <= 4096 else 128
+def tb_cache_mib(memory_mib: int, clone: bool = False) -> int:
+    """TCG translation cache: 64 MiB measured enough for the agent (QEMU's default is larger).
+
+    A clone of a template gets twice that. QEMU 7.2 aborts when a vCPU is hot-plugged while
+    every translation region is taken (``tcg_region_initial_alloc__locked``: regions are
+    handed out in turn and given back only when the cache overflows), and with the agent's
+    helpers at fixed addresses a clone's translations settle at ~60 MiB, in the last of
+    64 MiB's regions. Only what is translated costs memory, so the larger cache costs an
+    idle clone nothing (docs/vm.md, Helpers at fixed addresses). A cold-booted VM
+    overflows any size while it boots, so it keeps the smaller one."""
+    base = 64 if memory_mib <= 4096 else 128
+    return base * 2 if clone else base

@@ -193,7 +193,7 @@ def pod_domain(vm: PodVm) -> Domain:
         devices=tuple(devices),
         vhost_user_vsock=VhostUserVsock(vm.vsock_socket) if vm.vsock_socket else None,
         root_pmem=pmem,
-        tb_cache_mib=tb_cache_mib(vm.size.memory_mib) if vm.accel == "tcg" else 0,
+        tb_cache_mib=tb_cache_mib(vm.size.memory_mib, vm.incoming) if vm.accel == "tcg" else 0,
         shared_memory=True,
         hotplug_ports=vm.hotplug_ports,
         incoming=vm.incoming,
