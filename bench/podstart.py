@@ -324,9 +324,10 @@ def main() -> int:
     pss: dict[int, dict[str, float]] = {}
     pss_off: dict[int, dict[str, float]] = {}
     pss_cold: dict[int, dict[str, float]] = {}
-    pss_ram: dict[int, dict[str, float]] = {}
-    pss_disk: dict[int, dict[str, float]] = {}
-    pss_aslr: dict[int, dict[str, float]] = {}
+    # clones under a variant of the config, each a baseline of the same run:
+    # (name, what the variant is, its vm.* overrides) and the idle pods' PSS by name
+    variants: list[tuple[str, str, dict[str, Any]]] = []
+    pss_variant: dict[str, dict[int, dict[str, float]]] = {}
     vm_cfg = {
         "vm": {**image_config(img), "max_vcpus": args.max_vcpus},
         "runtime": {"handlers": {"": "vm", "vm": "vm", "host": "host"}},
@@ -378,14 +379,16 @@ def main() -> int:
                 pss_off = vm_pss(r, image, logs / "pss-off", [1, args.pss_pods])
         if args.compare_initramfs_root:
             ram_img = build_guest_image(inputs=replace(Inputs.default(), root="initramfs"))
-            ram = {**vm_cfg, "vm": {**vm_cfg["vm"], **image_config(ram_img)}}
-            results["criv ramroot"], pss_ram = variant_clones(env, ram, "ramroot", args)
+            variants.append(("ramroot", "the guest root in the initramfs", image_config(ram_img)))
         if args.compare_root_disk:
-            disk = {**vm_cfg, "vm": {**vm_cfg["vm"], "root_dax": False}}
-            results["criv rootdisk"], pss_disk = variant_clones(env, disk, "rootdisk", args)
+            what = "vm.root_dax: false (the root on a read-only virtio disk)"
+            variants.append(("rootdisk", what, {"root_dax": False}))
         if args.compare_helper_aslr:
-            aslr = {**vm_cfg, "vm": {**vm_cfg["vm"], "fixed_helper_layout": False}}
-            results["criv helperaslr"], pss_aslr = variant_clones(env, aslr, "helperaslr", args)
+            what = "vm.fixed_helper_layout: false (helpers keep ASLR)"
+            variants.append(("aslr", what, {"fixed_helper_layout": False}))
+        for name, _, overrides in variants:
+            cfg = {**vm_cfg, "vm": {**vm_cfg["vm"], **overrides}}
+            results[f"criv {name}"], pss_variant[name] = variant_clones(env, cfg, name, args)
         host_cfg = {"runtime": {"handlers": {"": "host", "host": "host"}}}
         if not args.skip_host:
             with criv_runtime(env.root, reg, cni, host_cfg, name="criv-host") as r:
@@ -402,15 +405,10 @@ def main() -> int:
     if pss_cold:
         print("\nsame, vm.template: off (every pod booted cold; the baseline, same run):")
         report({}, pss_cold)
-    if pss_ram:
-        print("\nsame, the guest root in the initramfs (the baseline, same run):")
-        report({}, pss_ram)
-    if pss_disk:
-        print("\nsame, vm.root_dax: false (the root on a read-only virtio disk; the baseline):")
-        report({}, pss_disk)
-    if pss_aslr:
-        print("\nsame, vm.fixed_helper_layout: false (helpers keep ASLR; the baseline):")
-        report({}, pss_aslr)
+    for name, what, _ in variants:
+        if pss_variant[name]:
+            print(f"\nsame, {what} (the baseline, same run):")
+            report({}, pss_variant[name])
     if pss_off:
         print("\nsame, vm.free_page_reporting: false (the baseline, same run):")
         report({}, pss_off)
