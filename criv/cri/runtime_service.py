@@ -24,9 +24,8 @@ from criv.cri.runtime_pods import PodSandboxRpcs
 from criv.cri.runtime_streaming import StreamingRpcs
 from criv.cri.validate import validate_rpcs
 from criv.cri.wire import fill_unimplemented
-from criv.network.readiness import network_readiness
 from criv.sandbox.manager import SandboxManager
-from criv.sandbox.readiness import runtime_readiness
+from criv.sandbox.readiness import NodeReadiness
 from criv.sandbox.userns import SUPPORTED_MODES as USERNS_MODES
 from criv.state.runtime_state import RuntimeState
 from criv.streaming.service import StreamingService
@@ -67,6 +66,7 @@ class RuntimeService(
         self._state = state
         self._sandboxes = sandboxes
         self._streaming = streaming
+        self._readiness = NodeReadiness(config)
 
     async def Version(
         self, request: api_pb2.VersionRequest, context: grpc.aio.ServicerContext
@@ -81,8 +81,8 @@ class RuntimeService(
     async def Status(
         self, request: api_pb2.StatusRequest, context: grpc.aio.ServicerContext
     ) -> api_pb2.StatusResponse:
-        rt = runtime_readiness(self._config)
-        net = network_readiness(self._config.cni)
+        rt = self._readiness.runtime()
+        net = self._readiness.network()
         conditions = [
             api_pb2.RuntimeCondition(
                 type="RuntimeReady", status=rt.ready, reason=rt.reason, message=rt.message
