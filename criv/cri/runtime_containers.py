@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from criv.cri import runtime_convert as conv
+from criv.cri.protomemo import ProtoMemo
 from criv.sandbox.events import EventKind
 from criv.sandbox.manager import SandboxManager
 from criv.sandbox.records import ContainerRecord
@@ -29,6 +30,7 @@ STOP_TIMEOUT_MAX = 2**31 - 1
 
 class ContainerRpcs:
     _sandboxes: SandboxManager
+    _container_items: ProtoMemo[ContainerRecord, api_pb2.Container]
 
     async def _container_stats(
         self, containers: list[ContainerRecord]
@@ -67,7 +69,7 @@ class ContainerRpcs:
     ) -> api_pb2.ListContainersResponse:
         f = conv.container_filter(request.filter)
         return api_pb2.ListContainersResponse(
-            containers=[conv.container(c) for c in self._sandboxes.list_containers(f)]
+            containers=self._container_items.items(self._sandboxes.list_containers(f))
         )
 
     async def ContainerStatus(

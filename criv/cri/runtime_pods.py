@@ -8,14 +8,16 @@ import grpc
 
 from criv.config import Config
 from criv.cri import runtime_convert as conv
+from criv.cri.protomemo import ProtoMemo
 from criv.sandbox.manager import SandboxManager
-from criv.sandbox.records import ContainerRecord
+from criv.sandbox.records import ContainerRecord, PodRecord
 from criv_agent.api.runtime.v1 import api_pb2
 
 
 class PodSandboxRpcs:
     _config: Config
     _sandboxes: SandboxManager
+    _pod_items: ProtoMemo[PodRecord, api_pb2.PodSandbox]
 
     async def RunPodSandbox(
         self, request: api_pb2.RunPodSandboxRequest, context: grpc.aio.ServicerContext
@@ -55,7 +57,7 @@ class PodSandboxRpcs:
     ) -> api_pb2.ListPodSandboxResponse:
         f = conv.pod_filter(request.filter)
         return api_pb2.ListPodSandboxResponse(
-            items=[conv.pod_sandbox(p) for p in self._sandboxes.list_pods(f)]
+            items=self._pod_items.items(self._sandboxes.list_pods(f))
         )
 
     async def PodSandboxStats(

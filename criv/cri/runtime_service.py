@@ -18,6 +18,8 @@ import grpc
 
 from criv import __version__
 from criv.config import Config
+from criv.cri import runtime_convert as conv
+from criv.cri.protomemo import ProtoMemo
 from criv.cri.runtime_containers import ContainerRpcs
 from criv.cri.runtime_metrics import MetricsRpcs
 from criv.cri.runtime_pods import PodSandboxRpcs
@@ -67,6 +69,8 @@ class RuntimeService(
         self._sandboxes = sandboxes
         self._streaming = streaming
         self._readiness = NodeReadiness(config)
+        self._pod_items = ProtoMemo(conv.pod_sandbox)
+        self._container_items = ProtoMemo(conv.container)
 
     async def Version(
         self, request: api_pb2.VersionRequest, context: grpc.aio.ServicerContext
