@@ -15,8 +15,9 @@ last pod took) or ``--max`` pods (default 150) run. Prints:
   divided by the pods;
 - the time to READY (RunPodSandbox) of the last pod started;
 - that every pod answers ExecSync;
-- CRI ``Status``/``ListPodSandbox``/``ListContainers`` latency p50/p99 with N pods, and
-  the same with containerd holding N pods (skipped if containerd is absent).
+- CRI ``Status``/``ListPodSandbox``/``ListContainers`` latency p50/p99 with N pods, beside
+  containerd holding N runc pods at the same time: calls to both are interleaved while
+  criv's guests run, so both see the same load (containerd skipped if absent).
 
 All pods are removed at the end. Figures only, never pass/fail. Needs root, libvirtd and
 the guest image. Usage:
@@ -37,6 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (
+    BenchEnv,
     Runtime,
     Samples,
     bench_env,
@@ -131,68 +133,84 @@ def exec_all(r: Runtime, ctrs: list[str]) -> int:
     return ok
 
 
-def cri_latency(r: Runtime, calls: int) -> Samples:
-    ops: dict[str, Callable[[], object]] = {
+def _cri_calls(r: Runtime) -> dict[str, Callable[[], object]]:
+    return {
         "Status": lambda: r.rt.Status(api_pb2.StatusRequest(), timeout=30),
         "ListPodSandbox": lambda: r.rt.ListPodSandbox(api_pb2.ListPodSandboxRequest(), timeout=30),
         "ListContainers": lambda: r.rt.ListContainers(api_pb2.ListContainersRequest(), timeout=30),
     }
-    s: Samples = {}
-    for _ in range(calls):  # interleaved: a slow period hits every call alike
-        for name, call in ops.items():
-            t0 = time.perf_counter()
-            call()
-            s.setdefault(name, []).append(time.perf_counter() - t0)
+
+
+def cri_latency(runtimes: list[Runtime], calls: int) -> dict[str, Samples]:
+    """Each runtime's samples by method. Calls are interleaved (every method of every
+    runtime in turn): a slow period, such as the guests' timer ticks, hits them alike."""
+    s: dict[str, Samples] = {r.name: {} for r in runtimes}
+    ops = {r.name: _cri_calls(r) for r in runtimes}
+    for _ in range(calls):
+        for name, calls_of in ops.items():
+            for op, call in calls_of.items():
+                t0 = time.perf_counter()
+                call()
+                s[name].setdefault(op, []).append(time.perf_counter() - t0)
     return s
 
 
-def fill_vm(r: Runtime, image: str, logs: Path, cap: int, calls: int) -> VmFill:
+def fill_vm(r: Runtime, image: str, logs: Path, cap: int, pods: list[str]) -> VmFill:
+    """Start idle pods into ``pods`` (the caller removes them) until ``cap`` or memory."""
     assert r.proc is not None and r.proc.proc is not None
     criv_base = pss_kib(r.proc.proc.pid)
     total = meminfo()["MemTotal"]
-    pods: list[str] = []
     ctrs: list[str] = []
     pss: dict[int, dict[str, float]] = {}
     ready: dict[int, float] = {}
     stop_reason = f"--max {cap}"
-    try:
-        while len(pods) < cap:
-            before = meminfo()["MemAvailable"]
-            pid, cid, secs = start_pod(r, image, logs)
-            pods.append(pid)
-            ctrs.append(cid)
-            n = len(pods)
-            ready[n] = secs
-            avail = meminfo()["MemAvailable"]
-            print(f"  pod {n}: READY in {secs:.2f}s, MemAvailable {avail // 1024} MiB", flush=True)
-            if n in CHECKPOINTS:
-                time.sleep(3)  # idle: the guests settle
-                pss[n] = vm_pss(r, pods, criv_base)
-            if avail - max(before - avail, 0) < FLOOR * total:
-                stop_reason = f"MemAvailable would fall under {FLOOR:.0%}"
-                break
+    while len(pods) < cap:
+        before = meminfo()["MemAvailable"]
+        pid, cid, secs = start_pod(r, image, logs)
+        pods.append(pid)
+        ctrs.append(cid)
         n = len(pods)
-        if n not in pss:
-            time.sleep(3)
+        ready[n] = secs
+        avail = meminfo()["MemAvailable"]
+        print(f"  pod {n}: READY in {secs:.2f}s, MemAvailable {avail // 1024} MiB", flush=True)
+        if n in CHECKPOINTS:
+            time.sleep(3)  # idle: the guests settle
             pss[n] = vm_pss(r, pods, criv_base)
-        print(f"criv vm: {n} pods ({stop_reason}); ExecSync in each...", flush=True)
-        answered = exec_all(r, ctrs)
-        print(f"criv vm: CRI latency with {n} pods...", flush=True)
-        lat = cri_latency(r, calls)
-    finally:
-        print(f"criv vm: removing {len(pods)} pods...", flush=True)
-        remove_all(r, pods)
-    return VmFill(n, pss, ready, answered, lat)
+        if avail - max(before - avail, 0) < FLOOR * total:
+            stop_reason = f"MemAvailable would fall under {FLOOR:.0%}"
+            break
+    n = len(pods)
+    if n not in pss:
+        time.sleep(3)
+        pss[n] = vm_pss(r, pods, criv_base)
+    print(f"criv vm: {n} pods ({stop_reason}); ExecSync in each...", flush=True)
+    return VmFill(n, pss, ready, exec_all(r, ctrs), {})
 
 
-def fill_containerd(r: Runtime, image: str, logs: Path, n: int, calls: int) -> Samples:
-    pods: list[str] = []
-    try:
-        for _ in range(n):
-            pods.append(start_pod(r, image, logs)[0])
-        return cri_latency(r, calls)
-    finally:
-        remove_all(r, pods)
+def latency_beside_containerd(
+    env: BenchEnv, criv: Runtime, n: int, calls: int, skip_containerd: bool
+) -> tuple[Samples, Samples]:
+    """criv's and containerd's CRI latency, both holding ``n`` pods, measured together
+    while criv's vm pods run (containerd's {} when skipped or not installed)."""
+    got: dict[str, Samples] = {}
+
+    def measure(c: Runtime) -> Samples:
+        pods: list[str] = []
+        try:
+            for _ in range(n):
+                pods.append(start_pod(c, env.image, env.logs / "ctrd")[0])
+            print(f"CRI latency, criv and containerd with {n} pods each...", flush=True)
+            got.update(cri_latency([criv, c], calls))
+            return got[c.name]
+        finally:
+            remove_all(c, pods)
+
+    if not skip_containerd:
+        containerd_samples(env, f"{n} runc pods beside criv's", measure)
+    if criv.name not in got:
+        print(f"CRI latency, criv with {n} pods...", flush=True)
+        got.update(cri_latency([criv], calls))
+    return got[criv.name], got.get("containerd", {})
 
 
 def report(vm: VmFill, ctrd: Samples) -> None:
@@ -202,7 +220,10 @@ def report(vm: VmFill, ctrd: Samples) -> None:
     for k, m in sorted(vm.pss.items()):
         print(f"{k:<6}{vm.ready[k]:>9.2f}" + "".join(f"{m[p]:>12.1f}" for p in PARTS))
     print(f"\nlast pod (#{n}) READY in {vm.ready[n]:.2f}s; ExecSync answered by {vm.answered}/{n}")
-    print(f"\nCRI latency with {n} pods (ms)   criv p50   p99   containerd p50   p99")
+    print(
+        f"\nCRI latency with {n} pods each, measured together (ms)"
+        "   criv p50   p99   containerd p50   p99"
+    )
     for op, xs in vm.latency.items():
         c = ctrd.get(op)
         theirs = f"{pct(c, 0.5):>15.1f}{pct(c, 0.99):>6.1f}" if c else f"{'-':>15}{'-':>6}"
@@ -221,19 +242,21 @@ def main() -> int:
         "vm": image_config(img),
         "runtime": {"handlers": {"": "vm", "vm": "vm", "host": "host"}},
     }
-    with bench_env("criv-bench-dens-") as env:
-        with criv_runtime(env.root, env.registry, env.cni, vm_cfg, name="criv-vm") as r:
-            r.pull(env.image)
-            print(f"criv vm: idle pods, up to {args.max}...", flush=True)
-            vm = fill_vm(r, env.image, env.logs / "vm", args.max, args.calls)
-        ctrd: Samples = {}
-        if not args.skip_containerd:
-            n = vm.n
-            ctrd = containerd_samples(
-                env,
-                f"{n} pods, CRI latency",
-                lambda c: fill_containerd(c, env.image, env.logs / "ctrd", n, args.calls),
+    with (
+        bench_env("criv-bench-dens-") as env,
+        criv_runtime(env.root, env.registry, env.cni, vm_cfg, name="criv-vm") as r,
+    ):
+        r.pull(env.image)
+        print(f"criv vm: idle pods, up to {args.max}...", flush=True)
+        pods: list[str] = []
+        try:
+            vm = fill_vm(r, env.image, env.logs / "vm", args.max, pods)
+            vm.latency, ctrd = latency_beside_containerd(
+                env, r, vm.n, args.calls, args.skip_containerd
             )
+        finally:
+            print(f"criv vm: removing {len(pods)} pods...", flush=True)
+            remove_all(r, pods)
     report(vm, ctrd)
     return 0
 
