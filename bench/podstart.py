@@ -19,7 +19,9 @@ are clones. Beside them, in the same invocation:
 
 - ``qemu floor``: ``qemu-system-x86_64`` started directly (no libvirt, no CNI, no 9p) on the
   same kernel + initramfs with the same agent arguments and the vsock backend, until the
-  agent answers Health: what a vm pod cannot beat without templating;
+  agent answers Health: what a vm pod cannot beat without templating. One floor boot runs
+  before each cold pod, so that the machine's slow spells hit both alike, and the cold
+  pod's READY over the floor before it is printed pair by pair (the median of the ratios);
 - ``criv host``: criv's host isolation (the agent without a VM);
 - ``containerd``: Debian's containerd 1.6 + runc for the same pod (skipped if absent).
 
@@ -49,6 +51,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -118,41 +121,56 @@ def wait_template(root: Path, timeout: float = 600, known: frozenset[Path] = fro
     return time.monotonic() - t0
 
 
-def qemu_floor(img: GuestImage, runs: int, work: Path) -> Samples:
-    """Raw QEMU (the domain's devices minus NIC and 9p) to the agent's first Health answer."""
-    s: Samples = {}
-    for i in range(runs):
-        d = work / f"floor{i}"
-        d.mkdir(parents=True)
-        backend = VsockBackendProcess(
-            str(d / "v.sock"), str(d / "vs"), 3, listen_ports=[1024, 1025],
-            log_path=str(d / "vsock.log"),
-        )  # fmt: skip
-        t0 = time.perf_counter()
-        backend.start().wait_ready()
-        argv = [
-            "qemu-system-x86_64", "-M", "q35", "-cpu", "max",
-            "-m", "256", "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none",
-            "-serial", f"file:{d / 'console.log'}",
-            *qemu_image_args(img, f"console=ttyS0 quiet panic=-1 reboot=t {AGENT_ARGS}"),
-            "-object", "memory-backend-memfd,id=mem,size=256M,share=on",
-            # one -accel: QEMU takes the first that works and ignores the rest, so a second
-            # "-accel tcg,tb-size=64" after a plain one left the floor QEMU's default cache
-            "-numa", "node,memdev=mem", "-accel", "tcg,tb-size=64",
-            "-device", "virtio-rng-pci",
-            "-chardev", f"socket,id=vs,path={d / 'v.sock'}",
-            "-device", "vhost-user-vsock-pci,chardev=vs",
-        ]  # fmt: skip
-        qemu = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)  # fmt: skip
-        try:
-            asyncio.run(_wait_health(f"unix:{d / 'vs'}.1024", t0))
-            s.setdefault("ready", []).append(time.perf_counter() - t0)
-        finally:
-            qemu.kill()
-            qemu.wait()
-            backend.stop()
-    return s
+def qemu_floor(img: GuestImage, d: Path) -> float:
+    """Raw QEMU (the domain's devices minus NIC and 9p) to the agent's first Health
+    answer, seconds; ``d`` is its own work directory."""
+    d.mkdir(parents=True)
+    backend = VsockBackendProcess(
+        str(d / "v.sock"), str(d / "vs"), 3, listen_ports=[1024, 1025],
+        log_path=str(d / "vsock.log"),
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    backend.start().wait_ready()
+    argv = [
+        "qemu-system-x86_64", "-M", "q35", "-cpu", "max",
+        "-m", "256", "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none",
+        "-serial", f"file:{d / 'console.log'}",
+        *qemu_image_args(img, f"console=ttyS0 quiet panic=-1 reboot=t {AGENT_ARGS}"),
+        "-object", "memory-backend-memfd,id=mem,size=256M,share=on",
+        # one -accel: QEMU takes the first that works and ignores the rest, so a second
+        # "-accel tcg,tb-size=64" after a plain one left the floor QEMU's default cache
+        "-numa", "node,memdev=mem", "-accel", "tcg,tb-size=64",
+        "-device", "virtio-rng-pci",
+        "-chardev", f"socket,id=vs,path={d / 'v.sock'}",
+        "-device", "vhost-user-vsock-pci,chardev=vs",
+    ]  # fmt: skip
+    qemu = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        asyncio.run(_wait_health(f"unix:{d / 'vs'}.1024", t0))
+        return time.perf_counter() - t0
+    finally:
+        qemu.kill()
+        qemu.wait()
+        backend.stop()
+
+
+def cold_beside_floor(
+    r: Runtime, img: GuestImage, image: str, args: argparse.Namespace, work: Path
+) -> tuple[Samples, Samples, list[float]]:
+    """Cold criv pods and raw QEMU floors in turn (floor, pod, floor, pod...), so that a
+    slow spell of the machine hits both: (criv's samples, the floor's, each pair's ratio)."""
+    cold: Samples = {}
+    floor: Samples = {}
+    ratios: list[float] = []
+    for i in range(args.runs):
+        f = qemu_floor(img, work / f"floor{i}")
+        floor.setdefault("ready", []).append(f)
+        one = pod_start(r, image, 1, work / "cold", args.gap)
+        for k, xs in one.items():
+            cold.setdefault(k, []).extend(xs)
+        ratios.append(one["ready"][0] / f)
+    return cold, floor, ratios
 
 
 async def _wait_health(target: str, t0: float) -> None:
@@ -324,6 +342,7 @@ def main() -> int:
     pss: dict[int, dict[str, float]] = {}
     pss_off: dict[int, dict[str, float]] = {}
     pss_cold: dict[int, dict[str, float]] = {}
+    cold_ratios: list[float] = []
     # clones under a variant of the config, each a baseline of the same run:
     # (name, what the variant is, its vm.* overrides) and the idle pods' PSS by name
     variants: list[tuple[str, str, dict[str, Any]]] = []
@@ -336,8 +355,6 @@ def main() -> int:
         reg, image, cni, logs = env.registry, env.image, env.cni, env.logs
         templates = env.root / "templates"
         vm_cfg["vm"]["template_dir"] = str(templates)
-        print(f"qemu floor: {args.runs} runs...", flush=True)
-        results["qemu floor"] = qemu_floor(img, args.runs, env.root / "floor")
         with criv_runtime(env.root, reg, cni, vm_cfg, name="criv-vm") as r:
             r.pull(image)
             # the first pod after criv starts: the start-up probes (KVM, libvirt's QEMU
@@ -366,8 +383,11 @@ def main() -> int:
         cold = {**vm_cfg, "vm": {**vm_cfg["vm"], "template": "off"}}
         with criv_runtime(env.root, reg, cni, cold, name="criv-vm-cold") as r:
             r.pull(image)
-            print(f"criv vm, vm.template off (cold): {args.runs} runs...", flush=True)
-            results["criv vm cold"] = pod_start(r, image, args.runs, logs / "cold", args.gap)
+            print(f"criv vm, vm.template off (cold), each after a qemu floor: {args.runs} runs...",
+                  flush=True)  # fmt: skip
+            results["criv vm cold"], results["qemu floor"], cold_ratios = cold_beside_floor(
+                r, img, image, args, env.root / "cold"
+            )
             if not args.skip_pss:
                 print("criv vm, vm.template off (cold): PSS of idle pods...", flush=True)
                 pss_cold = vm_pss(r, image, logs / "pss-cold", [1, args.pss_pods])
@@ -402,6 +422,12 @@ def main() -> int:
             if ctrd:
                 results["containerd"] = ctrd
     report(results, pss)
+    if cold_ratios:
+        xs = sorted(cold_ratios)
+        print(
+            f"\ncold READY / qemu floor, pair by pair: median {statistics.median(xs):.2f}x "
+            f"(range {xs[0]:.2f}-{xs[-1]:.2f}x, {len(xs)} pairs)"
+        )
     if pss_cold:
         print("\nsame, vm.template: off (every pod booted cold; the baseline, same run):")
         report({}, pss_cold)
