@@ -220,10 +220,8 @@ def report(vm: VmFill, ctrd: Samples) -> None:
     for k, m in sorted(vm.pss.items()):
         print(f"{k:<6}{vm.ready[k]:>9.2f}" + "".join(f"{m[p]:>12.1f}" for p in PARTS))
     print(f"\nlast pod (#{n}) READY in {vm.ready[n]:.2f}s; ExecSync answered by {vm.answered}/{n}")
-    print(
-        f"\nCRI latency with {n} pods each, measured together (ms)"
-        "   criv p50   p99   containerd p50   p99"
-    )
+    how = f"{n} pods each, measured together" if ctrd else f"{n} pods, criv alone"
+    print(f"\nCRI latency with {how} (ms)   criv p50   p99   containerd p50   p99")
     for op, xs in vm.latency.items():
         c = ctrd.get(op)
         theirs = f"{pct(c, 0.5):>15.1f}{pct(c, 0.99):>6.1f}" if c else f"{'-':>15}{'-':>6}"
