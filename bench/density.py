@@ -65,7 +65,6 @@ class VmFill:
     pss: dict[int, dict[str, float]]  # pods -> part -> MiB per pod
     ready: dict[int, float]  # pod number -> seconds to READY
     answered: int  # pods whose container answered ExecSync
-    latency: Samples
 
 
 def meminfo() -> dict[str, int]:
@@ -184,7 +183,7 @@ def fill_vm(r: Runtime, image: str, logs: Path, cap: int, pods: list[str]) -> Vm
         time.sleep(3)
         pss[n] = vm_pss(r, pods, criv_base)
     print(f"criv vm: {n} pods ({stop_reason}); ExecSync in each...", flush=True)
-    return VmFill(n, pss, ready, exec_all(r, ctrs), {})
+    return VmFill(n, pss, ready, exec_all(r, ctrs))
 
 
 def latency_beside_containerd(
@@ -213,7 +212,7 @@ def latency_beside_containerd(
     return got[criv.name], got.get("containerd", {})
 
 
-def report(vm: VmFill, ctrd: Samples) -> None:
+def report(vm: VmFill, criv: Samples, ctrd: Samples) -> None:
     n = vm.n
     print("\nhost memory per idle vm pod, PSS MiB (issue 14's target: total <= 64 with 20 pods)")
     print(f"{'pods':<6}{'READY s':>9}" + "".join(f"{p:>12}" for p in PARTS))
@@ -222,7 +221,7 @@ def report(vm: VmFill, ctrd: Samples) -> None:
     print(f"\nlast pod (#{n}) READY in {vm.ready[n]:.2f}s; ExecSync answered by {vm.answered}/{n}")
     how = f"{n} pods each, measured together" if ctrd else f"{n} pods, criv alone"
     print(f"\nCRI latency with {how} (ms)   criv p50   p99   containerd p50   p99")
-    for op, xs in vm.latency.items():
+    for op, xs in criv.items():
         c = ctrd.get(op)
         theirs = f"{pct(c, 0.5):>15.1f}{pct(c, 0.99):>6.1f}" if c else f"{'-':>15}{'-':>6}"
         print(f"{op:<31}{pct(xs, 0.5):>9.1f}{pct(xs, 0.99):>6.1f}{theirs}")
@@ -249,13 +248,11 @@ def main() -> int:
         pods: list[str] = []
         try:
             vm = fill_vm(r, env.image, env.logs / "vm", args.max, pods)
-            vm.latency, ctrd = latency_beside_containerd(
-                env, r, vm.n, args.calls, args.skip_containerd
-            )
+            criv, ctrd = latency_beside_containerd(env, r, vm.n, args.calls, args.skip_containerd)
         finally:
             print(f"criv vm: removing {len(pods)} pods...", flush=True)
             remove_all(r, pods)
-    report(vm, ctrd)
+    report(vm, criv, ctrd)
     return 0
 
 
