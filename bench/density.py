@@ -16,8 +16,9 @@ last pod took) or ``--max`` pods (default 150) run. Prints:
 - the time to READY (RunPodSandbox) of the last pod started;
 - that every pod answers ExecSync;
 - CRI ``Status``/``ListPodSandbox``/``ListContainers`` latency p50/p99 with N pods, beside
-  containerd holding N runc pods at the same time: calls to both are interleaved while
-  criv's guests run, so both see the same load (containerd skipped if absent).
+  containerd holding N runc pods at the same time and the Python gRPC floor (grpcfloor.py:
+  criv's server stack answering empty replies): calls to all three are interleaved while
+  criv's guests run, so all see the same load (containerd skipped if absent).
 
 All pods are removed at the end. Figures only, never pass/fail. Needs root, libvirtd and
 the guest image. Usage:
@@ -49,6 +50,7 @@ from _common import (
     pss_kib,
     vm_memory_kib,
 )
+from grpcfloor import floor_runtime
 
 from criv.guestimage import build_guest_image
 from criv.hypervisor.hostsetup import start_libvirtd
@@ -186,45 +188,50 @@ def fill_vm(r: Runtime, image: str, logs: Path, cap: int, pods: list[str]) -> Vm
     return VmFill(n, pss, ready, exec_all(r, ctrs))
 
 
-def latency_beside_containerd(
+def latency_beside_baselines(
     env: BenchEnv, criv: Runtime, n: int, calls: int, skip_containerd: bool
-) -> tuple[Samples, Samples]:
-    """criv's and containerd's CRI latency, both holding ``n`` pods, measured together
-    while criv's vm pods run (containerd's {} when skipped or not installed)."""
+) -> dict[str, Samples]:
+    """CRI latency by runtime name, measured together while criv's vm pods run: criv,
+    containerd holding ``n`` runc pods (left out when skipped or not installed) and the
+    Python gRPC floor (grpcfloor.py: criv's server stack answering empty replies)."""
     got: dict[str, Samples] = {}
+    with floor_runtime(env.root) as floor:
 
-    def measure(c: Runtime) -> Samples:
-        pods: list[str] = []
-        try:
-            for _ in range(n):
-                pods.append(start_pod(c, env.image, env.logs / "ctrd")[0])
-            print(f"CRI latency, criv and containerd with {n} pods each...", flush=True)
-            got.update(cri_latency([criv, c], calls))
-            return got[c.name]
-        finally:
-            remove_all(c, pods)
+        def measure(c: Runtime) -> Samples:
+            pods: list[str] = []
+            try:
+                for _ in range(n):
+                    pods.append(start_pod(c, env.image, env.logs / "ctrd")[0])
+                print(
+                    f"CRI latency: criv and containerd with {n} pods each, the floor...", flush=True
+                )
+                got.update(cri_latency([criv, c, floor], calls))
+                return got[c.name]
+            finally:
+                remove_all(c, pods)
 
-    if not skip_containerd:
-        containerd_samples(env, f"{n} runc pods beside criv's", measure)
-    if criv.name not in got:
-        print(f"CRI latency, criv with {n} pods...", flush=True)
-        got.update(cri_latency([criv], calls))
-    return got[criv.name], got.get("containerd", {})
+        if not skip_containerd:
+            containerd_samples(env, f"{n} runc pods beside criv's", measure)
+        if criv.name not in got:
+            print(f"CRI latency: criv with {n} pods, the floor...", flush=True)
+            got.update(cri_latency([criv, floor], calls))
+    return got
 
 
-def report(vm: VmFill, criv: Samples, ctrd: Samples) -> None:
+def report(vm: VmFill, latency: dict[str, Samples], criv: str) -> None:
     n = vm.n
     print("\nhost memory per idle vm pod, PSS MiB (issue 14's target: total <= 64 with 20 pods)")
     print(f"{'pods':<6}{'READY s':>9}" + "".join(f"{p:>12}" for p in PARTS))
     for k, m in sorted(vm.pss.items()):
         print(f"{k:<6}{vm.ready[k]:>9.2f}" + "".join(f"{m[p]:>12.1f}" for p in PARTS))
     print(f"\nlast pod (#{n}) READY in {vm.ready[n]:.2f}s; ExecSync answered by {vm.answered}/{n}")
-    how = f"{n} pods each, measured together" if ctrd else f"{n} pods, criv alone"
-    print(f"\nCRI latency with {how} (ms)   criv p50   p99   containerd p50   p99")
-    for op, xs in criv.items():
-        c = ctrd.get(op)
-        theirs = f"{pct(c, 0.5):>15.1f}{pct(c, 0.99):>6.1f}" if c else f"{'-':>15}{'-':>6}"
-        print(f"{op:<31}{pct(xs, 0.5):>9.1f}{pct(xs, 0.99):>6.1f}{theirs}")
+    names = [criv] + [k for k in latency if k != criv]
+    print(f"\nCRI latency with {n} pods, p50 / p99 ms, all measured together:")
+    print(f"{'':<16}" + "".join(f"{k:>16}" for k in names))
+    for op in latency[criv]:
+        cells = [f"{pct(latency[k][op], 0.5):.1f} / {pct(latency[k][op], 0.99):.1f}" for k in names]
+        print(f"{op:<16}" + "".join(f"{c:>16}" for c in cells))
+    print("(grpc floor: criv's server stack answering empty replies; containerd: runc pods)")
 
 
 def main() -> int:
@@ -248,11 +255,11 @@ def main() -> int:
         pods: list[str] = []
         try:
             vm = fill_vm(r, env.image, env.logs / "vm", args.max, pods)
-            criv, ctrd = latency_beside_containerd(env, r, vm.n, args.calls, args.skip_containerd)
+            latency = latency_beside_baselines(env, r, vm.n, args.calls, args.skip_containerd)
         finally:
             print(f"criv vm: removing {len(pods)} pods...", flush=True)
             remove_all(r, pods)
-    report(vm, criv, ctrd)
+    report(vm, latency, r.name)
     return 0
 
 
