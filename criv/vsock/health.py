@@ -13,11 +13,11 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from criv.vsock import packet as P
 from criv.vsock.connection import Connection, State
 
+TYPE_CHECKING = False  # as typing.TYPE_CHECKING; the backend does not import typing
 if TYPE_CHECKING:
     from criv.vsock.device import VsockDevice
 

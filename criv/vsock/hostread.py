@@ -5,12 +5,12 @@ stream with no credit or no rx buffer stops reading its socket until the guest m
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 from criv.vsock import packet as P
 from criv.vsock.chains import scatter, split
 from criv.vsock.connection import Connection
 
+TYPE_CHECKING = False  # as typing.TYPE_CHECKING; the backend does not import typing
 if TYPE_CHECKING:
     from criv.vsock.device import VsockDevice
 

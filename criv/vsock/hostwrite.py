@@ -11,11 +11,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
-from typing import TYPE_CHECKING
 
 from criv.vsock import packet as P
 from criv.vsock.connection import Connection, State
 
+TYPE_CHECKING = False  # as typing.TYPE_CHECKING; the backend does not import typing
 if TYPE_CHECKING:
     from criv.vsock.device import VsockDevice
 

@@ -10,22 +10,26 @@ from __future__ import annotations
 import mmap
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from criv.vsock.protocol import MemRegion
+from criv.vsock.record import Record
 
 
 class AddressError(Exception):
     """A guest-supplied address range is outside every mapped region."""
 
 
-@dataclass
-class Region:
-    gpa: int
-    size: int
-    uva: int
-    view: memoryview
-    mapping: mmap.mmap | None = None
+class Region(Record):
+    __slots__ = ("gpa", "mapping", "size", "uva", "view")
+
+    def __init__(
+        self, gpa: int, size: int, uva: int, view: memoryview, mapping: mmap.mmap | None = None
+    ) -> None:
+        self.gpa = gpa
+        self.size = size
+        self.uva = uva
+        self.view = view
+        self.mapping = mapping
 
     def close(self) -> None:
         try:

@@ -12,8 +12,8 @@ the vCPU an exit, an IRQ and a work item, which is as much as the packet itself.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
+TYPE_CHECKING = False  # as typing.TYPE_CHECKING; the backend does not import typing
 if TYPE_CHECKING:
     from criv.vsock.device import VsockDevice
 

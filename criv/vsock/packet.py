@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+
+from criv.vsock.record import Record
 
 HDR = struct.Struct("<QQIIIHHIII")
 HDR_SIZE = HDR.size  # 44
@@ -38,18 +39,43 @@ SHUTDOWN_BOTH = SHUTDOWN_RCV | SHUTDOWN_SEND
 MAX_PKT_PAYLOAD = 64 * 1024  # VIRTIO_VSOCK_MAX_PKT_BUF_SIZE
 
 
-@dataclass(slots=True)
-class Header:
-    src_cid: int
-    dst_cid: int
-    src_port: int
-    dst_port: int
-    len: int
-    type: int
-    op: int
-    flags: int
-    buf_alloc: int
-    fwd_cnt: int
+class Header(Record):
+    __slots__ = (
+        "buf_alloc",
+        "dst_cid",
+        "dst_port",
+        "flags",
+        "fwd_cnt",
+        "len",
+        "op",
+        "src_cid",
+        "src_port",
+        "type",
+    )
+
+    def __init__(
+        self,
+        src_cid: int,
+        dst_cid: int,
+        src_port: int,
+        dst_port: int,
+        len: int,
+        type: int,
+        op: int,
+        flags: int,
+        buf_alloc: int,
+        fwd_cnt: int,
+    ) -> None:
+        self.src_cid = src_cid
+        self.dst_cid = dst_cid
+        self.src_port = src_port
+        self.dst_port = dst_port
+        self.len = len
+        self.type = type
+        self.op = op
+        self.flags = flags
+        self.buf_alloc = buf_alloc
+        self.fwd_cnt = fwd_cnt
 
     @classmethod
     def unpack(cls, data: bytes | memoryview) -> Header:

@@ -48,6 +48,7 @@ class VsockBackendProcess:
     def argv(self) -> list[str]:
         argv = [
             sys.executable,
+            "-S",  # no site: the backend needs only the stdlib and criv (PYTHONPATH)
             "-m",
             "criv.vsock",
             "--socket",
@@ -67,9 +68,14 @@ class VsockBackendProcess:
             argv += ["--status-file", self.status_file]
         return argv
 
-    def start(self) -> VsockBackendProcess:
+    def environment(self) -> dict[str, str]:
+        """The backend's environment: criv comes from ``PYTHONPATH`` (it runs without site)."""
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PKG_ROOT, env.get("PYTHONPATH")]))
+        return env
+
+    def start(self) -> VsockBackendProcess:
+        env = self.environment()
         self._log = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115
         self.proc = subprocess.Popen(
             self.argv(),

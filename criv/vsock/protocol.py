@@ -12,7 +12,8 @@ import contextlib
 import enum
 import socket
 import struct
-from dataclasses import dataclass, field
+
+from criv.vsock.record import Record
 
 HEADER = struct.Struct("<III")
 U64 = struct.Struct("<Q")
@@ -81,12 +82,16 @@ class ProtocolError(Exception):
     """The peer sent something that is not valid vhost-user."""
 
 
-@dataclass
-class Message:
-    request: int
-    flags: int
-    payload: bytes
-    fds: list[int] = field(default_factory=list)
+class Message(Record):
+    __slots__ = ("fds", "flags", "payload", "request")
+
+    def __init__(
+        self, request: int, flags: int, payload: bytes, fds: list[int] | None = None
+    ) -> None:
+        self.request = request
+        self.flags = flags
+        self.payload = payload
+        self.fds: list[int] = [] if fds is None else fds
 
     @property
     def need_reply(self) -> bool:
@@ -110,14 +115,16 @@ class Message:
         return int(index), int(num)
 
 
-@dataclass(frozen=True)
-class VringAddr:
-    index: int
-    flags: int
-    desc: int
-    used: int
-    avail: int
-    log: int
+class VringAddr(Record):
+    __slots__ = ("avail", "desc", "flags", "index", "log", "used")
+
+    def __init__(self, index: int, flags: int, desc: int, used: int, avail: int, log: int) -> None:
+        self.index = index
+        self.flags = flags
+        self.desc = desc
+        self.used = used
+        self.avail = avail
+        self.log = log
 
 
 def parse_vring_addr(payload: bytes) -> VringAddr:
@@ -126,12 +133,16 @@ def parse_vring_addr(payload: bytes) -> VringAddr:
     return VringAddr(*VRING_ADDR.unpack_from(payload))
 
 
-@dataclass(frozen=True)
-class MemRegion:
-    guest_phys_addr: int
-    memory_size: int
-    userspace_addr: int
-    mmap_offset: int
+class MemRegion(Record):
+    __slots__ = ("guest_phys_addr", "memory_size", "mmap_offset", "userspace_addr")
+
+    def __init__(
+        self, guest_phys_addr: int, memory_size: int, userspace_addr: int, mmap_offset: int
+    ) -> None:
+        self.guest_phys_addr = guest_phys_addr
+        self.memory_size = memory_size
+        self.userspace_addr = userspace_addr
+        self.mmap_offset = mmap_offset
 
 
 def parse_mem_table(payload: bytes) -> list[MemRegion]:

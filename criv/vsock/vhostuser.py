@@ -13,12 +13,12 @@ import os
 import socket
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from criv.vsock import protocol as V
 from criv.vsock.device import VsockDevice
 from criv.vsock.eventloop import Loop
 from criv.vsock.memory import MemoryMap
+from criv.vsock.record import Record
 from criv.vsock.virtqueue import VirtQueue, VirtQueueError
 
 log = logging.getLogger("criv.vsock")
@@ -28,14 +28,16 @@ PROTOCOL_FEATURES = (1 << V.PF_CONFIG) | (1 << V.PF_REPLY_ACK)
 NUM_QUEUES = 2
 
 
-@dataclass
-class Vring:
-    num: int = 0
-    base: int = 0
-    addr: V.VringAddr | None = None
-    kick: int | None = None
-    enabled: bool = True
-    queue: VirtQueue | None = None
+class Vring(Record):
+    __slots__ = ("addr", "base", "enabled", "kick", "num", "queue")
+
+    def __init__(self) -> None:
+        self.num = 0
+        self.base = 0
+        self.addr: V.VringAddr | None = None
+        self.kick: int | None = None
+        self.enabled = True
+        self.queue: VirtQueue | None = None
 
 
 class VhostUserFrontend:

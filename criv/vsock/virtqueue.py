@@ -18,9 +18,9 @@ from __future__ import annotations
 import struct
 import sys
 import threading
-from dataclasses import dataclass, field
 
 from criv.vsock.memory import AddressError, MemoryMap
+from criv.vsock.record import Record
 
 DESC = struct.Struct("<QIHH")
 _DESC_UNPACK = DESC.unpack_from
@@ -50,11 +50,18 @@ class VirtQueueError(Exception):
     """The guest put something invalid in a virtqueue; the device must stop using it."""
 
 
-@dataclass(slots=True)
-class Chain:
-    head: int
-    readable: list[memoryview] = field(default_factory=list)
-    writable: list[memoryview] = field(default_factory=list)
+class Chain(Record):
+    __slots__ = ("head", "readable", "writable")
+
+    def __init__(
+        self,
+        head: int,
+        readable: list[memoryview] | None = None,
+        writable: list[memoryview] | None = None,
+    ) -> None:
+        self.head = head
+        self.readable: list[memoryview] = [] if readable is None else readable
+        self.writable: list[memoryview] = [] if writable is None else writable
 
     def read_len(self) -> int:
         return sum(len(v) for v in self.readable)
