@@ -1,7 +1,8 @@
 """The guest's network for a ``vm`` pod, from SetupSandbox's ``network`` (what CNI set up on
 the host for the pod): each NIC found by MAC (a minimal guest has no udev to name them),
-given its MTU and addresses and brought up, then the routes. iproute2, as the host's CNI
-plugins would do it in a netns; idempotent, so a repeated SetupSandbox changes nothing.
+given its MTU and addresses and brought up, then the routes: what ``ip`` would do, as the
+host's CNI plugins do it in a netns, but sent as rtnetlink requests from the agent itself
+(rtnetlink.py); idempotent, so a repeated SetupSandbox changes nothing.
 In a VM cloned from a template the NIC is hot-plugged after the clone resumes, so it may
 appear a little after SetupSandbox arrives: :func:`find_nics` waits for it.
 """
@@ -12,10 +13,12 @@ import asyncio
 import ipaddress
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
+from criv_agent import rtnetlink
 from criv_agent.errors import InvalidArgument, RuntimeFailure
 
 if TYPE_CHECKING:
@@ -42,41 +45,52 @@ def nic_by_mac(mac: str, root: str = SYS_NET) -> str:
     raise InvalidArgument(f"no network interface with MAC {mac!r} in the guest")
 
 
-def _check_cidr(cidr: str) -> str:
+class Step(NamedTuple):
+    words: list[str]  # what it does, in ip(8)'s words: for the log and errors
+    request: rtnetlink.Request
+
+
+def _interface(cidr: str) -> rtnetlink.Interface:
     try:
-        return str(ipaddress.ip_interface(cidr))
+        return ipaddress.ip_interface(cidr)
     except ValueError:
         raise InvalidArgument(f"bad address {cidr!r} (want CIDR)") from None
 
 
 def commands(
-    network: agent_pb2.GuestNetwork, nic_of: Callable[[str], str] = nic_by_mac
-) -> list[list[str]]:
-    """The ``ip -batch`` lines for a GuestNetwork message (pure, for tests). A route's
-    family follows from its destination (no -4/-6: a batch line takes no options)."""
-    cmds: list[list[str]] = []
+    network: agent_pb2.GuestNetwork,
+    nic_of: Callable[[str], str] = nic_by_mac,
+    index_of: Callable[[str], int] = socket.if_nametoindex,
+) -> list[Step]:
+    """The steps for a GuestNetwork message, in order (pure, for tests): each NIC's MTU,
+    up, its addresses; then the routes, on the first NIC."""
+    steps: list[Step] = []
     first = ""
     for iface in network.interfaces:
         dev = nic_of(iface.mac)
+        index = index_of(dev)
         first = first or dev
         if iface.mtu:
-            cmds.append(["link", "set", "dev", dev, "mtu", str(int(iface.mtu))])
-        cmds.append(["link", "set", "dev", dev, "up"])
+            mtu = int(iface.mtu)
+            steps.append(
+                Step(["link", "set", "dev", dev, "mtu", str(mtu)], rtnetlink.link_mtu(index, mtu))
+            )
+        steps.append(Step(["link", "set", "dev", dev, "up"], rtnetlink.link_up(index)))
         for addr in iface.addresses:
-            cmds.append(["addr", "replace", _check_cidr(addr), "dev", dev])
+            ip = _interface(addr)
+            steps.append(
+                Step(["addr", "replace", str(ip), "dev", dev], rtnetlink.addr_replace(index, ip))
+            )
     for r in network.routes:
         try:
-            dst = str(ipaddress.ip_network(r.destination or "0.0.0.0/0", strict=False))
-            gw = str(ipaddress.ip_address(r.gateway)) if r.gateway else ""
+            dst = ipaddress.ip_network(r.destination or "0.0.0.0/0", strict=False)
+            gw = ipaddress.ip_address(r.gateway) if r.gateway else None
+            req = rtnetlink.route_replace(dst, gw, index_of(first) if first else None)
         except ValueError:
             raise InvalidArgument(f"bad route {r.destination!r} via {r.gateway!r}") from None
-        cmd = ["route", "replace", dst]
-        if gw:
-            cmd += ["via", gw]
-        if first:
-            cmd += ["dev", first]
-        cmds.append(cmd)
-    return cmds
+        words = ["route", "replace", str(dst)] + (["via", str(gw)] if gw else [])
+        steps.append(Step(words + (["dev", first] if first else []), req))
+    return steps
 
 
 async def find_nics(
@@ -99,19 +113,13 @@ async def find_nics(
 async def apply(network: agent_pb2.GuestNetwork, wait_seconds: float = 0.0) -> None:
     """Configure ``network``; its NICs may take up to ``wait_seconds`` to appear."""
     nics = await find_nics(network, wait_seconds)
-    lines = [" ".join(cmd) for cmd in commands(network, nic_of=nics.__getitem__)]
-    if not lines:
+    steps = commands(network, nic_of=nics.__getitem__)
+    if not steps:
         return
-    # one ip process for all of them: each exec costs ~0.1 s under TCG. Every token is an
-    # interface name from sysfs or a value parsed above: none holds a space or a newline.
-    proc = await asyncio.create_subprocess_exec(
-        "ip", "-batch", "-",
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    out, _ = await proc.communicate("\n".join(lines).encode() + b"\n")
-    if proc.returncode != 0:
-        msg = out.decode(errors="replace").strip()
-        raise RuntimeFailure(f"ip -batch ({'; '.join(lines)}): {msg}")
+    with rtnetlink.RtNetlink() as nl:
+        for step in steps:
+            try:
+                nl.call(step.request)
+            except OSError as e:
+                raise RuntimeFailure(f"{' '.join(step.words)}: {e.strerror or e}") from None
     log.info("guest network configured: %d interface(s)", len(network.interfaces))

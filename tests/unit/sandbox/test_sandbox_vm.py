@@ -87,8 +87,8 @@ def test_guest_network_from_the_record(tmp_path: Path) -> None:
     assert net is not None
     msg = guest_network(net)
     assert msg.interfaces[0].mac == "aa:aa:aa:aa:aa:03" and msg.interfaces[0].mtu == 1450
-    cmds = network.commands(msg, nic_of=lambda mac: "eth0")
-    assert cmds == [
+    steps = network.commands(msg, nic_of=lambda mac: "eth0", index_of=lambda dev: 2)
+    assert [s.words for s in steps] == [
         ["link", "set", "dev", "eth0", "mtu", "1450"],
         ["link", "set", "dev", "eth0", "up"],
         ["addr", "replace", "10.88.0.7/16", "dev", "eth0"],
@@ -104,7 +104,7 @@ def test_agent_refuses_bad_network_input(tmp_path: Path) -> None:
 
     bad = agent_pb2.GuestNetwork(interfaces=[agent_pb2.GuestInterface(mac="x", addresses=["nope"])])
     with pytest.raises(InvalidArgument):
-        network.commands(bad, nic_of=lambda mac: "eth0")
+        network.commands(bad, nic_of=lambda mac: "eth0", index_of=lambda dev: 2)
     bad_route = agent_pb2.GuestNetwork(routes=[agent_pb2.GuestRoute(destination="1.2.3.4/8",
                                                                     gateway="zz")])  # fmt: skip
     with pytest.raises(InvalidArgument):
