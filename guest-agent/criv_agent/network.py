@@ -113,7 +113,10 @@ async def find_nics(
 async def apply(network: agent_pb2.GuestNetwork, wait_seconds: float = 0.0) -> None:
     """Configure ``network``; its NICs may take up to ``wait_seconds`` to appear."""
     nics = await find_nics(network, wait_seconds)
-    steps = commands(network, nic_of=nics.__getitem__)
+    try:
+        steps = commands(network, nic_of=nics.__getitem__)
+    except OSError as e:  # an interface found by MAC went away before its index was read
+        raise RuntimeFailure(f"guest network: {e}") from None
     if not steps:
         return
     with rtnetlink.RtNetlink() as nl:

@@ -39,6 +39,12 @@ def test_an_idle_agent_warms_itself_through_its_own_socket(
         real_call(self, req)  # this host's loopback, read for real
 
     monkeypatch.setattr(rtnetlink.RtNetlink, "call", call)
+    ips: list[bytes] = []
+
+    async def ip_reads() -> None:
+        ips.append(warmup.IP_READS)
+
+    monkeypatch.setattr(warmup, "_ip_reads", ip_reads)
 
     async def go() -> None:
         server, service, path = await _served(tmp_path)
@@ -52,6 +58,7 @@ def test_an_idle_agent_warms_itself_through_its_own_socket(
     caplog.set_level("INFO")
     asyncio.run(go())
     assert [r.type for r in reads] == [rtnetlink.RTM_GETLINK]  # it only reads
+    assert ips == [warmup.IP_READS]
     assert "warm-up done" in caplog.text and "warm-up failed" not in caplog.text
 
 
