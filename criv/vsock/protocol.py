@@ -13,7 +13,7 @@ import enum
 import socket
 import struct
 
-from criv.vsock.record import Record
+from criv.vsock.record import FrozenRecord, Record
 
 HEADER = struct.Struct("<III")
 U64 = struct.Struct("<Q")
@@ -115,7 +115,7 @@ class Message(Record):
         return int(index), int(num)
 
 
-class VringAddr(Record):
+class VringAddr(FrozenRecord):
     __slots__ = ("avail", "desc", "flags", "index", "log", "used")
 
     def __init__(self, index: int, flags: int, desc: int, used: int, avail: int, log: int) -> None:
@@ -133,7 +133,7 @@ def parse_vring_addr(payload: bytes) -> VringAddr:
     return VringAddr(*VRING_ADDR.unpack_from(payload))
 
 
-class MemRegion(Record):
+class MemRegion(FrozenRecord):
     __slots__ = ("guest_phys_addr", "memory_size", "mmap_offset", "userspace_addr")
 
     def __init__(

@@ -2,8 +2,9 @@
 
 The backend (``python -m criv.vsock``) runs once per VM, and ``dataclasses`` brings
 ``inspect``, ``ast`` and ``typing`` into every one of them (~1 MiB each). A record names
-its fields in ``__slots__``; equality and repr follow from them. Records are not hashable
-(as a dataclass with ``eq`` and without ``frozen``).
+its fields in ``__slots__``; equality and repr follow from them. A :class:`Record` is
+mutable and unhashable (a dataclass with ``eq``); a :class:`FrozenRecord` takes each field
+once, in ``__init__``, and hashes (a ``frozen`` dataclass).
 """
 
 from __future__ import annotations
@@ -25,3 +26,15 @@ class Record:
     def __repr__(self) -> str:
         fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
         return f"{type(self).__name__}({fields})"
+
+
+class FrozenRecord(Record):
+    __slots__ = ()
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if hasattr(self, name):  # an unset slot has no value yet: __init__ sets it
+            raise AttributeError(f"{type(self).__name__} is frozen: cannot set {name}")
+        object.__setattr__(self, name, value)
+
+    def __hash__(self) -> int:  # type: ignore[override]  # Record's is None: unhashable
+        return hash(self._values())

@@ -185,3 +185,13 @@ def test_full_device_start_over_memfd(
     for f in kicks + calls:
         os.close(f)
     mem.close()
+
+
+def test_parsed_ring_and_memory_records_are_frozen() -> None:
+    region = V.MemRegion(0x100000, 8192, 0x9000, 4096)
+    with pytest.raises(AttributeError, match="frozen"):
+        region.memory_size = 1 << 30
+    addr = V.VringAddr(0, 0, 0x1000, 0x2000, 0x3000, 0)
+    with pytest.raises(AttributeError, match="frozen"):
+        addr.desc = 0
+    assert {region: 1}[V.MemRegion(0x100000, 8192, 0x9000, 4096)] == 1  # hashable by value
