@@ -1,4 +1,4 @@
-"""A value computed from files, kept until one of those files changes.
+"""Values computed from files, kept until one of those files changes.
 
 Status is asked often and its answer (is crun installed, is there a CNI config and are
 its plugins there) changes rarely. Working it out walks PATH, lists and parses the CNI
@@ -10,13 +10,19 @@ A file's stamp is its device, inode, size, mtime and ctime. A stamp younger than
 :data:`RACY_NS` is not trusted (as git's "racy" index entries): a file changed twice
 within one tick of a coarse kernel clock keeps its mtime, and a change between the
 computation and the stamping would otherwise be missed for good.
+
+:class:`StatMemo` learns the files from the computation (Status). :class:`KeyedStatMemo`
+is told them up front and keeps a few values by key (the guest image's content hash and
+the kernel source version, asked at every pod start, ~10-20 ms to work out).
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from pathlib import Path
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -63,3 +69,25 @@ class StatMemo(Generic[T]):
     def _racy(self, stamps: list[Stamp | None]) -> bool:
         newest = max((max(s[3], s[4]) for s in stamps if s is not None), default=0)
         return self._clock() - newest < RACY_NS
+
+
+class KeyedStatMemo(Generic[T]):
+    """The last few values of ``compute``, each under its key: the caller's own key plus
+    the stamps of the files the value depends on (a missing file stamps as ``None``)."""
+
+    def __init__(self, size: int = 8) -> None:
+        self._size = size
+        self._values: dict[tuple[Hashable, tuple[tuple[str, Stamp | None], ...]], T] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable, files: Iterable[Path], compute: Callable[[], T]) -> T:
+        full = (key, tuple((str(p), stamp(str(p))) for p in files))
+        with self._lock:
+            if full in self._values:
+                return self._values[full]
+        value = compute()  # outside the lock: it may take a while; a race computes twice
+        with self._lock:
+            if len(self._values) >= self._size:
+                self._values.pop(next(iter(self._values)))
+            self._values[full] = value
+        return value

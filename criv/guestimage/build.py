@@ -33,7 +33,7 @@ from typing import Literal
 
 from criv.errors import FailedPrecondition
 from criv.guestimage import cpio, debian_kernel, kernel, rootdisk, rootfs, slim
-from criv.guestimage.statmemo import StatMemo
+from criv.statmemo import KeyedStatMemo
 
 # Bump when the build procedure changes in a way the hashed inputs do not show.
 BUILDER_VERSION = "1"
@@ -43,7 +43,7 @@ SOURCE_DATE_EPOCH = 0
 
 Progress = Callable[[str], None]
 # a pod start looks the image up: these spare it the hashing while no input changed
-_IMAGE_HASHES: StatMemo[str] = StatMemo()
+_IMAGE_HASHES: KeyedStatMemo[str] = KeyedStatMemo()
 
 
 @dataclass(frozen=True)

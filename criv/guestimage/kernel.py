@@ -16,13 +16,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from criv.errors import FailedPrecondition, Internal
-from criv.guestimage.statmemo import StatMemo
+from criv.statmemo import KeyedStatMemo
 
 # Debian ships the source as one tarball; the package version names the build tree.
 SOURCE_PACKAGE = "linux-source-6.1"
 SOURCE_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
 DPKG_STATUS = Path("/var/lib/dpkg/status")
-_SOURCE_VERSIONS: StatMemo[str] = StatMemo()
+_SOURCE_VERSIONS: KeyedStatMemo[str] = KeyedStatMemo()
 
 # Reproducible builds: the kernel embeds these in its version banner.
 KBUILD_ENV = {

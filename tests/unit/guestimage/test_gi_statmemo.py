@@ -1,11 +1,11 @@
-"""StatMemo: a value is computed once while its files stay as they are."""
+"""KeyedStatMemo: a value is computed once while its files stay as they are."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from criv.guestimage.statmemo import StatMemo
+from criv.statmemo import KeyedStatMemo
 
 
 def _counting(values: list[str]) -> tuple[list[int], object]:
@@ -21,7 +21,7 @@ def _counting(values: list[str]) -> tuple[list[int], object]:
 def test_computed_once_while_the_files_are_unchanged(tmp_path: Path) -> None:
     f = tmp_path / "a"
     f.write_text("one")
-    memo: StatMemo[str] = StatMemo()
+    memo: KeyedStatMemo[str] = KeyedStatMemo()
     calls, compute = _counting(["x", "y"])
     assert memo.get("k", [f], compute) == "x"  # type: ignore[arg-type]
     assert memo.get("k", [f], compute) == "x"  # type: ignore[arg-type]
@@ -31,7 +31,7 @@ def test_computed_once_while_the_files_are_unchanged(tmp_path: Path) -> None:
 def test_a_changed_replaced_or_removed_file_computes_again(tmp_path: Path) -> None:
     f = tmp_path / "a"
     f.write_text("one")
-    memo: StatMemo[str] = StatMemo()
+    memo: KeyedStatMemo[str] = KeyedStatMemo()
     calls, compute = _counting(["1", "2", "3", "4"])
     memo.get("k", [f], compute)  # type: ignore[arg-type]
     st = f.stat()
@@ -47,7 +47,7 @@ def test_a_changed_replaced_or_removed_file_computes_again(tmp_path: Path) -> No
 
 
 def test_keys_are_apart_and_old_values_go(tmp_path: Path) -> None:
-    memo: StatMemo[int] = StatMemo(size=2)
+    memo: KeyedStatMemo[int] = KeyedStatMemo(size=2)
     assert memo.get("a", [], lambda: 1) == 1
     assert memo.get("b", [], lambda: 2) == 2
     assert memo.get("a", [], lambda: 9) == 1
