@@ -25,12 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import Runtime
 
-from criv.cri.wire import ErrorInterceptor
+from criv.cri.wire import cri_server
 from criv_agent.api.runtime.v1 import api_pb2, api_pb2_grpc
 
 
 class EmptyRuntime(api_pb2_grpc.RuntimeServiceServicer):
-    """Answers the three calls the density bench times; anything else is UNIMPLEMENTED."""
+    """Answers the three calls the density bench times. Anything else reaches the generated
+    servicer's stub, which the error interceptor turns into INTERNAL: nothing calls it."""
 
     async def Status(
         self, request: api_pb2.StatusRequest, context: grpc.aio.ServicerContext
@@ -49,15 +50,8 @@ class EmptyRuntime(api_pb2_grpc.RuntimeServiceServicer):
 
 
 async def serve(socket: Path) -> None:
-    # as criv/daemon.py builds its server
-    server = grpc.aio.server(
-        interceptors=[ErrorInterceptor()],
-        options=[
-            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-            ("grpc.max_send_message_length", 16 * 1024 * 1024),
-        ],
-    )
-    # the generated servicer's other methods answer UNIMPLEMENTED; mypy sees them abstract
+    server = cri_server()  # as criv's daemon builds its own
+    # mypy sees the generated servicer's other methods as abstract
     floor = EmptyRuntime()  # type: ignore[abstract]
     api_pb2_grpc.add_RuntimeServiceServicer_to_server(floor, server)
     server.add_insecure_port(f"unix:{socket}")

@@ -26,7 +26,7 @@ from criv.config import Config
 from criv.cri.admin import images_handler
 from criv.cri.image_service import ImageService
 from criv.cri.runtime_service import RuntimeService
-from criv.cri.wire import ErrorInterceptor
+from criv.cri.wire import cri_server
 from criv.errors import ConfigError, FailedPrecondition
 from criv.image.manager import ImageManager
 from criv.metrics import MetricsServer
@@ -141,13 +141,7 @@ class Daemon:
         sock.parent.mkdir(parents=True, exist_ok=True)
         if sock.exists() or sock.is_symlink():
             sock.unlink()  # stale: we hold the socket lock, so nobody serves it
-        server = grpc.aio.server(
-            interceptors=[ErrorInterceptor()],
-            options=[
-                ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-                ("grpc.max_send_message_length", 16 * 1024 * 1024),
-            ],
-        )
+        server = cri_server()
         # mypy sees the generated servicer's methods as abstract; fill_unimplemented
         # gives every RPC criv lacks a body at import time.
         runtime = RuntimeService(  # type: ignore[abstract]

@@ -180,6 +180,21 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return handler
 
 
+MAX_MESSAGE = 16 * 1024 * 1024  # kubelet's own limit for CRI messages
+
+
+def cri_server() -> grpc.aio.Server:
+    """criv's CRI server, empty: every call through :class:`ErrorInterceptor`, messages up
+    to ``MAX_MESSAGE`` each way (bench/grpcfloor.py builds its floor on the same)."""
+    return grpc.aio.server(
+        interceptors=[ErrorInterceptor()],
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ("grpc.max_send_message_length", MAX_MESSAGE),
+        ],
+    )
+
+
 def fill_unimplemented(servicer_cls: type, service_name: str, missing: dict[str, str]) -> None:
     """Give every RPC the servicer does not define an UNIMPLEMENTED answer naming why.
 
